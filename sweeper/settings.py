@@ -1,0 +1,45 @@
+"""The one place that reads environment variables.
+
+Command-line options override these (click reads the same names through ``envvar=``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_HOME = "SWEEPER_HOME"
+ENV_STORAGE = "SWEEPER_STORAGE"
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+ENV_DATA_DIR = "SWEEPER_DATA_DIR"
+ENV_HEARTBEAT_INTERVAL = "SWEEPER_HEARTBEAT_INTERVAL"
+ENV_GRACE_PERIOD = "SWEEPER_GRACE_PERIOD"
+ENV_WORKERS_PER_GPU = "SWEEPER_WORKERS_PER_GPU"
+ENV_DEVICE = "SWEEPER_DEVICE"
+
+
+def home() -> Path:
+    """Where the embedded stores live: ``$SWEEPER_HOME``, default ``./.sweeper``."""
+    return Path(os.environ.get(ENV_HOME) or Path.cwd() / ".sweeper").expanduser().absolute()
+
+
+def data_dir() -> Path:
+    value = os.environ.get(ENV_DATA_DIR)
+    return Path(value).expanduser().absolute() if value else home() / "data"
+
+
+def storage_url() -> str | None:
+    return os.environ.get(ENV_STORAGE) or None
+
+
+def tracking_uri() -> str | None:
+    return os.environ.get(ENV_TRACKING_URI) or None
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
