@@ -290,6 +290,228 @@ def data_import(archive, data_dir):
     stderr_console().print(f"{name}: imported into {root}")
 
 
+# --- sweeps --------------------------------------------------------------------------------
+
+heartbeat_option = click.option(
+    "--heartbeat-interval", type=click.IntRange(1), envvar=settings.ENV_HEARTBEAT_INTERVAL, default=10,
+    show_default=True, help=f"Seconds between a running trial's heartbeats. [env: {settings.ENV_HEARTBEAT_INTERVAL}]",
+)
+grace_option = click.option(
+    "--grace-period", type=click.IntRange(1), envvar=settings.ENV_GRACE_PERIOD, default=60, show_default=True,
+    help=f"Seconds without a heartbeat before a trial's worker counts as dead and the trial is retried. "
+    f"[env: {settings.ENV_GRACE_PERIOD}]",
+)
+
+
+def load_spec(study: str):
+    from sweeper.spec import SpecError, load
+
+    try:
+        return load(study)
+    except SpecError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def study_name(study: str) -> str:
+    """A stored study's name: the spec file's stem, or the name itself when no spec is at hand."""
+    from pathlib import Path
+
+    return Path(study).stem if study.endswith(".toml") else study
+
+
+@cli.command()
+@format_option()
+def studies(fmt):
+    """The study specs in experiments/ with their description and cell count."""
+    from sweeper import spec
+
+    rows = []
+    for path in spec.available():
+        s = load_spec(str(path))
+        rows.append({"study": s.name, "cells": len(s.cells), "trials": len(s.trial_keys()),
+                     "description": s.description, "path": str(path)})
+    if fmt == "json":
+        print_json(rows)
+    else:
+        print_table("Study specs", rows, ["study", "cells", "trials", "description"])
+
+
+@cli.command()
+@study_option
+@storage_option
+@tracking_option
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
+              help="Start N local worker processes and watch them; 0 only enqueues.")
+@device_option
+@precision_option
+@click.option("--force-update", is_flag=True, help="Accept a changed spec: enqueue only its new cells.")
+@heartbeat_option
+@grace_option
+@data_dir_option
+@format_option()
+def launch(study, storage, tracking_uri, workers, device, precision, force_update, heartbeat_interval,
+           grace_period, data_dir, fmt):
+    """Enqueue every grid cell of a study once, and optionally run it with local workers."""
+    from sweeper import launcher
+
+    spec = load_spec(study)
+    launcher.launch(spec, storage, tracking_uri, workers=workers, device=device, precision=precision,
+                    force_update=force_update, heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period, data_dir=data_dir, fmt=fmt)
+
+
+@cli.command()
+@click.option("--study", "studies_", multiple=True, metavar="NAME", envvar="SWEEPER_STUDY",
+              help="Serve only this study (repeatable). Default: every study in the storage.")
+@storage_option
+@tracking_option
+@device_option
+@precision_option
+@click.option("--max-trials", type=click.IntRange(1), help="Exit after running K trials.")
+@click.option("--forever", is_flag=True, help="Keep polling for new trials instead of exiting when none wait.")
+@click.option("--poll-interval", type=click.FloatRange(0.1), default=5.0, show_default=True,
+              help="Seconds between looks at an empty queue with --forever.")
+@click.option("--threads", type=click.IntRange(1), envvar="SWEEPER_THREADS", help="CPU threads for PyTorch.")
+@click.option("--tracking-outage-limit", type=click.FloatRange(1), default=300.0, show_default=True,
+              envvar="SWEEPER_TRACKING_OUTAGE_LIMIT",
+              help="Seconds MLflow may be unreachable before the trial fails (it is retried later).")
+@click.option("--system-metrics/--no-system-metrics", default=True, show_default=True,
+              help="Log CPU, memory and GPU use through MLflow's system metrics.")
+@heartbeat_option
+@grace_option
+@data_dir_option
+def worker(studies_, storage, tracking_uri, device, precision, max_trials, forever, poll_interval, threads,
+           tracking_outage_limit, system_metrics, heartbeat_interval, grace_period, data_dir):
+    """Claim waiting trials, train them and log to MLflow until the queue is empty."""
+    import logging
+    from pathlib import Path
+
+    from sweeper import study as st
+    from sweeper import tracking
+    from sweeper.worker import StopSignal, WorkerConfig, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s",
+                        stream=sys.stderr)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    stop = StopSignal()
+    stop.install()
+    config = WorkerConfig(
+        storage_url=st.resolve_storage_url(storage), tracking_uri=tracking.resolve_tracking_uri(tracking_uri),
+        study_names=tuple(study_name(s) for s in studies_), device=device, precision=precision,
+        data_dir=Path(data_dir) if data_dir else None, max_trials=max_trials, forever=forever,
+        poll_interval=poll_interval, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+        tracking_outage_limit=tracking_outage_limit, system_metrics=system_metrics,
+    )
+    run(config, stop)
+
+
+@cli.command()
+@study_option
+@storage_option
+@tracking_option
+@format_option()
+def status(study, storage, tracking_uri, fmt):
+    """Trial counts by state and one row per trial: cell, epoch, latest error, host, retries."""
+    from sweeper import study as st
+    from sweeper import tracking
+
+    url = st.resolve_storage_url(storage)
+    loaded = st.load_study(st.open_storage(url), study_name(study))
+    trials = loaded.get_trials(deepcopy=False)
+    document = {
+        "study": loaded.study_name, "storage": redact_url(url),
+        "tracking_uri": redact_url(tracking.resolve_tracking_uri(tracking_uri)),
+        "counts": st.counts(trials), "trials": st.trial_rows(trials),
+    }
+    if fmt == "json":
+        print_json(document)
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in document["counts"].items())
+    click.echo(f"study {loaded.study_name}: {counts}\nstorage {document['storage']}\ntracking {document['tracking_uri']}")
+    rows = [{**r, "epoch": f"{r['epoch'] or 0}/{r['epochs'] or '?'}",
+             "retry_of": "" if r["retry_of"] is None else f"#{r['retry_of']}"} for r in document["trials"]]
+    print_table(None, rows, ["number", "cell", "state", "epoch", "top1_error", "host", "elapsed_s", "retry_of", "fail_reason"])
+
+
+@cli.command()
+@study_option
+@storage_option
+@click.option("--failed", is_flag=True, default=True, show_default=True, help="Re-enqueue cells whose last trial FAILED.")
+def retry(study, storage, failed):
+    """Re-enqueue failed cells on purpose (e.g. after fixing the cause of a NaN or out of memory)."""
+    from sweeper import study as st
+
+    loaded = st.load_study(st.open_storage(storage), study_name(study))
+    n = st.retry_failed(loaded)
+    click.echo(f"{n} failed cell(s) of {loaded.study_name} re-enqueued" if n else "no failed cell to retry", err=True)
+
+
+@cli.command()
+@storage_option
+@tracking_option
+@click.option("--quiet", is_flag=True, help="Print nothing; only the exit code tells (for healthchecks).")
+@format_option()
+def doctor(storage, tracking_uri, quiet, fmt):
+    """Check that the Optuna storage and the MLflow tracking store are reachable."""
+    from sweeper import study as st
+    from sweeper import tracking
+    from sweeper.errors import SweeperError
+
+    url, uri = st.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
+    checks = {}
+    for name, probe in (("storage", lambda: st.open_storage(url)),
+                        ("tracking", lambda: tracking.check_reachable(tracking.client(uri)))):
+        try:
+            probe()
+            checks[name] = "ok"
+        except SweeperError as e:
+            checks[name] = str(e)
+    ok = all(v == "ok" for v in checks.values())
+    if not quiet:
+        document = {"ok": ok, "storage": redact_url(url), "tracking_uri": redact_url(uri), "checks": checks}
+        print_json(document) if fmt == "json" else click.echo("\n".join(f"{k}: {v}" for k, v in checks.items()))
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
+@study_option
+@storage_option
+@tracking_option
+@format_option("table", "markdown", "csv", "json", "html")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the report to FILE instead of stdout.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), help="Write PNG plots into DIR.")
+@click.option("--against-seed", is_flag=True, help="Put the seed post's published numbers beside the measured ones.")
+def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed):
+    """The seed post's tables (Top-1/Top-5 error, parameters, time) from what the study logged."""
+    from sweeper import report as reporting
+
+    reporting.print_report(study_name(study), storage, tracking_uri, fmt=fmt, output=output,
+                           plots_dir=plots_dir, against_seed=against_seed)
+
+
+@cli.command()
+@study_option
+@storage_option
+@tracking_option
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="MLflow UI port.")
+@click.option("--dashboard-port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="optuna-dashboard port.")
+def ui(study, storage, tracking_uri, port, dashboard_port):
+    """Serve the MLflow UI and optuna-dashboard for a study on 127.0.0.1 until Ctrl-C."""
+    from sweeper import ui as uis
+
+    uis.serve(study_name(study), storage, tracking_uri, port=port, dashboard_port=dashboard_port)
+
+
+def redact_url(url: str) -> str:
+    from sweeper.errors import redact
+
+    return redact(url)
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 def main() -> None:

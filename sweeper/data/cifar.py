@@ -225,20 +225,25 @@ def _fetch_locked(name: str, data_dir: Path, url: str | None, progress: Progress
                 f"on a machine without internet, get {src.filename} from {src.url} elsewhere and run "
                 f"`sweeper data import PATH` (or copy it into {data_dir})."
             ) from None
-        return _verify_and_extract(name, tmp, data_dir, label=url)
+        return _verify_and_extract(
+            name, tmp, data_dir, label=f"the download from {url}", fix=f"try again, or use another mirror of {src.url}"
+        )
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _verify_and_extract(name: str, archive: Path, data_dir: Path, *, digest: str | None = None, label: str | None = None) -> Path:
+def _verify_and_extract(
+    name: str, archive: Path, data_dir: Path, *, digest: str | None = None, label: str | None = None, fix: str | None = None
+) -> Path:
     """md5 first, then member checks, then extract into a temp dir renamed into place."""
     src = SOURCES[name]
     label = label or str(archive)
+    fix = fix or f"delete it and run `sweeper data fetch {name}`"
     digest = digest or _md5(archive)
     if digest != src.md5:
         raise DatasetError(
             f"{label} has md5 {digest}, expected {src.md5} for {src.filename}: it is damaged or modified, "
-            f"so nothing was extracted; delete it and run `sweeper data fetch {name}`."
+            f"so nothing was extracted; {fix}."
         )
     wanted = {f"{src.folder}/{m}" for m in src.members}
     tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{name}-extract-"))
@@ -252,14 +257,11 @@ def _verify_and_extract(name: str, archive: Path, data_dir: Path, *, digest: str
         except DatasetError:
             raise
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            raise DatasetError(
-                f"cannot extract {label} ({_reason(e)}): the archive is truncated or damaged; "
-                f"delete it and run `sweeper data fetch {name}`."
-            ) from None
+            raise DatasetError(f"cannot extract {label} ({_reason(e)}): the archive is truncated or damaged; {fix}.") from None
         for rel in wanted:
             path = tmp / rel
             if path.is_symlink() or not path.is_file():
-                raise DatasetError(f"{label} did not extract {rel} as a regular file; delete it and run `sweeper data fetch {name}`.")
+                raise DatasetError(f"{label} did not extract {rel} as a regular file; {fix}.")
         final = data_dir / src.folder
         _replace_dir(tmp / src.folder, final, tmp)
         _cache_path(name, data_dir).unlink(missing_ok=True)  # built from the old batches

@@ -1,0 +1,154 @@
+"""`sweeper launch`: enqueue a study, then optionally run local workers under a live board."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from sweeper import settings
+from sweeper import study as studies
+from sweeper import tracking
+from sweeper.errors import redact
+from sweeper.spec import StudySpec
+
+
+def launch(spec: StudySpec, storage_url: str | None, tracking_uri: str | None, *, workers: int, device: str,
+           precision: str, force_update: bool, heartbeat_interval: int, grace_period: int,
+           data_dir: str | None, fmt: str) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True, soft_wrap=True)
+    url = studies.resolve_storage_url(storage_url)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if url == studies.default_storage_url() or uri == tracking.default_tracking_uri():
+        console.print(f"embedded stores in [bold]{settings.home()}[/] (set SWEEPER_HOME to move them)")
+    console.print(f"storage {redact(url)}\ntracking {redact(uri)}")
+
+    tracking.configure_http()
+    storage = studies.open_storage(url, heartbeat_interval, grace_period)
+    mlflow_client = tracking.client(uri)
+    tracking.check_reachable(mlflow_client)
+    with studies.study_lock(storage, spec.name):
+        experiment_id = tracking.ensure_experiment(mlflow_client, spec.name)
+        tracking.ensure_study_run(mlflow_client, experiment_id, spec.to_dict())
+    result = studies.launch(storage, spec, force_update=force_update)
+    if result.added:
+        console.print(f"study [bold]{spec.name}[/]: enqueued {result.added} trial(s)"
+                      + (f", {result.existing} already there" if result.existing else ""))
+    else:
+        console.print(f"study [bold]{spec.name}[/]: all {result.existing} trial(s) already enqueued; nothing to add")
+
+    if workers == 0:
+        if fmt == "json":
+            click.echo(_summary_json(spec, url, uri, result))
+        console.print("start workers with:\n"
+                      f"  sweeper worker --study {spec.name}"
+                      + ("" if url == studies.default_storage_url() else " --storage $SWEEPER_STORAGE")
+                      + ("" if uri == tracking.default_tracking_uri() else " --tracking-uri $MLFLOW_TRACKING_URI")
+                      + "\nor run them here with --workers N")
+        return
+
+    procs = start_workers(spec.name, url, uri, workers, device, precision, heartbeat_interval, grace_period, data_dir)
+    log_dir = settings.home() / "logs"
+    console.print(f"{workers} worker(s) started; their logs are in {log_dir}")
+    interrupted = watch(result.study, procs, console)
+    if interrupted:
+        console.print(f"stopped. Finished epochs are checkpointed; resume with:\n"
+                      f"  sweeper launch --study {spec.name} --workers {workers}")
+        sys.exit(130)
+    failed = [p for p in procs if p.returncode not in (0, None)]
+    if failed:
+        console.print(f"[red]{len(failed)} worker(s) exited with an error; see {log_dir}[/]")
+    from sweeper import report
+
+    report.print_report(spec.name, url, uri, fmt=fmt)
+    if failed:
+        sys.exit(1)
+
+
+def _summary_json(spec: StudySpec, url: str, uri: str, result) -> str:
+    import json
+
+    return json.dumps({"study": spec.name, "storage": redact(url), "tracking_uri": redact(uri),
+                       "enqueued": result.added, "already_enqueued": result.existing, "spec_hash": spec.hash})
+
+
+def start_workers(name: str, url: str, uri: str, n: int, device: str, precision: str, heartbeat_interval: int,
+                  grace_period: int, data_dir: str | None) -> list[subprocess.Popen]:
+    """N worker processes; CPU threads split between them, one GPU each when there are GPUs."""
+    import torch
+
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    threads = max(1, (os.cpu_count() or 1) // n)
+    log_dir = settings.home() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(n):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), settings.ENV_HOME: str(settings.home())}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        cmd = [sys.executable, "-m", "sweeper", "worker", "--study", name, "--storage", url, "--tracking-uri", uri,
+               "--device", device, "--precision", precision, "--threads", str(threads),
+               "--heartbeat-interval", str(heartbeat_interval), "--grace-period", str(grace_period)]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        log = open(log_dir / f"worker-{i + 1}.log", "ab")
+        # Own process group: Ctrl-C reaches the launcher alone, which then stops workers in order.
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def watch(study, procs: list[subprocess.Popen], console) -> bool:
+    """A live board until every worker exits; True when the user interrupted."""
+    from rich.live import Live
+
+    def stop_workers(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop_workers)
+    try:
+        with Live(board(study), console=console, refresh_per_second=1, transient=False) as live:
+            while any(p.poll() is None for p in procs):
+                time.sleep(1.0)
+                live.update(board(study))
+            live.update(board(study))
+        return False
+    except KeyboardInterrupt:
+        console.print("stopping workers (they checkpoint and re-queue their trial)...")
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        return True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def board(study):
+    from rich.table import Table
+
+    trials = study.get_trials(deepcopy=False)
+    latest = {}
+    for t in trials:
+        latest[t.user_attrs.get(studies.KEY_ATTR)] = t
+    counts = studies.counts(list(latest.values()))
+    table = Table(title=f"{study.study_name}: {counts['COMPLETE']} done, {counts['RUNNING']} running, "
+                        f"{counts['WAITING']} waiting, {counts['PRUNED']} pruned, {counts['FAIL']} failed",
+                  title_justify="left")
+    for col in ("cell", "state", "epoch", "top1_error", "host"):
+        table.add_column(col)
+    for row in studies.trial_rows(list(latest.values())):
+        if row["state"] in ("RUNNING", "COMPLETE"):
+            err = row["top1_error"]
+            table.add_row(row["cell"], row["state"], f"{row['epoch'] or 0}/{row['epochs'] or '?'}",
+                          "" if err is None else f"{err:.4f}", row["host"] or "")
+    return table

@@ -1,0 +1,328 @@
+"""Optuna storage, the trial queue and heartbeats.
+
+Every grid cell is one WAITING trial whose user attrs name its cell (``sweeper.key``).
+Workers claim trials with a compare-and-set on the trial state, so an empty queue never makes
+Optuna invent a trial (``Study.ask()`` would sample a new one when nothing waits).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import threading
+import time
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from sweeper import settings
+from sweeper.errors import SweeperError, redact
+from sweeper.spec import Cell, StudySpec
+
+log = logging.getLogger("sweeper.study")
+
+DEFAULT_HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
+DEFAULT_GRACE_PERIOD = 60  # seconds without a heartbeat before a trial counts as dead
+MAX_RETRY = 3  # retries of a trial whose worker died
+SPEC_ATTR = "sweeper.spec"
+SPEC_HASH_ATTR = "sweeper.spec_hash"
+KEY_ATTR = "sweeper.key"
+STATES = ("WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Heartbeats and the retry callback are marked experimental in Optuna; we rely on them knowingly.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def default_storage_url() -> str:
+    return f"sqlite:///{settings.home() / 'optuna.db'}"
+
+
+def resolve_storage_url(url: str | None) -> str:
+    return url or settings.storage_url() or default_storage_url()
+
+
+def open_storage(
+    url: str | None = None,
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL,
+    grace_period: int = DEFAULT_GRACE_PERIOD,
+    max_retry: int = MAX_RETRY,
+) -> RDBStorage:
+    """An RDBStorage with heartbeats, retries of dead workers' trials, and SQLite made safe for
+    several processes (write transactions take the lock up front and wait for it)."""
+    url = resolve_storage_url(url)
+    sqlite = url.startswith("sqlite")
+    if sqlite:
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    try:
+        storage = RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+        )
+    except RuntimeError as e:  # Optuna's message for an old schema names the upgrade command
+        raise SweeperError(f"the Optuna storage {redact(url)} cannot be used: {redact(e)}") from None
+    except Exception as e:
+        raise SweeperError(
+            f"cannot open the Optuna storage {redact(url)}: {redact(_root_cause(e))}. "
+            "Check that the database server is running and the URL (--storage / SWEEPER_STORAGE) is right."
+        ) from None
+    if sqlite:
+        _serialize_sqlite_writes(storage)
+    return storage
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _serialize_sqlite_writes(storage: RDBStorage) -> None:
+    """BEGIN IMMEDIATE + WAL: concurrent writers queue on the busy timeout instead of failing
+    with "database is locked" when two deferred transactions both try to upgrade their lock."""
+    from sqlalchemy import event
+
+    engine = storage.engine
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners existed
+
+
+def load_study(storage: RDBStorage, name: str) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise SweeperError(f"no study named {name!r} in this storage; start it with `sweeper launch --study {name}`") from None
+
+
+def study_names(storage: RDBStorage) -> list[str]:
+    return [s.study_name for s in storage.get_all_studies()]
+
+
+def stored_spec(study: optuna.Study) -> dict[str, Any]:
+    spec = study.user_attrs.get(SPEC_ATTR)
+    if spec is None:
+        raise SweeperError(f"study {study.study_name!r} was not created by `sweeper launch`")
+    return spec
+
+
+# --- launch: create the study and enqueue each cell once --------------------------------------
+
+@dataclass
+class EnqueueResult:
+    study: optuna.Study
+    added: int
+    existing: int
+    created: bool
+    updated: bool
+
+
+@contextlib.contextmanager
+def study_lock(storage: RDBStorage, name: str) -> Iterator[None]:
+    """One launcher at a time per study: a PostgreSQL advisory lock, or a file lock on SQLite."""
+    url = storage.engine.url
+    if url.get_backend_name() == "postgresql":
+        from sqlalchemy import text
+
+        key = zlib.crc32(f"sweeper.launch:{name}".encode())
+        with storage.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+    elif url.get_backend_name() == "sqlite" and url.database:
+        with open(f"{url.database}.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+    else:
+        yield
+
+
+def launch(storage: RDBStorage, spec: StudySpec, force_update: bool = False) -> EnqueueResult:
+    """Create or load the study and enqueue every trial of the spec that it does not hold yet."""
+    with study_lock(storage, spec.name):
+        created = spec.name not in study_names(storage)
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, direction=spec.direction,
+            sampler=make_sampler(spec), load_if_exists=True,
+        )
+        updated = False
+        old_hash = study.user_attrs.get(SPEC_HASH_ATTR)
+        if old_hash is not None and old_hash != spec.hash:
+            if not force_update:
+                raise SweeperError(
+                    f"study {spec.name!r} already exists with a different spec (hash {old_hash}, "
+                    f"now {spec.hash}). Give the changed study a new name (rename {spec.path}), or pass "
+                    "--force-update to keep the finished trials and enqueue only the new cells."
+                )
+            updated = True
+        if old_hash != spec.hash:
+            study.set_user_attr(SPEC_ATTR, spec.to_dict())
+            study.set_user_attr(SPEC_HASH_ATTR, spec.hash)
+        existing = {
+            t.user_attrs.get(KEY_ATTR) for t in storage.get_all_trials(study._study_id, deepcopy=False)
+        }
+        missing = [(cell, key) for cell, key in spec.trial_keys() if key not in existing]
+        for cell, key in missing:
+            study.enqueue_trial({}, user_attrs=cell_attrs(cell, key))
+    return EnqueueResult(study, len(missing), len(spec.trial_keys()) - len(missing), created, updated)
+
+
+def cell_attrs(cell: Cell, key: str) -> dict[str, Any]:
+    return {KEY_ATTR: key, "variant": cell.variant, "dataset": cell.dataset, "seed": cell.seed}
+
+
+def make_sampler(spec: StudySpec | dict[str, Any]) -> optuna.samplers.BaseSampler:
+    search = spec.search if isinstance(spec, StudySpec) else spec.get("search")
+    kind = (search or {}).get("sampler", "random")
+    return {
+        "tpe": lambda: optuna.samplers.TPESampler(),
+        "random": lambda: optuna.samplers.RandomSampler(),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(),
+        "qmc": lambda: optuna.samplers.QMCSampler(),
+    }[kind]()
+
+
+def make_pruner(spec: dict[str, Any]) -> optuna.pruners.BasePruner:
+    kind = (spec.get("search") or {}).get("pruner", "none")
+    return {
+        "none": optuna.pruners.NopPruner,
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    }[kind]()
+
+
+# --- workers: claim, heartbeat, retry ----------------------------------------------------------
+
+def claim(study: optuna.Study) -> int | None:
+    """Move one WAITING trial to RUNNING and return its id, or None when nothing waits."""
+    storage = study._storage
+    for trial in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                return trial._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker claimed and finished it meanwhile
+    return None
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail trials whose worker stopped beating; the retry callback re-enqueues each."""
+    optuna.storages.fail_stale_trials(study)
+
+
+def requeue(study: optuna.Study, trial_id: int, reason: str) -> None:
+    """Fail a trial and enqueue its retry at once (a worker that was told to stop), counting
+    towards the same retry history a dead worker's trial would have."""
+    storage = study._storage
+    storage.set_trial_system_attr(trial_id, "sweeper.fail_reason", reason)
+    storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    callback = storage.get_heartbeat_stale_trial_callback()
+    callback(study, storage.get_trial(trial_id))
+
+
+class Heartbeat:
+    """Records a trial's heartbeat every ``interval`` seconds. Unlike Optuna's own thread, a
+    database error is logged and retried, so a blip shorter than the grace period does not kill
+    a live trial."""
+
+    def __init__(self, storage: RDBStorage, trial_id: int, interval: float):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            self.storage.record_heartbeat(self.trial_id)
+        except Exception as e:
+            log.warning("heartbeat for trial %s failed (%s); retrying", self.trial_id, redact(_root_cause(e)))
+
+
+# --- queue queries ---------------------------------------------------------------------------
+
+def counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
+    c = Counter(t.state.name for t in trials)
+    return {state: c.get(state, 0) for state in STATES}
+
+
+def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
+    """One row per trial for `sweeper status` and the launch board."""
+    rows = []
+    now = time.time()
+    for t in trials:
+        ua, sa = t.user_attrs, t.system_attrs
+        start = t.datetime_start.timestamp() if t.datetime_start else None
+        end = t.datetime_complete.timestamp() if t.datetime_complete else None
+        rows.append({
+            "number": t.number,
+            "cell": ua.get(KEY_ATTR),
+            "state": t.state.name,
+            "epoch": ua.get("sweeper.epoch"),
+            "epochs": ua.get("sweeper.epochs"),
+            "top1_error": ua.get("sweeper.top1_error"),
+            "value": t.value if t.state == TrialState.COMPLETE else None,
+            "host": ua.get("sweeper.host"),
+            "elapsed_s": round((end or now) - start, 1) if start else None,
+            "retry_of": sa.get("failed_trial"),
+            "retry_history": sa.get("retry_history", []),
+            "fail_reason": sa.get("sweeper.fail_reason"),
+            "mlflow_run_id": ua.get("mlflow_run_id"),
+        })
+    return rows
+
+
+def retry_failed(study: optuna.Study) -> int:
+    """Re-enqueue every cell whose latest trial FAILED and that has nothing waiting or done."""
+    latest: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get(KEY_ATTR)
+        if key is not None:
+            latest[key] = t  # trials come in number order: the last one wins
+    failed = [t for t in latest.values() if t.state == TrialState.FAIL]
+    for t in failed:
+        user_attrs = {k: v for k, v in t.user_attrs.items() if not k.startswith("sweeper.") or k == KEY_ATTR}
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=t.params, distributions=t.distributions, user_attrs=user_attrs,
+            system_attrs={"failed_trial": t.system_attrs.get("failed_trial", t.number),
+                          "retry_history": [*t.system_attrs.get("retry_history", []), t.number]},
+        ))
+    return len(failed)

@@ -1,0 +1,187 @@
+"""MLflow: one experiment per study, a parent run for the study, one run per grid cell.
+
+Everything goes through ``MlflowClient`` with explicit run ids: the fluent API keeps one
+global active run per process, which breaks as soon as two things log at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sweeper import settings
+from sweeper.errors import SweeperError, redact
+
+log = logging.getLogger("sweeper.tracking")
+
+ROLE_TAG = "sweeper.role"  # "study" on the parent run, "cell" on a cell's run
+KEY_TAG = "sweeper.key"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{settings.home() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    return uri or settings.tracking_uri() or default_tracking_uri()
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def configure_http(request_timeout: int = 20, max_retries: int = 2) -> None:
+    """Fail an HTTP call in seconds, not minutes (MLflow's default retries back off for ~2
+    minutes); sweeper buffers what could not be sent and retries it itself."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(request_timeout))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+
+
+def check_reachable(mlflow_client) -> None:
+    """Raise a clear SweeperError when the tracking store cannot be used (down, 401/403)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow_client.tracking_uri if hasattr(mlflow_client, "tracking_uri") else mlflow_client._tracking_client.tracking_uri
+    try:
+        mlflow_client.search_experiments(max_results=1)
+    except MlflowException as e:
+        text = str(e)
+        if "401" in text or "403" in text or "Unauthorized" in text or "Permission" in text:
+            raise SweeperError(
+                f"the MLflow tracking server {redact(uri)} refused the credentials; set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a valid account"
+            ) from None
+        raise SweeperError(f"cannot reach the MLflow tracking store {redact(uri)}: {redact(text.splitlines()[0])}") from None
+    except Exception as e:
+        raise SweeperError(f"cannot reach the MLflow tracking store {redact(uri)}: {redact(e)}") from None
+
+
+def ensure_experiment(mlflow_client, name: str) -> str:
+    """The study's experiment id; creating it is race-safe (create, on 'exists' look it up)."""
+    from mlflow.exceptions import MlflowException
+
+    existing = mlflow_client.get_experiment_by_name(name)
+    if existing is not None:
+        if existing.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(existing.experiment_id)
+        return existing.experiment_id
+    uri = mlflow_client.tracking_uri
+    artifact_location = None
+    if uri.startswith("sqlite:"):  # embedded store: artifacts beside the database, not in ./mlruns
+        artifact_location = (settings.home() / "mlartifacts").as_uri()
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        existing = mlflow_client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
+def find_run(mlflow_client, experiment_id: str, tags: dict[str, str]):
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = mlflow_client.search_runs([experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def ensure_study_run(mlflow_client, experiment_id: str, spec: dict[str, Any]) -> str:
+    """The parent run that holds the study's spec, report tables and plots."""
+    run = find_run(mlflow_client, experiment_id, {ROLE_TAG: "study"})
+    if run is not None:
+        return run.info.run_id
+    run = mlflow_client.create_run(
+        experiment_id, run_name=spec["name"],
+        tags={ROLE_TAG: "study", "optuna.study": spec["name"],
+              "mlflow.note.content": spec.get("description") or f"sweeper study {spec['name']}"},
+    )
+    mlflow_client.log_dict(run.info.run_id, spec, "spec.json")
+    return run.info.run_id
+
+
+def cell_run_name(key: str) -> str:
+    return key  # "{variant}/{dataset}/s{seed}", "#k" appended for search trials
+
+
+class RunLogger:
+    """Sends params, metrics and tags of one run in batches, in order, surviving an outage.
+
+    What cannot be sent stays queued and goes with the next flush; ``flush(deadline=...)``
+    keeps trying until the deadline, then raises SweeperError.
+    """
+
+    def __init__(self, mlflow_client, run_id: str):
+        self.client, self.run_id = mlflow_client, run_id
+        self.metrics: list[Any] = []
+        self.params: list[Any] = []
+        self.tags: list[Any] = []
+        self.artifacts: list[tuple[str, str]] = []  # (local path, artifact dir)
+        self.down_since: float | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.params += [Param(k, str(v)) for k, v in params.items()]
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.tags += [RunTag(k, str(v)) for k, v in tags.items()]
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.metrics += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str) -> None:
+        self.artifacts = [a for a in self.artifacts if a[0] != str(local_path)] + [(str(local_path), artifact_path)]
+
+    def flush(self, deadline: float | None = None) -> bool:
+        """Send what is queued; True when everything went. With a deadline, retry until then."""
+        while True:
+            try:
+                self._send()
+                self.down_since = None
+                return True
+            except Exception as e:
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning("MLflow is unreachable (%s); buffering and retrying", redact(_first_line(e)))
+                if deadline is None:
+                    return False
+                if time.monotonic() >= deadline:
+                    raise SweeperError(f"MLflow stayed unreachable: {redact(_first_line(e))}") from None
+                time.sleep(2)
+
+    def _send(self) -> None:
+        # Artifacts (the checkpoint) go before the epoch's metrics: a metric logged means its
+        # epoch can be resumed, so a retried trial never trains and logs an epoch twice.
+        # Sent items leave the queue as they go, so a retry after a failure sends nothing twice.
+        while self.artifacts:
+            local, path = self.artifacts[0]
+            self.client.log_artifact(self.run_id, local, path)
+            self.artifacts.pop(0)
+        for kind, size in (("params", 100), ("tags", 100), ("metrics", 1000)):
+            queue = getattr(self, kind)
+            while queue:
+                self.client.log_batch(self.run_id, **{kind: queue[:size]})
+                del queue[:size]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def logged_steps(mlflow_client, run_id: str, metric: str = "top1_error") -> set[int]:
+    return {m.step for m in mlflow_client.get_metric_history(run_id, metric)}
