@@ -31,4 +31,7 @@ HEALTHCHECK --interval=15s --timeout=10s --start-period=30s --retries=5 \
 
 # The storage URL comes from the environment (SWEEPER_STORAGE, the same variable the workers
 # read), so the password is never part of the image or of the compose command line.
-ENTRYPOINT ["/bin/sh", "-c", "exec optuna-dashboard --host 0.0.0.0 --port 8080 --server gunicorn \"${SWEEPER_STORAGE:?set SWEEPER_STORAGE to the Optuna storage URL}\"", "optuna-dashboard"]
+# optuna-dashboard opens the storage with skip_table_creation=True and so fails on a database
+# no worker has touched yet; creating Optuna's tables first (idempotent) lets it start on a
+# fresh stack.
+ENTRYPOINT ["/bin/sh", "-c", ": \"${SWEEPER_STORAGE:?set SWEEPER_STORAGE to the Optuna storage URL}\"; python -c 'import os, optuna; optuna.storages.RDBStorage(os.environ[\"SWEEPER_STORAGE\"], skip_compatibility_check=True)' && exec optuna-dashboard --host 0.0.0.0 --port 8080 --server gunicorn \"$SWEEPER_STORAGE\"", "optuna-dashboard"]

@@ -345,18 +345,20 @@ def studies(fmt):
 @device_option
 @precision_option
 @click.option("--force-update", is_flag=True, help="Accept a changed spec: enqueue only its new cells.")
+@click.option("--workers-per-gpu", type=click.IntRange(1), default=1, show_default=True,
+              envvar=settings.ENV_WORKERS_PER_GPU, help="Local workers that may share one GPU.")
 @heartbeat_option
 @grace_option
 @data_dir_option
 @format_option()
-def launch(study, storage, tracking_uri, workers, device, precision, force_update, heartbeat_interval,
-           grace_period, data_dir, fmt):
+def launch(study, storage, tracking_uri, workers, device, precision, force_update, workers_per_gpu,
+           heartbeat_interval, grace_period, data_dir, fmt):
     """Enqueue every grid cell of a study once, and optionally run it with local workers."""
     from sweeper import launcher
 
     spec = load_spec(study)
     launcher.launch(spec, storage, tracking_uri, workers=workers, device=device, precision=precision,
-                    force_update=force_update, heartbeat_interval=heartbeat_interval,
+                    force_update=force_update, workers_per_gpu=workers_per_gpu, heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period, data_dir=data_dir, fmt=fmt)
 
 
@@ -377,11 +379,16 @@ def launch(study, storage, tracking_uri, workers, device, precision, force_updat
               help="Seconds MLflow may be unreachable before the trial fails (it is retried later).")
 @click.option("--system-metrics/--no-system-metrics", default=True, show_default=True,
               help="Log CPU, memory and GPU use through MLflow's system metrics.")
+@click.option("--workers-per-gpu", type=click.IntRange(1), default=1, show_default=True,
+              envvar=settings.ENV_WORKERS_PER_GPU,
+              help=f"Workers that may share one GPU (small trials leave a large GPU idle). [env: {settings.ENV_WORKERS_PER_GPU}]")
+@click.option("--gpus", envvar="SWEEPER_GPUS", metavar="0,1,...",
+              help="GPU indices this host's workers share. [env: SWEEPER_GPUS; default: all visible]")
 @heartbeat_option
 @grace_option
 @data_dir_option
 def worker(studies_, storage, tracking_uri, device, precision, max_trials, forever, poll_interval, threads,
-           tracking_outage_limit, system_metrics, heartbeat_interval, grace_period, data_dir):
+           tracking_outage_limit, system_metrics, workers_per_gpu, gpus, heartbeat_interval, grace_period, data_dir):
     """Claim waiting trials, train them and log to MLflow until the queue is empty."""
     import logging
     from pathlib import Path
@@ -398,6 +405,14 @@ def worker(studies_, storage, tracking_uri, device, precision, max_trials, forev
         torch.set_num_threads(threads)
     stop = StopSignal()
     stop.install()
+    if device in ("auto", "cuda"):
+        from sweeper import slots
+
+        gpu_list = gpus.split(",") if gpus else slots.visible_gpus()
+        if gpu_list:  # take a free host:gpu slot so replicas spread over the GPUs
+            slot = slots.claim(gpu_list, workers_per_gpu, st.resolve_storage_url(storage))
+            device = slot.device
+            logging.getLogger("sweeper.worker").info("GPU slot %s:%s:%d -> %s", slot.host, slot.gpu, slot.index, device)
     config = WorkerConfig(
         storage_url=st.resolve_storage_url(storage), tracking_uri=tracking.resolve_tracking_uri(tracking_uri),
         study_names=tuple(study_name(s) for s in studies_), device=device, precision=precision,

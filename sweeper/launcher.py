@@ -19,7 +19,7 @@ from sweeper.spec import StudySpec
 
 def launch(spec: StudySpec, storage_url: str | None, tracking_uri: str | None, *, workers: int, device: str,
            precision: str, force_update: bool, heartbeat_interval: int, grace_period: int,
-           data_dir: str | None, fmt: str) -> None:
+           data_dir: str | None, fmt: str, workers_per_gpu: int = 1) -> None:
     from rich.console import Console
 
     console = Console(stderr=True, soft_wrap=True)
@@ -53,7 +53,8 @@ def launch(spec: StudySpec, storage_url: str | None, tracking_uri: str | None, *
                       + "\nor run them here with --workers N")
         return
 
-    procs = start_workers(spec.name, url, uri, workers, device, precision, heartbeat_interval, grace_period, data_dir)
+    procs = start_workers(spec.name, url, uri, workers, device, precision, heartbeat_interval, grace_period,
+                          data_dir, workers_per_gpu)
     log_dir = settings.home() / "logs"
     console.print(f"{workers} worker(s) started; their logs are in {log_dir}")
     interrupted = watch(result.study, procs, console)
@@ -79,22 +80,18 @@ def _summary_json(spec: StudySpec, url: str, uri: str, result) -> str:
 
 
 def start_workers(name: str, url: str, uri: str, n: int, device: str, precision: str, heartbeat_interval: int,
-                  grace_period: int, data_dir: str | None) -> list[subprocess.Popen]:
-    """N worker processes; CPU threads split between them, one GPU each when there are GPUs."""
-    import torch
-
-    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+                  grace_period: int, data_dir: str | None, workers_per_gpu: int = 1) -> list[subprocess.Popen]:
+    """N worker processes with the CPU threads split between them; on GPUs each claims a slot."""
     threads = max(1, (os.cpu_count() or 1) // n)
     log_dir = settings.home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for i in range(n):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), settings.ENV_HOME: str(settings.home())}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         cmd = [sys.executable, "-m", "sweeper", "worker", "--study", name, "--storage", url, "--tracking-uri", uri,
                "--device", device, "--precision", precision, "--threads", str(threads),
-               "--heartbeat-interval", str(heartbeat_interval), "--grace-period", str(grace_period)]
+               "--heartbeat-interval", str(heartbeat_interval), "--grace-period", str(grace_period),
+               "--workers-per-gpu", str(workers_per_gpu)]
         if data_dir:
             cmd += ["--data-dir", data_dir]
         log = open(log_dir / f"worker-{i + 1}.log", "ab")

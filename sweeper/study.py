@@ -7,6 +7,7 @@ Optuna invent a trial (``Study.ask()`` would sample a new one when nothing waits
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import logging
 import threading
@@ -35,6 +36,8 @@ MAX_RETRY = 3  # retries of a trial whose worker died
 SPEC_ATTR = "sweeper.spec"
 SPEC_HASH_ATTR = "sweeper.spec_hash"
 KEY_ATTR = "sweeper.key"
+FAIL_REASON_ATTR = "sweeper.fail_reason"
+SCHEMA_LOCK_KEY = zlib.crc32(b"sweeper.optuna-schema")
 STATES = ("WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -66,15 +69,19 @@ def open_storage(
     else:
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     try:
-        storage = RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-        )
+        with _schema_lock(url, engine_kwargs):
+            storage = RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryCallback(max_retry=max_retry),
+            )
     except RuntimeError as e:  # Optuna's message for an old schema names the upgrade command
-        raise SweeperError(f"the Optuna storage {redact(url)} cannot be used: {redact(e)}") from None
+        raise SweeperError(
+            f"the Optuna storage {redact(url)} cannot be used: {redact(e)} Stop every worker, back up the "
+            f"database, then run `optuna storage upgrade --storage URL` with this storage's URL."
+        ) from None
     except Exception as e:
         raise SweeperError(
             f"cannot open the Optuna storage {redact(url)}: {redact(_root_cause(e))}. "
@@ -83,6 +90,30 @@ def open_storage(
     if sqlite:
         _serialize_sqlite_writes(storage)
     return storage
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
+    """On PostgreSQL, one process at a time creates or checks the schema: RDBStorage's
+    create_all and alembic stamp are not safe when two processes start on a fresh database
+    (two `sweeper launch` at once would both stamp alembic_version)."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **{
+        k: v for k, v in engine_kwargs.items() if k != "pool_pre_ping"})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": SCHEMA_LOCK_KEY})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def _root_cause(e: BaseException) -> str:
@@ -220,11 +251,27 @@ def make_pruner(spec: dict[str, Any]) -> optuna.pruners.BasePruner:
 
 # --- workers: claim, heartbeat, retry ----------------------------------------------------------
 
+class RetryCallback(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a failed trial (a copy in WAITING with the same params and user attrs,
+    ``mlflow_run_id`` included, so the retry continues the cell's run), minus the failed
+    attempt's own ``sweeper.*`` system attrs (its fail reason is not the retry's)."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial = copy.deepcopy(trial)
+        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("sweeper.")}
+        super().__call__(study, trial)
+
+
 def claim(study: optuna.Study) -> int | None:
-    """Move one WAITING trial to RUNNING and return its id, or None when nothing waits."""
+    """Move one WAITING trial to RUNNING and return its id, or None when nothing waits.
+
+    The heartbeat is written before the compare-and-set: a worker killed right after winning
+    the trial leaves a heartbeat that goes stale, so the trial is retried and never stays
+    RUNNING forever (Optuna ignores RUNNING trials that have no heartbeat at all)."""
     storage = study._storage
     for trial in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
         try:
+            storage.record_heartbeat(trial._trial_id)
             if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
                 return trial._trial_id
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -232,19 +279,79 @@ def claim(study: optuna.Study) -> int | None:
     return None
 
 
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail trials whose worker stopped beating; the retry callback re-enqueues each."""
-    optuna.storages.fail_stale_trials(study)
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Fail trials whose worker stopped beating, with a reason; the retry callback re-enqueues
+    each (at most ``max_retry`` times). Two workers doing this at once fail each trial once:
+    the state change is a row-locked update that refuses to touch a finished trial."""
+    storage = study._storage
+    if storage.get_heartbeat_interval() is None:
+        return []
+    backend = getattr(storage, "_backend", storage)
+    grace = backend.grace_period or 2 * backend.heartbeat_interval
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        try:
+            storage.set_trial_system_attr(
+                trial_id, FAIL_REASON_ATTR, f"no heartbeat for over {grace}s: the worker was killed or lost")
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first (and enqueued its retry)
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in failed:
+        trial = storage.get_trial(trial_id)
+        log.warning("trial %d (%s): its worker stopped beating; retrying it", trial.number, trial.user_attrs.get(KEY_ATTR))
+        if callback is not None:
+            callback(study, trial)
+    return failed
 
 
 def requeue(study: optuna.Study, trial_id: int, reason: str) -> None:
     """Fail a trial and enqueue its retry at once (a worker that was told to stop), counting
     towards the same retry history a dead worker's trial would have."""
     storage = study._storage
-    storage.set_trial_system_attr(trial_id, "sweeper.fail_reason", reason)
+    storage.set_trial_system_attr(trial_id, FAIL_REASON_ATTR, reason)
     storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     callback = storage.get_heartbeat_stale_trial_callback()
     callback(study, storage.get_trial(trial_id))
+
+
+def trial_state(storage, trial_id: int) -> TrialState:
+    """The trial's state as the database has it now (a finished trial may come from the cache)."""
+    return getattr(storage, "_backend", storage).get_trial(trial_id).state
+
+
+def is_db_error(e: BaseException) -> bool:
+    """A database or connection failure that may pass (server restart, dropped connection)."""
+    import sqlalchemy.exc
+
+    return isinstance(e, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError,
+                          sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError))
+
+
+def retry_db(fn, *args, within: float, what: str = "database call", **kwargs):
+    """Call ``fn``, retrying database errors for up to ``within`` seconds (then re-raise).
+
+    A worker uses it for every storage call of a running trial, so a database blip shorter
+    than the grace period neither fails the trial nor kills the worker."""
+    deadline = time.monotonic() + within
+    delay = 0.5
+    warned = False
+    while True:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:
+            if not is_db_error(e) or time.monotonic() + delay > deadline:
+                raise
+            if not warned:
+                log.warning("%s failed (%s); retrying for up to %.0fs", what, redact(_root_cause(e)), within)
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if warned:
+            log.info("%s succeeded after the database came back", what)
+        return result
 
 
 class Heartbeat:
@@ -304,7 +411,7 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
             "elapsed_s": round((end or now) - start, 1) if start else None,
             "retry_of": sa.get("failed_trial"),
             "retry_history": sa.get("retry_history", []),
-            "fail_reason": sa.get("sweeper.fail_reason"),
+            "fail_reason": sa.get(FAIL_REASON_ATTR),
             "mlflow_run_id": ua.get("mlflow_run_id"),
         })
     return rows

@@ -47,6 +47,14 @@ def client(uri: str | None = None):
     return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
 
 
+class TrackingUnreachable(SweeperError):
+    """The tracking store did not answer (down, network); it may come back."""
+
+
+class TrackingAuthError(SweeperError):
+    """The tracking server refused the credentials (401/403); waiting will not help."""
+
+
 def check_reachable(mlflow_client) -> None:
     """Raise a clear SweeperError when the tracking store cannot be used (down, 401/403)."""
     from mlflow.exceptions import MlflowException
@@ -56,14 +64,17 @@ def check_reachable(mlflow_client) -> None:
         mlflow_client.search_experiments(max_results=1)
     except MlflowException as e:
         text = str(e)
-        if "401" in text or "403" in text or "Unauthorized" in text or "Permission" in text:
-            raise SweeperError(
-                f"the MLflow tracking server {redact(uri)} refused the credentials; set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a valid account"
+        code = getattr(e, "get_http_status_code", lambda: None)()
+        if code in (401, 403) or " 401 " in text or " 403 " in text:
+            raise TrackingAuthError(
+                f"the MLflow tracking server {redact(uri)} refused the credentials (HTTP {code or '401/403'}); "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a valid account "
+                "(MLFLOW_TRACKING_TOKEN for a bearer token)"
             ) from None
-        raise SweeperError(f"cannot reach the MLflow tracking store {redact(uri)}: {redact(text.splitlines()[0])}") from None
+        raise TrackingUnreachable(f"cannot reach the MLflow tracking store {redact(uri)}: "
+                                  f"{redact(_first_line(e))}") from None
     except Exception as e:
-        raise SweeperError(f"cannot reach the MLflow tracking store {redact(uri)}: {redact(e)}") from None
+        raise TrackingUnreachable(f"cannot reach the MLflow tracking store {redact(uri)}: {redact(_first_line(e))}") from None
 
 
 def ensure_experiment(mlflow_client, name: str) -> str:
@@ -146,11 +157,16 @@ class RunLogger:
     def log_artifact(self, local_path: str | Path, artifact_path: str) -> None:
         self.artifacts = [a for a in self.artifacts if a[0] != str(local_path)] + [(str(local_path), artifact_path)]
 
-    def flush(self, deadline: float | None = None) -> bool:
-        """Send what is queued; True when everything went. With a deadline, retry until then."""
+    def flush(self, deadline: float | None = None, should_stop=None) -> bool:
+        """Send what is queued; True when everything went. With a deadline, retry until then
+        (or until ``should_stop()``), then raise TrackingUnreachable."""
         while True:
             try:
+                pending = self.pending()
                 self._send()
+                if self.down_since is not None:
+                    log.info("MLflow is reachable again after %.0fs; sent %d buffered item(s)",
+                             time.monotonic() - self.down_since, pending)
                 self.down_since = None
                 return True
             except Exception as e:
@@ -159,9 +175,12 @@ class RunLogger:
                     log.warning("MLflow is unreachable (%s); buffering and retrying", redact(_first_line(e)))
                 if deadline is None:
                     return False
-                if time.monotonic() >= deadline:
-                    raise SweeperError(f"MLflow stayed unreachable: {redact(_first_line(e))}") from None
+                if time.monotonic() >= deadline or (should_stop is not None and should_stop()):
+                    raise TrackingUnreachable(f"MLflow stayed unreachable: {redact(_first_line(e))}") from None
                 time.sleep(2)
+
+    def pending(self) -> int:
+        return len(self.metrics) + len(self.params) + len(self.tags) + len(self.artifacts)
 
     def _send(self) -> None:
         # Artifacts (the checkpoint) go before the epoch's metrics: a metric logged means its

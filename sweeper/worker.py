@@ -72,14 +72,23 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
     """Claim and run trials; returns how many ran. Exits when no trial waits (unless forever)."""
     stop = stop or StopSignal()
     tracking.configure_http()
-    storage = studies.open_storage(config.storage_url, config.heartbeat_interval, config.grace_period)
     mlflow_client = tracking.client(config.tracking_uri)
-    tracking.check_reachable(mlflow_client)
+    tracking.check_reachable(mlflow_client)  # before the storage: a bad URI or password writes nothing
+    storage = studies.open_storage(config.storage_url, config.heartbeat_interval, config.grace_period)
     log.info("worker %s on %s: storage %s, tracking %s", os.getpid(), socket.gethostname(),
              redact(config.storage_url), redact(config.tracking_uri))
     done = 0
     while not stop.is_set() and (config.max_trials is None or done < config.max_trials):
-        claimed = _claim_next(storage, config.study_names)
+        if not _wait_for_tracking(mlflow_client, config, stop):
+            break
+        try:
+            claimed = studies.retry_db(_claim_next, storage, config.study_names, within=config.grace_period,
+                                       what="looking for a waiting trial")
+        except Exception as e:
+            if not studies.is_db_error(e):
+                raise
+            raise SweeperError(f"the Optuna storage {redact(config.storage_url)} stayed unreachable for over "
+                               f"{config.grace_period}s: {redact(studies._root_cause(e))}") from None
         if claimed is None:
             if not config.forever:
                 log.info("no trial waiting; %d run by this worker", done)
@@ -90,6 +99,30 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
         TrialRun(study, trial_id, config, mlflow_client, stop).run()
         done += 1
     return done
+
+
+def _wait_for_tracking(mlflow_client, config: WorkerConfig, stop: StopSignal) -> bool:
+    """Claim nothing while MLflow is down: a trial claimed now could only fail, burning a retry.
+    Waits up to --tracking-outage-limit (for ever with --forever); False when told to stop."""
+    started = time.monotonic()
+    warned = False
+    while not stop.is_set():
+        try:
+            tracking.check_reachable(mlflow_client)
+        except tracking.TrackingUnreachable as e:
+            waited = time.monotonic() - started
+            if not config.forever and waited > config.tracking_outage_limit:
+                raise SweeperError(f"{e}; waited {waited:.0f}s (--tracking-outage-limit) without claiming a "
+                                   "trial. Waiting trials stay queued for the next worker.") from None
+            if not warned:
+                log.warning("%s; claiming no trial until it is back", e)
+                warned = True
+            stop.event.wait(min(5.0, max(0.5, config.tracking_outage_limit / 10)))
+            continue
+        if warned:
+            log.info("MLflow is reachable again after %.0fs", time.monotonic() - started)
+        return True
+    return False
 
 
 def _claim_next(storage, names: tuple[str, ...]):
@@ -140,6 +173,11 @@ def suggest(trial: optuna.Trial, name: str, dist: dict[str, Any]) -> Any:
     return suggest_fn(name, dist["low"], dist["high"], **kwargs)
 
 
+class TrialLost(Exception):
+    """Another worker owns the trial now: this one's heartbeat went stale (a freeze, a long
+    database outage), the trial was failed and its retry enqueued. Stand down, touch nothing."""
+
+
 class TrialRun:
     """One claimed trial, from the cell's attributes to a told result."""
 
@@ -147,9 +185,9 @@ class TrialRun:
         self.study, self.trial_id, self.config = study, trial_id, config
         self.client, self.stop = mlflow_client, stop
         self.storage = study._storage
-        self.trial = optuna.Trial(study, trial_id)
-        self.spec = studies.stored_spec(study)
-        attrs = self.storage.get_trial(trial_id).user_attrs
+        self.trial = self._db(optuna.Trial, study, trial_id)
+        self.spec = self._db(studies.stored_spec, study)
+        attrs = self.trial._cached_frozen_trial.user_attrs
         self.attrs = attrs
         self.key = attrs[studies.KEY_ATTR]
         self.variant, self.dataset, self.seed = attrs["variant"], attrs["dataset"], int(attrs["seed"])
@@ -157,6 +195,12 @@ class TrialRun:
         self.checkpoint_path = settings.home() / "checkpoints" / study.study_name / safe_key / "last.pt"
         self.logger: tracking.RunLogger | None = None
         self.run_id: str | None = None
+        self.model = None
+
+    def _db(self, fn, *args, **kwargs):
+        """A storage call that survives a database blip shorter than the grace period."""
+        return studies.retry_db(fn, *args, within=self.config.grace_period, what=f"trial {self.trial_id}: "
+                                f"{getattr(fn, '__name__', 'storage call')}", **kwargs)
 
     def run(self) -> None:
         number = self.trial.number
@@ -164,16 +208,24 @@ class TrialRun:
         with studies.Heartbeat(self.storage, self.trial_id, self.config.heartbeat_interval):
             try:
                 self._run()
+            except TrialLost as e:
+                log.warning("trial %d: %s: %s; this worker stands down", number, self.key, e)
             except Interrupted as e:
+                self._flush_quietly()  # the last epoch's checkpoint, if MLflow had not taken it yet
                 self._end_run("KILLED", f"worker stopped by a signal after epoch {e.last_epoch}; the trial was re-queued")
-                studies.requeue(self.study, self.trial_id, "worker stopped by a signal")
+                self._db(studies.requeue, self.study, self.trial_id, f"worker stopped by a signal after epoch {e.last_epoch}")
                 log.warning("trial %d: %s stopped after epoch %d and re-queued", number, self.key, e.last_epoch)
             except NonFiniteLoss as e:
                 self._fail(str(e), retry=False)
             except torch.OutOfMemoryError as e:
+                self.model = None  # before the reason is recorded: free what can be freed now
                 self._fail(f"out of memory on {self.config.device} at batch size "
-                           f"{self.recipe.batch_size}: {str(e).splitlines()[0]}", retry=False)
+                           f"{self.recipe.batch_size}: {str(e).splitlines()[0] if str(e) else 'OutOfMemoryError'}; "
+                           "lower batch_size in the spec's [train] or use a larger GPU", retry=False)
             except Exception as e:  # noqa: BLE001 - any other failure: record why, retry later
+                if isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
+                    log.warning("trial %d: %s was finished by another worker; this worker stands down", number, self.key)
+                    return
                 log.exception("trial %d: %s failed", number, self.key)
                 self._fail(f"{type(e).__name__}: {redact(e)}", retry=True)
             finally:
@@ -187,19 +239,22 @@ class TrialRun:
 
         values = dict(self.spec["train"], seed=self.seed)
         for name, dist in ((self.spec.get("search") or {}).get("space") or {}).items():
-            values[name] = suggest(self.trial, name, dist)
+            values[name] = self._db(suggest, self.trial, name, dist)
         self.recipe = recipe = Recipe.from_dict(values)
-        self.trial.set_user_attr("sweeper.host", socket.gethostname())
-        self.trial.set_user_attr("sweeper.epochs", recipe.epochs)
+        self._db(self.trial.set_user_attr, "sweeper.host", socket.gethostname())
+        self._db(self.trial.set_user_attr, "sweeper.epochs", recipe.epochs)
 
-        self._open_run()
-        resume = self._fetch_checkpoint()
-        already_logged = tracking.logged_steps(self.client, self.run_id) if resume else set()
+        fresh_run = self._open_run()
+        # Steps already in the run (an earlier attempt logged them): never logged again, whether
+        # this attempt resumes from a checkpoint or, without a usable one, starts from epoch 1.
+        already_logged = set() if fresh_run else tracking.logged_steps(self.client, self.run_id)
+        resume = self._fetch_checkpoint(recipe)
         splits = load_data(self.dataset, self.config.data_dir).limit(recipe.limit_train, recipe.limit_test)
         seed_everything(self.seed)
         self.model = build_model(self.variant, splits.num_classes, splits.in_channels)
         num_params, macs = count_params(self.model), count_macs(self.model, splits.info.shape)
-        self.logger.log_params({"variant": self.variant, "dataset": self.dataset, **recipe.to_dict()})
+        if fresh_run or not self.client.get_run(self.run_id).data.params:  # params are immutable in MLflow
+            self.logger.log_params({"variant": self.variant, "dataset": self.dataset, **recipe.to_dict()})
         self.logger.set_tags({"sweeper.device": self.config.device, "sweeper.host": socket.gethostname(),
                               "sweeper.version": __version__, "torch.version": torch.__version__})
         if resume:
@@ -208,25 +263,28 @@ class TrialRun:
                 if m["epoch"] not in already_logged:  # died after the checkpoint, before the metrics
                     self.logger.log_metrics({k: m[k] for k in EPOCH_METRICS}, step=m["epoch"])
                     already_logged.add(m["epoch"])
-                self.trial.report(m[self.spec["metric"]], m["epoch"])
+                self._db(self.trial.report, m[self.spec["metric"]], m["epoch"])
         self.logger.flush()
 
         pruned_at: list[int] = []
 
         def on_epoch(m: EpochMetrics, state) -> bool:
-            checkpoint.save(self.checkpoint_path, {**state(), "variant": self.variant, "dataset": self.dataset, "seed": self.seed})
-            self.logger.log_artifact(self.checkpoint_path, CHECKPOINT_ARTIFACT)
+            if self._db(studies.trial_state, self.storage, self.trial_id) != TrialState.RUNNING:
+                raise TrialLost(f"the trial is no longer RUNNING after epoch {m.epoch}")
+            if self._save_checkpoint(state):
+                self.logger.log_artifact(self.checkpoint_path, CHECKPOINT_ARTIFACT)
             if m.epoch not in already_logged:
                 self.logger.log_metrics({k: getattr(m, k) for k in EPOCH_METRICS}, step=m.epoch)
+                already_logged.add(m.epoch)
             if not self.logger.flush() and time.monotonic() - self.logger.down_since > self.config.tracking_outage_limit:
-                raise SweeperError(f"MLflow was unreachable for over {self.config.tracking_outage_limit:.0f}s")
+                raise SweeperError(self._outage_reason(m.epoch))
             value = getattr(m, self.spec["metric"])
-            self.trial.set_user_attr("sweeper.epoch", m.epoch)
-            self.trial.set_user_attr("sweeper.top1_error", m.top1_error)
+            self._db(self.trial.set_user_attr, "sweeper.epoch", m.epoch)
+            self._db(self.trial.set_user_attr, "sweeper.top1_error", m.top1_error)
             log.info("trial %d: %s epoch %d/%d %s %.4f", self.trial.number, self.key, m.epoch, recipe.epochs,
                      self.spec["metric"], value)
-            self.trial.report(value, m.epoch)
-            if self.trial.should_prune():
+            self._db(self.trial.report, value, m.epoch)
+            if self._db(self.trial.should_prune):
                 pruned_at.append(m.epoch)
                 return True
             return False
@@ -235,24 +293,55 @@ class TrialRun:
                      resume=resume, on_epoch=on_epoch, should_stop=self.stop.is_set)
         final = result.final
         value = getattr(final, self.spec["metric"])
-        self.trial.set_user_attr("sweeper.final_value", value)
+        # Recorded in Optuna before MLflow is waited for: an outage past the limit cannot lose it.
+        self._db(self.trial.set_user_attr, "sweeper.final_value", value)
         self.logger.log_metrics({"num_params": num_params, "macs": macs, "train_seconds": result.train_seconds})
         self.logger.set_tags({"sweeper.precision": result.precision, "sweeper.device": result.device})
         if not pruned_at:
             weights = self.checkpoint_path.with_name("model.pt")
             torch.save(self.model.state_dict(), weights)
             self.logger.log_artifact(weights, "model")
-        self.logger.flush(deadline=time.monotonic() + self.config.tracking_outage_limit)
+        try:
+            self.logger.flush(deadline=time.monotonic() + self.config.tracking_outage_limit, should_stop=self.stop.is_set)
+        except tracking.TrackingUnreachable:
+            if self.stop.is_set():  # told to stop while waiting for MLflow: requeue, resume at once
+                raise Interrupted(final.epoch) from None
+            raise SweeperError(self._outage_reason(final.epoch)) from None
         if pruned_at:
             self._end_run("KILLED", f"pruned by Optuna after epoch {pruned_at[0]}")
-            self.study.tell(self.trial, state=TrialState.PRUNED)
+            self._db(self.study.tell, self.trial, state=TrialState.PRUNED)
             log.info("trial %d: %s pruned after epoch %d", self.trial.number, self.key, pruned_at[0])
         else:
             self._end_run("FINISHED")
-            self.study.tell(self.trial, value)
+            self._tell_complete(value)
             log.info("trial %d: %s complete, %s %.4f", self.trial.number, self.key, self.spec["metric"], value)
 
-    def _open_run(self) -> None:
+    def _tell_complete(self, value: float) -> None:
+        try:
+            self._db(self.study.tell, self.trial, value)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # A tell whose commit went through but whose answer was lost in a blip, then retried.
+            trial = self.storage.get_trial(self.trial_id)
+            if trial.state != TrialState.COMPLETE or trial.value != value:
+                raise
+
+    def _outage_reason(self, epoch: int) -> str:
+        return (f"MLflow at {redact(self.config.tracking_uri)} was unreachable for over "
+                f"{self.config.tracking_outage_limit:.0f}s (--tracking-outage-limit) after epoch {epoch}; "
+                "the trial was re-queued and resumes from its latest checkpoint, logging what MLflow missed")
+
+    def _save_checkpoint(self, state) -> bool:
+        """Write this epoch's checkpoint; a full disk keeps the previous one and training goes on."""
+        try:
+            checkpoint.save(self.checkpoint_path, {**state(), "variant": self.variant, "dataset": self.dataset,
+                                                   "seed": self.seed, "run_id": self.run_id})
+            return True
+        except checkpoint.CheckpointError as e:
+            log.warning("trial %d: %s", self.trial.number, e)
+            return False
+
+    def _open_run(self) -> bool:
+        """Open (or reopen) the cell's MLflow run; True when it was created just now."""
         experiment_id = tracking.ensure_experiment(self.client, self.study.study_name)
         parent_id = tracking.ensure_study_run(self.client, experiment_id, self.spec)
         run_id = self.attrs.get("mlflow_run_id")
@@ -260,7 +349,8 @@ class TrialRun:
             found = tracking.find_run(self.client, experiment_id, {tracking.KEY_TAG: self.key, tracking.ROLE_TAG: "cell"})
             run_id = found.info.run_id if found else None
         tags = {"optuna.study": self.study.study_name, "optuna.trial_number": str(self.trial.number)}
-        if run_id is None:
+        fresh = run_id is None
+        if fresh:
             run = self.client.create_run(experiment_id, run_name=tracking.cell_run_name(self.key), tags={
                 tracking.PARENT_TAG: parent_id, tracking.ROLE_TAG: "cell", tracking.KEY_TAG: self.key,
                 "mlflow.note.content": f"GoogLeNet {self.variant} on {self.dataset}, seed {self.seed} "
@@ -273,24 +363,45 @@ class TrialRun:
             for k, v in tags.items():
                 self.client.set_tag(run_id, k, v)
         self.run_id = run_id
-        self.trial.set_user_attr("mlflow_run_id", run_id)
+        self._db(self.trial.set_user_attr, "mlflow_run_id", run_id)
         self.logger = tracking.RunLogger(self.client, run_id)
+        return fresh
 
-    def _fetch_checkpoint(self) -> dict[str, Any] | None:
-        """The cell's latest checkpoint from its MLflow run (any machine wrote it), if any."""
+    def _fetch_checkpoint(self, recipe: Recipe) -> dict[str, Any] | None:
+        """The cell's latest usable checkpoint: the one in its MLflow run (any machine wrote it) or
+        this machine's own copy, which is newer when MLflow missed uploads during an outage."""
+        expect = {"variant": self.variant, "dataset": self.dataset, "seed": self.seed, "recipe": recipe.to_dict()}
+        candidates = []
         names = [a.path for a in self.client.list_artifacts(self.run_id, CHECKPOINT_ARTIFACT)]
-        if f"{CHECKPOINT_ARTIFACT}/last.pt" not in names:
+        if f"{CHECKPOINT_ARTIFACT}/last.pt" in names:
+            target = self.checkpoint_path.parent / "download"
+            target.mkdir(parents=True, exist_ok=True)
+            local = self.client.download_artifacts(self.run_id, f"{CHECKPOINT_ARTIFACT}/last.pt", str(target))
+            candidates.append(("MLflow", local, expect))
+        if self.checkpoint_path.is_file():  # only if this very run wrote it (not an older study's)
+            candidates.append(("local", self.checkpoint_path, {**expect, "run_id": self.run_id}))
+        best = None
+        for where, path, want in candidates:
+            try:
+                state = checkpoint.load(path, expect=want)
+            except checkpoint.CheckpointError as e:
+                log.warning("trial %d: %s checkpoint not used: %s", self.trial.number, where, e)
+                continue
+            if best is None or state["epoch"] > best[1]["epoch"]:
+                best = (where, state)
+        if best is None:
             return None
-        target = self.checkpoint_path.parent / "download"
-        target.mkdir(parents=True, exist_ok=True)
-        local = self.client.download_artifacts(self.run_id, f"{CHECKPOINT_ARTIFACT}/last.pt", str(target))
-        try:
-            state = checkpoint.load(local, expect={"variant": self.variant, "dataset": self.dataset, "seed": self.seed})
-        except checkpoint.CheckpointError as e:
-            log.warning("trial %d: %s; starting from epoch 1", self.trial.number, e)
-            return None
-        log.info("trial %d: %s resumes after epoch %d", self.trial.number, self.key, state["epoch"])
+        where, state = best
+        log.info("trial %d: %s resumes after epoch %d (%s checkpoint)", self.trial.number, self.key, state["epoch"], where)
         return state
+
+    def _flush_quietly(self) -> None:
+        if self.logger is None:
+            return
+        try:
+            self.logger.flush(deadline=time.monotonic() + min(10.0, self.config.tracking_outage_limit))
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not send the last checkpoint and metrics to MLflow: %s", redact(e))
 
     def _end_run(self, status: str, reason: str | None = None) -> None:
         if self.run_id is None:
@@ -306,7 +417,7 @@ class TrialRun:
         log.error("trial %d: %s failed: %s", self.trial.number, self.key, reason)
         self._end_run("FAILED", reason)
         if retry:
-            studies.requeue(self.study, self.trial_id, reason)
+            self._db(studies.requeue, self.study, self.trial_id, reason)
         else:
-            self.storage.set_trial_system_attr(self.trial_id, "sweeper.fail_reason", reason)
-            self.study.tell(self.trial, state=TrialState.FAIL)
+            self._db(self.storage.set_trial_system_attr, self.trial_id, studies.FAIL_REASON_ATTR, reason)
+            self._db(self.study.tell, self.trial, state=TrialState.FAIL)

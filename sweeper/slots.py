@@ -1,0 +1,81 @@
+"""GPU slots: each worker on a host claims one free ``host:gpu:slot`` so replicas spread over GPUs.
+
+``docker compose up --scale worker=N`` gives every replica the same GPU reservation (all GPUs), so
+the workers themselves agree who takes which GPU: a PostgreSQL advisory lock per slot when the
+storage is PostgreSQL (it works across containers and dies with the worker's connection), a file
+lock under ``$SWEEPER_HOME/slots`` otherwise (one machine). Slots are filled GPU by GPU first, so
+K workers per GPU (``--workers-per-gpu``) only double up once every GPU has one.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from sweeper import settings
+from sweeper.errors import SweeperError
+
+
+@dataclass
+class Slot:
+    host: str
+    gpu: str
+    index: int
+    _hold: Any  # the open connection or file that holds the lock for the worker's lifetime
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.gpu}"
+
+    def release(self) -> None:
+        self._hold.close()
+
+
+def host_id() -> str:
+    """The physical host: containers set SWEEPER_HOST_ID, since their hostname is the container's."""
+    return os.environ.get("SWEEPER_HOST_ID") or socket.gethostname()
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def claim(gpus: list[str], workers_per_gpu: int, storage_url: str | None = None) -> Slot:
+    host = host_id()
+    order = [(gpu, k) for k in range(workers_per_gpu) for gpu in gpus]
+    for gpu, k in order:
+        hold = _try_lock(storage_url, f"{host}:{gpu}:{k}")
+        if hold is not None:
+            return Slot(host, gpu, k, hold)
+    raise SweeperError(
+        f"all {len(order)} GPU slots on {host} are taken ({len(gpus)} GPU(s) x {workers_per_gpu} per GPU); "
+        "run fewer workers or raise --workers-per-gpu / SWEEPER_WORKERS_PER_GPU"
+    )
+
+
+def _try_lock(storage_url: str | None, name: str):
+    if storage_url and storage_url.startswith("postgresql"):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
+        conn = engine.connect()
+        key = zlib.crc32(f"sweeper.slot:{name}".encode())
+        if conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+            conn.commit()
+            return conn
+        conn.close()
+        return None
+    folder = settings.home() / "slots"
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / f"{name.replace(':', '_')}.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f

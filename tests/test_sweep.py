@@ -1,0 +1,114 @@
+"""Sweeps end to end with real worker processes: SQLite embedded stores and real PostgreSQL."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import sweeper, write_spec
+
+METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
+
+
+def cell_runs(client: MlflowClient, study: str):
+    experiment = client.get_experiment_by_name(study)
+    assert experiment is not None, f"no MLflow experiment named {study}"
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("sweeper.role") == "study"]
+    cells = [r for r in runs if r.data.tags.get("sweeper.role") == "cell"]
+    assert len(parents) == 1, "one parent run per study"
+    return parents[0], cells
+
+
+def assert_one_finished_run_per_cell(client, study: str, keys: set[str], epochs: int, storage_url: str):
+    parent, runs = cell_runs(client, study)
+    assert sorted(r.info.run_name for r in runs) == sorted(keys), "exactly one run per cell, named by cell"
+    trials = {t.user_attrs["sweeper.key"]: t for t in optuna.load_study(study_name=study, storage=storage_url).trials}
+    assert set(trials) == keys and all(t.state.name == "COMPLETE" for t in trials.values())
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["optuna.study"] == study
+        trial = trials[run.info.run_name]
+        assert run.data.tags["optuna.trial_number"] == str(trial.number)
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id, "either side finds the other"
+        variant, dataset, seed = run.info.run_name.split("/")
+        assert run.data.params["variant"] == variant and run.data.params["dataset"] == dataset
+        assert run.data.params["seed"] == seed.removeprefix("s") and run.data.params["epochs"] == str(epochs)
+        assert run.data.params["optimizer"] == "adadelta" and run.data.params["lr"] == "1.0"
+        for name in METRICS:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+            assert sorted(steps) == list(range(1, epochs + 1)), f"{name}: each epoch logged once, step = epoch"
+        assert run.data.metrics["num_params"] > 1e6 and run.data.metrics["macs"] > 0
+        assert run.data.metrics["train_seconds"] > 0
+        assert trial.value == pytest.approx(run.data.metrics["top1_error"])
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+
+
+def test_launch_with_four_local_workers_on_sqlite(sweeper_env, tmp_path):
+    spec = write_spec(tmp_path / "four.toml", variants=("short4", "short3"), seeds=(1, 2))
+    proc = sweeper("launch", "--study", str(spec), "--workers", "4", env=sweeper_env)
+    home = tmp_path / "home"
+    assert f"embedded stores in {home}" in proc.stderr
+    assert "enqueued 4 trial(s)" in proc.stderr
+    logs = "".join(p.read_text() for p in (home / "logs").glob("worker-*.log"))
+    assert "database is locked" not in logs and "Traceback" not in logs
+    keys = {f"{v}/digits/s{s}" for v in ("short4", "short3") for s in (1, 2)}
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    assert_one_finished_run_per_cell(client, "four", keys, epochs=2, storage_url=f"sqlite:///{home / 'optuna.db'}")
+
+    again = sweeper("launch", "--study", str(spec), env=sweeper_env)
+    assert "nothing to add" in again.stderr
+    assert len(optuna.load_study(study_name="four", storage=f"sqlite:///{home / 'optuna.db'}").trials) == 4
+
+
+def test_changed_spec_is_refused_until_force_update(sweeper_env, tmp_path):
+    spec = write_spec(tmp_path / "grow.toml", variants=("short4",))
+    sweeper("launch", "--study", str(spec), env=sweeper_env)
+    write_spec(spec, variants=("short4", "short3"))
+    refused = sweeper("launch", "--study", str(spec), env=sweeper_env, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "different spec" in refused.stderr and "--force-update" in refused.stderr
+    updated = sweeper("launch", "--study", str(spec), "--force-update", "--format", "json", env=sweeper_env)
+    assert json.loads(updated.stdout) | {} == json.loads(updated.stdout)
+    summary = json.loads(updated.stdout)
+    assert summary["enqueued"] == 1 and summary["already_enqueued"] == 1
+
+
+def test_workers_racing_for_the_last_cell_invent_no_trial(sweeper_env, tmp_path):
+    spec = write_spec(tmp_path / "race.toml", variants=("short4",), limit_train=64, limit_test=32, epochs=1)
+    sweeper("launch", "--study", str(spec), env=sweeper_env)
+    workers = [subprocess.Popen([sys.executable, "-m", "sweeper", "worker", "--study", "race"], env=sweeper_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    trials = optuna.load_study(study_name="race", storage=f"sqlite:///{tmp_path / 'home' / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"], "one cell, one trial: no junk trials from an empty queue"
+    assert sum("claimed" in out for out in outputs) == 1
+
+
+def test_three_workers_on_postgres(sweeper_env, tmp_path, pg_database):
+    storage = pg_database()
+    env = {**sweeper_env, "SWEEPER_STORAGE": storage}
+    spec = write_spec(tmp_path / "pg.toml", variants=("short4", "short3", "short2"), limit_train=128, limit_test=64)
+    sweeper("launch", "--study", str(spec), env=env)
+    workers = [subprocess.Popen([sys.executable, "-m", "sweeper", "worker"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    assert all("claimed" in out for out in outputs), "each of the three workers took a cell"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    keys = {f"{v}/digits/s1" for v in ("short4", "short3", "short2")}
+    assert_one_finished_run_per_cell(client, "pg", keys, epochs=2, storage_url=storage)
+
+    with_password = storage.replace("postgres@", "postgres:hunter2@")  # trust auth ignores the password
+    status = sweeper("status", "--study", "pg", "--storage", with_password, "--format", "json", env=env)
+    document = json.loads(status.stdout)
+    assert "hunter2" not in status.stdout + status.stderr and "postgres:***@" in document["storage"]
+    assert document["counts"] == {"WAITING": 0, "RUNNING": 0, "COMPLETE": 3, "PRUNED": 0, "FAIL": 0}
+    assert {t["cell"] for t in document["trials"]} == keys
+    assert all(t["epoch"] == 2 and t["epochs"] == 2 and t["host"] for t in document["trials"])
