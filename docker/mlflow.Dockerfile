@@ -44,7 +44,7 @@ WORKDIR /mlflow
 EXPOSE 5000
 
 # /health is exempt from the Host-header check and from authentication.
-HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=5 \
+HEALTHCHECK --interval=15s --timeout=10s --start-period=180s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/health', timeout=8)"]
 
 CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]

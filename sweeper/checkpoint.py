@@ -7,6 +7,7 @@ the old one, so a crash or a full disk never leaves a half-written checkpoint be
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,16 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
+    except Exception as e:  # OSError, or torch's RuntimeError ("unexpected pos") on a full disk
         tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        try:
+            free = shutil.disk_usage(path.parent).free
+            reason += f"; {free:,} bytes free on that disk"
+        except OSError:
+            pass
         raise CheckpointError(
-            f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint is kept. "
+            f"could not write checkpoint {path} ({reason}); the previous checkpoint is kept. "
             "Free disk space or point SWEEPER_HOME at a larger disk."
         ) from None
     return path

@@ -253,9 +253,10 @@ def data_list(data_dir, fmt):
 
 @data.command("fetch")
 @click.argument("names", nargs=-1, required=True, callback=check_dataset)
+@click.option("--force", is_flag=True, help="Download again even when the dataset is already present.")
 @data_dir_option
-def data_fetch(names, data_dir):
-    """Download CIFAR archives, verify their checksums and extract them."""
+def data_fetch(names, force, data_dir):
+    """Download CIFAR archives, verify their checksums and extract them (once)."""
     from pathlib import Path
 
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
@@ -266,6 +267,10 @@ def data_fetch(names, data_dir):
     for name in names:
         if name not in cifar.INFOS:
             stderr_console().print(f"{name}: built in, nothing to fetch")
+            continue
+        if cifar.status(name, root)["present"] and not force:
+            load(name, root)  # verifies the files on disk and builds the cache if it is missing
+            stderr_console().print(f"{name}: already present in {root} (--force downloads again)")
             continue
         with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
                       console=stderr_console(), transient=True) as progress:

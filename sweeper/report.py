@@ -12,6 +12,8 @@ history is read only when the per-epoch plot is asked for.
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import html
 import io
 import json
@@ -74,7 +76,26 @@ def build_frame(study_name: str, storage_url: str | None = None, tracking_uri: s
     return collect(study_name, storage_url, tracking_uri).frame
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Reading thousands of runs builds hundreds of thousands of short-lived ORM objects; the
+    cyclic collector's passes over them cost more than the read itself (2-3x on 1,000 runs)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def collect(study_name: str, storage_url: str | None = None, tracking_uri: str | None = None) -> Collected:
+    """The study's cells (see build_frame) plus the MLflow client and ids the plots need."""
+    with _gc_paused():
+        return _collect(study_name, storage_url, tracking_uri)
+
+
+def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None) -> Collected:
     url = studies.resolve_storage_url(storage_url)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()

@@ -219,9 +219,46 @@ def launch(storage: RDBStorage, spec: StudySpec, force_update: bool = False) -> 
             t.user_attrs.get(KEY_ATTR) for t in storage.get_all_trials(study._study_id, deepcopy=False)
         }
         missing = [(cell, key) for cell, key in spec.trial_keys() if key not in existing]
-        for cell, key in missing:
-            study.enqueue_trial({}, user_attrs=cell_attrs(cell, key))
+        enqueue_many(study, [cell_attrs(cell, key) for cell, key in missing])
     return EnqueueResult(study, len(missing), len(spec.trial_keys()) - len(missing), created, updated)
+
+
+def enqueue_many(study: optuna.Study, user_attrs: list[dict[str, Any]]) -> None:
+    """Enqueue one WAITING trial per entry, as a few bulk INSERTs in one transaction.
+
+    ``Study.enqueue_trial`` commits each trial on its own and looks up every attribute row
+    (~14 statements a trial: 23 s for 1,000 cells on PostgreSQL here). This writes the same rows
+    through Optuna's own table models, holding the study row lock that Optuna's trial creation
+    takes, and numbers the trials as Optuna does. If a future Optuna moves those internals, it
+    falls back to the public API.
+    """
+    import json
+
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from sqlalchemy import func, insert, select
+
+        storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's trial cache
+        scoped_session = storage.scoped_session
+    except (ImportError, AttributeError):  # pragma: no cover - other Optuna versions
+        for attrs in user_attrs:
+            study.enqueue_trial({}, user_attrs=attrs)
+        return
+    trials, study_id = models.TrialModel, study._study_id
+    for start in range(0, len(user_attrs), 1000):  # bounded transactions
+        chunk = user_attrs[start : start + 1000]
+        with _create_scoped_session(scoped_session) as session:
+            models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+            first = session.scalar(select(func.count()).select_from(trials).where(trials.study_id == study_id))
+            ids = session.scalars(
+                insert(trials).returning(trials.trial_id, sort_by_parameter_order=True),
+                [{"number": first + i, "study_id": study_id, "state": TrialState.WAITING} for i in range(len(chunk))],
+            ).all()
+            session.execute(insert(models.TrialUserAttributeModel), [
+                {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                for trial_id, attrs in zip(ids, chunk) for key, value in attrs.items()
+            ])
 
 
 def cell_attrs(cell: Cell, key: str) -> dict[str, Any]:

@@ -65,9 +65,11 @@ def check_reachable(mlflow_client) -> None:
     except MlflowException as e:
         text = str(e)
         code = getattr(e, "get_http_status_code", lambda: None)()
-        if code in (401, 403) or " 401 " in text or " 403 " in text:
+        if code not in (401, 403):
+            code = next((c for c in (401, 403) if f"error code {c}" in text or f" {c} " in text), None)
+        if code is not None:
             raise TrackingAuthError(
-                f"the MLflow tracking server {redact(uri)} refused the credentials (HTTP {code or '401/403'}); "
+                f"the MLflow tracking server {redact(uri)} refused the credentials (HTTP {code}); "
                 "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a valid account "
                 "(MLFLOW_TRACKING_TOKEN for a bearer token)"
             ) from None

@@ -72,9 +72,16 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
     """Claim and run trials; returns how many ran. Exits when no trial waits (unless forever)."""
     stop = stop or StopSignal()
     tracking.configure_http()
+    # urllib3 logs each HTTP retry during an MLflow outage; sweeper logs the outage once itself.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    # A server is checked before an embedded store is opened (which creates its file), so an
+    # unreachable URL or a refused password leaves nothing behind.
     mlflow_client = tracking.client(config.tracking_uri)
-    tracking.check_reachable(mlflow_client)  # before the storage: a bad URI or password writes nothing
+    if tracking.is_server(config.tracking_uri):
+        tracking.check_reachable(mlflow_client)
     storage = studies.open_storage(config.storage_url, config.heartbeat_interval, config.grace_period)
+    if not tracking.is_server(config.tracking_uri):
+        tracking.check_reachable(mlflow_client)
     log.info("worker %s on %s: storage %s, tracking %s", os.getpid(), socket.gethostname(),
              redact(config.storage_url), redact(config.tracking_uri))
     done = 0
@@ -222,10 +229,11 @@ class TrialRun:
                 self._fail(f"out of memory on {self.config.device} at batch size "
                            f"{self.recipe.batch_size}: {str(e).splitlines()[0] if str(e) else 'OutOfMemoryError'}; "
                            "lower batch_size in the spec's [train] or use a larger GPU", retry=False)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                log.warning("trial %d: %s was finished by another worker; this worker stands down", number, self.key)
+            except SweeperError as e:  # a known cause (MLflow outage past the limit...): retry later
+                self._fail(str(e), retry=True)
             except Exception as e:  # noqa: BLE001 - any other failure: record why, retry later
-                if isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
-                    log.warning("trial %d: %s was finished by another worker; this worker stands down", number, self.key)
-                    return
                 log.exception("trial %d: %s failed", number, self.key)
                 self._fail(f"{type(e).__name__}: {redact(e)}", retry=True)
             finally:

@@ -1,0 +1,300 @@
+"""`sweeper ui`: the MLflow UI and optuna-dashboard for one study, on 127.0.0.1, until Ctrl-C.
+
+Each server runs in its own process group (its own session), so Ctrl-C in the terminal reaches
+`sweeper ui` alone, which then stops each group as a whole (the MLflow server's uvicorn workers
+included): SIGTERM, then SIGKILL for whatever is left after a few seconds. No process outlives
+the command. When the tracking URI is already a server (http...), only its URL is printed.
+
+    >>> serve("quickstart", None, None, port=5000, dashboard_port=8080)   # doctest: +SKIP
+    MLflow UI         http://127.0.0.1:5000/#/experiments/1
+    optuna-dashboard  http://127.0.0.1:8080/dashboard/studies/1
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sweeper import settings
+from sweeper import study as studies
+from sweeper import tracking
+from sweeper.errors import SweeperError, redact
+
+HOST = "127.0.0.1"
+READY_TIMEOUT = 90.0  # seconds for both servers to answer HTTP (MLflow's first start migrates its DB)
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL for a server's process group
+
+
+@dataclass
+class Server:
+    """One server subprocess, leader of its own process group."""
+
+    name: str
+    cmd: list[str]
+    url: str  # what to poll for readiness
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    _log: object = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+    @property
+    def pgid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the whole group, wait, SIGKILL what is left; reap the leader."""
+        if self.proc is None:
+            return
+        pgid = self.pgid
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _group_alive(pgid, self.proc):
+            time.sleep(0.1)
+        if _group_alive(pgid, self.proc):
+            _signal_group(pgid, signal.SIGKILL)
+            end = time.monotonic() + 5
+            while time.monotonic() < end and _group_alive(pgid, self.proc):
+                time.sleep(0.05)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        if self._log is not None:
+            self._log.close()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the server gets SIGTERM if `sweeper ui` itself is killed without a chance to clean up."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int, leader: subprocess.Popen) -> bool:
+    leader.poll()  # reap the leader so a zombie does not count as alive
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _group_members(pgid) != [] if sys.platform.startswith("linux") else True
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            members.append(int(entry))
+    return members
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def check_port_free(port: int, what: str, option: str) -> None:
+    """A clear error before starting anything when the port is taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise SweeperError(f"port {port} on {HOST} is already in use, so the {what} cannot start there; "
+                                   f"stop what uses it or pass {option} N") from None
+            raise SweeperError(f"cannot use port {port} on {HOST} for the {what}: {e}") from None
+
+
+def answers(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_ready(servers: list[Server], timeout: float = READY_TIMEOUT, stop: threading.Event | None = None) -> None:
+    """Until every server answers HTTP; a server that exits or stays silent is a SweeperError."""
+    deadline = time.monotonic() + timeout
+    pending = list(servers)
+    while pending:
+        for server in list(pending):
+            if not server.alive():
+                raise SweeperError(f"the {server.name} exited before it answered (exit code "
+                                   f"{server.proc.returncode}); its log {server.log_path} ends with:\n"
+                                   f"{server.log_tail()}")
+            if answers(server.url):
+                pending.remove(server)
+        if not pending:
+            return
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt
+        if time.monotonic() > deadline:
+            names = ", ".join(s.name for s in pending)
+            raise SweeperError(f"{names} did not answer within {timeout:.0f}s; see "
+                               + ", ".join(str(s.log_path) for s in pending))
+        time.sleep(0.3)
+
+
+def _executable(name: str) -> list[str]:
+    """The console script beside this Python (the venv's), else on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which(name)
+    if found:
+        return [found]
+    raise SweeperError(f"`{name}` is not installed; pip install {name}")
+
+
+def mlflow_command(uri: str, port: int, artifact_root: str | None) -> list[str]:
+    cmd = [*_executable("mlflow"), "server", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
+           "--workers", "1"]
+    if artifact_root:
+        # Runs keep their own artifact location (file:// beside the database); the server reads
+        # those directly. New experiments made through this UI get the same root.
+        cmd += ["--default-artifact-root", artifact_root, "--no-serve-artifacts"]
+    return cmd
+
+
+def dashboard_command(storage_url: str, port: int) -> list[str]:
+    return [*_executable("optuna-dashboard"), storage_url, "--host", HOST, "--port", str(port)]
+
+
+def _artifact_root(experiment, uri: str) -> str | None:
+    if experiment is not None and experiment.artifact_location.startswith("file:"):
+        return experiment.artifact_location
+    if uri.startswith("sqlite:"):
+        return (settings.home() / "mlartifacts").as_uri()
+    return None
+
+
+# --- the command ------------------------------------------------------------------------------
+
+@dataclass
+class Urls:
+    mlflow: str
+    dashboard: str
+
+
+def serve(study_name: str, storage: str | None, tracking_uri: str | None, port: int = 5000,
+          dashboard_port: int = 8080, *, ready_timeout: float = READY_TIMEOUT,
+          on_ready: Callable[[Urls], None] | None = None, stop: threading.Event | None = None) -> None:
+    """Serve the study's MLflow experiment and Optuna study until Ctrl-C / SIGTERM (or ``stop``)."""
+    url = studies.resolve_storage_url(storage)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.configure_http()
+    optuna_storage = studies.open_storage(url)
+    study = studies.load_study(optuna_storage, study_name)
+    study_id = optuna_storage.get_study_id_from_name(study.study_name)
+    client = tracking.client(uri)
+    tracking.check_reachable(client)
+    experiment = client.get_experiment_by_name(study_name)
+    remote = tracking.is_server(uri)
+
+    if not remote:
+        check_port_free(port, "MLflow UI", "--port")
+    check_port_free(dashboard_port, "optuna-dashboard", "--dashboard-port")
+    if not remote and port == dashboard_port:
+        raise SweeperError("--port and --dashboard-port must differ")
+
+    base = uri.rstrip("/") if remote else f"http://{HOST}:{port}"
+    mlflow_url = f"{base}/#/experiments/{experiment.experiment_id}" if experiment else f"{base}/"
+    dashboard_url = f"http://{HOST}:{dashboard_port}/dashboard/studies/{study_id}"
+    log_dir = settings.home() / "logs"
+    servers = []
+    if not remote:
+        servers.append(Server("MLflow UI", mlflow_command(uri, port, _artifact_root(experiment, uri)),
+                              f"http://{HOST}:{port}/health", log_dir / "ui-mlflow.log"))
+    servers.append(Server("optuna-dashboard", dashboard_command(url, dashboard_port),
+                          f"http://{HOST}:{dashboard_port}/api/meta", log_dir / "ui-optuna-dashboard.log"))
+
+    stop = stop or threading.Event()
+    previous = _install_signal_handlers(stop)
+    try:
+        # The MLflow server's GenAI job runner (a pool of huey consumers) is of no use here.
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "PYTHONUNBUFFERED": "1"}
+        for server in servers:
+            server.start(env)
+        _note(f"starting {', '.join(s.name for s in servers)} (logs in {log_dir}) ...")
+        wait_ready(servers, ready_timeout, stop)
+        if experiment is None:
+            _note(f"no MLflow experiment named {study_name!r} yet in {redact(uri)}; the UI opens on the list")
+        print(f"MLflow UI         {mlflow_url}", flush=True)
+        print(f"optuna-dashboard  {dashboard_url}", flush=True)
+        _note("press Ctrl-C to stop both")
+        if on_ready is not None:
+            on_ready(Urls(mlflow_url, dashboard_url))
+        while not stop.wait(0.5):
+            for server in servers:
+                if not server.alive():
+                    raise SweeperError(f"the {server.name} stopped (exit code {server.proc.returncode}); "
+                                       f"its log {server.log_path} ends with:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for server in reversed(servers):
+            server.stop()
+        _restore_signal_handlers(previous)
+    _note("stopped")
+
+
+def _install_signal_handlers(stop: threading.Event):
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handle(signum, _frame):
+        stop.set()
+
+    return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(previous) -> None:
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

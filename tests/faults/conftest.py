@@ -1,0 +1,248 @@
+"""Helpers for the fault suite: real worker processes whose log lines we wait on, one shared
+`mlflow server` per session (stopped and restarted by the outage test), PostgreSQL outages,
+and the reference result of an uninterrupted run.
+
+Everything here drives real processes; nothing is mocked except the one in-process OOM test.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# tests/conftest.py, loaded under its own name: its plain helpers are re-exported so that
+# `from conftest import sweeper, write_spec` keeps working in every test module whichever
+# conftest.py pytest imported last under the name "conftest".
+_spec = importlib.util.spec_from_file_location("sweeper_tests_conftest", Path(__file__).parents[1] / "conftest.py")
+_root = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_root)
+PG_ADMIN_URL = _root.PG_ADMIN_URL
+REQUIRE_POSTGRES = _root.REQUIRE_POSTGRES
+MlflowServer = _root.MlflowServer
+free_port = _root.free_port
+sweeper = _root.sweeper
+wait_http = _root.wait_http
+write_spec = _root.write_spec
+_pg_admin = _root._pg_admin
+
+# One cell used by most tests: tiny model, tiny data, 3 epochs (a few seconds per epoch on CPU).
+EPOCHS = 3
+CELL = dict(variant="short4", dataset="digits", seed=1)
+FAST = ["--heartbeat-interval", "1", "--device", "cpu", "--precision", "fp32", "--no-system-metrics"]
+
+
+class Proc:
+    """A real `sweeper ...` subprocess; stdout and stderr go to a log file that tests wait on."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+        self.args, self.log = args, log
+        self._fh = open(log, "ab")
+        self.started = time.monotonic()
+        self.popen = subprocess.Popen([sys.executable, "-m", "sweeper", *args], env=env, stdout=self._fh,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 180, after: int = 0) -> re.Match:
+        """Wait until the log matches ``pattern`` (a regex, searched from offset ``after``)."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            m = rx.search(self.text(), after)
+            if m:
+                return m
+            if self.popen.poll() is not None:
+                m = rx.search(self.text(), after)
+                if m:
+                    return m
+                raise AssertionError(f"{self} exited {self.popen.returncode} before logging {pattern!r}:\n{self.text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self} did not log {pattern!r} within {timeout}s:\n{self.text()}")
+            time.sleep(0.05)
+
+    def send(self, sig: int) -> None:
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = 180) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self} still running after {timeout}s:\n{self.text()}") from None
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+        self._fh.close()
+
+    def __repr__(self) -> str:
+        return f"`sweeper {' '.join(self.args[:3])}` (pid {self.popen.pid})"
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """spawn(*args, env=...) -> Proc; every process still running when the test ends is killed."""
+    procs: list[Proc] = []
+
+    def start(*args: str, env: dict[str, str], name: str | None = None) -> Proc:
+        log = tmp_path / f"{name or args[0]}-{len(procs) + 1}.log"
+        proc = Proc(list(args), env, log)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """One real `mlflow server` (SQLite backend, proxied artifacts) for the whole suite. The outage
+    test stops and restarts it on the same port; every test gets it running."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    server = MlflowServer(root).start()
+    yield server
+    if server.proc.poll() is None:  # no need for a clean shutdown at the end
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+
+
+@pytest.fixture
+def tracking(tracking_server):
+    if tracking_server.proc is None or tracking_server.proc.poll() is not None:
+        tracking_server.start()
+    return tracking_server
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """reference(seed, epochs) -> per-epoch history of an uninterrupted run of the cell: the same
+    code path as a worker (seed, build, fit) on CPU in fp32 with one thread, like the workers."""
+    cache: dict[tuple[int, int], list[dict]] = {}
+
+    def get(seed: int = 1, epochs: int = EPOCHS) -> list[dict]:
+        if (seed, epochs) not in cache:
+            import torch
+            from dataclasses import asdict
+
+            from sweeper.data import load
+            from sweeper.models import build_model
+            from sweeper.train import Recipe, fit, seed_everything
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                recipe = Recipe(epochs=epochs, seed=seed, limit_train=256, limit_test=128)
+                splits = load(CELL["dataset"]).limit(recipe.limit_train, recipe.limit_test)
+                seed_everything(seed)
+                model = build_model(CELL["variant"], splits.num_classes, splits.in_channels)
+                result = fit(model, splits, recipe, device="cpu", precision="fp32")
+            finally:
+                torch.set_num_threads(threads)
+            cache[(seed, epochs)] = [asdict(m) for m in result.history]
+        return cache[(seed, epochs)]
+
+    return get
+
+
+def enqueue(spec_path: Path, storage_url: str | None = None) -> None:
+    """What `sweeper launch` does to the queue (the launch race test runs the real command)."""
+    from sweeper import spec, study as studies
+
+    studies.launch(studies.open_storage(storage_url), spec.load(str(spec_path)))
+
+
+def cli(*args: str, env: dict[str, str] | None = None, code: int | None = 0):
+    """The real CLI in this process (click's runner): for quick status/retry look-ups."""
+    from click.testing import CliRunner
+
+    from sweeper.cli import cli as command
+
+    result = CliRunner().invoke(command, list(args), env=env, catch_exceptions=False)
+    if code is not None:
+        assert result.exit_code == code, f"sweeper {' '.join(args)} exited {result.exit_code}:\n{result.output}"
+    return result
+
+
+def storage_of(url: str, grace_period: int = 60):
+    from sweeper import study as studies
+
+    return studies.open_storage(url, heartbeat_interval=1, grace_period=grace_period)
+
+
+def trials_of(url: str, study: str):
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=storage_of(url)).get_trials(deepcopy=False)
+
+
+def assert_cell_run(client, run_id: str, reference: list[dict], resumed_from: int | None = None) -> None:
+    """The cell's MLflow run is FINISHED, has each epoch logged exactly once (in order), a
+    checkpoint artifact, and the same per-epoch numbers as the uninterrupted reference run."""
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED", run.info
+    for metric in ("train_loss", "test_loss", "top1_error", "top5_error"):
+        history = client.get_metric_history(run_id, metric)
+        steps = [m.step for m in history]
+        assert sorted(steps) == list(range(1, len(reference) + 1)), f"{metric}: steps logged {steps}"
+        by_time = [m.step for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
+        assert by_time == sorted(by_time), f"{metric}: logged out of order {by_time}"
+        for m in history:
+            expected = reference[m.step - 1][metric]
+            assert m.value == pytest.approx(expected, abs=1e-6), f"{metric} at epoch {m.step}: {m.value} != {expected}"
+    names = [a.path for a in client.list_artifacts(run_id, "checkpoint")]
+    assert names == ["checkpoint/last.pt"], names
+    if resumed_from is not None:
+        assert run.data.tags.get("sweeper.resumed_from_epoch") == str(resumed_from), run.data.tags
+
+
+class PgOutage:
+    """Make one PostgreSQL database unusable for a while: new connections refused
+    (ALLOW_CONNECTIONS false) and every open one terminated with pg_terminate_backend."""
+
+    def __init__(self, url: str):
+        self.db = url.rsplit("/", 1)[1]
+        self.admin = _pg_admin()
+
+    def terminate(self) -> int:
+        cur = self.admin.cursor()
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()", (self.db,))
+        return cur.fetchone()[0]
+
+    def block(self) -> int:
+        self.admin.cursor().execute(f'ALTER DATABASE "{self.db}" ALLOW_CONNECTIONS false')
+        return self.terminate()
+
+    def unblock(self) -> None:
+        self.admin.cursor().execute(f'ALTER DATABASE "{self.db}" ALLOW_CONNECTIONS true')
+
+    def close(self) -> None:
+        self.unblock()
+        self.admin.close()
+
+
+@pytest.fixture
+def pg_outage(pg_database):
+    outages: list[PgOutage] = []
+
+    def make(url: str) -> PgOutage:
+        outages.append(PgOutage(url))
+        return outages[-1]
+
+    yield make
+    for outage in outages:
+        outage.close()  # before pg_database drops the database

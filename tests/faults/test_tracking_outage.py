@@ -1,0 +1,68 @@
+"""The real `mlflow server` stopped mid-trial, then started again on the same port.
+
+Two workers live through the same outage: one with the default --tracking-outage-limit keeps
+training, buffers its metrics and checkpoint and sends them in order when MLflow is back; the
+other, with a 4 s limit, fails its trial with a clear reason, claims nothing while MLflow is
+down, and the retry resumes from the local checkpoint, logging what MLflow missed.
+"""
+from __future__ import annotations
+
+import signal
+
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import EPOCHS, FAST, assert_cell_run, enqueue, trials_of, write_spec
+
+
+def test_mlflow_outage_buffers_or_fails_past_the_limit_and_nothing_is_lost(tmp_path, sweeper_env, spawn, tracking,
+                                                                           reference):
+    env = {**sweeper_env, "MLFLOW_TRACKING_URI": tracking.url}
+    url = f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db"
+    enqueue(write_spec(tmp_path / "patient.toml", epochs=EPOCHS))
+    enqueue(write_spec(tmp_path / "hasty.toml", epochs=EPOCHS))
+    common = [*FAST, "--grace-period", "60"]
+    patient = spawn("worker", "--study", "patient", *common, env=env, name="patient")
+    hasty = spawn("worker", "--study", "hasty", *common, "--tracking-outage-limit", "4", env=env, name="hasty")
+    patient.wait_for(r"epoch 1/3")
+    hasty.wait_for(r"epoch 1/3")
+
+    tracking.stop()
+    patient.wait_for(r"MLflow is unreachable")
+    hasty.wait_for(r"MLflow is unreachable")
+
+    # Past the limit: the trial fails with the reason and is re-queued; the worker claims
+    # nothing while MLflow is down and exits 1 after waiting the limit once more.
+    assert hasty.wait(120) == 1, hasty.text()
+    log = hasty.text()
+    assert "was unreachable for over 4s (--tracking-outage-limit)" in log
+    assert "Error: cannot reach the MLflow tracking store" in log and "without claiming a trial" in log
+    failed, waiting = trials_of(url, "hasty")
+    assert (failed.state, waiting.state) == (TrialState.FAIL, TrialState.WAITING)
+    assert "unreachable for over 4s" in failed.system_attrs["sweeper.fail_reason"]
+    for epoch, value in failed.intermediate_values.items():  # what Optuna was told stays
+        assert value == reference()[epoch - 1]["top1_error"]
+    assert 1 in failed.intermediate_values
+
+    # Within the limit: training went on while MLflow was down.
+    patient.wait_for(r"epoch 3/3")
+    assert patient.popen.poll() is None  # waiting for MLflow with everything buffered
+
+    tracking.start()
+    patient.wait_for(r"MLflow is reachable again")
+    assert patient.wait(120) == 0, patient.text()
+    (done,) = trials_of(url, "patient")
+    assert done.state == TrialState.COMPLETE and done.value == reference()[-1]["top1_error"]
+    client = MlflowClient(tracking.url)
+    assert_cell_run(client, done.user_attrs["mlflow_run_id"], reference())
+    assert "sweeper.resumed_from_epoch" not in client.get_run(done.user_attrs["mlflow_run_id"]).data.tags
+
+    # The re-queued trial on the same machine resumes from its local checkpoint (newer than the
+    # one MLflow got before the outage) and backfills the epochs MLflow missed, once each.
+    retry = spawn("worker", "--study", "hasty", *common, env=env, name="retry")
+    retry.wait_for(r"resumes after epoch [23] \(local checkpoint\)")
+    assert retry.wait(120) == 0, retry.text()
+    failed, done = trials_of(url, "hasty")
+    assert done.state == TrialState.COMPLETE and done.value == reference()[-1]["top1_error"]
+    resumed = int(client.get_run(done.user_attrs["mlflow_run_id"]).data.tags["sweeper.resumed_from_epoch"])
+    assert_cell_run(client, done.user_attrs["mlflow_run_id"], reference(), resumed_from=resumed)

@@ -1,0 +1,567 @@
+"""Static checks of the container deployment: docker-compose.yml (+ the CPU override), the
+Dockerfiles, .env.example, .dockerignore, the PostgreSQL init script and the Kubernetes Job.
+
+The compose file is read with PyYAML (``safe_load`` resolves the anchors and ``<<`` merge keys
+the file is built from). Then ``docker-compose config`` validates it for real: skipped with a
+reason when no compose binary is installed, unless SWEEPER_REQUIRE_COMPOSE=1 (CI), which turns
+the skip into a failure. Nothing here needs a Docker engine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")  # PyYAML comes with mlflow
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERIGNORE = ROOT / ".dockerignore"
+WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
+MLFLOW_DOCKERFILE = ROOT / "docker" / "mlflow.Dockerfile"
+DASHBOARD_DOCKERFILE = ROOT / "docker" / "dashboard.Dockerfile"
+INIT_DATABASES = ROOT / "docker" / "postgres" / "init-databases.sh"
+K8S_JOB = ROOT / "docker" / "k8s" / "worker-job.yaml"
+
+LONG_RUNNING = ("postgres", "mlflow", "dashboard", "worker")
+PUBLISHED_ON_LOOPBACK = ("mlflow", "mlflow-auth", "dashboard")
+SWEEPER_SERVICES = ("worker", "worker-cpu", "data", "launcher", "report")
+REQUIRE_COMPOSE = os.environ.get("SWEEPER_REQUIRE_COMPOSE") == "1"
+
+# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?msg}, ${VAR?msg}; `$${...}` is an escaped
+# dollar that reaches the container as `${...}` and is not compose's business.
+INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|(^|_)KEY$", re.IGNORECASE)
+URL_USERINFO = re.compile(r"://([^/@\s:]+):([^/@\s]+)@")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def load_compose(path: Path = COMPOSE) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose()
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+def env_example() -> dict[str, str]:
+    """The assignments of .env.example (commented-out lines excluded)."""
+    values = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """What compose makes of a string: defaults applied, `$$` unescaped."""
+    def sub(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        current = env.get(name)
+        if op in (":-", ":?"):
+            missing = not current
+        else:
+            missing = current is None
+        if missing and op in (":-", "-"):
+            return arg
+        if missing and op in (":?", "?"):
+            raise KeyError(f"required variable {name} unset: {arg}")
+        return current or ""
+
+    return INTERPOLATION.sub(sub, value).replace("$$", "$")
+
+
+def strings(node, path=""):
+    """Every (path, string) in a loaded YAML document, keys excluded."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from strings(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from strings(v, f"{path}[{i}]")
+    elif isinstance(node, str):
+        yield path, node
+
+
+def variables_used(path: Path) -> set[str]:
+    return {m.group(1) for _, s in strings(load_compose(path)) for m in INTERPOLATION.finditer(s)}
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def depends_on(service: dict) -> dict[str, dict]:
+    deps = service.get("depends_on") or {}
+    assert isinstance(deps, dict), "depends_on must use the long form with a condition"
+    return deps
+
+
+def port_specs(service: dict) -> list[str]:
+    specs = []
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):  # long syntax
+            specs.append(f"{port.get('host_ip', '')}:{port.get('published', '')}:{port.get('target')}")
+        else:
+            specs.append(str(port))
+    return specs
+
+
+def dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    instructions, pending = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        word, _, args = line.partition(" ")
+        instructions.append((word.upper(), args.strip()))
+    return instructions
+
+
+def exec_form(args: str) -> list[str]:
+    return json.loads(args)
+
+
+def duration_seconds(text: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    total, found = 0.0, False
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text):
+        total += float(number) * units[unit]
+        found = True
+    assert found, f"not a duration: {text!r}"
+    return total
+
+
+# --- the compose file ---------------------------------------------------------------------
+
+def test_long_running_services_have_healthchecks(services):
+    for name in LONG_RUNNING:
+        check = services[name].get("healthcheck")
+        if check is None and name == "worker":  # allowed to come from the image
+            assert any(i == "HEALTHCHECK" for i, _ in dockerfile(WORKER_DOCKERFILE))
+            continue
+        assert check, f"{name} has no healthcheck"
+        assert not check.get("disable"), f"{name}'s healthcheck is disabled"
+        assert check.get("test") and check["test"] != ["NONE"], name
+
+
+def test_worker_healthcheck_is_sweeper_doctor(services):
+    for name in ("worker", "worker-cpu"):
+        assert services[name]["healthcheck"]["test"] == ["CMD", "sweeper", "doctor", "--quiet"]
+    (args,) = [a for i, a in dockerfile(WORKER_DOCKERFILE) if i == "HEALTHCHECK"]
+    assert args.split("CMD", 1)[1].strip() == '["sweeper", "doctor", "--quiet"]'
+
+
+def test_postgres_is_not_published(services):
+    postgres = services["postgres"]
+    assert not postgres.get("ports"), "PostgreSQL must not be published on the host"
+    assert postgres.get("network_mode") != "host"
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+
+
+def test_uis_bind_loopback_only(services):
+    for name in PUBLISHED_ON_LOOPBACK:
+        specs = port_specs(services[name])
+        assert specs, f"{name} publishes nothing"
+        for spec in specs:
+            assert spec.startswith("127.0.0.1:"), f"{name} publishes {spec!r} beyond 127.0.0.1"
+    for name, service in services.items():
+        if name not in PUBLISHED_ON_LOOPBACK:
+            assert not service.get("ports"), f"{name} publishes a port"
+        assert service.get("network_mode") != "host", name
+
+
+def test_worker_scales(services):
+    for name in ("worker", "worker-cpu"):
+        worker = services[name]
+        assert "container_name" not in worker, f"{name}: container_name forbids --scale"
+        assert not worker.get("ports"), f"{name}: host ports forbid --scale"
+        assert worker["restart"] == "unless-stopped"
+        assert worker["command"] == ["worker", "--forever"]
+        assert worker.get("init") is True  # signals reach the worker, children are reaped
+
+
+def test_worker_reserves_all_gpus(services):
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in services["worker-cpu"], "worker-cpu must not reserve GPUs"
+
+
+def test_worker_gets_both_urls_and_a_host_id(services):
+    env = {k: interpolate(v, env_example()) for k, v in environment(services["worker"]).items()}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["SWEEPER_STORAGE"].startswith("postgresql+psycopg2://")
+    assert "@postgres:5432/" in env["SWEEPER_STORAGE"]
+    assert env["SWEEPER_DATA_DIR"] == "/data"
+    assert env["SWEEPER_HOST_ID"], "replicas must share a host id for GPU slots"
+
+
+def test_worker_waits_for_data_and_mounts_it_read_only(services):
+    for name in ("worker", "worker-cpu"):
+        worker = services[name]
+        assert depends_on(worker)["data"] == {"condition": "service_completed_successfully"}
+        data_mounts = [v for v in worker["volumes"] if str(v).startswith("sweeper-data:")]
+        assert data_mounts == ["sweeper-data:/data:ro"], data_mounts
+    data = services["data"]
+    assert data["command"] == ["data", "fetch", "cifar10", "cifar100"]
+    assert data.get("restart", "no") == "no"
+    assert "sweeper-data:/data" in data["volumes"]
+
+
+def test_worker_stop_grace_period_leaves_time_to_checkpoint(services):
+    grace = interpolate(str(services["worker"]["stop_grace_period"]), {})
+    assert duration_seconds(grace) >= 60
+
+
+def test_depends_on_conditions(services):
+    completed = {"data"}
+    for name, service in services.items():
+        for dep, spec in depends_on(service).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            want = "service_completed_successfully" if dep in completed else "service_healthy"
+            assert spec == {"condition": want}, f"{name} -> {dep}: {spec}"
+            if want == "service_healthy":
+                assert services[dep].get("healthcheck"), f"{name} waits for {dep}, which has no healthcheck"
+    for name in ("mlflow", "dashboard"):
+        assert "postgres" in depends_on(services[name])
+    assert set(depends_on(services["worker"])) == {"postgres", "mlflow", "data"}
+
+
+def test_tools_are_behind_a_profile(services):
+    launcher, report = services["launcher"], services["report"]
+    assert launcher["profiles"] == ["tools"]
+    assert launcher["entrypoint"] == ["sweeper"]  # run --rm launcher launch --study NAME
+    assert report["profiles"] == ["tools"]
+    assert report["entrypoint"] == ["sweeper", "report"]  # run --rm report --study NAME
+    for name in ("mlflow-auth", "worker-cpu"):
+        assert services[name].get("profiles"), f"{name} must be opt-in"
+    enabled_by_default = {n for n, s in services.items() if not s.get("profiles")}
+    assert enabled_by_default == {"postgres", "mlflow", "dashboard", "data", "worker"}
+
+
+def test_sweeper_services_share_one_image(services):
+    images = {services[n]["image"] for n in SWEEPER_SERVICES}
+    builds = {json.dumps(services[n]["build"], sort_keys=True) for n in SWEEPER_SERVICES}
+    assert len(images) == 1 and len(builds) == 1
+    assert services["worker"]["build"]["dockerfile"] == "docker/worker.Dockerfile"
+
+
+def test_no_secrets_in_compose_files():
+    for path in (COMPOSE, COMPOSE_CPU):
+        doc = load_compose(path)
+        for name, service in (doc.get("services") or {}).items():
+            for key, value in environment(service).items():
+                if SECRET_KEY.search(key):
+                    assert value == "" or re.fullmatch(r"\$\{[^}]+\}", value), \
+                        f"{path.name}: {name}.{key} is not a ${{...}} interpolation"
+        for where, value in strings(doc):
+            for _, password in URL_USERINFO.findall(value):
+                assert re.fullmatch(r"\$\{[^}]+\}", password), f"{path.name}{where}: literal password in URL"
+        for where, value in strings(doc):
+            if "CHANGE-ME" in value:  # only the auth start script may name the placeholder, to refuse it
+                assert where.startswith(".services.mlflow-auth.entrypoint"), f"{path.name}{where}"
+
+
+def test_only_core_secrets_are_required_by_compose():
+    """A `${VAR:?}` is evaluated for every service, profile or not: the auth profile's secrets
+    must be checked inside its container, or a plain `up` would demand them."""
+    required = {m.group(1) for _, s in strings(load_compose()) for m in INTERPOLATION.finditer(s)
+                if m.group(2) in (":?", "?")}
+    assert required == {"POSTGRES_PASSWORD"}
+    script = " ".join(load_compose()["services"]["mlflow-auth"]["entrypoint"])
+    assert "$${MLFLOW_AUTH_ADMIN_PASSWORD:?" in script
+    assert "$${MLFLOW_FLASK_SERVER_SECRET_KEY:?" in script
+    assert "CHANGE-ME" in script  # the placeholder is refused too
+
+
+def test_mlflow_server_flags(services):
+    env = env_example()
+    for name, host, port in (("mlflow", "mlflow", env["MLFLOW_PORT"]),
+                             ("mlflow-auth", "mlflow-auth", env["MLFLOW_AUTH_PORT"])):
+        args = [interpolate(a, env) for a in services[name]["command"]]
+        assert "--serve-artifacts" in args
+        assert "--artifacts-destination=/mlflow/artifacts" in args
+        assert "--host=0.0.0.0" in args and "--port=5000" in args
+        (hosts,) = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--allowed-hosts=")]
+        assert {host, f"{host}:5000", f"localhost:{port}", f"127.0.0.1:{port}"} <= set(hosts)
+        assert "*" not in hosts and "" not in hosts
+        (origins,) = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--cors-allowed-origins=")]
+        assert "*" not in origins and "" not in origins
+        assert "MLFLOW_BACKEND_STORE_URI" in environment(services[name])
+        assert "/mlflow" in [v.split(":")[1] for v in services[name]["volumes"]]
+    assert "--app-name=basic-auth" in services["mlflow-auth"]["command"]
+    assert not any("app-name" in a for a in services["mlflow"]["command"])
+    assert {"mlflow", "mlflow:5000", "localhost:5000", "127.0.0.1:5000"} <= set(
+        interpolate(next(a for a in services["mlflow"]["command"] if a.startswith("--allowed-hosts=")), {})
+        .split("=", 1)[1].split(","))
+
+
+def test_databases_are_separate(services):
+    env = env_example()
+    storage = interpolate(environment(services["worker"])["SWEEPER_STORAGE"], env)
+    backend = interpolate(environment(services["mlflow"])["MLFLOW_BACKEND_STORE_URI"], env)
+    assert storage.rsplit("/", 1)[1] == env["SWEEPER_OPTUNA_DB"]
+    assert backend.rsplit("/", 1)[1] == env["SWEEPER_MLFLOW_DB"]
+    assert storage.rsplit("/", 1)[1] != backend.rsplit("/", 1)[1]
+    assert interpolate(environment(services["dashboard"])["SWEEPER_STORAGE"], env) == storage
+    postgres = services["postgres"]
+    mounts = [v for v in postgres["volumes"] if "docker-entrypoint-initdb.d" in v]
+    assert mounts == ["./docker/postgres/init-databases.sh:/docker-entrypoint-initdb.d/10-init-databases.sh:ro"]
+    assert {"SWEEPER_OPTUNA_DB", "SWEEPER_MLFLOW_DB"} <= set(environment(postgres))
+    assert any(v.startswith("postgres-data:") for v in postgres["volumes"])
+
+
+def test_named_volumes_declared(compose):
+    assert {"postgres-data", "mlflow-artifacts", "sweeper-data"} <= set(compose["volumes"])
+
+
+def test_header_documents_every_variable():
+    header = "\n".join(line for line in COMPOSE.read_text().splitlines() if line.startswith("#"))
+    for name in variables_used(COMPOSE):
+        assert re.search(rf"^#\s+{name}\s", header, re.MULTILINE), f"{name} is not documented in the header"
+
+
+def test_env_example_covers_every_variable():
+    env = env_example()
+    for path in (COMPOSE, COMPOSE_CPU):
+        missing = variables_used(path) - set(env)
+        assert not missing, f".env.example lacks {sorted(missing)} (used in {path.name})"
+    for key, value in env.items():
+        if SECRET_KEY.search(key):
+            assert value in ("", "CHANGE-ME"), f".env.example: {key} must be a CHANGE-ME placeholder"
+    assert env["POSTGRES_PASSWORD"] == "CHANGE-ME"
+
+
+def test_cpu_override_switches_worker_off():
+    override = load_compose(COMPOSE_CPU)["services"]
+    assert override == {"worker": {"profiles": ["gpu"]}}
+    assert load_compose()["services"]["worker-cpu"]["profiles"] == ["cpu"]
+
+
+# --- Dockerfiles, .dockerignore, init script, Kubernetes ------------------------------------
+
+def test_worker_dockerfile_layers_and_user():
+    steps = dockerfile(WORKER_DOCKERFILE)
+    kinds = [i for i, _ in steps]
+    froms = [a for i, a in steps if i == "FROM"]
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in steps if i == "ARG" and "=" in a}
+    base = froms[0].replace("${BASE_IMAGE}", args.get("BASE_IMAGE", ""))
+    assert re.match(r"pytorch/pytorch:2\.\d+(\.\d+)?-cuda12\.\d+-cudnn9-runtime$", base), base
+
+    def index(kind: str, needle: str) -> int:
+        return next(n for n, (i, a) in enumerate(steps) if i == kind and needle in a)
+
+    first_copy = kinds.index("COPY")
+    assert steps[first_copy][1].split() == ["pyproject.toml", "./"], "pyproject.toml must be copied alone, first"
+    deps = index("RUN", "pip install -c")
+    source = index("COPY", "sweeper/")
+    assert first_copy < deps < source < index("COPY", "experiments/") < index("RUN", "--no-deps")
+    assert "constraints" in steps[deps][1]  # torch stays the base image's
+    users = [a for i, a in steps if i == "USER"]
+    assert users and users[-1] not in ("root", "0", "0:0"), "the worker must run as a non-root USER"
+    assert kinds.index("USER") > index("RUN", "--no-deps")
+    assert exec_form(next(a for i, a in steps if i == "ENTRYPOINT")) == ["sweeper"]
+    assert exec_form(next(a for i, a in steps if i == "CMD")) == ["worker", "--forever"]
+
+
+def test_service_dockerfiles():
+    mlflow = dockerfile(MLFLOW_DOCKERFILE)
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in mlflow if i == "ARG" and "=" in a}
+    (base,) = [a for i, a in mlflow if i == "FROM"]
+    assert base.replace("${MLFLOW_VERSION}", args["MLFLOW_VERSION"]).startswith("ghcr.io/mlflow/mlflow:v3.")
+    installs = " ".join(a for i, a in mlflow if i == "RUN")
+    assert "psycopg2-binary" in installs and "mlflow[auth]" in installs
+    assert "admin_password" not in MLFLOW_DOCKERFILE.read_text().replace("# admin_password", "")
+    dashboard = dockerfile(DASHBOARD_DOCKERFILE)
+    assert "psycopg2-binary" in " ".join(a for i, a in dashboard if i == "RUN")
+    for steps, path in ((mlflow, MLFLOW_DOCKERFILE), (dashboard, DASHBOARD_DOCKERFILE)):
+        users = [a for i, a in steps if i == "USER"]
+        assert users and users[-1] not in ("root", "0"), f"{path.name} runs as root"
+        assert any(i == "HEALTHCHECK" for i, _ in steps), path.name
+
+
+def test_no_install_at_container_start():
+    for path in (WORKER_DOCKERFILE, MLFLOW_DOCKERFILE, DASHBOARD_DOCKERFILE):
+        for kind, args in dockerfile(path):
+            if kind in ("ENTRYPOINT", "CMD"):
+                assert "pip" not in args, f"{path.name}: {kind} installs at start"
+    for name, service in load_compose()["services"].items():
+        for key in ("command", "entrypoint"):
+            value = service.get(key) or []
+            text = value if isinstance(value, str) else " ".join(value)
+            assert "pip install" not in text, f"{name}.{key} installs at start"
+
+
+def test_dockerignore():
+    patterns = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    for needed in (".venv", ".git", ".sweeper", ".pytest_cache", "docs", "mlruns", ".env"):
+        assert needed in patterns, f".dockerignore lacks {needed}"
+    for kept in ("sweeper", "experiments", "pyproject.toml", "README.md"):
+        assert kept not in patterns and f"/{kept}" not in patterns, f".dockerignore drops {kept}"
+
+
+def test_init_databases_script():
+    mode = INIT_DATABASES.stat().st_mode
+    assert mode & stat.S_IXUSR, "init-databases.sh must be executable (else the entrypoint sources it)"
+    text = INIT_DATABASES.read_text()
+    assert text.startswith("#!/bin/bash")
+    assert "SWEEPER_OPTUNA_DB" in text and "SWEEPER_MLFLOW_DB" in text
+    assert "CREATE DATABASE" in text
+    bash = shutil.which("bash")
+    if bash:
+        subprocess.run([bash, "-n", str(INIT_DATABASES)], check=True)
+
+
+def test_kubernetes_job():
+    docs = [d for d in yaml.safe_load_all(K8S_JOB.read_text()) if d]
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    spec = job["spec"]
+    assert spec["parallelism"] >= 1
+    assert spec.get("completions") in (None, spec["parallelism"])
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "OnFailure"
+    (worker,) = pod["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["args"][0] == "worker"
+    from_secret = set()
+    for source in worker.get("envFrom", []):
+        if "secretRef" in source:
+            from_secret |= {"SWEEPER_STORAGE", "MLFLOW_TRACKING_URI"}  # the whole Secret
+    for var in worker.get("env", []):
+        if "secretKeyRef" in (var.get("valueFrom") or {}):
+            from_secret.add(var["name"])
+        assert var["name"] not in ("SWEEPER_STORAGE", "MLFLOW_TRACKING_URI") or "value" not in var
+    assert {"SWEEPER_STORAGE", "MLFLOW_TRACKING_URI"} <= from_secret
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert not any(d["kind"] == "Secret" for d in docs), "credentials belong in a Secret made apart"
+
+
+def test_cli_provides_what_the_containers_run():
+    """The compose file, the Dockerfile and the Job call these commands and options: keep in sync."""
+    click = pytest.importorskip("click")
+    from sweeper.cli import cli
+
+    def command(*path: str):
+        cmd = cli
+        for name in path:
+            assert isinstance(cmd, click.Group) and name in cmd.commands, f"`sweeper {' '.join(path)}` is missing"
+            cmd = cmd.commands[name]
+        return cmd
+
+    def options(cmd) -> set[str]:
+        return {o for p in cmd.params for o in getattr(p, "opts", [])}
+
+    assert "--forever" in options(command("worker"))
+    assert "--quiet" in options(command("doctor"))
+    assert "--study" in options(command("launch"))
+    assert "--study" in options(command("report"))
+    assert "--study" in options(command("status"))
+    fetch = command("data", "fetch")
+    from sweeper.data import DATASETS
+
+    assert {"cifar10", "cifar100"} <= set(DATASETS)
+    assert fetch is not None
+    envvars = {p.envvar for name in ("worker", "launch", "report", "doctor") for p in command(name).params}
+    assert {"SWEEPER_STORAGE", "MLFLOW_TRACKING_URI", "SWEEPER_DATA_DIR", "SWEEPER_WORKERS_PER_GPU",
+            "SWEEPER_DEVICE"} <= envvars
+
+
+# --- docker-compose config ----------------------------------------------------------------
+
+def compose_binaries() -> list[list[str]]:
+    found = []
+    if shutil.which("docker-compose"):
+        found.append(["docker-compose"])
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        found.append([docker, "compose"])
+    return found
+
+
+@pytest.fixture(params=["docker-compose", "docker compose"])
+def compose_cmd(request) -> list[str]:
+    for cmd in compose_binaries():
+        if " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd)) == request.param:
+            return cmd
+    if request.param == "docker compose":
+        pytest.skip("Compose v2 (`docker compose`) is not installed; optional, docker-compose 1.29 is the one required")
+    if REQUIRE_COMPOSE:
+        pytest.fail("docker-compose is required (SWEEPER_REQUIRE_COMPOSE=1) but not on PATH")
+    pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose); "
+                "set SWEEPER_REQUIRE_COMPOSE=1 to fail instead")
+
+
+def run_config(cmd: list[str], files: list[Path], env_file: Path, *extra: str) -> subprocess.CompletedProcess:
+    # Only the temporary env file may supply values: drop the caller's copies of the variables.
+    names = variables_used(COMPOSE) | variables_used(COMPOSE_CPU) | {"COMPOSE_FILE", "COMPOSE_PROFILES"}
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    args = [*cmd, "--env-file", str(env_file), "--project-directory", str(ROOT)]
+    for f in files:
+        args += ["-f", str(f)]
+    return subprocess.run([*args, "config", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def env_file_from_example(tmp_path: Path, drop: tuple[str, ...] = ()) -> Path:
+    lines = [line for line in ENV_EXAMPLE.read_text().splitlines()
+             if line.partition("=")[0].strip() not in drop]
+    path = tmp_path / ".env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_compose_config_validates(compose_cmd, tmp_path):
+    result = run_config(compose_cmd, [COMPOSE], env_file_from_example(tmp_path))
+    assert result.returncode == 0, f"{shlex.join(compose_cmd)} config failed:\n{result.stderr}"
+    config = yaml.safe_load(result.stdout)
+    worker = config["services"]["worker"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert not config["services"]["postgres"].get("ports")
+
+
+def test_compose_config_with_cpu_override_validates(compose_cmd, tmp_path):
+    result = run_config(compose_cmd, [COMPOSE, COMPOSE_CPU], env_file_from_example(tmp_path))
+    assert result.returncode == 0, f"{shlex.join(compose_cmd)} config (cpu) failed:\n{result.stderr}"
+    services = yaml.safe_load(result.stdout)["services"]
+    assert "gpu" in services["worker"]["profiles"]
+    assert "deploy" not in services["worker-cpu"]
+    assert services["worker-cpu"]["profiles"] == ["cpu"]
+
+
+def test_compose_config_needs_no_auth_secrets(compose_cmd, tmp_path):
+    env_file = env_file_from_example(tmp_path, drop=("MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY"))
+    result = run_config(compose_cmd, [COMPOSE], env_file)
+    assert result.returncode == 0, f"a plain `up` must not need the auth profile's secrets:\n{result.stderr}"
+
+
+def test_compose_config_requires_postgres_password(compose_cmd, tmp_path):
+    result = run_config(compose_cmd, [COMPOSE], env_file_from_example(tmp_path, drop=("POSTGRES_PASSWORD",)))
+    assert result.returncode != 0
+    assert "POSTGRES_PASSWORD" in result.stderr

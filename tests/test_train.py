@@ -1,0 +1,515 @@
+"""fit() and what it stands on: learning, reproducibility, resume, stops, recipe, batch loader,
+precision, engine imports, checkpoints and the synthetic data set.
+
+Everything trains short4 on tiny data on the CPU; the few full trainings are module-scoped
+fixtures shared by several tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sweeper import checkpoint
+from sweeper.checkpoint import CheckpointError
+from sweeper.data import BatchLoader, load
+from sweeper.data import synthetic
+from sweeper.data.base import DatasetInfo, Splits
+from sweeper.data.loader import normalize
+from sweeper.models import build_model
+from sweeper.train import (
+    EpochMetrics,
+    Interrupted,
+    NonFiniteLoss,
+    Recipe,
+    cpu_has_fast_bf16,
+    fit,
+    resolve_precision,
+    seed_everything,
+)
+
+TIMING_FIELDS = {"epoch_seconds", "images_per_s"}
+METRIC_FIELDS = [f.name for f in dataclasses.fields(EpochMetrics) if f.name not in TIMING_FIELDS]
+
+# The synthetic reference run (resume, reproducibility, learnability): small enough for seconds.
+SYN_TRAIN, SYN_TEST, SYN_BATCH, SYN_EPOCHS = 128, 64, 16, 3
+
+
+def metrics(history: list[EpochMetrics]) -> list[dict]:
+    return [{k: getattr(m, k) for k in METRIC_FIELDS} for m in history]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_tensors(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+HAS_FAST_BF16 = bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+# --- shared trainings ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_run():
+    data = load("digits")
+    seed_everything(1)
+    model = build_model("short4", data.num_classes, data.in_channels)
+    return fit(model, data, Recipe(epochs=3), device="cpu")  # precision auto
+
+
+@pytest.fixture(scope="module")
+def synthetic_data() -> Splits:
+    return synthetic.load(SYN_TRAIN, SYN_TEST)
+
+
+@pytest.fixture(scope="module")
+def synthetic_runs(synthetic_data, tmp_path_factory):
+    """A: 3 epochs unbroken. B: the same recipe, stopped after epoch 1 with a checkpoint.
+    C: a fresh process-like start (new model, other seed) resumed from B's checkpoint."""
+    recipe = Recipe(epochs=SYN_EPOCHS, batch_size=SYN_BATCH, eval_batch_size=64, seed=7)
+    path = tmp_path_factory.mktemp("resume") / "short4.pt"
+
+    seed_everything(recipe.seed)
+    model_a = build_model("short4", synthetic_data.num_classes)
+    states_a: dict[int, dict] = {}
+    run_a = fit(model_a, synthetic_data, recipe, device="cpu",
+                on_epoch=lambda m, state: states_a.__setitem__(m.epoch, state()))
+
+    seed_everything(recipe.seed)
+    model_b = build_model("short4", synthetic_data.num_classes)
+    states_b: dict[int, dict] = {}
+
+    def stop_after_first(m, state):
+        states_b[m.epoch] = state()
+        checkpoint.save(path, {**state(), "variant": "short4", "dataset": "synthetic"})
+        return True  # "stop"
+
+    run_b = fit(model_b, synthetic_data, recipe, device="cpu", on_epoch=stop_after_first)
+
+    seed_everything(12345)  # different initial weights: everything must come from the checkpoint
+    model_c = build_model("short4", synthetic_data.num_classes)
+    resume = checkpoint.load(path, expect={"variant": "short4"})
+    states_c: dict[int, dict] = {}
+    run_c = fit(model_c, synthetic_data, recipe, device="cpu", resume=resume,
+                on_epoch=lambda m, state: states_c.__setitem__(m.epoch, state()))
+    return dict(a=run_a, b=run_b, c=run_c, states_a=states_a, states_b=states_b, states_c=states_c,
+                resume=resume, path=path)
+
+
+# --- learning --------------------------------------------------------------------------------
+
+
+def test_short4_learns_digits_in_three_epochs(digits_run):
+    history = digits_run.history
+    assert [m.epoch for m in history] == [1, 2, 3]
+    assert digits_run.final.top1_error < 0.1
+    assert 0 <= digits_run.final.top5_error <= digits_run.final.top1_error
+    assert history[-1].train_loss < history[0].train_loss
+    assert [m.lr for m in history] == pytest.approx([1.0, 0.7, 0.49])  # StepLR gamma 0.7 per epoch
+    assert all(m.images_per_s > 0 and m.epoch_seconds > 0 for m in history)
+    assert digits_run.train_seconds == pytest.approx(sum(m.epoch_seconds for m in history))
+
+
+def test_synthetic_is_learnable_well_below_chance(synthetic_runs):
+    run = synthetic_runs["a"]
+    chance = 1 - 1 / synthetic.DEFAULT_CLASSES
+    assert run.final.top1_error < chance / 2, [m.top1_error for m in run.history]
+    assert run.final.train_loss < run.history[0].train_loss
+
+
+# --- reproducibility and resume --------------------------------------------------------------
+
+
+def test_same_seed_device_and_precision_give_identical_metrics(synthetic_runs):
+    a, b = synthetic_runs["a"], synthetic_runs["b"]
+    assert (a.device, a.precision) == (b.device, b.precision)
+    assert len(b.history) == 1  # on_epoch returned True: stopped after epoch 1
+    assert metrics(b.history) == metrics(a.history[:1])
+    # Not only the metrics: weights, optimizer and random streams after epoch 1 are identical.
+    assert_same_tensors(synthetic_runs["states_a"][1], synthetic_runs["states_b"][1])
+
+
+def test_resume_after_epoch_one_matches_an_unbroken_run(synthetic_runs):
+    a, c = synthetic_runs["a"], synthetic_runs["c"]
+    assert synthetic_runs["resume"]["epoch"] == 1
+    assert [m.epoch for m in c.history] == [1, 2, 3]
+    assert sorted(synthetic_runs["states_c"]) == [2, 3]  # only the remaining epochs were trained
+    assert metrics(c.history) == metrics(a.history)
+    assert_same_tensors(synthetic_runs["states_a"][3]["model"], synthetic_runs["states_c"][3]["model"])
+    assert_same_tensors(synthetic_runs["states_a"][3]["optimizer"], synthetic_runs["states_c"][3]["optimizer"])
+
+
+def test_checkpoint_holds_the_full_state_and_loads_without_pickled_code(synthetic_runs):
+    state = synthetic_runs["resume"]
+    assert {"model", "optimizer", "scheduler", "rng", "epoch", "recipe", "history", "format_version"} <= set(state)
+    assert state["recipe"]["seed"] == 7 and state["variant"] == "short4"
+    # checkpoint.load uses weights_only=True; the same file must load that way directly too.
+    torch.load(synthetic_runs["path"], weights_only=True)
+
+
+# --- stopping --------------------------------------------------------------------------------
+
+
+def tiny_digits(train: int = 128, test: int = 64) -> Splits:
+    return load("digits").limit(train, test)
+
+
+def test_absurd_learning_rate_raises_non_finite_loss_naming_epoch_and_step():
+    data = tiny_digits()
+    seed_everything(0)
+    model = build_model("short4", data.num_classes, data.in_channels)
+    recipe = Recipe(epochs=2, batch_size=32, optimizer="sgd", lr=1e30, momentum=0.0)
+    with pytest.raises(NonFiniteLoss) as info:
+        fit(model, data, recipe, device="cpu", precision="fp32")
+    err = info.value
+    assert err.epoch == 1 and 2 <= err.step <= 4  # step 1 is computed before the first update
+    assert f"epoch 1, step {err.step}" in str(err)
+    assert "learning rate" in str(err)
+
+
+def test_model_that_outputs_nan_stops_at_the_exact_step():
+    data = tiny_digits()  # 128 images / 32 per batch = 4 steps per epoch
+    seed_everything(0)
+    model = build_model("short4", data.num_classes, data.in_channels)
+    calls = {"train": 0}
+
+    def poison(module, inputs, output):
+        if module.training:
+            calls["train"] += 1
+            if calls["train"] >= 7:  # epoch 2, step 3
+                return output * float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLoss) as info:
+        fit(model, data, Recipe(epochs=3, batch_size=32), device="cpu")
+    assert (info.value.epoch, info.value.step) == (2, 3)
+    assert "epoch 2, step 3" in str(info.value)
+
+
+def test_should_stop_raises_interrupted_with_the_last_finished_epoch():
+    data = tiny_digits()
+    seed_everything(0)
+    model = build_model("short4", data.num_classes, data.in_channels)
+    asked, finished = [], []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) == 6  # epoch 2, before step 2
+
+    with pytest.raises(Interrupted) as info:
+        fit(model, data, Recipe(epochs=3, batch_size=32), device="cpu",
+            should_stop=should_stop, on_epoch=lambda m, state: finished.append(m.epoch))
+    assert info.value.last_epoch == 1
+    assert finished == [1]
+    assert "after epoch 1" in str(info.value)
+
+    with pytest.raises(Interrupted) as info:
+        fit(model, data, Recipe(epochs=3, batch_size=32), device="cpu", should_stop=lambda: True)
+    assert info.value.last_epoch == 0
+
+
+# --- recipe ----------------------------------------------------------------------------------
+
+
+def test_recipe_defaults_are_the_seed_recipe_and_round_trip():
+    recipe = Recipe()
+    assert (recipe.epochs, recipe.batch_size, recipe.optimizer, recipe.lr, recipe.lr_gamma) == (14, 64, "adadelta", 1.0, 0.7)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert Recipe.from_dict({"lr": 1, "limit_train": None}).lr == 1.0  # an int is a fine float
+
+
+def test_recipe_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError) as info:
+        Recipe.from_dict({"epochz": 3})
+    message = str(info.value)
+    assert "'epochz'" in message and "epochs" in message and "batch_size" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "kind"),
+    [
+        ("epochs", "3", "int"),
+        ("epochs", 2.5, "int"),
+        ("epochs", True, "int"),
+        ("lr", "fast", "float"),
+        ("lr", True, "float"),
+        ("nesterov", 1, "bool"),
+        ("optimizer", 3, "str"),
+        ("limit_train", 1.5, "int"),
+    ],
+)
+def test_recipe_from_dict_rejects_wrong_types(key, value, kind):
+    with pytest.raises(ValueError) as info:
+        Recipe.from_dict({key: value})
+    assert str(info.value) == f"recipe key {key!r} must be {kind}, got {value!r}"
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"optimizer": "rmsprop"}, "choose one of: adadelta, sgd, adamw"),
+        ({"epochs": 0}, "'epochs' must be at least 1"),
+        ({"lr": 0.0}, "'lr' must be positive"),
+    ],
+)
+def test_recipe_from_dict_rejects_bad_values(values, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        Recipe.from_dict(values)
+
+
+# --- batch loader ----------------------------------------------------------------------------
+
+
+def indexed_images(n: int, channels: int = 3, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image i is left-right asymmetric and its top-left pixel is i, so any batch can be traced."""
+    x = torch.zeros(n, channels, size, size, dtype=torch.uint8)
+    x[:, :, :, -1] = 255  # a bright right column: a flip moves it to the left
+    x[:, :, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    return x, torch.arange(n)
+
+
+def test_normalisation_maps_0_to_minus_1_and_255_to_1():
+    out = normalize(torch.tensor([0, 255, 51], dtype=torch.uint8))
+    assert out.dtype == torch.float32
+    assert out[0].item() == -1.0 and out[1].item() == 1.0
+    assert out[2].item() == pytest.approx(-0.6)
+
+
+def test_permutation_covers_every_image_exactly_once_per_epoch():
+    x, y = indexed_images(70)
+    loader = BatchLoader(x, y, 16, shuffle=True, hflip=False, generator=torch.Generator().manual_seed(3))
+    assert len(loader) == 5
+    orders = []
+    for _ in range(2):
+        batches = list(loader)
+        assert [len(yb) for _, yb in batches] == [16, 16, 16, 16, 6]
+        seen = torch.cat([yb for _, yb in batches])
+        assert sorted(seen.tolist()) == list(range(70))
+        for xb, yb in batches:  # images stay with their labels
+            assert torch.equal(xb[:, 0, 0, 0], normalize(yb.to(torch.uint8)))
+        orders.append(seen.tolist())
+    assert orders[0] != orders[1] and orders[0] != list(range(70))  # a new permutation each epoch
+    again = BatchLoader(x, y, 16, shuffle=True, hflip=False, generator=torch.Generator().manual_seed(3))
+    assert torch.cat([yb for _, yb in again]).tolist() == orders[0]  # seeded: reproducible
+
+
+def test_unshuffled_unflipped_batches_are_the_normalised_images_in_order():
+    x, y = indexed_images(10)
+    batches = list(BatchLoader(x, y, 4, shuffle=False, hflip=False))
+    assert torch.equal(torch.cat([xb for xb, _ in batches]), normalize(x))
+    assert torch.equal(torch.cat([yb for _, yb in batches]), y)
+
+
+def test_flips_are_whole_images_and_about_half():
+    x, y = indexed_images(200)
+    x = x.clone()
+    x[:, :, 0, 0] = 7  # index lives in the label only; pixel 0,0 must not vary
+    flipped = 0
+    for xb, yb in BatchLoader(x, y, 64, shuffle=True, hflip=True, generator=torch.Generator().manual_seed(0)):
+        plain, mirrored = normalize(x[yb]), normalize(x[yb]).flip(3)
+        is_plain = (xb == plain).flatten(1).all(1)
+        is_mirrored = (xb == mirrored).flatten(1).all(1)
+        assert bool((is_plain ^ is_mirrored).all())
+        flipped += int(is_mirrored.sum())
+    assert 60 < flipped < 140
+
+
+def test_channels_last_when_asked():
+    x, y = indexed_images(8)
+    xb, _ = next(iter(BatchLoader(x, y, 8, shuffle=False, hflip=True, channels_last=True, generator=torch.Generator())))
+    assert xb.is_contiguous(memory_format=torch.channels_last) and not xb.is_contiguous()
+    xb, _ = next(iter(BatchLoader(x, y, 8, shuffle=False, hflip=True, generator=torch.Generator())))
+    assert xb.is_contiguous()
+
+
+class Recorder(nn.Module):
+    """A tiny classifier that keeps every input it sees, with the mode it was in."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(in_channels, num_classes)
+        self.seen: list[tuple[bool, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((self.training, x.detach().clone()))
+        return self.linear(x.float().mean((2, 3)))
+
+
+def asymmetric_splits(hflip: bool) -> Splits:
+    x, y = indexed_images(64)
+    y = y % 10
+    info = DatasetInfo("asym", 10, (3, 4, 4), hflip=hflip, description="test")
+    return Splits(info, x, y, x.clone(), y.clone())
+
+
+@pytest.mark.parametrize("hflip", [True, False])
+def test_fit_flips_only_training_images_and_only_where_the_dataset_allows(hflip):
+    data = asymmetric_splits(hflip)
+    model = Recorder(3, 10)
+    fit(model, data, Recipe(epochs=2, batch_size=16, eval_batch_size=32), device="cpu", precision="fp32")
+    train = torch.cat([x for training, x in model.seen if training])
+    test = torch.cat([x for training, x in model.seen if not training])
+    right_bright = train[:, 0, 1, -1] == 1.0  # row 1 (row 0 holds the index): unflipped images
+    assert len(train) == 2 * 64
+    if hflip:
+        assert 0 < int((~right_bright).sum()) < len(train)
+    else:
+        assert bool(right_bright.all())
+    # The test split is never augmented: exactly the normalised images, in order, every epoch.
+    assert torch.equal(test, torch.cat([normalize(data.test_x)] * 2))
+
+
+@pytest.mark.skipif(not HAS_FAST_BF16, reason="this CPU has neither amx_bf16 nor avx512_bf16 in /proc/cpuinfo")
+def test_precision_auto_is_bf16_with_channels_last_on_this_cpu(digits_run):
+    assert cpu_has_fast_bf16()
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert digits_run.precision == "bf16" and digits_run.device == "cpu"
+    model = Recorder(3, 10)
+    fit(model, asymmetric_splits(True), Recipe(epochs=1, batch_size=16), device="cpu")
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for _, x in model.seen)
+
+
+def test_fp32_is_selectable():
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    model = Recorder(3, 10)
+    result = fit(model, asymmetric_splits(True), Recipe(epochs=1, batch_size=16), device="cpu", precision="fp32")
+    assert result.precision == "fp32"
+    assert all(x.is_contiguous() for _, x in model.seen)
+    with pytest.raises(ValueError, match="choose one of: auto, fp32, bf16"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+# --- layering --------------------------------------------------------------------------------
+
+
+def test_engine_modules_import_neither_optuna_nor_mlflow():
+    code = textwrap.dedent("""
+        import sys
+        import sweeper.models, sweeper.data, sweeper.train, sweeper.checkpoint
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("optuna", "mlflow"))
+        print(heavy)
+        sys.exit(1 if heavy else 0)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def small_state(size: int = 10) -> dict:
+    return {"model": {"w": torch.arange(size, dtype=torch.float32)}, "epoch": 1, "variant": "short4"}
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "run" / "ckpt.pt"
+    checkpoint.save(path, small_state())
+    checkpoint.save(path, {**small_state(20), "epoch": 2})  # replaces the first
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]
+    state = checkpoint.load(path)
+    assert state["epoch"] == 2 and state["format_version"] == checkpoint.FORMAT_VERSION
+    assert torch.equal(state["model"]["w"], torch.arange(20, dtype=torch.float32))
+
+
+def test_truncated_checkpoint_names_the_path(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, small_state(1000))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    assert str(path) in str(info.value)
+    assert "delete it" in str(info.value)
+
+
+def test_missing_and_foreign_files_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load(tmp_path / "nope.pt")
+    foreign = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a sweeper checkpoint"):
+        checkpoint.load(foreign)
+
+
+def test_checkpoint_of_another_variant_is_refused(tmp_path):
+    path = checkpoint.save(tmp_path / "ckpt.pt", small_state())
+    assert checkpoint.load(path, expect={"variant": "short4"})["variant"] == "short4"
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path, expect={"variant": "standard"})
+    message = str(info.value)
+    assert str(path) in message and "'short4'" in message and "'standard'" in message
+
+
+def test_newer_format_version_is_refused_with_an_upgrade_hint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({**small_state(), "format_version": checkpoint.FORMAT_VERSION + 1}, path)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    message = str(info.value)
+    assert str(path) in message and "newer" in message and "upgrade" in message
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(where: Path, size: str = "64k"):
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs to fill the disk needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"sweeper-test-{uuid.uuid4().hex[:8]}", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False, capture_output=True)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    with tiny_tmpfs(tmp_path / "disk") as disk:
+        path = disk / "ckpt.pt"
+        checkpoint.save(path, small_state())  # a few KB: fits
+        with pytest.raises(CheckpointError) as info:
+            checkpoint.save(path, {**small_state(100_000), "epoch": 2})  # 400 KB: does not
+        assert str(path) in str(info.value) and "previous checkpoint is kept" in str(info.value)
+        assert [p.name for p in disk.iterdir()] == ["ckpt.pt"]  # the temp file was removed
+        state = checkpoint.load(path)
+        assert state["epoch"] == 1 and torch.equal(state["model"]["w"], small_state()["model"]["w"])
+
+
+# --- synthetic data --------------------------------------------------------------------------
+
+
+def test_synthetic_data_is_deterministic_from_its_seed():
+    a, b, other = synthetic.load(64, 16, seed=0), synthetic.load(64, 16, seed=0), synthetic.load(64, 16, seed=1)
+    for field in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    assert not torch.equal(a.train_x, other.train_x)
+    assert a.train_x.dtype == torch.uint8 and a.train_x.shape == (64, 3, 32, 32)
+    assert a.train_y.dtype == torch.int64 and set(a.train_y.tolist()) <= set(range(10))
+    assert len(set(a.train_y.tolist())) > 5  # many classes, not one
+    assert a.info.hflip and a.info.name == "synthetic"
