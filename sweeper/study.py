@@ -117,9 +117,16 @@ def _schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
 
 
 def _root_cause(e: BaseException) -> str:
-    while e.__cause__ is not None or e.__context__ is not None:
+    """The first line of the innermost exception that says something (a driver's message)."""
+    chain = []
+    while e is not None and len(chain) < 20:
+        chain.append(e)
         e = e.__cause__ or e.__context__
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    for err in reversed(chain):
+        text = str(err).strip()
+        if text and text not in ("()", "None"):
+            return text.splitlines()[0]
+    return type(chain[-1]).__name__
 
 
 def _serialize_sqlite_writes(storage: RDBStorage) -> None:
@@ -396,8 +403,9 @@ class Heartbeat:
     database error is logged and retried, so a blip shorter than the grace period does not kill
     a live trial."""
 
-    def __init__(self, storage: RDBStorage, trial_id: int, interval: float):
+    def __init__(self, storage: RDBStorage, trial_id: int, interval: float, label: str | None = None):
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.label = label or f"trial id {trial_id}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
 
@@ -418,7 +426,7 @@ class Heartbeat:
         try:
             self.storage.record_heartbeat(self.trial_id)
         except Exception as e:
-            log.warning("heartbeat for trial %s failed (%s); retrying", self.trial_id, redact(_root_cause(e)))
+            log.warning("heartbeat for %s failed (%s); retrying", self.label, redact(_root_cause(e)))
 
 
 # --- queue queries ---------------------------------------------------------------------------

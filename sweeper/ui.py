@@ -2,7 +2,7 @@
 
 Each server runs in its own process group (its own session), so Ctrl-C in the terminal reaches
 `sweeper ui` alone, which then stops each group as a whole (the MLflow server's uvicorn workers
-included): SIGTERM, then SIGKILL for whatever is left after a few seconds. No process outlives
+included): SIGTERM to all at once, then SIGKILL for whatever is left after a few seconds. No process outlives
 the command. When the tracking URI is already a server (http...), only its URL is printed.
 
     >>> serve("quickstart", None, None, port=5000, dashboard_port=8080)   # doctest: +SKIP
@@ -34,7 +34,7 @@ from sweeper.errors import SweeperError, redact
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 90.0  # seconds for both servers to answer HTTP (MLflow's first start migrates its DB)
-STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL for a server's process group
+STOP_TIMEOUT = 8.0  # seconds between SIGTERM and SIGKILL for the servers' process groups
 
 
 @dataclass
@@ -68,24 +68,30 @@ class Server:
             return ""
         return "\n".join(text.strip().splitlines()[-lines:])
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM the whole group, wait, SIGKILL what is left; reap the leader."""
-        if self.proc is None:
-            return
-        pgid = self.pgid
-        _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _group_alive(pgid, self.proc):
-            time.sleep(0.1)
-        if _group_alive(pgid, self.proc):
-            _signal_group(pgid, signal.SIGKILL)
-            end = time.monotonic() + 5
-            while time.monotonic() < end and _group_alive(pgid, self.proc):
-                time.sleep(0.05)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
+    def close_log(self) -> None:
         if self._log is not None:
             self._log.close()
+            self._log = None
+
+
+def stop_all(servers: list[Server], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM every server's process group at once, wait, SIGKILL whatever is left, reap."""
+    started = [s for s in servers if s.proc is not None]
+    for server in started:
+        _signal_group(server.pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_group_alive(s.pgid, s.proc) for s in started):
+        time.sleep(0.1)
+    for server in started:
+        if _group_alive(server.pgid, server.proc):
+            _signal_group(server.pgid, signal.SIGKILL)
+    end = time.monotonic() + 5
+    while time.monotonic() < end and any(_group_alive(s.pgid, s.proc) for s in started):
+        time.sleep(0.05)
+    for server in started:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.proc.wait(timeout=1)
+        server.close_log()
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -241,7 +247,9 @@ def serve(study_name: str, storage: str | None, tracking_uri: str | None, port: 
         raise SweeperError("--port and --dashboard-port must differ")
 
     base = uri.rstrip("/") if remote else f"http://{HOST}:{port}"
-    mlflow_url = f"{base}/#/experiments/{experiment.experiment_id}" if experiment else f"{base}/"
+    # The runs table in the "Model training" view (MLflow 3 opens new experiments on a GenAI overview).
+    mlflow_url = (f"{base}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+                  if experiment else f"{base}/")
     dashboard_url = f"http://{HOST}:{dashboard_port}/dashboard/studies/{study_id}"
     log_dir = settings.home() / "logs"
     servers = []
@@ -275,8 +283,7 @@ def serve(study_name: str, storage: str | None, tracking_uri: str | None, port: 
     except KeyboardInterrupt:
         pass
     finally:
-        for server in reversed(servers):
-            server.stop()
+        stop_all(servers)
         _restore_signal_handlers(previous)
     _note("stopped")
 

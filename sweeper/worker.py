@@ -206,13 +206,15 @@ class TrialRun:
 
     def _db(self, fn, *args, **kwargs):
         """A storage call that survives a database blip shorter than the grace period."""
-        return studies.retry_db(fn, *args, within=self.config.grace_period, what=f"trial {self.trial_id}: "
-                                f"{getattr(fn, '__name__', 'storage call')}", **kwargs)
+        trial = getattr(self, "trial", None)
+        label = f"trial {trial.number}" if trial is not None else f"trial id {self.trial_id}"
+        return studies.retry_db(fn, *args, within=self.config.grace_period,
+                                what=f"{label}: {getattr(fn, '__name__', 'storage call')}", **kwargs)
 
     def run(self) -> None:
         number = self.trial.number
         log.info("trial %d: %s claimed", number, self.key)
-        with studies.Heartbeat(self.storage, self.trial_id, self.config.heartbeat_interval):
+        with studies.Heartbeat(self.storage, self.trial_id, self.config.heartbeat_interval, label=f"trial {number}"):
             try:
                 self._run()
             except TrialLost as e:

@@ -112,3 +112,26 @@ def test_three_workers_on_postgres(sweeper_env, tmp_path, pg_database):
     assert document["counts"] == {"WAITING": 0, "RUNNING": 0, "COMPLETE": 3, "PRUNED": 0, "FAIL": 0}
     assert {t["cell"] for t in document["trials"]} == keys
     assert all(t["epoch"] == 2 and t["epochs"] == 2 and t["host"] for t in document["trials"])
+
+
+def test_ctrl_c_stops_local_workers_and_says_how_to_resume(sweeper_env, tmp_path):
+    import re
+    import signal
+    import time
+
+    spec = write_spec(tmp_path / "stop.toml", variants=("short4",), epochs=30, limit_train=256, limit_test=64)
+    launcher = subprocess.Popen([sys.executable, "-m", "sweeper", "launch", "--study", str(spec), "--workers", "1"],
+                                env=sweeper_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "home" / "logs" / "worker-1.log"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and re.search(r"epoch 1/30", log.read_text())):
+        assert time.monotonic() < deadline and launcher.poll() is None, "the worker never finished an epoch"
+        time.sleep(0.5)
+    launcher.send_signal(signal.SIGINT)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130
+    assert "sweeper launch --study stop --workers 1" in err, err
+    assert "Traceback" not in err
+    trials = optuna.load_study(study_name="stop", storage=f"sqlite:///{tmp_path / 'home' / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"], "the stopped trial is re-queued at once"
+    assert trials[1].system_attrs["retry_history"] == [0]

@@ -7,6 +7,7 @@ fixtures shared by several tests.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import subprocess
@@ -97,14 +98,14 @@ def synthetic_runs(synthetic_data, tmp_path_factory):
     model_a = build_model("short4", synthetic_data.num_classes)
     states_a: dict[int, dict] = {}
     run_a = fit(model_a, synthetic_data, recipe, device="cpu",
-                on_epoch=lambda m, state: states_a.__setitem__(m.epoch, state()))
+                on_epoch=lambda m, state: states_a.__setitem__(m.epoch, copy.deepcopy(state())))
 
     seed_everything(recipe.seed)
     model_b = build_model("short4", synthetic_data.num_classes)
     states_b: dict[int, dict] = {}
 
     def stop_after_first(m, state):
-        states_b[m.epoch] = state()
+        states_b[m.epoch] = copy.deepcopy(state())  # on the CPU, state() shares the live tensors
         checkpoint.save(path, {**state(), "variant": "short4", "dataset": "synthetic"})
         return True  # "stop"
 
@@ -115,7 +116,7 @@ def synthetic_runs(synthetic_data, tmp_path_factory):
     resume = checkpoint.load(path, expect={"variant": "short4"})
     states_c: dict[int, dict] = {}
     run_c = fit(model_c, synthetic_data, recipe, device="cpu", resume=resume,
-                on_epoch=lambda m, state: states_c.__setitem__(m.epoch, state()))
+                on_epoch=lambda m, state: states_c.__setitem__(m.epoch, copy.deepcopy(state())))
     return dict(a=run_a, b=run_b, c=run_c, states_a=states_a, states_b=states_b, states_c=states_c,
                 resume=resume, path=path)
 
@@ -289,7 +290,7 @@ def indexed_images(n: int, channels: int = 3, size: int = 4) -> tuple[torch.Tens
     """Image i is left-right asymmetric and its top-left pixel is i, so any batch can be traced."""
     x = torch.zeros(n, channels, size, size, dtype=torch.uint8)
     x[:, :, :, -1] = 255  # a bright right column: a flip moves it to the left
-    x[:, :, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    x[:, :, 0, 0] = torch.arange(n, dtype=torch.uint8)[:, None]
     return x, torch.arange(n)
 
 

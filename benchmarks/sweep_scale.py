@@ -1,0 +1,847 @@
+"""How the sweep layer scales: enqueue, many workers, per-trial orchestration overhead.
+
+    python benchmarks/sweep_scale.py                      # all parts, a few lines for people
+    python benchmarks/sweep_scale.py --part a --json      # one JSON document on stdout
+    python benchmarks/sweep_scale.py --part b --workers 1,4,16,32 --backends sqlite,postgresql
+
+(a) ``sweeper.study.launch`` of a 1,000-cell grid (``seed = list(range(1000))``) and its
+    re-launch, on SQLite and PostgreSQL, next to Optuna's ``study.enqueue_trial(params,
+    skip_if_exists=True)`` on the same storage (quadratic: run on ``--baseline-cells`` cells, 300
+    by default, and projected to the full grid from a fit t(n) = a*n + b*n^2). Also the time of
+    one ``claim`` with the whole grid waiting.
+(b) W worker processes running ``sweeper.worker.run`` (real WorkerConfig, real Optuna storage,
+    real MLflow tracking) whose training is a fixed sleep: ``sweeper.worker.fit`` is replaced by
+    a function with fit's signature that sleeps per epoch and calls ``on_epoch``, and
+    ``sweeper.models.build_model``/``count_macs`` by tiny stand-ins. The workers are forked from
+    one process that imported torch, mlflow and optuna once (a fresh interpreter per worker costs
+    ~650 MB RSS and ~10 s of CPU here; forked, they share those pages). Trials per minute from
+    the go signal to the last completion ("end to end") and from each worker's cycle time once
+    running ("steady"), efficiency against W x one worker's rate, and every error in the
+    workers' output.
+(c) per-trial orchestration overhead, trivial model, no training, 14 epochs: sweeper's worker vs
+    ``study.optimize`` with ``optuna_integration.MLflowCallback`` (an objective that reports 14
+    values), both on SQLite with an MLflow SQLite store; rounds alternate, medians reported,
+    and one extra round of each under cProfile shows where the time goes.
+
+PostgreSQL: ``$SWEEPER_TEST_PG`` (default postgresql://postgres@127.0.0.1:5432/postgres) is
+used to create and drop throwaway databases. Everything else lives in a temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+SCRIPT = Path(__file__).resolve()
+sys.path.insert(0, str(SCRIPT.parent.parent))  # run from a checkout without installing
+
+PG_ADMIN_URL = os.environ.get("SWEEPER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+ERROR_PATTERNS = {
+    "database_is_locked": "database is locked",
+    "traceback": "Traceback",
+    "error_lines": " ERROR ",
+    "warning_lines": " WARNING ",
+    "operational_error": "OperationalError",
+    "deadlock": "deadlock",
+}
+
+
+def log(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+# --- databases ---------------------------------------------------------------------------------
+
+class Databases:
+    """Fresh SQLite files and PostgreSQL databases; the PostgreSQL ones are dropped at close()."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.pg_created: list[str] = []
+
+    def new(self, kind: str, tag: str) -> str:
+        if kind == "sqlite":
+            path = self.root / f"{tag}-{uuid.uuid4().hex[:6]}.db"
+            return f"sqlite:///{path}"
+        if kind == "postgresql":
+            name = f"sweeper_bench_{tag.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+            conn = self._admin()
+            conn.cursor().execute(f'CREATE DATABASE "{name}"')
+            conn.close()
+            self.pg_created.append(name)
+            return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        raise ValueError(f"unknown backend {kind!r}; choose sqlite or postgresql")
+
+    @staticmethod
+    def _admin():
+        import psycopg2
+
+        conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=5)
+        conn.autocommit = True
+        return conn
+
+    @classmethod
+    def postgres_reachable(cls) -> str | None:
+        try:
+            cls._admin().close()
+            return None
+        except Exception as e:  # noqa: BLE001
+            return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+    def close(self) -> None:
+        if not self.pg_created:
+            return
+        conn = self._admin()
+        for name in self.pg_created:
+            conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+        self.pg_created.clear()
+
+
+def grid_spec(name: str, cells: int, epochs: int = 2, **train: Any):
+    from sweeper import spec
+
+    return spec.parse({"description": "sweep_scale benchmark",
+                       "grid": {"variant": ["standard"], "dataset": ["synthetic"], "seed": list(range(cells))},
+                       "train": {"epochs": epochs, **train}}, name=name)
+
+
+def dispose(storage) -> None:
+    with contextlib.suppress(Exception):
+        storage.engine.dispose()
+
+
+# --- (a) enqueue ---------------------------------------------------------------------------------
+
+def fit_quadratic(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least squares t = a*n + b*n^2 through the origin; returns (a, b)."""
+    s11 = sum(n * n for n, _ in points)
+    s12 = sum(n ** 3 for n, _ in points)
+    s22 = sum(n ** 4 for n, _ in points)
+    r1 = sum(n * t for n, t in points)
+    r2 = sum(n * n * t for n, t in points)
+    det = s11 * s22 - s12 * s12
+    if det == 0:
+        return (points[-1][1] / points[-1][0] if points else 0.0), 0.0
+    return (r1 * s22 - r2 * s12) / det, (s11 * r2 - s12 * r1) / det
+
+
+def part_a(dbs: Databases, backend: str, cells: int, baseline_cells: int, repeats: int) -> dict[str, Any]:
+    import optuna
+
+    from sweeper import study as studies
+
+    out: dict[str, Any] = {"backend": backend, "cells": cells, "baseline_cells": baseline_cells}
+    runs = []
+    for r in range(repeats):
+        url = dbs.new(backend, f"a{r}")
+        t0 = time.perf_counter()
+        storage = studies.open_storage(url)
+        t_open = time.perf_counter() - t0
+        spec = grid_spec("scale-a", cells)
+        t0 = time.perf_counter()
+        first = studies.launch(storage, spec)
+        t_launch = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        again = studies.launch(storage, spec)
+        t_relaunch = time.perf_counter() - t0
+        trials = storage.get_all_trials(first.study._study_id, deepcopy=False)
+        keys = {t.user_attrs.get(studies.KEY_ATTR) for t in trials}
+        assert first.added == cells and again.added == 0 and again.existing == cells, (first.added, again.added)
+        assert len(trials) == cells and len(keys) == cells, "one WAITING trial per cell"
+        assert [t.number for t in trials] == list(range(cells)), "trials numbered as Optuna numbers them"
+        t0 = time.perf_counter()
+        claimed = studies.claim(first.study)
+        t_claim = time.perf_counter() - t0
+        assert claimed is not None
+        runs.append({"open_storage_s": t_open, "launch_s": t_launch, "relaunch_s": t_relaunch,
+                     "claim_with_all_waiting_s": t_claim})
+        dispose(storage)
+        log(f"  (a) {backend} sweeper run {r + 1}: launch {t_launch:.2f}s, re-launch {t_relaunch:.2f}s, "
+            f"claim {t_claim * 1000:.0f}ms (open_storage {t_open:.2f}s)")
+    for k in runs[0]:
+        out[f"sweeper_{k}"] = statistics.median(x[k] for x in runs)
+    out["sweeper_runs"] = runs
+
+    # Baseline: the public API, one trial at a time, each checking every existing trial.
+    url = dbs.new(backend, "abase")
+    storage = studies.open_storage(url)
+    spec = grid_spec("scale-a-baseline", baseline_cells)
+    study = optuna.create_study(study_name=spec.name, storage=storage)
+    cum, marks = [], max(1, baseline_cells // 6)
+    t0 = time.perf_counter()
+    for i, cell in enumerate(spec.cells, start=1):
+        study.enqueue_trial({"variant": cell.variant, "dataset": cell.dataset, "seed": cell.seed}, skip_if_exists=True)
+        if i % marks == 0 or i == baseline_cells:
+            cum.append((i, time.perf_counter() - t0))
+    t_base = cum[-1][1]
+    t0 = time.perf_counter()
+    for cell in spec.cells:
+        study.enqueue_trial({"variant": cell.variant, "dataset": cell.dataset, "seed": cell.seed}, skip_if_exists=True)
+    t_base_re = time.perf_counter() - t0
+    assert len(study.get_trials(deepcopy=False)) == baseline_cells
+    dispose(storage)
+    a, b = fit_quadratic(cum)
+    out.update({
+        "baseline_enqueue_s": t_base,
+        "baseline_relaunch_s": t_base_re,
+        "baseline_enqueue_cumulative": cum,
+        "baseline_fit_a_s_per_cell": a,
+        "baseline_fit_b_s_per_cell2": b,
+        "baseline_projected_enqueue_s": a * cells + b * cells ** 2,
+    })
+    # Re-enqueueing n cells: n calls that each read all n trials. The per-trial read cost is the
+    # fit's marginal 2*b per call; the rest of a call's cost is what the measured re-enqueue adds.
+    per_call = t_base_re / baseline_cells
+    read_cost = max(0.0, 2 * b)
+    fixed = max(0.0, per_call - read_cost * baseline_cells)
+    out["baseline_projected_relaunch_s"] = cells * (fixed + read_cost * cells)
+    same_n_sweeper = out["sweeper_launch_s"] * baseline_cells / cells
+    out["speedup_enqueue_per_cell"] = (t_base / baseline_cells) / (out["sweeper_launch_s"] / cells)
+    out["speedup_enqueue_projected_full_grid"] = out["baseline_projected_enqueue_s"] / out["sweeper_launch_s"]
+    out["speedup_relaunch_projected_full_grid"] = out["baseline_projected_relaunch_s"] / out["sweeper_relaunch_s"]
+    out["targets"] = {"enqueue_lt_10s": out["sweeper_launch_s"] < 10, "relaunch_lt_5s": out["sweeper_relaunch_s"] < 5}
+    log(f"  (a) {backend} baseline enqueue_trial(skip_if_exists=True): {baseline_cells} cells {t_base:.2f}s "
+        f"(sweeper, pro rata: {same_n_sweeper:.2f}s), re-enqueue {t_base_re:.2f}s; projected to {cells}: "
+        f"{out['baseline_projected_enqueue_s']:.0f}s / {out['baseline_projected_relaunch_s']:.0f}s")
+    return out
+
+
+# --- the stand-ins for training (parts b and c) --------------------------------------------------
+
+EPOCH_SLEEP = 0.0  # seconds per epoch of the fake fit
+
+
+def install_standins(epoch_sleep: float) -> None:
+    """Replace training (and only training) in this process: fit sleeps, the model is tiny."""
+    global EPOCH_SLEEP
+    import sweeper.models
+    import sweeper.worker
+
+    EPOCH_SLEEP = epoch_sleep
+    sweeper.worker.fit = sleep_fit
+    sweeper.models.build_model = tiny_model
+    sweeper.models.count_macs = lambda model, shape: 1000
+    sweeper.models.count_params = lambda model: sum(p.numel() for p in model.parameters())
+
+
+def tiny_model(variant: str, num_classes: int, in_channels: int = 3):
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, num_classes)
+
+        def forward(self, x):
+            return self.linear(x.flatten(1)[:, :4].float())
+
+    return Tiny()
+
+
+def sleep_fit(model, data, recipe=None, *, device="auto", precision="auto", compile=False, resume=None,
+              on_epoch=None, should_stop=None, on_step=None):
+    """fit()'s signature and callbacks, with each epoch's training replaced by a fixed sleep."""
+    from dataclasses import asdict
+
+    import torch
+
+    from sweeper.train import EpochMetrics, FitResult, Interrupted, Recipe
+
+    recipe = recipe or Recipe()
+    history = [EpochMetrics(**m) for m in resume["history"]] if resume else []
+    n = len(data.train_y)
+    for epoch in range(len(history) + 1, recipe.epochs + 1):
+        if should_stop is not None and should_stop():
+            raise Interrupted(epoch - 1)
+        started = time.perf_counter()
+        if EPOCH_SLEEP:
+            time.sleep(EPOCH_SLEEP)
+        seconds = max(time.perf_counter() - started, 1e-6)
+        metrics = EpochMetrics(epoch=epoch, train_loss=2.0 / epoch, test_loss=2.1 / epoch, top1_error=0.9 / epoch,
+                               top5_error=0.5 / epoch, lr=recipe.lr * recipe.lr_gamma ** (epoch - 1),
+                               epoch_seconds=seconds, images_per_s=n / seconds)
+        history.append(metrics)
+
+        def state(history=list(history)):
+            return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "epoch": len(history), "recipe": recipe.to_dict(), "history": [asdict(m) for m in history],
+                    "rng": {"torch": torch.get_rng_state()}}
+
+        if on_epoch is not None and on_epoch(metrics, state):
+            break
+    return FitResult(history=history, device="cpu", precision="fp32")
+
+
+# --- (b) many worker processes --------------------------------------------------------------------
+
+def pool_main(cfg_path: str) -> None:
+    """One process per (backend, W): import everything once, fork W workers, start them together."""
+    import logging
+    import signal
+
+    cfg = json.loads(Path(cfg_path).read_text())
+    import torch
+
+    torch.set_num_threads(1)
+    import mlflow  # noqa: F401  (loaded once, shared by the forked workers)
+    import optuna  # noqa: F401
+    import sqlalchemy  # noqa: F401
+
+    import sweeper.models  # noqa: F401
+    import sweeper.worker
+
+    with contextlib.suppress(ImportError):
+        import psycopg2  # noqa: F401
+    sweeper.worker.load_data("synthetic", None)  # the 2,000-image synthetic set, shared too
+    rundir = Path(cfg["rundir"])
+    go_file = rundir / "go"
+    pool_rss = _mem(os.getpid())
+    pids: dict[int, int] = {}
+    for i in range(cfg["workers"]):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                fd = os.open(rundir / f"worker-{i}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                sys.stdout = os.fdopen(1, "w", buffering=1)
+                sys.stderr = os.fdopen(2, "w", buffering=1)
+                logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                code = worker_child(cfg, i, go_file, rundir)
+            except BaseException:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids[pid] = i
+    deadline = time.time() + cfg["ready_timeout"]
+    while sum(1 for i in range(cfg["workers"]) if (rundir / f"ready-{i}").exists()) < cfg["workers"]:
+        if time.time() > deadline or any(os.waitpid(p, os.WNOHANG)[0] for p in list(pids)):
+            break
+        time.sleep(0.05)
+    go = time.time()
+    go_file.write_text(repr(go))
+    exits: dict[int, dict[str, Any]] = {}
+    peak = {"rss_mb": 0.0, "pss_mb": 0.0}
+    per_worker_peak: dict[int, dict[str, float]] = {}
+    deadline = go + cfg["run_timeout"]
+    timed_out = False
+    while len(exits) < len(pids):
+        while True:
+            try:
+                pid, status, ru = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid == 0:
+                break
+            exits[pids[pid]] = {"status": os.waitstatus_to_exitcode(status), "cpu_s": ru.ru_utime + ru.ru_stime,
+                                "maxrss_mb": ru.ru_maxrss / 1024, "exited_at": time.time()}
+        total_rss = total_pss = 0.0
+        for pid, i in pids.items():
+            if i in exits:
+                continue
+            m = _mem(pid)
+            if m:
+                total_rss += m["rss_mb"]
+                total_pss += m["pss_mb"]
+                p = per_worker_peak.setdefault(i, {"rss_mb": 0.0, "pss_mb": 0.0})
+                p["rss_mb"], p["pss_mb"] = max(p["rss_mb"], m["rss_mb"]), max(p["pss_mb"], m["pss_mb"])
+        peak["rss_mb"], peak["pss_mb"] = max(peak["rss_mb"], total_rss), max(peak["pss_mb"], total_pss)
+        if time.time() > deadline and not timed_out:
+            timed_out = True
+            for pid, i in pids.items():
+                if i not in exits:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.25)
+    Path(cfg["result"]).write_text(json.dumps({
+        "go": go, "exits": exits, "timed_out": timed_out, "pool_after_imports": pool_rss,
+        "peak_workers_total": peak, "per_worker_peak": per_worker_peak, "loadavg_end": os.getloadavg(),
+    }))
+
+
+def _mem(pid: int) -> dict[str, float] | None:
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("Rss:", "Pss:"):
+            values[parts[0][:-1].lower() + "_mb"] = int(parts[1]) / 1024
+    return values
+
+
+def worker_child(cfg: dict[str, Any], index: int, go_file: Path, rundir: Path) -> int:
+    import sweeper.worker as worker
+
+    install_standins(cfg["epoch_sleep"])
+    intervals: list[tuple[float, float]] = []
+    real_run = worker.TrialRun.run
+
+    def timed_run(self):  # records when each trial ran; the trial itself is untouched
+        started = time.time()
+        try:
+            return real_run(self)
+        finally:
+            intervals.append((started, time.time()))
+
+    worker.TrialRun.run = timed_run
+    config = worker.WorkerConfig(storage_url=cfg["storage_url"], tracking_uri=cfg["tracking_uri"],
+                                 study_names=(cfg["study"],), device="cpu", precision="fp32",
+                                 system_metrics=False)
+    (rundir / f"ready-{index}").write_text("")
+    while not go_file.exists():
+        time.sleep(0.01)
+    started = time.time()
+    if cfg.get("profile"):
+        import cProfile
+
+        prof = cProfile.Profile()
+        done = prof.runcall(worker.run, config)
+        prof.dump_stats(str(rundir / f"worker-{index}.prof"))
+    else:
+        done = worker.run(config)
+    ended = time.time()
+    (rundir / f"done-{index}.json").write_text(json.dumps({"done": done, "started": started, "ended": ended,
+                                                             "intervals": intervals}))
+    return 0
+
+
+def part_b_one(dbs: Databases, tmp: Path, backend: str, mlflow_kind: str, mlflow_uri: str, workers: int,
+               trials_per_worker: int, epoch_sleep: float, epochs: int, timeout: float,
+               profile: bool = False) -> dict[str, Any]:
+    import subprocess
+
+    from sweeper import study as studies
+    from sweeper import tracking
+
+    name = f"scale-b-{backend}-w{workers}-{uuid.uuid4().hex[:4]}"
+    n = max(workers * trials_per_worker, 6)
+    url = dbs.new(backend, f"b{workers}")
+    storage = studies.open_storage(url)
+    studies.launch(storage, grid_spec(name, n, epochs=epochs, limit_train=256, limit_test=64))
+    client = tracking.client(mlflow_uri)
+    experiment_id = client.create_experiment(name, artifact_location=(tmp / "mlartifacts" / name).as_uri())
+    rundir = tmp / "runs" / name
+    rundir.mkdir(parents=True)
+    cfg = {"rundir": str(rundir), "workers": workers, "storage_url": url, "tracking_uri": mlflow_uri,
+           "study": name, "epoch_sleep": epoch_sleep, "ready_timeout": 300, "run_timeout": timeout,
+           "result": str(rundir / "pool.json"), "profile": profile}
+    (rundir / "cfg.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(rundir / "pool.log", "wb") as pool_log:
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--_pool", str(rundir / "cfg.json")], env=env,
+                              stdout=pool_log, stderr=subprocess.STDOUT, timeout=timeout + 400)
+    if proc.returncode != 0 or not (rundir / "pool.json").exists():
+        raise RuntimeError(f"the worker pool failed (exit {proc.returncode}); see {rundir / 'pool.log'}:\n"
+                           + (rundir / "pool.log").read_text()[-3000:])
+    pool = json.loads((rundir / "pool.json").read_text())
+    go = pool["go"]
+
+    trials = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    last_complete = max(t.datetime_complete.timestamp() for t in complete) if complete else go
+    in_trial = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete]
+    dispose(storage)
+
+    runs = client.search_runs([experiment_id], max_results=5000)
+    cell_runs = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "cell"]
+    finished_runs = sum(1 for r in cell_runs if r.info.status == "FINISHED")
+
+    errors = {k: 0 for k in ERROR_PATTERNS}
+    examples: list[str] = []
+    for f in sorted(rundir.glob("worker-*.log")):
+        for line in f.read_text(errors="replace").splitlines():
+            for k, pattern in ERROR_PATTERNS.items():
+                if pattern in line:
+                    errors[k] += 1
+                    if k != "warning_lines" and len(examples) < 5:
+                        examples.append(f"{f.name}: {line[:300]}")
+    nonzero = sorted(i for i, e in pool["exits"].items() if e["status"] != 0)
+    per_worker = [json.loads(p.read_text()) for p in sorted(rundir.glob("done-*.json"))]
+    cycles = []
+    for w in per_worker:
+        iv = sorted(w["intervals"])
+        if len(iv) >= 2:
+            cycles.append((iv[-1][0] - iv[0][0]) / (len(iv) - 1))
+    steady_per_min = sum(60.0 / c for c in cycles) if cycles else None
+    cpu_total = sum(e["cpu_s"] for e in pool["exits"].values())
+    out = {
+        "backend": backend, "mlflow_store": mlflow_kind, "workers": workers, "trials": n,
+        "epochs": epochs, "epoch_sleep_s": epoch_sleep, "states": states,
+        "mlflow_cell_runs": len(cell_runs), "mlflow_finished_runs": finished_runs,
+        "makespan_s": last_complete - go,
+        "trials_per_min": len(complete) / (last_complete - go) * 60 if complete else 0.0,
+        "steady_trials_per_min": steady_per_min,
+        "steady_cycle_s_mean": statistics.mean(cycles) if cycles else None,
+        "in_trial_s_mean": statistics.mean(in_trial) if in_trial else None,
+        "worker_start_to_first_claim_s_max": max((sorted(w["intervals"])[0][0] - go for w in per_worker
+                                                  if w["intervals"]), default=None),
+        "trials_per_worker": sorted(w["done"] for w in per_worker),
+        "cpu_s_per_trial": cpu_total / max(1, len(complete)),
+        "errors": errors, "error_examples": examples, "nonzero_exits": len(nonzero),
+        "timed_out": pool["timed_out"],
+        "memory": {"one_process_after_imports": pool["pool_after_imports"],
+                   "workers_total_peak": pool["peak_workers_total"],
+                   "per_worker_pss_mb_max": max((p["pss_mb"] for p in pool["per_worker_peak"].values()), default=None),
+                   "per_worker_rss_mb_max": max((p["rss_mb"] for p in pool["per_worker_peak"].values()), default=None),
+                   "per_worker_maxrss_mb_max": max(e["maxrss_mb"] for e in pool["exits"].values())},
+        "loadavg_end": pool["loadavg_end"],
+        "logs": str(rundir),
+    }
+    # error lines and tracebacks in the logs, workers that exited non-zero, trials not COMPLETE,
+    # cells without a FINISHED MLflow run (warnings, e.g. a retried database call, are listed apart)
+    out["total_errors"] = (sum(v for k, v in errors.items() if k != "warning_lines") + len(nonzero)
+                           + (n - len(complete)) + (n - finished_runs))
+    return out
+
+
+def part_b(dbs: Databases, tmp: Path, backend: str, worker_counts: list[int], args) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    mlflow_kind = args.mlflow_store if args.mlflow_store != "auto" else backend
+    mlflow_uri = dbs.new(mlflow_kind, f"mlflow-{backend}")
+    t0 = time.perf_counter()
+    MlflowClient(mlflow_uri).search_experiments(max_results=1)  # creates the MLflow schema once
+    log(f"  (b) {backend}: MLflow store on {mlflow_kind} ready in {time.perf_counter() - t0:.1f}s")
+    results = []
+    for w in worker_counts:
+        t0 = time.perf_counter()
+        r = part_b_one(dbs, tmp, backend, mlflow_kind, mlflow_uri, w, args.trials_per_worker, args.epoch_sleep,
+                       args.epochs, args.b_timeout, args.b_profile)
+        results.append(r)
+        log(f"  (b) {backend} W={w:>2}: {r['trials_per_min']:.1f} trials/min end to end "
+            f"({r['steady_trials_per_min'] or 0:.1f} steady), {r['trials']} trials, states {r['states']}, "
+            f"errors {r['total_errors']} (locked {r['errors']['database_is_locked']}, "
+            f"warnings {r['errors']['warning_lines']}), cpu {r['cpu_s_per_trial']:.2f}s/trial, "
+            f"workers PSS {r['memory']['workers_total_peak']['pss_mb']:.0f} MB "
+            f"[{time.perf_counter() - t0:.0f}s, load {r['loadavg_end'][0]:.1f}]")
+    base = next((r for r in results if r["workers"] == 1), None)
+    for r in results:
+        if base:
+            r["efficiency"] = r["trials_per_min"] / (r["workers"] * base["trials_per_min"])
+            if r["steady_trials_per_min"] and base["steady_trials_per_min"]:
+                r["steady_efficiency"] = r["steady_trials_per_min"] / (r["workers"] * base["steady_trials_per_min"])
+    return {"backend": backend, "mlflow_store": mlflow_kind, "runs": results}
+
+
+# --- (c) per-trial overhead -------------------------------------------------------------------------
+
+def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, profile: bool) -> dict[str, Any]:
+    import gc
+    import warnings
+    from dataclasses import replace
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna_integration.mlflow import MLflowCallback
+
+    import sweeper.worker as worker
+    from sweeper import study as studies
+
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*MLflowCallback.*")
+    install_standins(0.0)
+    sw_storage_url = dbs.new("sqlite", "c-sweeper-optuna")
+    sw_mlflow = dbs.new("sqlite", "c-sweeper-mlflow")
+    base_storage_url = dbs.new("sqlite", "c-base-optuna")
+    base_mlflow = dbs.new("sqlite", "c-base-mlflow")
+    for uri in (sw_mlflow, base_mlflow):
+        MlflowClient(uri).search_experiments(max_results=1)  # schema created outside the timings
+    os.environ["SWEEPER_HOME"] = str(tmp / "home-c")
+    config = worker.WorkerConfig(storage_url=sw_storage_url, tracking_uri=sw_mlflow, device="cpu",
+                                 precision="fp32", system_metrics=False)
+    counter = {"i": 0}
+
+    def sweeper_round(n: int, prof=None, freeze: bool = False) -> float:
+        counter["i"] += 1
+        name = f"scale-c-{counter['i']}"
+        storage = studies.open_storage(sw_storage_url)
+        studies.launch(storage, grid_spec(name, n + 1, epochs=epochs, limit_train=256, limit_test=64))
+        dispose(storage)
+        cfg = replace(config, study_names=(name,))
+        worker.run(replace(cfg, max_trials=1))  # experiment, parent run: once per study
+        t0 = time.perf_counter()
+        worker.run(replace(cfg, max_trials=0))  # setup of run() alone
+        setup = time.perf_counter() - t0
+        if freeze:  # what-if: the worker moved everything it imported out of the collector's way
+            gc.collect()
+            gc.freeze()
+        if prof:
+            prof.enable()
+        t0 = time.perf_counter()
+        try:
+            done = worker.run(cfg)
+        finally:
+            elapsed = time.perf_counter() - t0
+            if prof:
+                prof.disable()
+            if freeze:
+                gc.unfreeze()
+        assert done == n, (done, n)
+        return (elapsed - setup) / n
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_categorical("variant", ["standard"])
+        value = 1.0
+        for epoch in range(1, epochs + 1):
+            value = 0.9 / epoch
+            trial.report(value, epoch)
+        return value
+
+    def baseline_round(n: int, prof=None, wal: bool = False) -> float:
+        counter["i"] += 1
+        name = f"scale-c-base-{counter['i']}"
+        MlflowClient(base_mlflow).create_experiment(name, artifact_location=(tmp / "mlartifacts-c" / name).as_uri())
+        # plain: the storage URL as an Optuna user passes it; wal: sweeper's SQLite settings
+        storage = studies.open_storage(base_storage_url) if wal else base_storage_url
+        study = optuna.create_study(study_name=name, storage=storage)
+        callback = MLflowCallback(tracking_uri=base_mlflow, metric_name="top1_error")
+        study.optimize(objective, n_trials=1, callbacks=[callback])  # first trial: lazy imports, experiment
+        if prof:
+            prof.enable()
+        t0 = time.perf_counter()
+        study.optimize(objective, n_trials=n, callbacks=[callback])
+        elapsed = time.perf_counter() - t0
+        if prof:
+            prof.disable()
+        if wal:
+            dispose(storage)
+        return elapsed / n
+
+    variants = {
+        "sweeper": lambda: sweeper_round(trials),
+        "sweeper_gc_freeze": lambda: sweeper_round(trials, freeze=True),
+        "baseline": lambda: baseline_round(trials),
+        "baseline_wal": lambda: baseline_round(trials, wal=True),
+    }
+    ms: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        for k, fn in variants.items():
+            ms[k].append(fn() * 1000)
+        log(f"  (c) round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in ms.items()) + " ms/trial")
+    out: dict[str, Any] = {
+        "storage": "sqlite", "mlflow_store": "sqlite", "trials_per_round": trials, "rounds": rounds,
+        "epochs": epochs, "loadavg": os.getloadavg(),
+        "variants": {
+            "sweeper": "sweeper.worker.run: claim, MLflow run, 14 epochs of checkpoint + metrics + report, tell",
+            "sweeper_gc_freeze": "the same, with gc.freeze() before run() (what-if for a proposed change)",
+            "baseline": "study.optimize + MLflowCallback, 14 trial.report per trial, plain Optuna SQLite URL",
+            "baseline_wal": "the same on sweeper.study.open_storage (WAL, synchronous=NORMAL, BEGIN IMMEDIATE)",
+        },
+    }
+    for k, v in ms.items():
+        out[f"{k}_ms_per_trial"] = statistics.median(v)
+        out[f"{k}_ms_rounds"] = v
+    out["ratio_sweeper_over_baseline"] = out["sweeper_ms_per_trial"] / out["baseline_ms_per_trial"]
+    out["ratio_sweeper_over_baseline_wal"] = out["sweeper_ms_per_trial"] / out["baseline_wal_ms_per_trial"]
+    out["ratio_sweeper_gc_freeze_over_baseline"] = out["sweeper_gc_freeze_ms_per_trial"] / out["baseline_ms_per_trial"]
+    out["target_met"] = out["sweeper_ms_per_trial"] <= out["baseline_ms_per_trial"]
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        sweeper_round(trials, prof)
+        out["sweeper_profile"] = profile_rows(prof, trials, SWEEPER_CALLS)
+        out["sweeper_profile_by_call_site"] = call_site_rows(prof, trials)
+        prof = cProfile.Profile()
+        baseline_round(trials, prof)
+        out["baseline_profile"] = profile_rows(prof, trials, BASELINE_CALLS)
+    return out
+
+
+# Functions whose cumulative time per trial says where a trial's orchestration goes.
+SWEEPER_CALLS = (
+    ("sweeper/worker.py", "run"), ("sweeper/worker.py", "_wait_for_tracking"), ("sweeper/worker.py", "_claim_next"),
+    ("sweeper/study.py", "fail_stale_trials"), ("sweeper/study.py", "claim"), ("sweeper/study.py", "study_names"),
+    ("optuna/study/study.py", "load_study"), ("sweeper/worker.py", "__init__"), ("sweeper/study.py", "__enter__"),
+    ("sweeper/worker.py", "_run"), ("sweeper/worker.py", "_open_run"), ("sweeper/tracking.py", "ensure_experiment"),
+    ("sweeper/tracking.py", "ensure_study_run"), ("sweeper/tracking.py", "find_run"),
+    ("sweeper/worker.py", "_fetch_checkpoint"), ("sweeper/worker.py", "on_epoch"),
+    ("sweeper/study.py", "trial_state"), ("sweeper/worker.py", "_save_checkpoint"), ("sweeper/checkpoint.py", "save"),
+    ("sweeper/tracking.py", "flush"), ("sweeper/tracking.py", "_send"), ("optuna/trial/_trial.py", "set_user_attr"),
+    ("optuna/trial/_trial.py", "report"), ("optuna/trial/_trial.py", "should_prune"),
+    ("sweeper/worker.py", "_tell_complete"), ("sweeper/worker.py", "_end_run"), ("sweeper/tracking.py", "check_reachable"),
+    ("mlflow/tracking/client.py", "log_batch"), ("mlflow/tracking/client.py", "log_artifact"),
+    ("mlflow/tracking/client.py", "create_run"), ("mlflow/tracking/client.py", "search_runs"),
+    ("mlflow/tracking/client.py", "list_artifacts"), ("mlflow/tracking/client.py", "set_terminated"),
+    ("mlflow/tracking/client.py", "get_experiment_by_name"), ("mlflow/tracking/client.py", "search_experiments"),
+    ("torch/serialization.py", "save"), ("posix", "fsync"), ("gc", "collect"),
+)
+BASELINE_CALLS = (
+    ("optuna/study/_optimize.py", "_run_trial"), ("optuna/study/study.py", "ask"), ("optuna/study/study.py", "tell"),
+    ("optuna/trial/_trial.py", "report"), ("optuna_integration/mlflow.py", "__call__"),
+    ("mlflow/tracking/fluent.py", "start_run"), ("mlflow/tracking/fluent.py", "end_run"),
+    ("mlflow/tracking/fluent.py", "log_params"), ("mlflow/tracking/fluent.py", "log_metrics"),
+    ("mlflow/tracking/fluent.py", "set_tags"), ("mlflow/tracking/fluent.py", "set_experiment"),
+    ("gc", "collect"),
+)
+
+
+def _match(key, file_part: str, func: str) -> bool:
+    filename, _, name = key
+    if file_part in ("posix", "gc"):
+        return name.endswith(f"{file_part}.{func}>") or name == f"<built-in method {file_part}.{func}>"
+    return name == func and filename.replace(os.sep, "/").endswith(file_part)
+
+
+def profile_rows(prof, trials: int, calls) -> list[dict[str, Any]]:
+    import pstats
+
+    stats = pstats.Stats(prof).stats
+    rows = []
+    for file_part, func in calls:
+        ncalls = cum = 0.0
+        for key, (_cc, nc, _tt, ct, _callers) in stats.items():
+            if _match(key, file_part, func):
+                ncalls += nc
+                cum += ct
+        if ncalls:
+            rows.append({"function": f"{file_part}:{func}", "calls_per_trial": round(ncalls / trials, 2),
+                         "ms_per_trial": round(cum / trials * 1000, 2)})
+    return rows
+
+
+def call_site_rows(prof, trials: int, top: int = 25) -> list[dict[str, Any]]:
+    """The storage and tracking calls made from sweeper's own lines, heaviest first."""
+    import pstats
+
+    stats = pstats.Stats(prof).stats
+    rows = []
+    for (filename, line, name), (_cc, _nc, _tt, _ct, callers) in stats.items():
+        for (cfile, cline, cname), (_ccc, cnc, _ctt, cct) in callers.items():
+            if "/sweeper/" in cfile.replace(os.sep, "/") and "/sweeper/" not in filename.replace(os.sep, "/"):
+                rows.append({"callee": f"{Path(filename).parent.name}/{Path(filename).name}:{name}"
+                             if filename != "~" else name,
+                             "from": f"{Path(cfile).name}:{cname}", "calls_per_trial": round(cnc / trials, 2),
+                             "ms_per_trial": round(cct / trials * 1000, 2)})
+    rows.sort(key=lambda r: -r["ms_per_trial"])
+    return rows[:top]
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("a", "b", "c", "all"), default="all")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument("--backends", default="sqlite,postgresql", help="comma-separated: sqlite,postgresql")
+    parser.add_argument("--workers", default="1,4,16,32", help="(b) worker process counts")
+    parser.add_argument("--cells", type=int, default=1000, help="(a) grid size")
+    parser.add_argument("--baseline-cells", type=int, default=300, help="(a) cells for the quadratic baseline")
+    parser.add_argument("--repeats", type=int, default=3, help="(a) sweeper launches per backend (median)")
+    parser.add_argument("--trials-per-worker", type=int, default=3, help="(b) trials each worker runs")
+    parser.add_argument("--epochs", type=int, default=2, help="(b) epochs per trial")
+    parser.add_argument("--epoch-sleep", type=float, default=1.0, help="(b) seconds of sleep per epoch")
+    parser.add_argument("--b-timeout", type=float, default=300, help="(b) seconds one W may run")
+    parser.add_argument("--mlflow-store", choices=("auto", "sqlite", "postgresql"), default="auto",
+                        help="(b) MLflow backend store: auto = the same database kind as the Optuna storage")
+    parser.add_argument("--b-profile", action="store_true", help="(b) cProfile each worker (worker-N.prof; use --keep)")
+    parser.add_argument("--c-trials", type=int, default=20, help="(c) trials per round")
+    parser.add_argument("--c-rounds", type=int, default=3, help="(c) alternating rounds (median)")
+    parser.add_argument("--c-epochs", type=int, default=14, help="(c) epochs (reports) per trial")
+    parser.add_argument("--no-profile", action="store_true", help="(c) skip the cProfile rounds")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, databases)")
+    parser.add_argument("--_pool", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._pool:
+        pool_main(args._pool)
+        return 0
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in ("sqlite", "postgresql"):
+            parser.error(f"unknown backend {b!r}; choose sqlite and/or postgresql")
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    need_pg = "postgresql" in backends or args.mlflow_store == "postgresql"
+    if need_pg and (why := Databases.postgres_reachable()):
+        parser.exit(2, f"sweep_scale: PostgreSQL is not reachable at {PG_ADMIN_URL} ({why}); set SWEEPER_TEST_PG "
+                       "or pass --backends sqlite\n")
+
+    tmp = Path(tempfile.mkdtemp(prefix="sweep-scale-"))
+    os.environ["SWEEPER_HOME"] = str(tmp / "home")
+    os.chdir(tmp)  # nothing (mlruns/, .sweeper/) lands in the checkout
+    dbs = Databases(tmp)
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
+        "python": sys.version.split()[0], "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+    }
+    started = time.perf_counter()
+    try:
+        if args.part in ("a", "all"):
+            log(f"(a) launch of {args.cells} cells")
+            result["a"] = [part_a(dbs, b, args.cells, args.baseline_cells, args.repeats) for b in backends]
+        if args.part in ("b", "all"):
+            log(f"(b) worker processes {worker_counts}, {args.epochs} epochs x {args.epoch_sleep}s sleep")
+            result["b"] = [part_b(dbs, tmp, b, worker_counts, args) for b in backends]
+        if args.part in ("c", "all"):
+            log(f"(c) per-trial overhead, {args.c_epochs} epochs, SQLite + MLflow SQLite")
+            result["c"] = part_c(dbs, tmp, args.c_trials, args.c_rounds, args.c_epochs, not args.no_profile)
+    finally:
+        dbs.close()
+        result["seconds"] = time.perf_counter() - started
+        result["loadavg_end"] = os.getloadavg()
+        if args.keep:
+            result["tmp"] = str(tmp)
+            log(f"kept {tmp}")
+        else:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    else:
+        print_summary(result)
+    return 0
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    print(f"sweep_scale {result['date']}, {result['cpus']} CPUs, load {result['loadavg_start'][0]:.1f} -> "
+          f"{result['loadavg_end'][0]:.1f}, {result['seconds']:.0f}s")
+    for a in result.get("a", []):
+        print(f"(a) {a['backend']:<10} launch {a['cells']} cells {a['sweeper_launch_s']:.2f}s, re-launch "
+              f"{a['sweeper_relaunch_s']:.2f}s, claim {a['sweeper_claim_with_all_waiting_s'] * 1000:.0f}ms | "
+              f"enqueue_trial(skip_if_exists) {a['baseline_cells']} cells {a['baseline_enqueue_s']:.2f}s, "
+              f"re-enqueue {a['baseline_relaunch_s']:.2f}s, projected {a['cells']}: "
+              f"{a['baseline_projected_enqueue_s']:.0f}s / {a['baseline_projected_relaunch_s']:.0f}s")
+    for b in result.get("b", []):
+        for r in b["runs"]:
+            print(f"(b) {b['backend']:<10} W={r['workers']:>2} {r['trials_per_min']:6.1f} trials/min "
+                  f"(eff {r.get('efficiency', float('nan')):.0%}), steady {r['steady_trials_per_min'] or 0:6.1f} "
+                  f"(eff {r.get('steady_efficiency', float('nan')):.0%}), errors {r['total_errors']}, locked "
+                  f"{r['errors']['database_is_locked']}, cpu {r['cpu_s_per_trial']:.2f}s/trial")
+    if "c" in result:
+        c = result["c"]
+        print(f"(c) sweeper {c['sweeper_ms_per_trial']:.0f} ms/trial vs Optuna+MLflowCallback "
+              f"{c['baseline_ms_per_trial']:.0f} ms/trial (on sweeper's SQLite settings "
+              f"{c['baseline_wal_ms_per_trial']:.0f}): ratio {c['ratio_sweeper_over_baseline']:.2f}; "
+              f"with gc.freeze() {c['sweeper_gc_freeze_ms_per_trial']:.0f} ms/trial")
+        for row in c.get("sweeper_profile", []):
+            print(f"    {row['function']:<48} {row['calls_per_trial']:6.1f} calls {row['ms_per_trial']:8.1f} ms/trial")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

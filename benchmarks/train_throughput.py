@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""Training throughput: the seed post's input pipeline and precision vs sweeper's fit(), side by side.
+
+    python benchmarks/train_throughput.py [--variant standard] [--batch-size 64] [--steps N] [--json]
+
+(a) seed: what the seed post's script does per step -- the same GoogLeNet in fp32 NCHW, a
+    CIFAR-style Dataset of uint8 HWC images turned into PIL images and through
+    ``Compose([RandomHorizontalFlip(), ToTensor(), Normalize((0.5,)*3, (0.5,)*3)])`` one image at
+    a time, a torch DataLoader with the seed's ``num_workers=2`` (and ``pin_memory`` on CUDA),
+    Adadelta lr 1.0, cross-entropy.
+(b) sweeper: ``sweeper.train.fit()`` with precision ``auto`` (bf16 autocast + channels_last where
+    bf16 is fast: CUDA, CPUs with AMX/AVX512-BF16), whole-split uint8 tensors and batched flips.
+
+Both train on the same number of CIFAR-shaped synthetic images (batch size x (warm-up + steps))
+at the same batch size; the first ``--warmup`` steps of each are not timed. Each measurement runs
+in its own subprocess, so peak memory (ru_maxrss on the CPU, torch.cuda.max_memory_allocated on a
+GPU) is its own. With ``--compile``, fit(..., compile=True) is measured as a third row.
+
+Imports neither optuna nor mlflow.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+KINDS = ("seed", "sweeper", "sweeper-compile")
+
+
+# --------------------------------------------------------------------------- measurements (subprocess)
+
+
+def _images(n: int):
+    from sweeper.data import synthetic
+
+    return synthetic.load(num_train=n, num_test=64)
+
+
+def _peak_memory(device) -> dict:
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if children:
+        out["loader_workers_peak_rss_mb"] = children  # the largest finished child (DataLoader workers)
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def measure_seed(variant: str, batch_size: int, steps: int, warmup: int, num_workers: int) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from torchvision import transforms
+    from torchvision.datasets import VisionDataset
+
+    from sweeper.models import build_model
+
+    class CifarLike(VisionDataset):
+        """torchvision.datasets.CIFAR100's __getitem__: uint8 HWC array -> PIL image -> transform."""
+
+        def __init__(self, data: np.ndarray, targets: list[int], transform):
+            super().__init__(root="", transform=transform)
+            self.data, self.targets = data, targets
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, index: int):
+            img, target = Image.fromarray(self.data[index]), self.targets[index]
+            return self.transform(img), target
+
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    n = batch_size * (warmup + steps)
+    splits = _images(n)
+    data = splits.train_x.permute(0, 2, 3, 1).contiguous().numpy()  # HWC, as CIFAR's pickles become
+    transform = transforms.Compose(
+        [transforms.RandomHorizontalFlip(p=0.5), transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    )
+    dataset = CifarLike(data, splits.train_y.tolist(), transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    torch.manual_seed(1)
+    model = build_model(variant, splits.num_classes).to(device)  # fp32, NCHW
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    model.train()
+    started = None
+    for step, (x, y) in enumerate(loader, start=1):
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    del loader  # its workers exit and count in RUSAGE_CHILDREN
+    return {"images_per_s": steps * batch_size / seconds, "timed_seconds": seconds, "device": str(device),
+            "precision": "fp32", "memory_format": "NCHW", "num_workers": num_workers, "loss": float(loss),
+            **_peak_memory(device)}
+
+
+def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, compile: bool) -> dict:
+    import torch
+
+    from sweeper.models import build_model
+    from sweeper.train import Recipe, fit, resolve_device
+
+    device = resolve_device("auto")
+    n = batch_size * (warmup + steps)
+    splits = _images(n)
+    torch.manual_seed(1)
+    model = build_model(variant, splits.num_classes)
+    marks: dict[int, float] = {}
+
+    def on_step(step: int, total: int) -> None:
+        if step in (warmup, warmup + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            marks[step] = time.perf_counter()
+
+    recipe = Recipe(epochs=1, batch_size=batch_size, eval_batch_size=64)
+    result = fit(model, splits, recipe, device=str(device), precision="auto", compile=compile, on_step=on_step)
+    seconds = marks[warmup + steps] - marks[warmup]
+    return {"images_per_s": steps * batch_size / seconds, "timed_seconds": seconds, "device": result.device,
+            "precision": result.precision, "memory_format": "channels_last" if result.precision == "bf16" or device.type == "cuda" else "NCHW",
+            "compile": compile, "loss": result.final.train_loss, **_peak_memory(device)}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_one(kind: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_measure", kind, "--variant", args.variant,
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--num-workers", str(args.num_workers)]
+    print(f"measuring {kind} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"the {kind} measurement failed (exit {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {kind}: {result['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="standard")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--num-workers", type=int, default=2, help="the seed's DataLoader workers")
+    parser.add_argument("--repeats", type=int, default=1, help="measure each this many times, alternating; report the best")
+    parser.add_argument("--compile", action="store_true", help="also measure fit(..., compile=True)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--_measure", choices=KINDS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._measure:
+        if args._measure == "seed":
+            out = measure_seed(args.variant, args.batch_size, args.steps, args.warmup, args.num_workers)
+        else:
+            out = measure_sweeper(args.variant, args.batch_size, args.steps, args.warmup, args._measure == "sweeper-compile")
+        print(json.dumps(out))
+        return
+
+    import torch
+
+    kinds = ["seed", "sweeper"] + (["sweeper-compile"] if args.compile else [])
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            runs[kind].append(run_one(kind, args))
+    best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
+    seed, ours = best["seed"], best["sweeper"]
+    report = {
+        "variant": args.variant,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "images_per_run": args.batch_size * (args.steps + args.warmup),
+        "seed_images_per_s": seed["images_per_s"],
+        "sweeper_images_per_s": ours["images_per_s"],
+        "ratio": ours["images_per_s"] / seed["images_per_s"],
+        "seed": seed,
+        "sweeper": ours,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        },
+        "all_runs": {k: [r["images_per_s"] for r in v] for k, v in runs.items()},
+    }
+    if args.compile:
+        report["sweeper_compile_images_per_s"] = best["sweeper-compile"]["images_per_s"]
+        report["compile_speedup"] = best["sweeper-compile"]["images_per_s"] / ours["images_per_s"]
+        report["sweeper-compile"] = best["sweeper-compile"]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    mem = "peak_gpu_mb" if seed.get("peak_gpu_mb") is not None else "peak_rss_mb"
+    print(f"{args.variant}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"{report['machine']['cpu']} ({report['machine']['cpus']} CPUs, torch {torch.__version__})")
+    rows = [("seed (fp32 NCHW, PIL + DataLoader)", seed), (f"sweeper fit ({ours['precision']}, {ours['memory_format']})", ours)]
+    if args.compile:
+        rows.append(("sweeper fit, compile=True", best["sweeper-compile"]))
+    for label, r in rows:
+        print(f"  {label:<40} {r['images_per_s']:9.1f} images/s   {mem} {r[mem]:8.0f} MB")
+    print(f"  ratio sweeper / seed: {report['ratio']:.2f}x")
+    if args.compile:
+        print(f"  compile=True vs eager: {report['compile_speedup']:.2f}x")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

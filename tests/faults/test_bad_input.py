@@ -1,0 +1,216 @@
+"""Bad input at the real command line: one clear paragraph, exit code 2 (usage) or 1 (runtime),
+no traceback, no password, nothing written. The cases run as concurrent subprocesses (each
+pays the interpreter's start-up once, in parallel) and are checked one by one."""
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_spec
+
+SECRET = "s3cret"
+BAD_PG = f"postgresql://user:{SECRET}@127.0.0.1:1/db"
+BAD_HTTP = f"http://user:{SECRET}@127.0.0.1:1"
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]
+    code: int
+    message: str  # regex the stderr must match
+    env: dict[str, str] = field(default_factory=dict)
+    empty_home: bool = True  # nothing may be written to $SWEEPER_HOME
+    proc: subprocess.Popen | None = None
+    home: Path | None = None
+    started: float = 0.0
+    seconds: float = 0.0
+    out: str = ""
+    err: str = ""
+
+
+def spec_file(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / "specs" / f"{name}.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = """[grid]
+variant = ["short4"]
+dataset = ["digits"]
+[train]
+epochs = 1
+"""
+
+
+def old_schema_storage(path: Path) -> str:
+    """A storage made by this Optuna, then made to look like one made by Optuna 3.0: its
+    alembic_version row and version_info table as an older release left them."""
+    from sweeper import study as studies
+
+    url = f"sqlite:///{path}"
+    studies.open_storage(url).engine.dispose()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE alembic_version SET version_num = 'v3.0.0.c'")
+        db.execute("UPDATE version_info SET library_version = '3.0.0'")
+    return url
+
+
+def checkpoint_file(path: Path, **override) -> str:
+    from sweeper import checkpoint
+
+    state = {"epoch": 1, "variant": "short4", "dataset": "digits", "model": {"w": torch.zeros(2)}}
+    checkpoint.save(path, state)
+    if override:  # written as a future sweeper would, bypassing save()
+        torch.save({**torch.load(path, weights_only=True), **override}, path)
+    return str(path)
+
+
+def cases(tmp_path: Path) -> list[Case]:
+    bad_archive = tmp_path / "cifar-10-python.tar.gz"
+    bad_archive.write_bytes(os.urandom(4096))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(Path(checkpoint_file(tmp_path / "full.pt")).read_bytes()[:100])
+    train = ["train", "--variant", "short3", "--dataset", "digits", "--epochs", "1", "--limit-train", "32",
+             "--limit-test", "16", "--device", "cpu"]
+    return [
+        Case("malformed spec", ["launch", "--study", spec_file(tmp_path, "malformed", "[grid\nvariant = \n")],
+             2, r"malformed\.toml: not valid TOML"),
+        Case("misspelled key", ["launch", "--study", spec_file(tmp_path, "misspelled", GOOD.replace("variant", "varient"))],
+             2, r"\[grid\] key 'varient': unknown key; allowed: variant, dataset, seed"),
+        Case("misspelled table", ["launch", "--study", spec_file(tmp_path, "table", GOOD.replace("[train]", "[trian]"))],
+             2, r"'trian': unknown key; allowed: description, metric"),
+        Case("unknown variant", ["launch", "--study", spec_file(tmp_path, "variant", GOOD.replace('"short4"', '"short5"'))],
+             2, r"grid\.variant: unknown variant 'short5'; allowed: naive, standard"),
+        Case("unknown dataset", ["launch", "--study", spec_file(tmp_path, "dataset", GOOD.replace('"digits"', '"cifar11"'))],
+             2, r"grid\.dataset: unknown dataset 'cifar11'; allowed: cifar10, cifar100"),
+        Case("unknown optimizer", ["launch", "--study", spec_file(tmp_path, "optimizer", GOOD + 'optimizer = "adam"\n')],
+             2, r"unknown optimizer 'adam'; choose one of: adadelta, sgd, adamw"),
+        Case("unknown sampler", ["launch", "--study", spec_file(tmp_path, "sampler", GOOD + '[search]\nsampler = "grid"\n'
+                                                               '[search.space]\nlr = { low = 0.1, high = 1.0 }\n')],
+             2, r"search\.sampler: unknown sampler 'grid'; allowed: tpe, random, cmaes, qmc"),
+        Case("unknown study", ["launch", "--study", "no-such-study"], 2, r"no study named 'no-such-study'; known studies:"),
+        Case("unknown variant option", train[:2] + ["short5"] + train[3:], 2, r"unknown variant 'short5'; choose one of"),
+        Case("unknown optimizer option", [*train, "--optimizer", "adam"], 2, r"'adam' is not one of 'adadelta', 'sgd', 'adamw'"),
+        Case("unreachable storage: launch", ["launch", "--study", spec_file(tmp_path, "good", GOOD), "--storage", BAD_PG],
+             1, r"cannot open the Optuna storage postgresql://user:\*\*\*@127\.0\.0\.1:1/db: .*Connection refused"),
+        Case("unreachable storage: worker", ["worker", "--storage", BAD_PG, "--device", "cpu"],
+             1, r"cannot open the Optuna storage postgresql://user:\*\*\*@127\.0\.0\.1:1/db"),
+        Case("unreachable storage: status", ["status", "--study", "good", "--storage", BAD_PG],
+             1, r"cannot open the Optuna storage postgresql://user:\*\*\*@"),
+        Case("unreachable storage: retry", ["retry", "--study", "good", "--storage", BAD_PG],
+             1, r"cannot open the Optuna storage postgresql://user:\*\*\*@"),
+        Case("unreachable tracking: worker", ["worker", "--tracking-uri", BAD_HTTP, "--device", "cpu"],
+             1, r"cannot reach the MLflow tracking store http://user:\*\*\*@127\.0\.0\.1:1"),
+        Case("unreachable stores: doctor", ["doctor", "--storage", BAD_PG, "--tracking-uri", BAD_HTTP],
+             1, r"cannot reach the MLflow tracking store http://user:\*\*\*@127\.0\.0\.1:1"),
+        Case("unreachable storage by env", ["status", "--study", "good"], 1, r"postgresql://user:\*\*\*@",
+             env={"SWEEPER_STORAGE": BAD_PG}),
+        Case("bad dataset archive", ["data", "import", str(bad_archive)],
+             1, r"cifar-10-python\.tar\.gz is not a known CIFAR archive \(md5 [0-9a-f]{32}\); expected"),
+        Case("old Optuna schema", ["status", "--study", "good", "--storage", old_schema_storage(tmp_path / "old.db")],
+             1, r"set up by optuna 3\.0\.0.*`optuna storage upgrade --storage URL`"),
+        Case("checkpoint of another variant", [*train, "--resume", checkpoint_file(tmp_path / "other.pt")],
+             1, r"other\.pt belongs to variant='short4', not 'short3'; it is not used"),
+        Case("checkpoint of a newer sweeper", [*train[:2], "short4", *train[3:], "--resume",
+                                               checkpoint_file(tmp_path / "newer.pt", format_version=99)],
+             1, r"newer\.pt was written by a newer sweeper \(format 99, this one reads 1\)"),
+        Case("truncated checkpoint", [*train, "--resume", str(truncated)],
+             1, r"truncated\.pt cannot be read \(\w+\); delete it to start the trial afresh"),
+    ]
+
+
+def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, sweeper_env):
+    todo = cases(tmp_path)
+    running: list[Case] = []
+    for i, case in enumerate(todo):
+        case.home = tmp_path / f"home-{i}"
+        case.home.mkdir()
+        env = {**sweeper_env, "SWEEPER_HOME": str(case.home), **case.env}
+        while len([c for c in running if c.proc.poll() is None]) >= 4:
+            time.sleep(0.1)
+        case.started = time.monotonic()
+        case.proc = subprocess.Popen([sys.executable, "-m", "sweeper", *case.args], env=env, cwd=tmp_path,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        running.append(case)
+    problems = []
+    for case in todo:
+        case.out, case.err = case.proc.communicate(timeout=300)
+        case.seconds = time.monotonic() - case.started
+        said = f"[{case.name}] exit {case.proc.returncode}\nstdout: {case.out}\nstderr: {case.err}"
+        if case.proc.returncode != case.code:
+            problems.append(f"expected exit {case.code}: {said}")
+        if not re.search(case.message, case.out + case.err, re.S):
+            problems.append(f"expected /{case.message}/ in the output: {said}")
+        if "Traceback" in case.out + case.err:
+            problems.append(f"traceback: {said}")
+        if SECRET in case.out + case.err:
+            problems.append(f"password shown: {said}")
+        lines = [line for line in case.err.splitlines() if line.startswith("Error")]
+        if len(lines) != 1 and case.args[0] != "doctor":  # doctor reports each check on stdout
+            problems.append(f"expected one error paragraph: {said}")
+        if case.empty_home and any(case.home.iterdir()):
+            problems.append(f"wrote {sorted(p.name for p in case.home.iterdir())}: {said}")
+    assert not problems, "\n\n".join(problems)
+
+
+def test_unreachable_stores_are_given_up_on_in_seconds(monkeypatch):
+    """Bounded waits: seconds, not MLflow's default of about two minutes of HTTP retries."""
+    from sweeper import study as studies, tracking
+    from sweeper.errors import SweeperError
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    tracking.configure_http()
+    for probe in (lambda: studies.open_storage(BAD_PG), lambda: tracking.check_reachable(tracking.client(BAD_HTTP))):
+        started = time.monotonic()
+        with pytest.raises(SweeperError) as info:
+            probe()
+        assert time.monotonic() - started < 30
+        assert SECRET not in str(info.value) and "user:***@" in str(info.value)
+
+
+def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path):
+    """A real full disk: a 256 KiB tmpfs (needs root, as in CI and here)."""
+    from sweeper import checkpoint
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        path = mount / "last.pt"
+        checkpoint.save(path, {"epoch": 1, "model": {"w": torch.zeros(1000)}})
+        with pytest.raises(checkpoint.CheckpointError, match=r"could not write checkpoint .*last\.pt \(.*\); the "
+                                                              r"previous checkpoint is kept. Free disk space"):
+            checkpoint.save(path, {"epoch": 2, "model": {"w": torch.zeros(200_000)}})  # 800 KB
+        assert checkpoint.load(path)["epoch"] == 1
+        assert [p.name for p in mount.iterdir()] == ["last.pt"]  # no temporary file left behind
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_checkpoint_of_another_cell_or_a_newer_format_is_refused(tmp_path):
+    from sweeper import checkpoint
+
+    path = Path(checkpoint_file(tmp_path / "c.pt"))
+    assert checkpoint.load(path, expect={"variant": "short4"})["epoch"] == 1
+    with pytest.raises(checkpoint.CheckpointError, match="belongs to variant='short4', not 'short3'"):
+        checkpoint.load(path, expect={"variant": "short3", "dataset": "digits"})
+    newer = Path(checkpoint_file(tmp_path / "n.pt", format_version=checkpoint.FORMAT_VERSION + 1))
+    with pytest.raises(checkpoint.CheckpointError, match="written by a newer sweeper"):
+        checkpoint.load(newer)
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "payload": Path("x")}, evil)  # a pickled object, not plain data
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
+        checkpoint.load(evil)
