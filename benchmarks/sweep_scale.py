@@ -284,9 +284,12 @@ def sleep_fit(model, data, recipe=None, *, device="auto", precision="auto", comp
 # --- (b) many worker processes --------------------------------------------------------------------
 
 def pool_main(cfg_path: str) -> None:
-    """One process per (backend, W): import everything once, fork W workers, start them together."""
+    """One process per backend: import everything once, then for each W fork W workers and
+    start them together. Workers forked from here share the imported modules' pages."""
+    import gc
     import logging
-    import signal
+    import resource
+    import threading
 
     cfg = json.loads(Path(cfg_path).read_text())
     import torch
@@ -294,19 +297,49 @@ def pool_main(cfg_path: str) -> None:
     torch.set_num_threads(1)
     import mlflow  # noqa: F401  (loaded once, shared by the forked workers)
     import optuna  # noqa: F401
-    import sqlalchemy  # noqa: F401
+    import sqlalchemy.engine
 
     import sweeper.models  # noqa: F401
     import sweeper.worker
 
     with contextlib.suppress(ImportError):
         import psycopg2  # noqa: F401
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     sweeper.worker.load_data("synthetic", None)  # the 2,000-image synthetic set, shared too
-    rundir = Path(cfg["rundir"])
+    # One warm-up trial of its own study, so that what a worker imports on first use (MLflow's
+    # store, alembic, Optuna's models, SQLAlchemy's caches) is loaded once here, as in a worker
+    # that has been running for a while; then every connection is closed before the forks.
+    install_standins(0.0)
+    warm = 0
+    for w in cfg["warmups"]:  # one per backend
+        warm += sweeper.worker.run(sweeper.worker.WorkerConfig(
+            storage_url=w["storage_url"], tracking_uri=w["tracking_uri"], study_names=(w["study"],),
+            device="cpu", precision="fp32", system_metrics=False))
+    for obj in gc.get_objects():
+        with contextlib.suppress(Exception):
+            if isinstance(obj, sqlalchemy.engine.Engine):
+                obj.dispose()
+    gc.collect()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    startup = {**(_mem(os.getpid()) or {}), "startup_cpu_s": usage.ru_utime + usage.ru_stime,
+               "threads_before_fork": threading.active_count(), "warmup_trials": warm}
+    print(f"warm-up (imports + one trial): {startup}", flush=True)
+    Path(cfg["startup_result"]).write_text(json.dumps(startup))
+    for run in cfg["runs"]:
+        result = run_workers(run)
+        Path(run["result"]).write_text(json.dumps(result))
+        print(f"{run['backend']} W={run['workers']}: exits {[e['status'] for e in result['exits'].values()]}",
+              flush=True)
+
+
+def run_workers(run: dict[str, Any]) -> dict[str, Any]:
+    import logging
+    import signal
+
+    rundir = Path(run["rundir"])
     go_file = rundir / "go"
-    pool_rss = _mem(os.getpid())
     pids: dict[int, int] = {}
-    for i in range(cfg["workers"]):
+    for i in range(run["workers"]):
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -318,38 +351,45 @@ def pool_main(cfg_path: str) -> None:
                 sys.stderr = os.fdopen(2, "w", buffering=1)
                 logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-                code = worker_child(cfg, i, go_file, rundir)
+                code = worker_child(run, i, go_file, rundir)
             except BaseException:  # noqa: BLE001
                 import traceback
 
                 traceback.print_exc()
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
                 os._exit(code)
         pids[pid] = i
-    deadline = time.time() + cfg["ready_timeout"]
-    while sum(1 for i in range(cfg["workers"]) if (rundir / f"ready-{i}").exists()) < cfg["workers"]:
-        if time.time() > deadline or any(os.waitpid(p, os.WNOHANG)[0] for p in list(pids)):
-            break
-        time.sleep(0.05)
-    go = time.time()
-    go_file.write_text(repr(go))
     exits: dict[int, dict[str, Any]] = {}
-    peak = {"rss_mb": 0.0, "pss_mb": 0.0}
-    per_worker_peak: dict[int, dict[str, float]] = {}
-    deadline = go + cfg["run_timeout"]
-    timed_out = False
-    while len(exits) < len(pids):
+
+    def reap() -> None:
         while True:
             try:
                 pid, status, ru = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
-                pid = 0
+                return
             if pid == 0:
-                break
+                return
             exits[pids[pid]] = {"status": os.waitstatus_to_exitcode(status), "cpu_s": ru.ru_utime + ru.ru_stime,
                                 "maxrss_mb": ru.ru_maxrss / 1024, "exited_at": time.time()}
+
+    deadline = time.time() + run["ready_timeout"]
+    while sum(1 for i in range(run["workers"]) if (rundir / f"ready-{i}").exists()) < run["workers"]:
+        reap()
+        if time.time() > deadline or exits:
+            break
+        time.sleep(0.05)
+    ready_s = run["ready_timeout"] - (deadline - time.time())
+    go = time.time()
+    go_file.write_text(repr(go))
+    peak = {"rss_mb": 0.0, "pss_mb": 0.0}
+    per_worker_peak: dict[int, dict[str, float]] = {}
+    deadline = go + run["run_timeout"]
+    timed_out = False
+    while len(exits) < len(pids):
+        reap()
         total_rss = total_pss = 0.0
         for pid, i in pids.items():
             if i in exits:
@@ -368,10 +408,8 @@ def pool_main(cfg_path: str) -> None:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
         time.sleep(0.25)
-    Path(cfg["result"]).write_text(json.dumps({
-        "go": go, "exits": exits, "timed_out": timed_out, "pool_after_imports": pool_rss,
-        "peak_workers_total": peak, "per_worker_peak": per_worker_peak, "loadavg_end": os.getloadavg(),
-    }))
+    return {"go": go, "ready_s": ready_s, "exits": exits, "timed_out": timed_out, "peak_workers_total": peak,
+            "per_worker_peak": per_worker_peak, "loadavg_end": os.getloadavg()}
 
 
 def _mem(pid: int) -> dict[str, float] | None:
@@ -387,10 +425,28 @@ def _mem(pid: int) -> dict[str, float] | None:
     return values
 
 
-def worker_child(cfg: dict[str, Any], index: int, go_file: Path, rundir: Path) -> int:
+def _schedstat() -> tuple[int, int] | None:
+    """(ns on a CPU, ns runnable but waiting for one) of this process's threads so far."""
+    total = [0, 0]
+    try:
+        for task in Path("/proc/self/task").iterdir():
+            run_ns, wait_ns, _ = (task / "schedstat").read_text().split()
+            total[0] += int(run_ns)
+            total[1] += int(wait_ns)
+    except (OSError, ValueError):
+        return None
+    return total[0], total[1]
+
+
+def worker_child(run: dict[str, Any], index: int, go_file: Path, rundir: Path) -> int:
+    import gc
+
     import sweeper.worker as worker
 
-    install_standins(cfg["epoch_sleep"])
+    install_standins(run["epoch_sleep"])
+    # A worker started on its own has a private heap; here the first collection after the fork
+    # copies the shared pages it touches. Pay that before the clock starts.
+    gc.collect()
     intervals: list[tuple[float, float]] = []
     real_run = worker.TrialRun.run
 
@@ -402,68 +458,129 @@ def worker_child(cfg: dict[str, Any], index: int, go_file: Path, rundir: Path) -
             intervals.append((started, time.time()))
 
     worker.TrialRun.run = timed_run
-    config = worker.WorkerConfig(storage_url=cfg["storage_url"], tracking_uri=cfg["tracking_uri"],
-                                 study_names=(cfg["study"],), device="cpu", precision="fp32",
+    config = worker.WorkerConfig(storage_url=run["storage_url"], tracking_uri=run["tracking_uri"],
+                                 study_names=(run["study"],), device="cpu", precision="fp32",
                                  system_metrics=False)
     (rundir / f"ready-{index}").write_text("")
     while not go_file.exists():
         time.sleep(0.01)
-    started = time.time()
-    if cfg.get("profile"):
+    started, cpu0, sched0 = time.time(), time.process_time(), _schedstat()
+    if run.get("profile"):
         import cProfile
 
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.process_time)  # CPU seconds, not wall
         done = prof.runcall(worker.run, config)
         prof.dump_stats(str(rundir / f"worker-{index}.prof"))
     else:
         done = worker.run(config)
-    ended = time.time()
-    (rundir / f"done-{index}.json").write_text(json.dumps({"done": done, "started": started, "ended": ended,
-                                                             "intervals": intervals}))
+    ended, sched1 = time.time(), _schedstat()
+    (rundir / f"done-{index}.json").write_text(json.dumps({
+        "done": done, "started": started, "ended": ended, "cpu_s": time.process_time() - cpu0,
+        # seconds this process was runnable but waiting for a CPU (all its threads)
+        "runqueue_wait_s": (sched1[1] - sched0[1]) / 1e9 if sched0 and sched1 else None,
+        "intervals": intervals}))
     return 0
 
 
-def part_b_one(dbs: Databases, tmp: Path, backend: str, mlflow_kind: str, mlflow_uri: str, workers: int,
-               trials_per_worker: int, epoch_sleep: float, epochs: int, timeout: float,
-               profile: bool = False) -> dict[str, Any]:
+def part_b(dbs: Databases, tmp: Path, backends: list[str], worker_counts: list[int], args) -> list[dict[str, Any]]:
+    """Every (W, backend) run from one pool process, interleaved (W=1 sqlite, W=1 postgresql,
+    W=4 sqlite, ...) so that the other load on the machine hits both backends alike."""
     import subprocess
 
     from sweeper import study as studies
     from sweeper import tracking
 
-    name = f"scale-b-{backend}-w{workers}-{uuid.uuid4().hex[:4]}"
-    n = max(workers * trials_per_worker, 6)
-    url = dbs.new(backend, f"b{workers}")
-    storage = studies.open_storage(url)
-    studies.launch(storage, grid_spec(name, n, epochs=epochs, limit_train=256, limit_test=64))
-    client = tracking.client(mlflow_uri)
-    experiment_id = client.create_experiment(name, artifact_location=(tmp / "mlartifacts" / name).as_uri())
-    rundir = tmp / "runs" / name
-    rundir.mkdir(parents=True)
-    cfg = {"rundir": str(rundir), "workers": workers, "storage_url": url, "tracking_uri": mlflow_uri,
-           "study": name, "epoch_sleep": epoch_sleep, "ready_timeout": 300, "run_timeout": timeout,
-           "result": str(rundir / "pool.json"), "profile": profile}
-    (rundir / "cfg.json").write_text(json.dumps(cfg))
+    tag = uuid.uuid4().hex[:4]
+    base = tmp / "runs" / f"b-{tag}"
+    base.mkdir(parents=True)
+    per_backend: dict[str, dict[str, Any]] = {}
+    warmups = []
+    for backend in backends:
+        kind = args.mlflow_store if args.mlflow_store != "auto" else backend
+        uri = dbs.new(kind, f"mlflow-{backend}")
+        t0 = time.perf_counter()
+        client = tracking.client(uri)
+        client.search_experiments(max_results=1)  # creates the MLflow schema once
+        log(f"  (b) {backend}: MLflow store on {kind} ready in {time.perf_counter() - t0:.1f}s")
+        url = dbs.new(backend, "bwarm")
+        storage = studies.open_storage(url)
+        study = f"scale-b-{backend}-warmup-{tag}"
+        studies.launch(storage, grid_spec(study, 1, epochs=args.epochs, limit_train=256, limit_test=64))
+        dispose(storage)
+        client.create_experiment(study, artifact_location=(tmp / "mlartifacts" / study).as_uri())
+        warmups.append({"storage_url": url, "tracking_uri": uri, "study": study})
+        per_backend[backend] = {"mlflow_store": kind, "tracking_uri": uri, "client": client}
+    runs = []
+    for w in worker_counts:
+        for backend in backends:
+            info = per_backend[backend]
+            name = f"scale-b-{backend}-w{w}-{tag}"
+            n = max(w * args.trials_per_worker, 6)
+            url = dbs.new(backend, f"b{w}")
+            storage = studies.open_storage(url)
+            studies.launch(storage, grid_spec(name, n, epochs=args.epochs, limit_train=256, limit_test=64))
+            dispose(storage)
+            experiment_id = info["client"].create_experiment(
+                name, artifact_location=(tmp / "mlartifacts" / name).as_uri())
+            rundir = base / f"{backend}-w{w}"
+            rundir.mkdir()
+            runs.append({"backend": backend, "rundir": str(rundir), "workers": w, "trials": n, "storage_url": url,
+                         "tracking_uri": info["tracking_uri"], "study": name, "experiment_id": experiment_id,
+                         "epoch_sleep": args.epoch_sleep, "ready_timeout": 600, "run_timeout": args.b_timeout,
+                         "result": str(rundir / "pool.json"), "profile": args.b_profile})
+    cfg = {"runs": runs, "warmups": warmups, "startup_result": str(base / "startup.json")}
+    (base / "cfg.json").write_text(json.dumps(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with open(rundir / "pool.log", "wb") as pool_log:
-        proc = subprocess.run([sys.executable, str(SCRIPT), "--_pool", str(rundir / "cfg.json")], env=env,
-                              stdout=pool_log, stderr=subprocess.STDOUT, timeout=timeout + 400)
-    if proc.returncode != 0 or not (rundir / "pool.json").exists():
-        raise RuntimeError(f"the worker pool failed (exit {proc.returncode}); see {rundir / 'pool.log'}:\n"
-                           + (rundir / "pool.log").read_text()[-3000:])
-    pool = json.loads((rundir / "pool.json").read_text())
-    go = pool["go"]
+    t0 = time.perf_counter()
+    with open(base / "pool.log", "wb") as pool_log:
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--_pool", str(base / "cfg.json")], env=env,
+                              stdout=pool_log, stderr=subprocess.STDOUT,
+                              timeout=len(runs) * (args.b_timeout + 600) + 600)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"the worker pool failed (exit {proc.returncode}); see {base / 'pool.log'}:\n"
+                           + (base / "pool.log").read_text()[-3000:])
+    startup = json.loads((base / "startup.json").read_text())
+    out = []
+    for backend in backends:
+        info = per_backend[backend]
+        results = [collect_run(run, info["client"], backend, info["mlflow_store"], args)
+                   for run in runs if run["backend"] == backend]
+        one = next((r for r in results if r["workers"] == 1), None)
+        for r in results:
+            if one:
+                r["efficiency"] = r["trials_per_min"] / (r["workers"] * one["trials_per_min"])
+                if r["steady_trials_per_min"] and one["steady_trials_per_min"]:
+                    r["steady_efficiency"] = r["steady_trials_per_min"] / (r["workers"] * one["steady_trials_per_min"])
+            log(f"  (b) {backend} W={r['workers']:>2}: {r['trials_per_min']:.1f} trials/min end to end "
+                f"(eff {r.get('efficiency', float('nan')):.0%}), steady {r['steady_trials_per_min'] or 0:.1f} "
+                f"(eff {r.get('steady_efficiency', float('nan')):.0%}), {r['trials']} trials {r['states']}, "
+                f"errors {r['total_errors']} (locked {r['errors']['database_is_locked']}, warnings "
+                f"{r['errors']['warning_lines']}), per trial: cpu {r['cpu_s_per_trial']:.2f}s, waiting for a CPU "
+                f"{r['runqueue_wait_s_per_trial'] or 0:.2f}s, other waits {r['other_wait_s_per_trial'] or 0:.2f}s; "
+                f"workers PSS {r['memory']['workers_total_peak']['pss_mb']:.0f} MB, load {r['loadavg_end'][0]:.1f}")
+        out.append({"backend": backend, "mlflow_store": info["mlflow_store"], "pool_seconds": seconds,
+                    "worker_startup": startup, "runs": results})
+    return out
 
+
+def collect_run(run: dict[str, Any], client, backend: str, mlflow_kind: str, args) -> dict[str, Any]:
+    from sweeper import study as studies
+    from sweeper import tracking
+
+    rundir, n, name = Path(run["rundir"]), run["trials"], run["study"]
+    pool = json.loads(Path(run["result"]).read_text())
+    go = pool["go"]
+    storage = studies.open_storage(run["storage_url"])
     trials = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)
+    dispose(storage)
     states: dict[str, int] = {}
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     last_complete = max(t.datetime_complete.timestamp() for t in complete) if complete else go
     in_trial = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete]
-    dispose(storage)
-
-    runs = client.search_runs([experiment_id], max_results=5000)
+    runs = client.search_runs([run["experiment_id"]], max_results=5000)
     cell_runs = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "cell"]
     finished_runs = sum(1 for r in cell_runs if r.info.status == "FINISHED")
 
@@ -483,25 +600,37 @@ def part_b_one(dbs: Databases, tmp: Path, backend: str, mlflow_kind: str, mlflow
         iv = sorted(w["intervals"])
         if len(iv) >= 2:
             cycles.append((iv[-1][0] - iv[0][0]) / (len(iv) - 1))
-    steady_per_min = sum(60.0 / c for c in cycles) if cycles else None
-    cpu_total = sum(e["cpu_s"] for e in pool["exits"].values())
+    cpu_total = sum(w["cpu_s"] for w in per_worker)
+    cpu_per_trial = cpu_total / max(1, len(complete))
+    waits = [w["runqueue_wait_s"] for w in per_worker if w.get("runqueue_wait_s") is not None]
+    runq_per_trial = sum(waits) / max(1, len(complete)) if waits else None
+    busy = sum(w["ended"] - w["started"] for w in per_worker)  # worker-seconds from go to exit
+    sleep_per_trial = args.epochs * args.epoch_sleep
     out = {
-        "backend": backend, "mlflow_store": mlflow_kind, "workers": workers, "trials": n,
-        "epochs": epochs, "epoch_sleep_s": epoch_sleep, "states": states,
+        "backend": backend, "mlflow_store": mlflow_kind, "workers": run["workers"], "trials": n,
+        "epochs": args.epochs, "epoch_sleep_s": args.epoch_sleep, "states": states,
         "mlflow_cell_runs": len(cell_runs), "mlflow_finished_runs": finished_runs,
         "makespan_s": last_complete - go,
         "trials_per_min": len(complete) / (last_complete - go) * 60 if complete else 0.0,
-        "steady_trials_per_min": steady_per_min,
+        "steady_trials_per_min": sum(60.0 / c for c in cycles) if cycles else None,
         "steady_cycle_s_mean": statistics.mean(cycles) if cycles else None,
         "in_trial_s_mean": statistics.mean(in_trial) if in_trial else None,
-        "worker_start_to_first_claim_s_max": max((sorted(w["intervals"])[0][0] - go for w in per_worker
-                                                  if w["intervals"]), default=None),
+        "first_claim_after_go_s_max": max((sorted(w["intervals"])[0][0] - go for w in per_worker
+                                           if w["intervals"]), default=None),
         "trials_per_worker": sorted(w["done"] for w in per_worker),
-        "cpu_s_per_trial": cpu_total / max(1, len(complete)),
+        "cpu_s_per_trial": cpu_per_trial,
+        "runqueue_wait_s_per_trial": runq_per_trial,
+        # worker-seconds per trial left once sleep, CPU and run-queue waits are taken out: database
+        # locks, network and disk (fsync) waits, and the idle end of a worker with nothing left
+        "other_wait_s_per_trial": (busy / max(1, len(complete)) - sleep_per_trial - cpu_per_trial
+                                   - (runq_per_trial or 0)),
+        "cores_used": cpu_total / (last_complete - go) if complete else None,
+        # what 2 cores could sustain at this CPU cost per trial, were nothing else running
+        "cpu_ceiling_trials_per_min_2_cores": 2 * 60 / cpu_per_trial if cpu_per_trial else None,
+        "ideal_trials_per_min": run["workers"] * 60 / (args.epochs * args.epoch_sleep),
         "errors": errors, "error_examples": examples, "nonzero_exits": len(nonzero),
-        "timed_out": pool["timed_out"],
-        "memory": {"one_process_after_imports": pool["pool_after_imports"],
-                   "workers_total_peak": pool["peak_workers_total"],
+        "timed_out": pool["timed_out"], "workers_ready_s": pool["ready_s"],
+        "memory": {"workers_total_peak": pool["peak_workers_total"],
                    "per_worker_pss_mb_max": max((p["pss_mb"] for p in pool["per_worker_peak"].values()), default=None),
                    "per_worker_rss_mb_max": max((p["rss_mb"] for p in pool["per_worker_peak"].values()), default=None),
                    "per_worker_maxrss_mb_max": max(e["maxrss_mb"] for e in pool["exits"].values())},
@@ -513,35 +642,6 @@ def part_b_one(dbs: Databases, tmp: Path, backend: str, mlflow_kind: str, mlflow
     out["total_errors"] = (sum(v for k, v in errors.items() if k != "warning_lines") + len(nonzero)
                            + (n - len(complete)) + (n - finished_runs))
     return out
-
-
-def part_b(dbs: Databases, tmp: Path, backend: str, worker_counts: list[int], args) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
-
-    mlflow_kind = args.mlflow_store if args.mlflow_store != "auto" else backend
-    mlflow_uri = dbs.new(mlflow_kind, f"mlflow-{backend}")
-    t0 = time.perf_counter()
-    MlflowClient(mlflow_uri).search_experiments(max_results=1)  # creates the MLflow schema once
-    log(f"  (b) {backend}: MLflow store on {mlflow_kind} ready in {time.perf_counter() - t0:.1f}s")
-    results = []
-    for w in worker_counts:
-        t0 = time.perf_counter()
-        r = part_b_one(dbs, tmp, backend, mlflow_kind, mlflow_uri, w, args.trials_per_worker, args.epoch_sleep,
-                       args.epochs, args.b_timeout, args.b_profile)
-        results.append(r)
-        log(f"  (b) {backend} W={w:>2}: {r['trials_per_min']:.1f} trials/min end to end "
-            f"({r['steady_trials_per_min'] or 0:.1f} steady), {r['trials']} trials, states {r['states']}, "
-            f"errors {r['total_errors']} (locked {r['errors']['database_is_locked']}, "
-            f"warnings {r['errors']['warning_lines']}), cpu {r['cpu_s_per_trial']:.2f}s/trial, "
-            f"workers PSS {r['memory']['workers_total_peak']['pss_mb']:.0f} MB "
-            f"[{time.perf_counter() - t0:.0f}s, load {r['loadavg_end'][0]:.1f}]")
-    base = next((r for r in results if r["workers"] == 1), None)
-    for r in results:
-        if base:
-            r["efficiency"] = r["trials_per_min"] / (r["workers"] * base["trials_per_min"])
-            if r["steady_trials_per_min"] and base["steady_trials_per_min"]:
-                r["steady_efficiency"] = r["steady_trials_per_min"] / (r["workers"] * base["steady_trials_per_min"])
-    return {"backend": backend, "mlflow_store": mlflow_kind, "runs": results}
 
 
 # --- (c) per-trial overhead -------------------------------------------------------------------------
@@ -796,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
             result["a"] = [part_a(dbs, b, args.cells, args.baseline_cells, args.repeats) for b in backends]
         if args.part in ("b", "all"):
             log(f"(b) worker processes {worker_counts}, {args.epochs} epochs x {args.epoch_sleep}s sleep")
-            result["b"] = [part_b(dbs, tmp, b, worker_counts, args) for b in backends]
+            result["b"] = part_b(dbs, tmp, backends, worker_counts, args)
         if args.part in ("c", "all"):
             log(f"(c) per-trial overhead, {args.c_epochs} epochs, SQLite + MLflow SQLite")
             result["c"] = part_c(dbs, tmp, args.c_trials, args.c_rounds, args.c_epochs, not args.no_profile)
@@ -832,7 +932,8 @@ def print_summary(result: dict[str, Any]) -> None:
             print(f"(b) {b['backend']:<10} W={r['workers']:>2} {r['trials_per_min']:6.1f} trials/min "
                   f"(eff {r.get('efficiency', float('nan')):.0%}), steady {r['steady_trials_per_min'] or 0:6.1f} "
                   f"(eff {r.get('steady_efficiency', float('nan')):.0%}), errors {r['total_errors']}, locked "
-                  f"{r['errors']['database_is_locked']}, cpu {r['cpu_s_per_trial']:.2f}s/trial")
+                  f"{r['errors']['database_is_locked']}, per trial cpu {r['cpu_s_per_trial']:.2f}s "
+                  f"+ waiting for a CPU {r['runqueue_wait_s_per_trial'] or 0:.2f}s")
     if "c" in result:
         c = result["c"]
         print(f"(c) sweeper {c['sweeper_ms_per_trial']:.0f} ms/trial vs Optuna+MLflowCallback "

@@ -42,16 +42,23 @@ def _images(n: int):
     return synthetic.load(num_train=n, num_test=64)
 
 
-def _peak_memory(device) -> dict:
+def _peak_memory(device, worker_pids: list[int] = ()) -> dict:
     import torch
 
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if children:
-        out["loader_workers_peak_rss_mb"] = children  # the largest finished child (DataLoader workers)
+    if worker_pids:  # DataLoader workers: peak RSS of each (forked, so partly shared with the parent)
+        out["loader_workers_peak_rss_mb"] = [_vm_hwm_mb(pid) for pid in worker_pids]
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
+    except OSError:
+        return None
 
 
 def measure_seed(variant: str, batch_size: int, steps: int, warmup: int, num_workers: int) -> dict:
@@ -94,7 +101,10 @@ def measure_seed(variant: str, batch_size: int, steps: int, warmup: int, num_wor
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
     model.train()
     started = None
-    for step, (x, y) in enumerate(loader, start=1):
+    batches = iter(loader)
+    workers = [w.pid for w in getattr(batches, "_workers", [])]
+    for step in range(1, warmup + steps + 1):
+        x, y = next(batches)
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
@@ -107,10 +117,11 @@ def measure_seed(variant: str, batch_size: int, steps: int, warmup: int, num_wor
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    del loader  # its workers exit and count in RUSAGE_CHILDREN
+    memory = _peak_memory(device, workers)  # while the workers still run
+    del batches
     return {"images_per_s": steps * batch_size / seconds, "timed_seconds": seconds, "device": str(device),
             "precision": "fp32", "memory_format": "NCHW", "num_workers": num_workers, "loss": float(loss),
-            **_peak_memory(device)}
+            **memory}
 
 
 def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, compile: bool) -> dict:

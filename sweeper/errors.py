@@ -34,7 +34,8 @@ def friendly_errors():
     except click.exceptions.Exit:
         raise
     except Exception as e:  # only the known kinds are caught; anything else is a bug worth a traceback
-        if not isinstance(e, _known_errors()):
+        # SweeperError first: the other known kinds live in modules that import torch (seconds).
+        if not isinstance(e, SweeperError) and not isinstance(e, _known_errors()):
             raise
         click.echo(f"Error: {redact(str(e))}", err=True)
         sys.exit(1)

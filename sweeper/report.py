@@ -315,8 +315,10 @@ def tables(frame: pd.DataFrame, epochs: int = DEFAULT_EPOCHS, against_seed: bool
                 measured = {"Top 1 Error": state, "Top 5 Error": state, "Parameters": "—", time_col: "—", "MACs": "—"}
             else:
                 measured = {
-                    "Top 1 Error": _stat(done["top1_error"], _error), "Top 5 Error": _stat(done["top5_error"], _error),
-                    "Parameters": _stat(done["params"], _count, collapse_equal=True), time_col: _stat(done["train_seconds"], format_duration),
+                    "Top 1 Error": _stat(done["top1_error"], _error),
+                    "Top 5 Error": _stat(done["top5_error"], _error),
+                    "Parameters": _stat(done["params"], _count, collapse_equal=True),
+                    time_col: _stat(done["train_seconds"], format_duration),
                     "MACs": _stat(done["macs"], _count, collapse_equal=True),
                 }
             if many_seeds:
@@ -384,7 +386,7 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
-    widths = [max(len(cell(c)), *(len(cell(r[i])) for r in rows)) if rows else len(cell(c)) for i, c in enumerate(columns)]
+    widths = [max([len(cell(c))] + [len(cell(r[i])) for r in rows]) for i, c in enumerate(columns)]
     right = [i > 0 for i in range(len(columns))]  # numbers right-aligned, the variant name left
     lines = ["| " + " | ".join(cell(c).ljust(w) for c, w in zip(columns, widths)) + " |",
              "|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1)) for w, r in zip(widths, right)) + "|"]
@@ -473,7 +475,7 @@ def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool 
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     out_dir = Path(plots_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -491,12 +493,17 @@ def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool 
     for name, x_col, x_label, log_x in (("params", "params", "parameters", True),
                                         ("time", "train_seconds", f"training time, {collected.epochs} epochs (s)", False)):
         fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-        for _, row in summary.iterrows():
+        xs = []
+        points = summary.assign(_x=summary[x_col].astype(float)).sort_values("_x") if not summary.empty else summary
+        for i, (_, row) in enumerate(points.iterrows()):
             x, y = float(row[x_col]), float(row["top1_error"])
             if math.isnan(x) or math.isnan(y):
                 continue
+            xs.append(x)
             ax.scatter(x, y, marker=MARKERS.get(row["variant"], "o"), color=colors[row["dataset"]], s=70, zorder=3)
-            ax.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+            # Neighbours along x get their labels above and below in turn, so close points stay legible.
+            ax.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(6, 6 if i % 2 == 0 else -13),
+                        fontsize=8)
         seeded = False
         if against_seed:
             for dataset in datasets:
@@ -507,10 +514,11 @@ def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool 
                                edgecolors=colors[dataset], s=70, zorder=2)
                     ax.annotate(f"{variant} (seed)", (x, r.top1_error), textcoords="offset points",
                                 xytext=(6, -10), fontsize=7, color="#666")
-        if log_x and not summary.empty:
+        if log_x and xs:
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FuncFormatter(_si))
-            ax.xaxis.set_minor_formatter(FuncFormatter(_si))
+            # Label the 2..9 ticks only when the points span less than a decade; else they collide.
+            ax.xaxis.set_minor_formatter(FuncFormatter(_si) if max(xs) / min(xs) < 10 else NullFormatter())
         ax.margins(0.12)
         for dataset in datasets:
             ax.scatter([], [], color=colors[dataset], label=dataset)

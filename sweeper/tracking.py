@@ -42,8 +42,10 @@ def configure_http(request_timeout: int = 20, max_retries: int = 2) -> None:
 
 
 def client(uri: str | None = None):
+    """An MlflowClient whose HTTP calls give up in seconds (every command gets bounded waits)."""
     from mlflow.tracking import MlflowClient
 
+    configure_http()
     return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
 
 
@@ -93,7 +95,9 @@ def ensure_experiment(mlflow_client, name: str) -> str:
     if uri.startswith("sqlite:"):  # embedded store: artifacts beside the database, not in ./mlruns
         artifact_location = (settings.home() / "mlartifacts").as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+        # The kind tag makes MLflow 3's UI open the runs table rather than its GenAI overview.
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location,
+                                               tags={"mlflow.experimentKind": "custom_model_development"})
     except MlflowException:
         existing = mlflow_client.get_experiment_by_name(name)
         if existing is None:

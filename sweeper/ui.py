@@ -1,12 +1,13 @@
 """`sweeper ui`: the MLflow UI and optuna-dashboard for one study, on 127.0.0.1, until Ctrl-C.
 
 Each server runs in its own process group (its own session), so Ctrl-C in the terminal reaches
-`sweeper ui` alone, which then stops each group as a whole (the MLflow server's uvicorn workers
-included): SIGTERM to all at once, then SIGKILL for whatever is left after a few seconds. No process outlives
-the command. When the tracking URI is already a server (http...), only its URL is printed.
+`sweeper ui` alone, which then stops the groups as a whole (the MLflow server's uvicorn worker
+included): SIGTERM to all at once, then SIGKILL for whatever is left after a few seconds. No
+process outlives the command. When the tracking URI is already a server (http...), only its URL
+is printed and only optuna-dashboard is started.
 
     >>> serve("quickstart", None, None, port=5000, dashboard_port=8080)   # doctest: +SKIP
-    MLflow UI         http://127.0.0.1:5000/#/experiments/1
+    MLflow UI         http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning
     optuna-dashboard  http://127.0.0.1:8080/dashboard/studies/1
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sweeper import tracking
 from sweeper.errors import SweeperError, redact
 
 HOST = "127.0.0.1"
-READY_TIMEOUT = 90.0  # seconds for both servers to answer HTTP (MLflow's first start migrates its DB)
+READY_TIMEOUT = 120.0  # seconds for both servers to answer (MLflow alone takes 10-60 s to start on 2 busy CPUs)
 STOP_TIMEOUT = 8.0  # seconds between SIGTERM and SIGKILL for the servers' process groups
 
 
@@ -209,6 +210,14 @@ def dashboard_command(storage_url: str, port: int) -> list[str]:
     return [*_executable("optuna-dashboard"), storage_url, "--host", HOST, "--port", str(port)]
 
 
+def _without_credentials(url: str) -> str:
+    """http://user:secret@host:5000 -> http://host:5000 (a URL to print, not to log in with)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def _artifact_root(experiment, uri: str) -> str | None:
     if experiment is not None and experiment.artifact_location.startswith("file:"):
         return experiment.artifact_location
@@ -246,7 +255,7 @@ def serve(study_name: str, storage: str | None, tracking_uri: str | None, port: 
     if not remote and port == dashboard_port:
         raise SweeperError("--port and --dashboard-port must differ")
 
-    base = uri.rstrip("/") if remote else f"http://{HOST}:{port}"
+    base = _without_credentials(uri).rstrip("/") if remote else f"http://{HOST}:{port}"
     # The runs table in the "Model training" view (MLflow 3 opens new experiments on a GenAI overview).
     mlflow_url = (f"{base}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
                   if experiment else f"{base}/")

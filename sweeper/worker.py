@@ -76,11 +76,13 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # A server is checked before an embedded store is opened (which creates its file), so an
     # unreachable URL or a refused password leaves nothing behind.
-    mlflow_client = tracking.client(config.tracking_uri)
-    if tracking.is_server(config.tracking_uri):
+    server = tracking.is_server(config.tracking_uri)
+    if server:
+        mlflow_client = tracking.client(config.tracking_uri)
         tracking.check_reachable(mlflow_client)
     storage = studies.open_storage(config.storage_url, config.heartbeat_interval, config.grace_period)
-    if not tracking.is_server(config.tracking_uri):
+    if not server:  # an embedded store: the client creates its database file
+        mlflow_client = tracking.client(config.tracking_uri)
         tracking.check_reachable(mlflow_client)
     log.info("worker %s on %s: storage %s, tracking %s", os.getpid(), socket.gethostname(),
              redact(config.storage_url), redact(config.tracking_uri))

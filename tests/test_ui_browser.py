@@ -55,9 +55,9 @@ def _missing_browser() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def require_browser():
-    """Runs before the study is trained: skip (or, with SWEEPER_REQUIRE_BROWSER=1, fail) at once."""
+    """Before the study is trained: skip (or, with SWEEPER_REQUIRE_BROWSER=1, fail) at once."""
     reason = _missing_browser()
     if reason:
         if os.environ.get("SWEEPER_REQUIRE_BROWSER") == "1":
@@ -104,7 +104,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory):
+def ui(require_browser, tmp_path_factory):
     """A trained tiny study served by `sweeper ui` on free ports."""
     home = tmp_path_factory.mktemp("ui-home")
     spec = home / f"{STUDY}.toml"
@@ -278,3 +278,35 @@ def test_stopping_leaves_no_process_behind(ui):
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
     assert stopped_in < 30
     assert "stopped" in (ui["home"] / "ui.stderr").read_text()
+
+
+# --- no browser needed ------------------------------------------------------------------------
+
+def test_a_taken_port_is_a_clear_error():
+    from sweeper import ui as uis
+    from sweeper.errors import SweeperError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SweeperError, match=f"port {port} on 127.0.0.1 is already in use.*--port N"):
+            uis.check_port_free(port, "MLflow UI", "--port")
+
+
+def test_a_server_that_dies_is_a_clear_error(tmp_path):
+    from sweeper import ui as uis
+    from sweeper.errors import SweeperError
+
+    server = uis.Server("MLflow UI", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+                        "http://127.0.0.1:9/", tmp_path / "server.log")
+    server.start()
+    with pytest.raises(SweeperError, match=r"(?s)MLflow UI exited before it answered \(exit code 3\).*boom"):
+        uis.wait_ready([server], timeout=30)
+    uis.stop_all([server])
+
+
+def test_printed_urls_carry_no_credentials():
+    from sweeper import ui as uis
+
+    assert uis._without_credentials("https://me:secret@mlflow.example:5000/") == "https://mlflow.example:5000/"

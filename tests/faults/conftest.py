@@ -246,3 +246,42 @@ def pg_outage(pg_database):
     yield make
     for outage in outages:
         outage.close()  # before pg_database drops the database
+
+
+class AuthMlflowServer(MlflowServer):
+    """`mlflow server --app-name basic-auth` (users in a SQLite database), admin account set."""
+
+    ADMIN, PASSWORD = "admin", "Sweeper-admin-Passw0rd!"
+
+    def start(self) -> "AuthMlflowServer":
+        config = self.root / "basic_auth.ini"
+        config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'auth.db'}\n"
+                          f"admin_username = {self.ADMIN}\nauthorization_function = "
+                          "mlflow.server.auth:authenticate_request_basic_auth\n")
+        log = open(self.root / "mlflow-server.log", "ab")
+        self.proc = subprocess.Popen(
+            ["mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", self.backend_uri,
+             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                 "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": self.PASSWORD,
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY": "sweeper-tests"},
+        )
+        wait_http(f"{self.url}/health", timeout=180)
+        return self
+
+
+@pytest.fixture
+def auth_server(tmp_path):
+    try:
+        import flask_wtf  # noqa: F401  (the basic-auth app refuses to start without it)
+    except ImportError:
+        pytest.skip("`mlflow server --app-name basic-auth` needs Flask-WTF: pip install 'mlflow[auth]'")
+    root = tmp_path / "mlflow-auth"
+    root.mkdir()
+    server = AuthMlflowServer(root).start()
+    yield server
+    if server.proc.poll() is None:
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()

@@ -102,3 +102,30 @@ def test_sigterm_requeues_at_once_and_a_second_signal_exits_now(tmp_path, sweepe
     assert trials[2].system_attrs["retry_history"] == [0, 1]
     assert trials[2].value == reference()[-1]["top1_error"]
     assert_cell_run(client, trials[2].user_attrs["mlflow_run_id"], reference(), resumed_from=1)
+
+
+def test_a_frozen_worker_that_wakes_up_after_its_trial_was_retried_stands_down(tmp_path, sweeper_env, spawn, tracking,
+                                                                               reference):
+    """SIGSTOP past the grace period (a paused VM, a long stall): another worker retries the trial;
+    on SIGCONT the first one notices at its next epoch and stands down, touching neither store."""
+    env = {**sweeper_env, "MLFLOW_TRACKING_URI": tracking.url}
+    enqueue(write_spec(tmp_path / "frozen.toml", epochs=EPOCHS))
+    url = f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db"
+
+    frozen = spawn("worker", "--study", "frozen", *FAST, "--grace-period", "3", env=env)
+    frozen.wait_for(r"epoch 1/3")
+    frozen.send(signal.SIGSTOP)
+    try:
+        other = spawn("worker", "--study", "frozen", *FAST, "--grace-period", "3", "--forever",
+                      "--poll-interval", "0.5", "--max-trials", "1", env=env)
+        assert other.wait(180) == 0, other.text()
+    finally:
+        frozen.send(signal.SIGCONT)
+    frozen.wait_for(r"this worker stands down")
+    assert frozen.wait(120) == 0, frozen.text()
+    assert "complete" not in frozen.text()
+
+    failed, done = trials_of(url, "frozen")
+    assert (failed.state, done.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert done.value == reference()[-1]["top1_error"]
+    assert_cell_run(MlflowClient(tracking.url), done.user_attrs["mlflow_run_id"], reference(), resumed_from=1)
