@@ -44,13 +44,16 @@ SCRIPT = Path(__file__).resolve()
 sys.path.insert(0, str(SCRIPT.parent.parent))  # run from a checkout without installing
 
 PG_ADMIN_URL = os.environ.get("SWEEPER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-ERROR_PATTERNS = {
+ERROR_PATTERNS = {  # counted in the workers' output (stdout + stderr, logging at INFO)
     "database_is_locked": "database is locked",
+    "too_many_clients": "too many clients",
+    "deadlock": "deadlock",
+    "operational_error": "OperationalError",
     "traceback": "Traceback",
     "error_lines": " ERROR ",
-    "warning_lines": " WARNING ",
-    "operational_error": "OperationalError",
-    "deadlock": "deadlock",
+    "mlflow_error_lines": "ERROR mlflow",
+    "storage_unreachable_at_start": "cannot open the Optuna storage",
+    "warning_lines": " WARNING ",  # e.g. a database call retried, MLflow buffered: listed, not errors
 }
 
 
@@ -388,8 +391,15 @@ def run_workers(run: dict[str, Any]) -> dict[str, Any]:
     per_worker_peak: dict[int, dict[str, float]] = {}
     deadline = go + run["run_timeout"]
     timed_out = False
+    pg = _pg_sampler(run.get("pg_dbs") or [])
+    connections: dict[str, int] = {}
+    next_sample = 0.0
     while len(exits) < len(pids):
         reap()
+        if pg and time.time() >= next_sample:
+            next_sample = time.time() + 0.5
+            for db, count in pg().items():
+                connections[db] = max(connections.get(db, 0), count)
         total_rss = total_pss = 0.0
         for pid, i in pids.items():
             if i in exits:
@@ -409,7 +419,32 @@ def run_workers(run: dict[str, Any]) -> dict[str, Any]:
                         os.kill(pid, signal.SIGKILL)
         time.sleep(0.25)
     return {"go": go, "ready_s": ready_s, "exits": exits, "timed_out": timed_out, "peak_workers_total": peak,
+            "peak_pg_connections": connections,
             "per_worker_peak": per_worker_peak, "loadavg_end": os.getloadavg()}
+
+
+def _pg_sampler(dbs: list[str]):
+    """A function returning {database: open connections} for the run's PostgreSQL databases."""
+    if not dbs:
+        return None
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=5)
+        conn.autocommit = True
+    except Exception:  # noqa: BLE001 - the figure is optional
+        return None
+
+    def sample() -> dict[str, int]:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT datname, count(*) FROM pg_stat_activity WHERE datname = ANY(%s) GROUP BY datname",
+                            (dbs,))
+                return dict(cur.fetchall())
+        except Exception:  # noqa: BLE001
+            return {}
+
+    return sample
 
 
 def _mem(pid: int) -> dict[str, float] | None:
@@ -524,7 +559,9 @@ def part_b(dbs: Databases, tmp: Path, backends: list[str], worker_counts: list[i
                 name, artifact_location=(tmp / "mlartifacts" / name).as_uri())
             rundir = base / f"{backend}-w{w}"
             rundir.mkdir()
+            pg_dbs = [u.rsplit("/", 1)[1] for u in (url, info["tracking_uri"]) if u.startswith("postgresql")]
             runs.append({"backend": backend, "rundir": str(rundir), "workers": w, "trials": n, "storage_url": url,
+                         "pg_dbs": pg_dbs,
                          "tracking_uri": info["tracking_uri"], "study": name, "experiment_id": experiment_id,
                          "epoch_sleep": args.epoch_sleep, "ready_timeout": 600, "run_timeout": args.b_timeout,
                          "result": str(rundir / "pool.json"), "profile": args.b_profile})
@@ -555,8 +592,9 @@ def part_b(dbs: Databases, tmp: Path, backends: list[str], worker_counts: list[i
             log(f"  (b) {backend} W={r['workers']:>2}: {r['trials_per_min']:.1f} trials/min end to end "
                 f"(eff {r.get('efficiency', float('nan')):.0%}), steady {r['steady_trials_per_min'] or 0:.1f} "
                 f"(eff {r.get('steady_efficiency', float('nan')):.0%}), {r['trials']} trials {r['states']}, "
-                f"errors {r['total_errors']} (locked {r['errors']['database_is_locked']}, warnings "
-                f"{r['errors']['warning_lines']}), per trial: cpu {r['cpu_s_per_trial']:.2f}s, waiting for a CPU "
+                f"errors {r['total_errors']} (locked {r['errors']['database_is_locked']}, too many clients "
+                f"{r['errors']['too_many_clients']}, exits {r['nonzero_exits']}, warnings "
+                f"{r['errors']['warning_lines']}), pg connections {r['peak_pg_connections']}, per trial: cpu {r['cpu_s_per_trial']:.2f}s, waiting for a CPU "
                 f"{r['runqueue_wait_s_per_trial'] or 0:.2f}s, other waits {r['other_wait_s_per_trial'] or 0:.2f}s; "
                 f"workers PSS {r['memory']['workers_total_peak']['pss_mb']:.0f} MB, load {r['loadavg_end'][0]:.1f}")
         out.append({"backend": backend, "mlflow_store": info["mlflow_store"], "pool_seconds": seconds,
@@ -585,14 +623,17 @@ def collect_run(run: dict[str, Any], client, backend: str, mlflow_kind: str, arg
     finished_runs = sum(1 for r in cell_runs if r.info.status == "FINISHED")
 
     errors = {k: 0 for k in ERROR_PATTERNS}
+    error_lines = 0  # lines with any of the patterns but a warning, each counted once
     examples: list[str] = []
     for f in sorted(rundir.glob("worker-*.log")):
         for line in f.read_text(errors="replace").splitlines():
-            for k, pattern in ERROR_PATTERNS.items():
-                if pattern in line:
-                    errors[k] += 1
-                    if k != "warning_lines" and len(examples) < 5:
-                        examples.append(f"{f.name}: {line[:300]}")
+            hits = [k for k, pattern in ERROR_PATTERNS.items() if pattern in line]
+            for k in hits:
+                errors[k] += 1
+            if any(k != "warning_lines" for k in hits):
+                error_lines += 1
+                if len(examples) < 5 and "Traceback" not in line:
+                    examples.append(f"{f.name}: {line[:300]}")
     nonzero = sorted(i for i, e in pool["exits"].items() if e["status"] != 0)
     per_worker = [json.loads(p.read_text()) for p in sorted(rundir.glob("done-*.json"))]
     cycles = []
@@ -630,6 +671,8 @@ def collect_run(run: dict[str, Any], client, backend: str, mlflow_kind: str, arg
         "ideal_trials_per_min": run["workers"] * 60 / (args.epochs * args.epoch_sleep),
         "errors": errors, "error_examples": examples, "nonzero_exits": len(nonzero),
         "timed_out": pool["timed_out"], "workers_ready_s": pool["ready_s"],
+        "peak_pg_connections": {("optuna" if db == run["storage_url"].rsplit("/", 1)[1] else "mlflow"): c
+                                for db, c in pool.get("peak_pg_connections", {}).items()},
         "memory": {"workers_total_peak": pool["peak_workers_total"],
                    "per_worker_pss_mb_max": max((p["pss_mb"] for p in pool["per_worker_peak"].values()), default=None),
                    "per_worker_rss_mb_max": max((p["rss_mb"] for p in pool["per_worker_peak"].values()), default=None),
@@ -639,8 +682,8 @@ def collect_run(run: dict[str, Any], client, backend: str, mlflow_kind: str, arg
     }
     # error lines and tracebacks in the logs, workers that exited non-zero, trials not COMPLETE,
     # cells without a FINISHED MLflow run (warnings, e.g. a retried database call, are listed apart)
-    out["total_errors"] = (sum(v for k, v in errors.items() if k != "warning_lines") + len(nonzero)
-                           + (n - len(complete)) + (n - finished_runs))
+    out["error_lines"] = error_lines
+    out["total_errors"] = error_lines + len(nonzero) + (n - len(complete)) + (n - finished_runs)
     return out
 
 
@@ -853,8 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="(b) epochs per trial")
     parser.add_argument("--epoch-sleep", type=float, default=1.0, help="(b) seconds of sleep per epoch")
     parser.add_argument("--b-timeout", type=float, default=300, help="(b) seconds one W may run")
-    parser.add_argument("--mlflow-store", choices=("auto", "sqlite", "postgresql"), default="auto",
-                        help="(b) MLflow backend store: auto = the same database kind as the Optuna storage")
+    parser.add_argument("--mlflow-store", choices=("sqlite", "postgresql", "auto"), default="sqlite",
+                        help="(b) the workers' MLflow store (embedded, no server): a SQLite file for every run "
+                             "(default), or a PostgreSQL database; auto = the Optuna storage's kind")
     parser.add_argument("--b-profile", action="store_true", help="(b) cProfile each worker (worker-N.prof; use --keep)")
     parser.add_argument("--c-trials", type=int, default=20, help="(c) trials per round")
     parser.add_argument("--c-rounds", type=int, default=3, help="(c) alternating rounds (median)")

@@ -53,6 +53,20 @@ def _peak_memory(device, worker_pids: list[int] = ()) -> dict:
     return out
 
 
+def _cpu_seconds(pids: list[int] = ()) -> float:
+    """CPU time of this process (all its threads) plus that of ``pids`` (DataLoader workers)."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def _vm_hwm_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -113,13 +127,14 @@ def measure_seed(variant: str, batch_size: int, steps: int, warmup: int, num_wor
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), _cpu_seconds(workers)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds(workers) - cpu_started
     memory = _peak_memory(device, workers)  # while the workers still run
     del batches
-    return {"images_per_s": steps * batch_size / seconds, "timed_seconds": seconds, "device": str(device),
+    return {"images_per_s": steps * batch_size / seconds, "timed_seconds": seconds,
+            "cpu_seconds": cpu, "images_per_cpu_s": steps * batch_size / cpu, "device": str(device),
             "precision": "fp32", "memory_format": "NCHW", "num_workers": num_workers, "loss": float(loss),
             **memory}
 
@@ -135,18 +150,20 @@ def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, comp
     splits = _images(n)
     torch.manual_seed(1)
     model = build_model(variant, splits.num_classes)
-    marks: dict[int, float] = {}
+    marks: dict[int, tuple[float, float]] = {}
 
     def on_step(step: int, total: int) -> None:
         if step in (warmup, warmup + steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            marks[step] = time.perf_counter()
+            marks[step] = time.perf_counter(), _cpu_seconds()
 
     recipe = Recipe(epochs=1, batch_size=batch_size, eval_batch_size=64)
     result = fit(model, splits, recipe, device=str(device), precision="auto", compile=compile, on_step=on_step)
-    seconds = marks[warmup + steps] - marks[warmup]
-    return {"images_per_s": steps * batch_size / seconds, "timed_seconds": seconds, "device": result.device,
+    seconds = marks[warmup + steps][0] - marks[warmup][0]
+    cpu = marks[warmup + steps][1] - marks[warmup][1]
+    return {"images_per_s": steps * batch_size / seconds, "timed_seconds": seconds,
+            "cpu_seconds": cpu, "images_per_cpu_s": steps * batch_size / cpu, "device": result.device,
             "precision": result.precision, "memory_format": "channels_last" if result.precision == "bf16" or device.type == "cuda" else "NCHW",
             "compile": compile, "loss": result.final.train_loss, **_peak_memory(device)}
 
@@ -158,8 +175,11 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_measure", kind, "--variant", args.variant,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--num-workers", str(args.num_workers)]
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     print(f"measuring {kind} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"the {kind} measurement failed (exit {proc.returncode})")
@@ -177,6 +197,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2, help="the seed's DataLoader workers")
     parser.add_argument("--repeats", type=int, default=1, help="measure each this many times, alternating; report the best")
     parser.add_argument("--compile", action="store_true", help="also measure fit(..., compile=True)")
+    parser.add_argument("--threads", type=int, help="torch threads of both (OMP_NUM_THREADS); default: torch's")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--_measure", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -189,6 +210,8 @@ def main() -> None:
         print(json.dumps(out))
         return
 
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported: the report's torch_threads
     import torch
 
     kinds = ["seed", "sweeper"] + (["sweeper-compile"] if args.compile else [])
@@ -204,10 +227,13 @@ def main() -> None:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "warmup": args.warmup,
+        "threads": args.threads or torch.get_num_threads(),
         "images_per_run": args.batch_size * (args.steps + args.warmup),
         "seed_images_per_s": seed["images_per_s"],
         "sweeper_images_per_s": ours["images_per_s"],
         "ratio": ours["images_per_s"] / seed["images_per_s"],
+        # CPU time instead of wall time: what the same work costs when the machine is shared.
+        "cpu_ratio": ours["images_per_cpu_s"] / seed["images_per_cpu_s"],
         "seed": seed,
         "sweeper": ours,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -233,8 +259,9 @@ def main() -> None:
     if args.compile:
         rows.append(("sweeper fit, compile=True", best["sweeper-compile"]))
     for label, r in rows:
-        print(f"  {label:<40} {r['images_per_s']:9.1f} images/s   {mem} {r[mem]:8.0f} MB")
-    print(f"  ratio sweeper / seed: {report['ratio']:.2f}x")
+        print(f"  {label:<40} {r['images_per_s']:9.1f} images/s  {r['images_per_cpu_s']:9.1f} images/CPU-s"
+              f"   {mem} {r[mem]:8.0f} MB")
+    print(f"  ratio sweeper / seed: {report['ratio']:.2f}x (wall), {report['cpu_ratio']:.2f}x (CPU time)")
     if args.compile:
         print(f"  compile=True vs eager: {report['compile_speedup']:.2f}x")
 

@@ -30,9 +30,9 @@ def launch(spec: StudySpec, storage_url: str | None, tracking_uri: str | None, *
     console.print(f"storage {redact(url)}\ntracking {redact(uri)}")
 
     tracking.configure_http()
-    storage = studies.open_storage(url, heartbeat_interval, grace_period)
     mlflow_client = tracking.client(uri)
-    tracking.check_reachable(mlflow_client)
+    tracking.check_reachable(mlflow_client)  # first: a bad URL or password leaves nothing behind
+    storage = studies.open_storage(url, heartbeat_interval, grace_period)
     with studies.study_lock(storage, spec.name):
         experiment_id = tracking.ensure_experiment(mlflow_client, spec.name)
         tracking.ensure_study_run(mlflow_client, experiment_id, spec.to_dict())

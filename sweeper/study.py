@@ -58,9 +58,14 @@ def open_storage(
     heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL,
     grace_period: int = DEFAULT_GRACE_PERIOD,
     max_retry: int = MAX_RETRY,
+    stall_timeout: float | None = None,
 ) -> RDBStorage:
     """An RDBStorage with heartbeats, retries of dead workers' trials, and SQLite made safe for
-    several processes (write transactions take the lock up front and wait for it)."""
+    several processes (write transactions take the lock up front and wait for it).
+
+    ``stall_timeout`` (workers pass their grace period): on PostgreSQL, the server ends a session
+    of this process that sits idle inside a transaction that long, so a frozen worker (a paused
+    VM, SIGSTOP) cannot hold row locks that the workers retrying its trial wait on."""
     url = resolve_storage_url(url)
     sqlite = url.startswith("sqlite")
     if sqlite:
@@ -68,11 +73,15 @@ def open_storage(
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    storage_kwargs = engine_kwargs
+    if stall_timeout and url.startswith("postgresql"):
+        options = f"-c idle_in_transaction_session_timeout={int(stall_timeout * 1000)}"
+        storage_kwargs = {**engine_kwargs, "connect_args": {**engine_kwargs["connect_args"], "options": options}}
     try:
         with _schema_lock(url, engine_kwargs):
             storage = RDBStorage(
                 url,
-                engine_kwargs=engine_kwargs,
+                engine_kwargs=storage_kwargs,
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=RetryCallback(max_retry=max_retry),

@@ -5,6 +5,7 @@ on any machine resumes), logs the epoch's metrics with ``step`` = epoch, and rep
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -12,7 +13,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ log = logging.getLogger("sweeper.worker")
 
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
 CHECKPOINT_ARTIFACT = "checkpoint"
+TRACKING_CHECK_EVERY = 30.0  # seconds between looks at MLflow before claiming, after a success
 
 
 @dataclass
@@ -80,16 +82,20 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
     if server:
         mlflow_client = tracking.client(config.tracking_uri)
         tracking.check_reachable(mlflow_client)
-    storage = studies.open_storage(config.storage_url, config.heartbeat_interval, config.grace_period)
+    storage = studies.open_storage(config.storage_url, config.heartbeat_interval, config.grace_period,
+                                   stall_timeout=config.grace_period)
     if not server:  # an embedded store: the client creates its database file
         mlflow_client = tracking.client(config.tracking_uri)
         tracking.check_reachable(mlflow_client)
     log.info("worker %s on %s: storage %s, tracking %s", os.getpid(), socket.gethostname(),
              redact(config.storage_url), redact(config.tracking_uri))
     done = 0
+    tracking_ok_at = time.monotonic()  # checked just now
     while not stop.is_set() and (config.max_trials is None or done < config.max_trials):
-        if not _wait_for_tracking(mlflow_client, config, stop):
-            break
+        if time.monotonic() - tracking_ok_at > TRACKING_CHECK_EVERY:
+            if not _wait_for_tracking(mlflow_client, config, stop):
+                break
+            tracking_ok_at = time.monotonic()
         try:
             claimed = studies.retry_db(_claim_next, storage, config.study_names, within=config.grace_period,
                                        what="looking for a waiting trial")
@@ -105,7 +111,10 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
             stop.event.wait(config.poll_interval)
             continue
         study, trial_id = claimed
-        TrialRun(study, trial_id, config, mlflow_client, stop).run()
+        trial_run = TrialRun(study, trial_id, config, mlflow_client, stop)
+        trial_run.run()
+        if trial_run.failed:  # perhaps MLflow is down: look before claiming again
+            tracking_ok_at = float("-inf")
         done += 1
     return done
 
@@ -187,6 +196,39 @@ class TrialLost(Exception):
     database outage), the trial was failed and its retry enqueued. Stand down, touch nothing."""
 
 
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the sweeper checkout this worker runs from, when it runs from one."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, device: str):
+    """MLflow's CPU/memory/GPU sampler on the trial's run, reporting only this worker's GPU."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True, tracking_uri=tracking_uri)
+        gpu = torch.device(device).index if device.startswith("cuda") else None
+        for m in list(monitor.monitors):
+            if type(m).__name__ == "GPUMonitor":
+                if gpu is None:
+                    monitor.monitors.remove(m)
+                else:  # NVML sees every GPU of the host; keep the one this worker trains on
+                    m.gpu_handles = m.gpu_handles[gpu : gpu + 1]
+        monitor.start()
+        return monitor
+    except Exception as e:  # system metrics are a nicety: never fail a trial over them
+        log.warning("system metrics are off for run %s: %s", run_id, redact(e))
+        return None
+
+
 class TrialRun:
     """One claimed trial, from the cell's attributes to a told result."""
 
@@ -205,6 +247,8 @@ class TrialRun:
         self.logger: tracking.RunLogger | None = None
         self.run_id: str | None = None
         self.model = None
+        self.system_metrics = None
+        self.failed = False
 
     def _db(self, fn, *args, **kwargs):
         """A storage call that survives a database blip shorter than the grace period."""
@@ -241,6 +285,8 @@ class TrialRun:
                 log.exception("trial %d: %s failed", number, self.key)
                 self._fail(f"{type(e).__name__}: {redact(e)}", retry=True)
             finally:
+                if self.system_metrics is not None:
+                    self.system_metrics.finish()
                 self.model = None
                 gc.collect()
                 if torch.cuda.is_available():
@@ -257,6 +303,8 @@ class TrialRun:
         self._db(self.trial.set_user_attr, "sweeper.epochs", recipe.epochs)
 
         fresh_run = self._open_run()
+        if self.config.system_metrics:
+            self.system_metrics = start_system_metrics(self.run_id, self.config.tracking_uri, self.config.device)
         # Steps already in the run (an earlier attempt logged them): never logged again, whether
         # this attempt resumes from a checkpoint or, without a usable one, starts from epoch 1.
         already_logged = set() if fresh_run else tracking.logged_steps(self.client, self.run_id)
@@ -268,7 +316,8 @@ class TrialRun:
         if fresh_run or not self.client.get_run(self.run_id).data.params:  # params are immutable in MLflow
             self.logger.log_params({"variant": self.variant, "dataset": self.dataset, **recipe.to_dict()})
         self.logger.set_tags({"sweeper.device": self.config.device, "sweeper.host": socket.gethostname(),
-                              "sweeper.version": __version__, "torch.version": torch.__version__})
+                              "sweeper.version": __version__, "torch.version": torch.__version__,
+                              **({"mlflow.source.git.commit": git_commit()} if git_commit() else {})})
         if resume:
             self.logger.set_tags({"sweeper.resumed_from_epoch": resume["epoch"]})
             for m in resume["history"]:
@@ -426,6 +475,7 @@ class TrialRun:
             log.warning("could not close MLflow run %s: %s", self.run_id, redact(e))
 
     def _fail(self, reason: str, retry: bool) -> None:
+        self.failed = True
         log.error("trial %d: %s failed: %s", self.trial.number, self.key, reason)
         self._end_run("FAILED", reason)
         if retry:

@@ -1,4 +1,9 @@
-"""The engine commands through the real CLI in a subprocess: `sweeper models`, `sweeper train`."""
+"""The engine commands through the real CLI in a subprocess: `sweeper models`, `sweeper train`.
+
+The two slow commands start together when the module's first test needs them (one core each:
+OMP_NUM_THREADS=1, as two OpenMP threads per process on a small shared machine make everything
+wait on spinning threads), and each test then checks its own finished process.
+"""
 from __future__ import annotations
 
 import json
@@ -35,16 +40,54 @@ MACS_CIFAR100 = {
 STEM_RGB_MINUS_GREY = 2 * 9 * 192  # the stem conv reads 3 channels instead of 1
 
 
+pytestmark = pytest.mark.usefixtures("slow_commands")  # start them with the first test
+
+TRAIN = ("train", "--variant", "short4", "--dataset", "digits", "--epochs", "3", "--format", "json")
+MODELS = ("models", "--format", "json")
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("home")
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SWEEPER_") and k != "MLFLOW_TRACKING_URI"}
-    return {**clean, "SWEEPER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return {**clean, "SWEEPER_HOME": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def sweeper(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sweeper", *args], env=env, cwd=env["SWEEPER_HOME"],
-                          capture_output=True, text=True, timeout=timeout)
+def start(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sweeper", *args], env=env, cwd=env["SWEEPER_HOME"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(proc.args[1:])} did not finish in {timeout} s\nstderr:\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def sweeper(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return finish(start(*args, env=env))
+
+
+@pytest.fixture(scope="module")
+def slow_commands(env):
+    """`train` and `models`, started at once; each test waits for its own."""
+    procs = {"train": start(*TRAIN, env=env), "models": start(*MODELS, env=env)}
+    done: dict[str, subprocess.CompletedProcess] = {}
+
+    def result(name: str) -> subprocess.CompletedProcess:
+        if name not in done:
+            done[name] = finish(procs[name])
+        return done[name]
+
+    yield result
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def test_help_works(env):
@@ -57,8 +100,8 @@ def test_help_works(env):
     assert proc.returncode == 0 and "--variant" in proc.stdout and "--format" in proc.stdout
 
 
-def test_models_json_is_the_exact_list(env):
-    proc = sweeper("models", "--format", "json", env=env)
+def test_models_json_is_the_exact_list(slow_commands):
+    proc = slow_commands("models")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)  # the whole of stdout is one document
     assert [(r["dataset"], r["variant"]) for r in rows] == [(d, v) for d in DATASETS for v in VARIANTS]
@@ -84,8 +127,8 @@ def test_models_json_is_the_exact_list(env):
         assert by[dataset, "naive"]["macs"] > by[dataset, "standard"]["macs"]
 
 
-def test_train_json_is_one_document_and_progress_goes_to_stderr(env):
-    proc = sweeper("train", "--variant", "short4", "--dataset", "digits", "--epochs", "3", "--format", "json", env=env)
+def test_train_json_is_one_document_and_progress_goes_to_stderr(slow_commands):
+    proc = slow_commands("train")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["variant"] == "short4" and result["dataset"] == "digits"

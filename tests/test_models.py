@@ -25,6 +25,15 @@ PARAMS = {
     "short4": (1_643_796, 1_551_546),
 }
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a small shared machine, two spinning OpenMP threads per process stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CFG = InceptionCfg(n1x1=4, n3x3_reduce=3, n3x3=5, n5x5_reduce=2, n5x5=6, pool_proj=7)
 
 

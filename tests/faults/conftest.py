@@ -7,7 +7,6 @@ Everything here drives real processes; nothing is mocked except the one in-proce
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import signal

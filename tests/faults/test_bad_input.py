@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_spec
 
 SECRET = "s3cret"
 BAD_PG = f"postgresql://user:{SECRET}@127.0.0.1:1/db"
@@ -187,7 +186,6 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, sweeper_
         if case.empty_home and any(case.home.iterdir()):
             problems.append(f"wrote {sorted(p.name for p in case.home.iterdir())}: {said}")
     assert not problems, "\n\n".join(problems)
-    print({c.name: round(c.seconds, 1) for c in todo if not c.process})
 
 
 def test_unreachable_stores_are_given_up_on_in_seconds(monkeypatch):

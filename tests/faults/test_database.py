@@ -2,7 +2,6 @@
 workers racing to retry a dead worker's trial, and two `sweeper launch` at the same moment."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys

@@ -105,12 +105,14 @@ def test_sigterm_requeues_at_once_and_a_second_signal_exits_now(tmp_path, sweepe
 
 
 def test_a_frozen_worker_that_wakes_up_after_its_trial_was_retried_stands_down(tmp_path, sweeper_env, spawn, tracking,
-                                                                               reference):
+                                                                               reference, pg_database):
     """SIGSTOP past the grace period (a paused VM, a long stall): another worker retries the trial;
-    on SIGCONT the first one notices at its next epoch and stands down, touching neither store."""
-    env = {**sweeper_env, "MLFLOW_TRACKING_URI": tracking.url}
-    enqueue(write_spec(tmp_path / "frozen.toml", epochs=EPOCHS))
-    url = f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db"
+    on SIGCONT the first one notices at its next epoch and stands down, touching neither store.
+    On PostgreSQL, the several-machines setup (on SQLite a process frozen while it holds the
+    database lock blocks every other process until it resumes)."""
+    url = pg_database()
+    env = {**sweeper_env, "MLFLOW_TRACKING_URI": tracking.url, "SWEEPER_STORAGE": url}
+    enqueue(write_spec(tmp_path / "frozen.toml", epochs=EPOCHS), url)
 
     frozen = spawn("worker", "--study", "frozen", *FAST, "--grace-period", "3", env=env)
     frozen.wait_for(r"epoch 1/3")

@@ -7,8 +7,6 @@ down, and the retry resumes from the local checkpoint, logging what MLflow misse
 """
 from __future__ import annotations
 
-import signal
-
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 

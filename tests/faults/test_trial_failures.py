@@ -9,7 +9,6 @@ import json
 import weakref
 
 import optuna
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
