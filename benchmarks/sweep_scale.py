@@ -714,13 +714,13 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
                                  precision="fp32", system_metrics=False)
     counter = {"i": 0}
 
-    def sweeper_round(n: int, prof=None, freeze: bool = False) -> float:
+    def sweeper_round(n: int, prof=None, freeze: bool = False, system_metrics: bool = False) -> float:
         counter["i"] += 1
         name = f"scale-c-{counter['i']}"
         storage = studies.open_storage(sw_storage_url)
         studies.launch(storage, grid_spec(name, n + 1, epochs=epochs, limit_train=256, limit_test=64))
         dispose(storage)
-        cfg = replace(config, study_names=(name,))
+        cfg = replace(config, study_names=(name,), system_metrics=system_metrics)
         worker.run(replace(cfg, max_trials=1))  # experiment, parent run: once per study
         t0 = time.perf_counter()
         worker.run(replace(cfg, max_trials=0))  # setup of run() alone
@@ -773,6 +773,7 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
     variants = {
         "sweeper": lambda: sweeper_round(trials),
         "sweeper_gc_freeze": lambda: sweeper_round(trials, freeze=True),
+        "sweeper_system_metrics": lambda: sweeper_round(trials, system_metrics=True),
         "baseline": lambda: baseline_round(trials),
         "baseline_wal": lambda: baseline_round(trials, wal=True),
     }
@@ -787,6 +788,8 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         "variants": {
             "sweeper": "sweeper.worker.run: claim, MLflow run, 14 epochs of checkpoint + metrics + report, tell",
             "sweeper_gc_freeze": "the same, with gc.freeze() before run() (what-if for a proposed change)",
+            "sweeper_system_metrics": "the same with WorkerConfig(system_metrics=True), the CLI's default "
+                                      "(MLflow's sampler thread per trial); the others run without it",
             "baseline": "study.optimize + MLflowCallback, 14 trial.report per trial, plain Optuna SQLite URL",
             "baseline_wal": "the same on sweeper.study.open_storage (WAL, synchronous=NORMAL, BEGIN IMMEDIATE)",
         },
@@ -796,6 +799,7 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         out[f"{k}_ms_rounds"] = v
     out["ratio_sweeper_over_baseline"] = out["sweeper_ms_per_trial"] / out["baseline_ms_per_trial"]
     out["ratio_sweeper_over_baseline_wal"] = out["sweeper_ms_per_trial"] / out["baseline_wal_ms_per_trial"]
+    out["ratio_sweeper_system_metrics_over_baseline"] = out["sweeper_system_metrics_ms_per_trial"] / out["baseline_ms_per_trial"]
     out["ratio_sweeper_gc_freeze_over_baseline"] = out["sweeper_gc_freeze_ms_per_trial"] / out["baseline_ms_per_trial"]
     out["target_met"] = out["sweeper_ms_per_trial"] <= out["baseline_ms_per_trial"]
     if profile:
@@ -852,14 +856,11 @@ def profile_rows(prof, trials: int, calls) -> list[dict[str, Any]]:
     stats = pstats.Stats(prof).stats
     rows = []
     for file_part, func in calls:
-        ncalls = cum = 0.0
-        for key, (_cc, nc, _tt, ct, _callers) in stats.items():
-            if _match(key, file_part, func):
-                ncalls += nc
-                cum += ct
-        if ncalls:
-            rows.append({"function": f"{file_part}:{func}", "calls_per_trial": round(ncalls / trials, 2),
-                         "ms_per_trial": round(cum / trials * 1000, 2)})
+        for key, (_cc, nc, _tt, ct, _callers) in sorted(stats.items(), key=lambda kv: kv[0][1]):
+            if _match(key, file_part, func):  # one row per function (worker.py has two called run)
+                where = f"{file_part}:{key[1]}" if key[1] else file_part
+                rows.append({"function": f"{where}({func})", "calls_per_trial": round(nc / trials, 2),
+                             "ms_per_trial": round(ct / trials * 1000, 2)})
     return rows
 
 
@@ -983,7 +984,8 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"(c) sweeper {c['sweeper_ms_per_trial']:.0f} ms/trial vs Optuna+MLflowCallback "
               f"{c['baseline_ms_per_trial']:.0f} ms/trial (on sweeper's SQLite settings "
               f"{c['baseline_wal_ms_per_trial']:.0f}): ratio {c['ratio_sweeper_over_baseline']:.2f}; "
-              f"with gc.freeze() {c['sweeper_gc_freeze_ms_per_trial']:.0f} ms/trial")
+              f"with gc.freeze() {c['sweeper_gc_freeze_ms_per_trial']:.0f} ms/trial, with system metrics "
+              f"{c['sweeper_system_metrics_ms_per_trial']:.0f} ms/trial")
         for row in c.get("sweeper_profile", []):
             print(f"    {row['function']:<48} {row['calls_per_trial']:6.1f} calls {row['ms_per_trial']:8.1f} ms/trial")
 

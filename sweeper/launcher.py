@@ -30,9 +30,10 @@ def launch(spec: StudySpec, storage_url: str | None, tracking_uri: str | None, *
     console.print(f"storage {redact(url)}\ntracking {redact(uri)}")
 
     tracking.configure_http()
-    mlflow_client = tracking.client(uri)
-    tracking.check_reachable(mlflow_client)  # first: a bad URL or password leaves nothing behind
+    if tracking.is_server(uri):  # probed first: a bad URL or password leaves nothing behind
+        tracking.check_reachable(tracking.client(uri))
     storage = studies.open_storage(url, heartbeat_interval, grace_period)
+    mlflow_client = tracking.client(uri)  # an embedded store is created here, after the storage opened
     with studies.study_lock(storage, spec.name):
         experiment_id = tracking.ensure_experiment(mlflow_client, spec.name)
         tracking.ensure_study_run(mlflow_client, experiment_id, spec.to_dict())
