@@ -200,9 +200,13 @@ def seed_images_per_s(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
         except ImportError:
             measure_seed = None
         if measure_seed is not None:
-            r = measure_seed(variant, sz.batch, sz.seed_steps, sz.seed_warmup, sz.seed_workers)
-            return {**r, "source": "train_throughput.measure_seed", "timed_steps": sz.seed_steps,
-                    "peak_gib": r["peak_gpu_mb"] / 1024 if r.get("peak_gpu_mb") is not None else None}
+            try:
+                r = measure_seed(variant, sz.batch, sz.seed_steps, sz.seed_warmup, sz.seed_workers)
+            except TypeError as e:  # its signature changed: fall back to this file's loop
+                log(f"    train_throughput.measure_seed not usable ({e}); using gpu_check's own seed loop")
+            else:
+                return {**r, "source": "train_throughput.measure_seed", "timed_steps": sz.seed_steps,
+                        "peak_gib": r["peak_gpu_mb"] / 1024 if r.get("peak_gpu_mb") is not None else None}
     return {**seed_loop(variant, sz, budget), "source": "gpu_check.seed_loop"}
 
 

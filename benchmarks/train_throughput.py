@@ -16,6 +16,13 @@ at the same batch size; the first ``--warmup`` steps of each are not timed. Each
 in its own subprocess, so peak memory (ru_maxrss on the CPU, torch.cuda.max_memory_allocated on a
 GPU) is its own. With ``--compile``, fit(..., compile=True) is measured as a third row.
 
+Besides images per second (wall clock), each row has images per CPU-second: the CPU time of the
+process over the timed steps, the seed's DataLoader workers included. On a machine shared with
+other jobs the wall clock swings with their load; CPU time much less. ``--threads N`` sets
+OMP_NUM_THREADS for both. The seed's ``num_workers=2`` is kept even on a 2-core machine, where
+the workers compete with the training threads (their PIL work is small next to a training step).
+Results are recorded in docs/BENCHMARKS.md ("Training throughput (engine)").
+
 Imports neither optuna nor mlflow.
 """
 from __future__ import annotations
@@ -135,7 +142,7 @@ def measure_seed(variant: str, batch_size: int, steps: int, warmup: int, num_wor
     del batches
     return {"images_per_s": steps * batch_size / seconds, "timed_seconds": seconds,
             "cpu_seconds": cpu, "images_per_cpu_s": steps * batch_size / cpu, "device": str(device),
-            "precision": "fp32", "memory_format": "NCHW", "num_workers": num_workers, "loss": float(loss),
+            "precision": "fp32", "memory_format": "NCHW", "num_workers": num_workers, "loss": loss.item(),
             **memory}
 
 

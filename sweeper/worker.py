@@ -89,6 +89,11 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
         tracking.check_reachable(mlflow_client)
     log.info("worker %s on %s: storage %s, tracking %s", os.getpid(), socket.gethostname(),
              redact(config.storage_url), redact(config.tracking_uri))
+    # Everything imported so far lives as long as the worker: keep it out of every later
+    # collection (the per-trial gc.collect() below then costs a fraction, ~45% of a trial's
+    # orchestration time before this in benchmarks/sweep_scale.py --part c).
+    gc.collect()
+    gc.freeze()
     done = 0
     tracking_ok_at = time.monotonic()  # checked just now
     while not stop.is_set() and (config.max_trials is None or done < config.max_trials):

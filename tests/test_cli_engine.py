@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,10 @@ def test_help_works(env):
         assert re.search(rf"^\s+{command}\s", proc.stdout, re.M), proc.stdout
     proc = sweeper("train", "--help", env=env)
     assert proc.returncode == 0 and "--variant" in proc.stdout and "--format" in proc.stdout
+    script = Path(sys.executable).parent / "sweeper"  # the installed console script
+    if script.exists():
+        proc = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "Usage: sweeper" in proc.stdout, proc.stderr
 
 
 def test_models_json_is_the_exact_list(slow_commands):

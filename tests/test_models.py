@@ -27,11 +27,14 @@ PARAMS = {
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One torch thread: on a small shared machine, two spinning OpenMP threads per process stall."""
+    """One torch thread: on a small shared machine, two spinning OpenMP threads per process stall.
+    The models built here (naive: 65 M parameters) are dropped when the module is done."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+    model.cache_clear()
+    forward_32x32.cache_clear()
 
 
 CFG = InceptionCfg(n1x1=4, n3x3_reduce=3, n3x3=5, n5x5_reduce=2, n5x5=6, pool_proj=7)

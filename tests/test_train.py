@@ -154,7 +154,7 @@ def test_synthetic_is_learnable_well_below_chance(synthetic_runs):
 
 def test_same_seed_device_and_precision_give_identical_metrics():
     info = dataclasses.replace(load("digits").info, hflip=True)  # flips on: their coins must repeat too
-    data = dataclasses.replace(tiny_digits(256, 64), info=info)
+    data = dataclasses.replace(tiny_digits(128, 64), info=info)
     recipe = Recipe(epochs=2, batch_size=32, seed=3)
     runs, finals = [], []
     for _ in range(2):
