@@ -126,6 +126,8 @@ def cli():
 @format_option()
 def models(dataset, fmt):
     """Parameters, MACs per image and Inception modules of every variant."""
+    import torch
+
     from sweeper.data import DATASETS
     from sweeper.models import VARIANTS, build_model, count_macs, count_params
 
@@ -133,7 +135,8 @@ def models(dataset, fmt):
     for name in ([dataset] if dataset else list(DATASETS)):
         info = DATASETS[name]
         for variant, cfg in VARIANTS.items():
-            model = build_model(variant, info.num_classes, info.shape[0])
+            with torch.device("meta"):  # shapes only: counting needs no real weights
+                model = build_model(variant, info.num_classes, info.shape[0])
             rows.append({
                 "variant": variant, "dataset": name, "num_classes": info.num_classes,
                 "params": count_params(model), "macs": count_macs(model, info.shape),

@@ -14,7 +14,7 @@ the full training state to ``on_epoch``, which may checkpoint, log, report or as
 """
 from __future__ import annotations
 
-import math
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -274,8 +274,9 @@ def fit(
         if dev.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(dev)
         return {
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
+            # Copies, not views: on the CPU .cpu() would alias the live tensors that training mutates.
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
             "scheduler": scheduler.state_dict(),
             "rng": rng,
             "epoch": len(result.history),
