@@ -193,6 +193,10 @@ def part_a(dbs: Databases, backend: str, cells: int, baseline_cells: int, repeat
     assert len(study.get_trials(deepcopy=False)) == baseline_cells
     dispose(storage)
     a, b = fit_quadratic(cum)
+    if a < 0 or b < 0:  # a noisy fit on a short baseline: neither term can cost negative time
+        a, b = max(a, 0.0), max(b, 0.0)
+        if a == b == 0.0:
+            a = t_base / baseline_cells
     out.update({
         "baseline_enqueue_s": t_base,
         "baseline_relaunch_s": t_base_re,
