@@ -18,16 +18,7 @@ import pytest
 VARIANTS = ["naive", "standard", "long", "short", "short2", "short3", "short4"]
 DATASETS = ["cifar10", "cifar100", "digits", "synthetic"]
 MODULES = {"naive": 9, "standard": 9, "long": 12, "short": 7, "short2": 5, "short3": 3, "short4": 2}
-# variant -> (CIFAR-100 params, CIFAR-10 params): the seed's table (Short3/Short4: see docs/MODELS.md)
-PARAMS = {
-    "naive": (65_736_148, 65_291_098),
-    "standard": (6_258_500, 6_166_250),
-    "long": (9_641_924, 9_549_674),
-    "short": (5_271_652, 5_179_402),
-    "short2": (3_523_556, 3_431_306),
-    "short3": (1_965_164, 1_872_914),
-    "short4": (1_643_796, 1_551_546),
-}
+from test_models import PARAMS  # noqa: E402 - variant -> (CIFAR-100, CIFAR-10) parameter counts
 # One 3x32x32 image, CIFAR-100 head (torch's flop counter, MACs = FLOPs / 2).
 MACS_CIFAR100 = {
     "naive": 11_160_357_696,
