@@ -34,12 +34,12 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import free_port, sweeper, write_spec
+from test_compose import env_example, interpolate  # compose's own .env and ${VAR} rules, defined once
 
 yaml = pytest.importorskip("yaml")  # PyYAML comes with mlflow
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-ENV_EXAMPLE = ROOT / ".env.example"
 WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
 
 N_WORKERS = 3
@@ -55,37 +55,6 @@ PG_HOST_IN_COMPOSE = "@postgres:5432/"
 TRACKING_IN_COMPOSE = "http://mlflow:5000"
 DATA_DIR_IN_COMPOSE = "/data"
 HOME_IN_COMPOSE = "/home/sweeper/.sweeper"
-
-# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?msg}, ${VAR?msg}; `$$` is an escaped dollar.
-INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
-
-
-# --- what compose would do ----------------------------------------------------------------
-
-def interpolate(value: str, variables: dict[str, str]) -> str:
-    """Compose's interpolation of one string: defaults applied, required ones enforced."""
-    def sub(m: re.Match) -> str:
-        name, op, arg = m.group(1), m.group(2), m.group(3)
-        current = variables.get(name)
-        missing = not current if op in (":-", ":?") else current is None
-        if missing and op in (":-", "-"):
-            return arg
-        if missing and op in (":?", "?"):
-            raise KeyError(f"required variable {name} unset: {arg}")
-        return current or ""
-
-    return INTERPOLATION.sub(sub, value).replace("$$", "$")
-
-
-def env_example() -> dict[str, str]:
-    """A `.env` made with `cp .env.example .env`."""
-    values = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
-    return values
 
 
 def service_environment(service: dict, variables: dict[str, str]) -> dict[str, str]:
