@@ -29,6 +29,7 @@ overall budget is skipped and marked so in the table:
 
 The last lines printed are the table; LOGDIR gets gpu_check.json with every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,10 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -51,8 +53,11 @@ if str(REPO) not in sys.path:
 
 NO_GPU_EXIT = 2
 MISSING_DEPS_EXIT = 3
-SEED_CELLS = [(v, d) for d in ("cifar100", "cifar10")
-              for v in ("naive", "standard", "long", "short", "short2", "short3", "short4")]
+SEED_CELLS = [
+    (v, d)
+    for d in ("cifar100", "cifar10")
+    for v in ("naive", "standard", "long", "short", "short2", "short3", "short4")
+]
 TARGET_SPEEDUP = 20.0
 TARGET_FULL_RUN_S = 90.0
 TARGET_SWEEP_MIN = 15.0
@@ -70,6 +75,7 @@ def log(*args: Any) -> None:
 def time_bound(seconds: float):
     """Raise PhaseTimeout in the main thread after ``seconds`` (a hard bound: compilation or a
     stuck step cannot run the whole check past its budget)."""
+
     def handler(signum, frame):
         raise PhaseTimeout(f"hard time bound of {seconds:.0f}s reached")
 
@@ -83,6 +89,7 @@ def time_bound(seconds: float):
 
 
 # --- sizes -------------------------------------------------------------------------------------
+
 
 @dataclass
 class Sizes:
@@ -108,25 +115,46 @@ class Sizes:
     compile: bool = True
     precision: str = "bf16"
     total_budget: float = 440.0  # seconds for every phase together (the .sh stops it at 475)
-    budgets: dict[str, float] = field(default_factory=lambda: {
-        "seed": 35, "fit": 110, "full": 160, "packed": 55, "sweep": 45, "fit_best": 80})
+    budgets: dict[str, float] = field(
+        default_factory=lambda: {"seed": 35, "fit": 110, "full": 160, "packed": 55, "sweep": 45, "fit_best": 80}
+    )
 
     @classmethod
-    def dry_run_cpu(cls) -> "Sizes":
+    def dry_run_cpu(cls) -> Sizes:
         # inductor on a CPU compiles for minutes: the dry run leaves compile off, all else equal
-        return cls(device="cpu", image=8, batch=4, best_batches=(8, 16), seed_warmup=1, seed_steps=2,
-                   seed_log_interval=2, fit_warmup=1, fit_steps=2, sweep_warmup=1, sweep_steps=2,
-                   full_epochs=2, full_train=16, full_test=8, num_classes=10, packed=(2,),
-                   packed_warmup=1, packed_steps=2, compile=False, total_budget=240.0,
-                   budgets={"seed": 60, "fit": 60, "full": 60, "packed": 90, "sweep": 60, "fit_best": 60})
+        return cls(
+            device="cpu",
+            image=8,
+            batch=4,
+            best_batches=(8, 16),
+            seed_warmup=1,
+            seed_steps=2,
+            seed_log_interval=2,
+            fit_warmup=1,
+            fit_steps=2,
+            sweep_warmup=1,
+            sweep_steps=2,
+            full_epochs=2,
+            full_train=16,
+            full_test=8,
+            num_classes=10,
+            packed=(2,),
+            packed_warmup=1,
+            packed_steps=2,
+            compile=False,
+            total_budget=240.0,
+            budgets={"seed": 60, "fit": 60, "full": 60, "packed": 90, "sweep": 60, "fit_best": 60},
+        )
 
 
 # --- data ----------------------------------------------------------------------------------------
 
+
 def splits(n_train: int, n_test: int, num_classes: int, image: int):
     """sweeper's synthetic set, resized when the dry run asks for smaller images."""
-    import torch.nn.functional as F
     from dataclasses import replace
+
+    import torch.nn.functional as F
 
     from sweeper.data import synthetic
 
@@ -137,8 +165,9 @@ def splits(n_train: int, n_test: int, num_classes: int, image: int):
     def shrink(x):
         return F.interpolate(x.float(), size=(image, image), mode="area").round().clamp(0, 255).byte()
 
-    return replace(data, info=replace(data.info, shape=(3, image, image)),
-                   train_x=shrink(data.train_x), test_x=shrink(data.test_x))
+    return replace(
+        data, info=replace(data.info, shape=(3, image, image)), train_x=shrink(data.train_x), test_x=shrink(data.test_x)
+    )
 
 
 class PILImages:
@@ -187,6 +216,7 @@ def reset_gpu(device) -> None:
 
 # --- 1. the seed's loop ----------------------------------------------------------------------------
 
+
 def seed_images_per_s(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
     """The seed loop's images/s: benchmarks/train_throughput.py's measure_seed where it applies
     (full-size images on the default device), else this file's own copy of the same loop."""
@@ -205,8 +235,12 @@ def seed_images_per_s(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
             except TypeError as e:  # its signature changed: fall back to this file's loop
                 log(f"    train_throughput.measure_seed not usable ({e}); using gpu_check's own seed loop")
             else:
-                return {**r, "source": "train_throughput.measure_seed", "timed_steps": sz.seed_steps,
-                        "peak_gib": r["peak_gpu_mb"] / 1024 if r.get("peak_gpu_mb") is not None else None}
+                return {
+                    **r,
+                    "source": "train_throughput.measure_seed",
+                    "timed_steps": sz.seed_steps,
+                    "peak_gib": r["peak_gpu_mb"] / 1024 if r.get("peak_gpu_mb") is not None else None,
+                }
     return {**seed_loop(variant, sz, budget), "source": "gpu_check.seed_loop"}
 
 
@@ -221,11 +255,21 @@ def seed_loop(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
     device = torch.device(sz.device)
     n = (sz.seed_warmup + sz.seed_steps + 2) * sz.batch
     data = splits(n, sz.batch, sz.num_classes, sz.image)
-    transform = transforms.Compose([transforms.RandomHorizontalFlip(p=0.5), transforms.ToTensor(),
-                                    transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    transform = transforms.Compose(
+        [
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
     loader = torch.utils.data.DataLoader(
-        PILImages(data.train_x, data.train_y, transform), batch_size=sz.batch, shuffle=True,
-        num_workers=sz.seed_workers, pin_memory=device.type == "cuda", drop_last=True)
+        PILImages(data.train_x, data.train_y, transform),
+        batch_size=sz.batch,
+        shuffle=True,
+        num_workers=sz.seed_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     torch.manual_seed(1)
     model = build_model(variant, sz.num_classes).to(device)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
@@ -253,14 +297,29 @@ def seed_loop(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
                 break
     if t0 is None or t1 is None or timed == 0:
         raise PhaseTimeout("the seed loop did not get past its warm-up steps")
-    return {"images_per_s": timed * sz.batch / (t1 - t0), "timed_steps": timed, "warmup_s": t0 - started,
-            "peak_gib": peak_gib(device), "final_loss": loss.item()}
+    return {
+        "images_per_s": timed * sz.batch / (t1 - t0),
+        "timed_steps": timed,
+        "warmup_s": t0 - started,
+        "peak_gib": peak_gib(device),
+        "final_loss": loss.item(),
+    }
 
 
 # --- 2. sweeper's fit() ------------------------------------------------------------------------------
 
-def fit_throughput(variant: str, batch: int, sz: Sizes, budget: float, *, compile: bool | str, warmup: int,
-                   steps: int, barrier: Callable[[], float] | None = None) -> dict[str, Any]:
+
+def fit_throughput(
+    variant: str,
+    batch: int,
+    sz: Sizes,
+    budget: float,
+    *,
+    compile: bool | str,
+    warmup: int,
+    steps: int,
+    barrier: Callable[[], float] | None = None,
+) -> dict[str, Any]:
     """images/s of sweeper.train.fit over ``steps`` steps after ``warmup`` steps, from on_step."""
     import torch
 
@@ -291,8 +350,16 @@ def fit_throughput(variant: str, batch: int, sz: Sizes, budget: float, *, compil
 
     recipe = Recipe(epochs=1, batch_size=batch, eval_batch_size=max(batch, 256), seed=1)
     try:
-        fit(model, data, recipe, device=sz.device, precision=sz.precision, compile=compile, on_step=on_step,
-            should_stop=should_stop)
+        fit(
+            model,
+            data,
+            recipe,
+            device=sz.device,
+            precision=sz.precision,
+            compile=compile,
+            on_step=on_step,
+            should_stop=should_stop,
+        )
     except Interrupted:
         pass
     if "t0" not in marks:
@@ -302,12 +369,19 @@ def fit_throughput(variant: str, batch: int, sz: Sizes, budget: float, *, compil
         sync(device)
         marks["t1"] = time.time()
         timed = last["step"] - warmup
-    return {"images_per_s": timed * batch / (marks["t1"] - marks["t0"]), "timed_steps": timed,
-            "warmup_s": marks["warm"] - started, "t0": marks["t0"], "t1": marks["t1"],
-            "images": timed * batch, "peak_gib": peak_gib(device)}
+    return {
+        "images_per_s": timed * batch / (marks["t1"] - marks["t0"]),
+        "timed_steps": timed,
+        "warmup_s": marks["warm"] - started,
+        "t0": marks["t0"],
+        "t1": marks["t1"],
+        "images": timed * batch,
+        "peak_gib": peak_gib(device),
+    }
 
 
 # --- 3. a full 14-epoch run ------------------------------------------------------------------------
+
 
 def full_run(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
     import torch
@@ -326,23 +400,46 @@ def full_run(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
     started = time.perf_counter()
 
     def on_epoch(m, state) -> bool:
-        epochs.append({"epoch": m.epoch, "epoch_seconds": m.epoch_seconds, "images_per_s": m.images_per_s,
-                       "top1_error": m.top1_error, "at_s": time.perf_counter() - started})
-        log(f"    epoch {m.epoch}/{sz.full_epochs}: {m.epoch_seconds:.1f}s, {m.images_per_s:,.0f} images/s, "
-            f"top1_error {m.top1_error:.3f}")
+        epochs.append(
+            {
+                "epoch": m.epoch,
+                "epoch_seconds": m.epoch_seconds,
+                "images_per_s": m.images_per_s,
+                "top1_error": m.top1_error,
+                "at_s": time.perf_counter() - started,
+            }
+        )
+        log(
+            f"    epoch {m.epoch}/{sz.full_epochs}: {m.epoch_seconds:.1f}s, {m.images_per_s:,.0f} images/s, "
+            f"top1_error {m.top1_error:.3f}"
+        )
         return False
 
     recipe = Recipe(epochs=sz.full_epochs, batch_size=sz.batch, seed=1)
     finished = True
     try:
-        fit(model, data, recipe, device=sz.device, precision=sz.precision, compile=sz.compile,
-            on_epoch=on_epoch, should_stop=lambda: time.monotonic() > deadline)
+        fit(
+            model,
+            data,
+            recipe,
+            device=sz.device,
+            precision=sz.precision,
+            compile=sz.compile,
+            on_epoch=on_epoch,
+            should_stop=lambda: time.monotonic() > deadline,
+        )
     except Interrupted:
         finished = False
     wall = time.perf_counter() - started
-    out = {"wall_s": wall, "epochs_done": len(epochs), "finished": finished, "data_gen_s": data_s,
-           "peak_gib": peak_gib(device), "epochs": epochs,
-           "final_top1_error": epochs[-1]["top1_error"] if epochs else None}
+    out = {
+        "wall_s": wall,
+        "epochs_done": len(epochs),
+        "finished": finished,
+        "data_gen_s": data_s,
+        "peak_gib": peak_gib(device),
+        "epochs": epochs,
+        "final_top1_error": epochs[-1]["top1_error"] if epochs else None,
+    }
     if not finished and len(epochs) >= 2:  # project from the steady epochs
         steady = [e["epoch_seconds"] for e in epochs[1:]]
         out["projected_wall_s"] = epochs[-1]["at_s"] + (sz.full_epochs - len(epochs)) * sum(steady) / len(steady)
@@ -350,6 +447,7 @@ def full_run(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
 
 
 # --- 4. packed trials ------------------------------------------------------------------------------
+
 
 def packed_worker(cfg_path: str) -> int:
     """One of K processes sharing the GPU: fit() after a common start, for a fixed number of steps."""
@@ -369,11 +467,19 @@ def packed_worker(cfg_path: str) -> int:
         return time.time()
 
     try:
-        r = fit_throughput(cfg["variant"], sz.batch, sz, cfg["budget"], compile=sz.compile, warmup=sz.packed_warmup,
-                           steps=sz.packed_steps, barrier=barrier)
+        r = fit_throughput(
+            cfg["variant"],
+            sz.batch,
+            sz,
+            cfg["budget"],
+            compile=sz.compile,
+            warmup=sz.packed_warmup,
+            steps=sz.packed_steps,
+            barrier=barrier,
+        )
         (rundir / f"result-{index}.json").write_text(json.dumps(r))
         return 0
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         (rundir / f"result-{index}.json").write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         traceback.print_exc()
         return 1
@@ -393,17 +499,26 @@ def packed(k: int, variant: str, sz: Sizes, budget: float, logdir: Path) -> dict
         cfg = {"sizes": asdict(sz), "rundir": str(rundir), "index": i, "budget": budget, "variant": variant}
         (rundir / f"cfg-{i}.json").write_text(json.dumps(cfg))
         out = open(rundir / f"worker-{i}.log", "wb")
-        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_packed-worker",
-                                       str(rundir / f"cfg-{i}.json")], stdout=out, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--_packed-worker", str(rundir / f"cfg-{i}.json")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        )
     try:
         while sum((rundir / f"ready-{i}").exists() for i in range(k)) < k:
             if time.monotonic() > deadline:
-                raise PhaseTimeout(f"{sum((rundir / f'ready-{i}').exists() for i in range(k))}/{k} processes "
-                                   "finished their warm-up (start-up, compilation) within the budget")
+                raise PhaseTimeout(
+                    f"{sum((rundir / f'ready-{i}').exists() for i in range(k))}/{k} processes "
+                    "finished their warm-up (start-up, compilation) within the budget"
+                )
             failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
             if failed:
-                raise RuntimeError(f"packed process {failed[0]} exited {procs[failed[0]].returncode}: "
-                                   + (rundir / f"worker-{failed[0]}.log").read_text()[-1500:])
+                raise RuntimeError(
+                    f"packed process {failed[0]} exited {procs[failed[0]].returncode}: "
+                    + (rundir / f"worker-{failed[0]}.log").read_text()[-1500:]
+                )
             time.sleep(0.02)
         go = time.time()
         (rundir / "go").write_text(repr(go))
@@ -422,12 +537,18 @@ def packed(k: int, variant: str, sz: Sizes, budget: float, logdir: Path) -> dict
         raise RuntimeError(f"packed process failed: {errors[0]}")
     images = sum(r["images"] for r in results)
     span = max(r["t1"] for r in results) - go
-    return {"k": k, "aggregate_images_per_s": images / span, "per_trial_images_per_s": [r["images_per_s"] for r in results],
-            "peak_gib_per_trial": max((r["peak_gib"] or 0) for r in results) if sz.device != "cpu" else None,
-            "warmup_s_max": max(r["warmup_s"] for r in results), "span_s": span}
+    return {
+        "k": k,
+        "aggregate_images_per_s": images / span,
+        "per_trial_images_per_s": [r["images_per_s"] for r in results],
+        "peak_gib_per_trial": max((r["peak_gib"] or 0) for r in results) if sz.device != "cpu" else None,
+        "warmup_s_max": max(r["warmup_s"] for r in results),
+        "span_s": span,
+    }
 
 
 # --- the sweep projection ----------------------------------------------------------------------------
+
 
 def project_sweep(packed_rows: list[dict[str, Any]], measured: str) -> dict[str, Any] | None:
     """The seed's 14 cells (7 variants x CIFAR-100/10, 14 epochs of 50,000 + 10,000 images) at the
@@ -450,12 +571,20 @@ def project_sweep(packed_rows: list[dict[str, Any]], measured: str) -> dict[str,
     per_trial = aggregate / best["k"]
     longest = per_cell_images * max(macs.values()) / macs[measured] / per_trial  # one cell on one slot
     seconds = max(std_equiv / aggregate, longest)
-    return {"best_k": best["k"], "aggregate_images_per_s": aggregate, "measured_variant": measured,
-            "equivalent_images": std_equiv,
-            "macs": macs, "longest_cell_s": longest, "projected_s": seconds, "projected_min": seconds / 60}
+    return {
+        "best_k": best["k"],
+        "aggregate_images_per_s": aggregate,
+        "measured_variant": measured,
+        "equivalent_images": std_equiv,
+        "macs": macs,
+        "longest_cell_s": longest,
+        "projected_s": seconds,
+        "projected_min": seconds / 60,
+    }
 
 
 # --- main -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -471,11 +600,17 @@ class Row:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="seed loop vs sweeper fit() on one GPU, in under 8 minutes")
     parser.add_argument("--logdir", type=Path, default=None, help="where gpu_check.json (and the packed logs) go")
-    parser.add_argument("--dry-run-cpu", action="store_true",
-                        help="run every phase on the CPU with tiny sizes (no GPU needed; checks the code paths)")
+    parser.add_argument(
+        "--dry-run-cpu",
+        action="store_true",
+        help="run every phase on the CPU with tiny sizes (no GPU needed; checks the code paths)",
+    )
     parser.add_argument("--budget", type=float, default=None, help="seconds for all phases together")
-    parser.add_argument("--variants", default="standard,naive",
-                        help="comma-separated; the first gets every phase, the others seed loop, fit and batch sweep")
+    parser.add_argument(
+        "--variants",
+        default="standard,naive",
+        help="comma-separated; the first gets every phase, the others seed loop, fit and batch sweep",
+    )
     parser.add_argument("--_packed-worker", dest="packed_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.packed_worker:
@@ -486,21 +621,27 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         import torchvision
     except ImportError as e:
-        print(f"gpu_check: {e}; this check needs Python with PyTorch (CUDA build) and torchvision",
-              file=sys.stderr, flush=True)
+        print(
+            f"gpu_check: {e}; this check needs Python with PyTorch (CUDA build) and torchvision",
+            file=sys.stderr,
+            flush=True,
+        )
         return MISSING_DEPS_EXIT
 
     if not args.dry_run_cpu and not torch.cuda.is_available():
-        print(f"gpu_check: no CUDA GPU is visible (torch {torch.__version__}, built for CUDA "
-              f"{torch.version.cuda or 'none'}; torch.cuda.is_available() is False). This check needs an "
-              "NVIDIA GPU; run it on the GPU machine, or pass --dry-run-cpu to exercise its code paths on the "
-              "CPU.", file=sys.stderr, flush=True)
+        print(
+            f"gpu_check: no CUDA GPU is visible (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda or 'none'}; torch.cuda.is_available() is False). This check needs an "
+            "NVIDIA GPU; run it on the GPU machine, or pass --dry-run-cpu to exercise its code paths on the "
+            "CPU.",
+            file=sys.stderr,
+            flush=True,
+        )
         return NO_GPU_EXIT
 
-    import sweeper.data  # noqa: F401
-    import sweeper.models  # noqa: F401
+    import sweeper.data
+    import sweeper.models
     import sweeper.train  # noqa: F401
-
     from sweeper.models import VARIANTS
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -513,13 +654,21 @@ def main(argv: list[str] | None = None) -> int:
         sz.total_budget = args.budget
     logdir = args.logdir or Path(os.environ.get("TMPDIR", "/tmp")) / "gpu-check"
     logdir.mkdir(parents=True, exist_ok=True)
-    env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
-           "python": sys.version.split()[0], "device": sz.device, "dry_run_cpu": args.dry_run_cpu,
-           "optuna_or_mlflow_imported": heavy, "cpus": os.cpu_count()}
+    env = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "device": sz.device,
+        "dry_run_cpu": args.dry_run_cpu,
+        "optuna_or_mlflow_imported": heavy,
+        "cpus": os.cpu_count(),
+    }
     if sz.device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   bf16=torch.cuda.is_bf16_supported())
+        env.update(
+            gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported()
+        )
     else:
         torch.set_num_threads(1)  # tiny tensors: more threads only contend (and the CPU may be shared)
     log(f"gpu_check: {json.dumps(env)}")
@@ -527,11 +676,17 @@ def main(argv: list[str] | None = None) -> int:
         log(f"gpu_check: WARNING: {', '.join(heavy)} got imported; the training layers should not need them")
 
     deadline = t_start + sz.total_budget
-    results: dict[str, Any] = {"env": env, "variants": variants, "sizes": {k: v for k, v in sz.__dict__.items()}, "phases": {}}
+    results: dict[str, Any] = {
+        "env": env,
+        "variants": variants,
+        "sizes": {k: v for k, v in sz.__dict__.items()},
+        "phases": {},
+    }
     rows: list[Row] = []
 
-    def phase(key: str, title: str, budget_key: str, fn: Callable[[float], dict[str, Any]],
-              min_needed: float = 10.0) -> dict[str, Any] | None:
+    def phase(
+        key: str, title: str, budget_key: str, fn: Callable[[float], dict[str, Any]], min_needed: float = 10.0
+    ) -> dict[str, Any] | None:
         remaining = deadline - time.monotonic()
         budget = min(sz.budgets[budget_key], remaining)
         if budget < min_needed:
@@ -553,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         except torch.OutOfMemoryError as e:
             r = {"error": f"out of memory: {str(e).splitlines()[0]}", "phase_s": time.perf_counter() - started}
             log(f"  {title}: OUT OF MEMORY")
-        except Exception as e:  # noqa: BLE001 - one phase failing must not lose the others
+        except Exception as e:  # one phase failing must not lose the others
             r = {"error": f"{type(e).__name__}: {str(e)[:500]}", "phase_s": time.perf_counter() - started}
             log(f"  {title}: FAILED\n{traceback.format_exc()}")
         finally:
@@ -576,14 +731,23 @@ def main(argv: list[str] | None = None) -> int:
     seed, fits = {}, {}
 
     def headline(variant: str, min_needed: float = 10.0) -> None:
-        seed[variant] = phase(f"seed_{variant}_{sz.batch}", f"seed loop, {variant}, batch {sz.batch}", "seed",
-                              lambda b: seed_images_per_s(variant, sz, b))
+        seed[variant] = phase(
+            f"seed_{variant}_{sz.batch}",
+            f"seed loop, {variant}, batch {sz.batch}",
+            "seed",
+            lambda b: seed_images_per_s(variant, sz, b),
+        )
         rows.append(row_from(seed[variant], "seed loop fp32 PIL DataLoader", variant, sz.batch))
-        r = fits[variant] = phase(f"fit_{variant}_{sz.batch}", f"{fit_label}, {variant}, batch {sz.batch}", "fit",
-                                  fit_phase(variant, sz.batch, sz.compile, sz.fit_warmup, sz.fit_steps),
-                                  min_needed=min_needed)
-        rows.append(row_from(r, fit_label, variant, sz.batch,
-                             f"warm-up {r['warmup_s']:.0f}s" if r and "warmup_s" in r else ""))
+        r = fits[variant] = phase(
+            f"fit_{variant}_{sz.batch}",
+            f"{fit_label}, {variant}, batch {sz.batch}",
+            "fit",
+            fit_phase(variant, sz.batch, sz.compile, sz.fit_warmup, sz.fit_steps),
+            min_needed=min_needed,
+        )
+        rows.append(
+            row_from(r, fit_label, variant, sz.batch, f"warm-up {r['warmup_s']:.0f}s" if r and "warmup_s" in r else "")
+        )
 
     sweeps: dict[str, list[dict[str, Any]]] = {}
 
@@ -591,27 +755,46 @@ def main(argv: list[str] | None = None) -> int:
         """fit() without compile (what a worker runs today) at each batch, compiled at the best."""
         sweeps[variant] = []
         for batch in (sz.batch, *sz.best_batches):
-            r = phase(f"eager_{variant}_{batch}", f"fit bf16+CL+GPU data, no compile, {variant}, batch {batch}",
-                      "sweep", fit_phase(variant, batch, False, sz.sweep_warmup, sz.sweep_steps))
+            r = phase(
+                f"eager_{variant}_{batch}",
+                f"fit bf16+CL+GPU data, no compile, {variant}, batch {batch}",
+                "sweep",
+                fit_phase(variant, batch, False, sz.sweep_warmup, sz.sweep_steps),
+            )
             sweeps[variant].append({"batch": batch, **(r or {"skipped": True})})
             rows.append(row_from(r, "fit, no compile", variant, batch))
         done = [s for s in sweeps[variant] if s.get("images_per_s") and s["batch"] != sz.batch]
         if done and sz.compile:
             best = max(done, key=lambda s: s["images_per_s"])
-            r = phase(f"fit_{variant}_best", f"{fit_label}, {variant}, best batch {best['batch']}", "fit_best",
-                      fit_phase(variant, best["batch"], True, sz.fit_warmup, sz.fit_steps), min_needed=40)
+            r = phase(
+                f"fit_{variant}_best",
+                f"{fit_label}, {variant}, best batch {best['batch']}",
+                "fit_best",
+                fit_phase(variant, best["batch"], True, sz.fit_warmup, sz.fit_steps),
+                min_needed=40,
+            )
             rows.append(row_from(r, f"{fit_label} (best batch)", variant, best["batch"]))
 
     # 1-2: the headline comparison at batch 64
     headline(main_variant)
     # 3: a full run
-    full = phase(f"full_{main_variant}", f"full {sz.full_epochs}-epoch run, {main_variant}, batch {sz.batch}", "full",
-                 lambda b: full_run(main_variant, sz, b), min_needed=20)
+    full = phase(
+        f"full_{main_variant}",
+        f"full {sz.full_epochs}-epoch run, {main_variant}, batch {sz.batch}",
+        "full",
+        lambda b: full_run(main_variant, sz, b),
+        min_needed=20,
+    )
     # 4: packed trials
     packed_rows = []
     for k in sz.packed:
-        r = phase(f"packed_{k}", f"{k} packed trial(s), {main_variant}, batch {sz.batch}", "packed",
-                  lambda b, k=k: packed(k, main_variant, sz, b, logdir), min_needed=20)
+        r = phase(
+            f"packed_{k}",
+            f"{k} packed trial(s), {main_variant}, batch {sz.batch}",
+            "packed",
+            lambda b, k=k: packed(k, main_variant, sz, b, logdir),
+            min_needed=20,
+        )
         packed_rows.append({"k": k, **(r or {"skipped": True})})
     # 5: batch sweep
     batch_sweep(main_variant)
@@ -627,16 +810,30 @@ def main(argv: list[str] | None = None) -> int:
             row.note = (row.note + " " if row.note else "") + f"{row.images_per_s / base['images_per_s']:.1f}x seed"
     for pr in packed_rows:
         if pr.get("aggregate_images_per_s"):
-            rows.append(Row(f"packed x{pr['k']} (aggregate)", main_variant, sz.batch, pr["aggregate_images_per_s"],
-                            pr.get("phase_s"), pr.get("peak_gib_per_trial"),
-                            f"per trial {min(pr['per_trial_images_per_s']):,.0f}-{max(pr['per_trial_images_per_s']):,.0f}/s"))
+            rows.append(
+                Row(
+                    f"packed x{pr['k']} (aggregate)",
+                    main_variant,
+                    sz.batch,
+                    pr["aggregate_images_per_s"],
+                    pr.get("phase_s"),
+                    pr.get("peak_gib_per_trial"),
+                    f"per trial {min(pr['per_trial_images_per_s']):,.0f}-{max(pr['per_trial_images_per_s']):,.0f}/s",
+                )
+            )
         else:
-            rows.append(Row(f"packed x{pr['k']} (aggregate)", main_variant, sz.batch,
-                            note=(pr.get("error") or "skipped (time budget)")[:60]))
+            rows.append(
+                Row(
+                    f"packed x{pr['k']} (aggregate)",
+                    main_variant,
+                    sz.batch,
+                    note=(pr.get("error") or "skipped (time budget)")[:60],
+                )
+            )
     sweep = None
     try:
         sweep = project_sweep(packed_rows, main_variant)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log(f"  sweep projection failed: {e}")
     results["sweep_projection"] = sweep
 
@@ -648,10 +845,18 @@ def main(argv: list[str] | None = None) -> int:
     if full and "wall_s" in full:
         full_s = full["wall_s"] if full["finished"] else full.get("projected_wall_s")
     targets = {
-        f"fit >= {TARGET_SPEEDUP:.0f}x seed loop at batch {sz.batch}": (speedup, speedup is not None and speedup >= TARGET_SPEEDUP),
-        f"{sz.full_epochs}-epoch {main_variant} run < {TARGET_FULL_RUN_S:.0f}s": (full_s, full_s is not None and full_s < TARGET_FULL_RUN_S),
-        f"seed's 14-cell sweep (projected) < {TARGET_SWEEP_MIN:.0f} min": (sweep and sweep["projected_min"],
-                                                                       bool(sweep) and sweep["projected_min"] < TARGET_SWEEP_MIN),
+        f"fit >= {TARGET_SPEEDUP:.0f}x seed loop at batch {sz.batch}": (
+            speedup,
+            speedup is not None and speedup >= TARGET_SPEEDUP,
+        ),
+        f"{sz.full_epochs}-epoch {main_variant} run < {TARGET_FULL_RUN_S:.0f}s": (
+            full_s,
+            full_s is not None and full_s < TARGET_FULL_RUN_S,
+        ),
+        f"seed's 14-cell sweep (projected) < {TARGET_SWEEP_MIN:.0f} min": (
+            sweep and sweep["projected_min"],
+            bool(sweep) and sweep["projected_min"] < TARGET_SWEEP_MIN,
+        ),
     }
     results["targets"] = {k: {"value": v, "met": m} for k, (v, m) in targets.items()}
     results["rows"] = [r.__dict__ for r in rows]
@@ -661,8 +866,11 @@ def main(argv: list[str] | None = None) -> int:
     # the table, last
     out = sys.stdout
     print("", file=out)
-    title = "GPU check (DRY RUN on the CPU: tiny sizes, no compile; the figures mean nothing)" if args.dry_run_cpu \
+    title = (
+        "GPU check (DRY RUN on the CPU: tiny sizes, no compile; the figures mean nothing)"
+        if args.dry_run_cpu
         else f"GPU check on {env.get('gpu')}"
+    )
     print(f"{title}; torch {torch.__version__}; {results['total_s']:.0f}s; full log and JSON in {logdir}", file=out)
     print(f"{'phase':<40} {'variant':<9} {'batch':>5} {'images/s':>10} {'wall s':>7} {'peak GiB':>8}  note", file=out)
     for r in rows:
@@ -672,15 +880,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.phase:<40} {r.variant:<9} {str(r.batch):>5} {ips:>10} {wall:>7} {peak:>8}  {r.note}", file=out)
     if full and "wall_s" in full:
         state = "finished" if full["finished"] else f"stopped after {full['epochs_done']} epochs, projected"
-        print(f"{sz.full_epochs}-epoch {main_variant} run (batch {sz.batch}, {sz.full_train:,}+{sz.full_test:,} images, "
-              f"{sz.num_classes} classes): {full_s if full_s is not None else float('nan'):.1f}s ({state}), "
-              f"final top1_error {full['final_top1_error']}, peak {full['peak_gib'] or 0:.2f} GiB", file=out)
+        print(
+            f"{sz.full_epochs}-epoch {main_variant} run (batch {sz.batch}, {sz.full_train:,}+{sz.full_test:,} images, "
+            f"{sz.num_classes} classes): {full_s if full_s is not None else float('nan'):.1f}s ({state}), "
+            f"final top1_error {full['final_top1_error']}, peak {full['peak_gib'] or 0:.2f} GiB",
+            file=out,
+        )
     else:
-        print(f"{sz.full_epochs}-epoch {main_variant} run: {(full or {}).get('error', 'skipped (time budget)')}", file=out)
+        print(
+            f"{sz.full_epochs}-epoch {main_variant} run: {(full or {}).get('error', 'skipped (time budget)')}", file=out
+        )
     if sweep:
-        print(f"seed's 14-cell sweep projected from {sweep['best_k']} packed trials at "
-              f"{sweep['aggregate_images_per_s']:,.0f} images/s (variants scaled by MACs): "
-              f"{sweep['projected_min']:.1f} min", file=out)
+        print(
+            f"seed's 14-cell sweep projected from {sweep['best_k']} packed trials at "
+            f"{sweep['aggregate_images_per_s']:,.0f} images/s (variants scaled by MACs): "
+            f"{sweep['projected_min']:.1f} min",
+            file=out,
+        )
     for k, (v, met) in targets.items():
         value = "-" if v is None else (f"{v:.1f}")
         print(f"target {k}: {value} -> {'MET' if met else 'NOT MET'}", file=out)

@@ -9,6 +9,7 @@ baseline that calls ``MlflowClient.get_run`` once per cell.
     python benchmarks/report_scale.py            # a few lines for people
     python benchmarks/report_scale.py --json     # one JSON document on stdout
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "e
 def _metrics(i: int, variant: str) -> list[tuple[str, float, int]]:
     """(key, value, step) of one synthetic cell: 14 epochs of per-epoch metrics + run metrics."""
     rows = [(k, 1.0 / (epoch + i % 7 + 1), epoch) for epoch in range(1, EPOCHS + 1) for k in EPOCH_METRICS]
-    return rows + [("num_params", 1_000_000.0 + 1000 * VARIANTS.index(variant), 0),
-                   ("macs", 50_000_000.0 + VARIANTS.index(variant), 0), ("train_seconds", 100.0 + i % 13, 0)]
+    return rows + [
+        ("num_params", 1_000_000.0 + 1000 * VARIANTS.index(variant), 0),
+        ("macs", 50_000_000.0 + VARIANTS.index(variant), 0),
+        ("train_seconds", 100.0 + i % 13, 0),
+    ]
 
 
 def populate(n: int, study_name: str, log=print) -> None:
@@ -51,25 +55,49 @@ def populate(n: int, study_name: str, log=print) -> None:
 
     seeds = range(1, -(-n // (len(VARIANTS) * len(DATASETS))) + 1)
     cells = [(v, d, s) for s in seeds for d in DATASETS for v in VARIANTS][:n]
-    spec = {"name": study_name, "description": "synthetic", "metric": "top1_error", "direction": "minimize",
-            "grid": {"variant": list(VARIANTS), "dataset": list(DATASETS), "seed": list(seeds)},
-            "train": {"epochs": EPOCHS}, "search": None}
+    spec = {
+        "name": study_name,
+        "description": "synthetic",
+        "metric": "top1_error",
+        "direction": "minimize",
+        "grid": {"variant": list(VARIANTS), "dataset": list(DATASETS), "seed": list(seeds)},
+        "train": {"epochs": EPOCHS},
+        "search": None,
+    }
 
     client = tracking.client()
     experiment_id = tracking.ensure_experiment(client, study_name)
     parent = tracking.ensure_study_run(client, experiment_id, spec)
     variant, dataset, seed = cells[0]
     key = f"{variant}/{dataset}/s{seed}"
-    run = client.create_run(experiment_id, run_name=key, tags={
-        tracking.PARENT_TAG: parent, tracking.ROLE_TAG: "cell", tracking.KEY_TAG: key,
-        "optuna.study": study_name, "optuna.trial_number": "0"})
+    run = client.create_run(
+        experiment_id,
+        run_name=key,
+        tags={
+            tracking.PARENT_TAG: parent,
+            tracking.ROLE_TAG: "cell",
+            tracking.KEY_TAG: key,
+            "optuna.study": study_name,
+            "optuna.trial_number": "0",
+        },
+    )
     template = run.info.run_id
     now = int(time.time() * 1000)
-    client.log_batch(template, metrics=[Metric(k, v, now, step) for k, v, step in _metrics(0, variant)],
-                     params=[Param("variant", variant), Param("dataset", dataset), Param("seed", str(seed)),
-                             Param("epochs", str(EPOCHS)), Param("batch_size", "64"), Param("optimizer", "adadelta"),
-                             Param("lr", "1.0"), Param("lr_gamma", "0.7")],
-                     tags=[RunTag("sweeper.device", "cpu")])
+    client.log_batch(
+        template,
+        metrics=[Metric(k, v, now, step) for k, v, step in _metrics(0, variant)],
+        params=[
+            Param("variant", variant),
+            Param("dataset", dataset),
+            Param("seed", str(seed)),
+            Param("epochs", str(EPOCHS)),
+            Param("batch_size", "64"),
+            Param("optimizer", "adadelta"),
+            Param("lr", "1.0"),
+            Param("lr_gamma", "0.7"),
+        ],
+        tags=[RunTag("sweeper.device", "cpu")],
+    )
     client.set_terminated(template, "FINISHED")
 
     db = tracking.resolve_tracking_uri(None).removeprefix("sqlite:///")
@@ -82,7 +110,9 @@ def populate(n: int, study_name: str, log=print) -> None:
 
     def insert(name: str, cols: list[str], rows: list[dict]) -> None:
         marks = ", ".join("?" for _ in cols)
-        con.executemany(f"INSERT INTO {name} ({', '.join(cols)}) VALUES ({marks})", [[r[c] for c in cols] for r in rows])
+        con.executemany(
+            f"INSERT INTO {name} ({', '.join(cols)}) VALUES ({marks})", [[r[c] for c in cols] for r in rows]
+        )
 
     run_cols, (run_row,) = table("runs")
     tag_cols, tag_rows = table("tags")
@@ -95,8 +125,18 @@ def populate(n: int, study_name: str, log=print) -> None:
             run_id = uuid.uuid4().hex
             key = f"{variant}/{dataset}/s{seed}"
             run_ids.append(run_id)
-            insert("runs", run_cols, [{**run_row, "run_uuid": run_id, "name": key,
-                                       "artifact_uri": run_row["artifact_uri"].replace(template, run_id)}])
+            insert(
+                "runs",
+                run_cols,
+                [
+                    {
+                        **run_row,
+                        "run_uuid": run_id,
+                        "name": key,
+                        "artifact_uri": run_row["artifact_uri"].replace(template, run_id),
+                    }
+                ],
+            )
             tags = {r["key"]: r["value"] for r in tag_rows}
             tags.update({tracking.KEY_TAG: key, "mlflow.runName": key, "optuna.trial_number": str(i)})
             insert("tags", tag_cols, [{"key": k, "value": v, "run_uuid": run_id} for k, v in tags.items()])
@@ -104,25 +144,48 @@ def populate(n: int, study_name: str, log=print) -> None:
             params.update(variant=variant, dataset=dataset, seed=str(seed))
             insert("params", param_cols, [{"key": k, "value": v, "run_uuid": run_id} for k, v in params.items()])
             metrics = _metrics(i, variant)
-            insert("metrics", metric_cols, [{**metric_row, "key": k, "value": v, "step": step, "run_uuid": run_id,
-                                             "timestamp": now} for k, v, step in metrics])
+            insert(
+                "metrics",
+                metric_cols,
+                [
+                    {**metric_row, "key": k, "value": v, "step": step, "run_uuid": run_id, "timestamp": now}
+                    for k, v, step in metrics
+                ],
+            )
             latest = {k: (v, step) for k, v, step in metrics}  # the highest step comes last
-            insert("latest_metrics", latest_cols, [{**latest_row, "key": k, "value": v, "step": step,
-                                                    "run_uuid": run_id, "timestamp": now}
-                                                   for k, (v, step) in latest.items()])
+            insert(
+                "latest_metrics",
+                latest_cols,
+                [
+                    {**latest_row, "key": k, "value": v, "step": step, "run_uuid": run_id, "timestamp": now}
+                    for k, (v, step) in latest.items()
+                ],
+            )
     con.close()
     log(f"  {len(cells)} runs in MLflow")
 
     storage = studies.open_storage()
     study = optuna.create_study(study_name=study_name, storage=storage)
     study.set_user_attr(studies.SPEC_ATTR, spec)
-    study.add_trials([
-        optuna.trial.create_trial(
-            state=optuna.trial.TrialState.COMPLETE, value=0.5, params={}, distributions={},
-            user_attrs={studies.KEY_ATTR: f"{v}/{d}/s{s}", "variant": v, "dataset": d, "seed": s,
-                        "mlflow_run_id": run_id, "sweeper.epochs": EPOCHS})
-        for (v, d, s), run_id in zip(cells, run_ids)
-    ])
+    study.add_trials(
+        [
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.COMPLETE,
+                value=0.5,
+                params={},
+                distributions={},
+                user_attrs={
+                    studies.KEY_ATTR: f"{v}/{d}/s{s}",
+                    "variant": v,
+                    "dataset": d,
+                    "seed": s,
+                    "mlflow_run_id": run_id,
+                    "sweeper.epochs": EPOCHS,
+                },
+            )
+            for (v, d, s), run_id in zip(cells, run_ids)
+        ]
+    )
     log(f"  {len(cells)} trials in Optuna")
 
 
@@ -130,9 +193,8 @@ def naive_frame(study_name: str):
     """The obvious way: one get_run per cell."""
     import pandas as pd
 
-    from sweeper import report
+    from sweeper import report, tracking
     from sweeper import study as studies
-    from sweeper import tracking
 
     study = studies.load_study(studies.open_storage(), study_name)
     client = tracking.client()
@@ -140,10 +202,21 @@ def naive_frame(study_name: str):
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
         m = client.get_run(ua["mlflow_run_id"]).data.metrics
-        rows.append({"variant": ua["variant"], "dataset": ua["dataset"], "seed": ua["seed"], "state": t.state.name,
-                     "top1_error": m.get("top1_error"), "top5_error": m.get("top5_error"),
-                     "params": m.get("num_params"), "macs": m.get("macs"), "train_seconds": m.get("train_seconds"),
-                     "images_per_s": m.get("images_per_s"), "mlflow_run_id": ua["mlflow_run_id"]})
+        rows.append(
+            {
+                "variant": ua["variant"],
+                "dataset": ua["dataset"],
+                "seed": ua["seed"],
+                "state": t.state.name,
+                "top1_error": m.get("top1_error"),
+                "top5_error": m.get("top5_error"),
+                "params": m.get("num_params"),
+                "macs": m.get("macs"),
+                "train_seconds": m.get("train_seconds"),
+                "images_per_s": m.get("images_per_s"),
+                "mlflow_run_id": ua["mlflow_run_id"],
+            }
+        )
     return pd.DataFrame(rows, columns=report.FRAME_COLUMNS)
 
 
@@ -186,11 +259,15 @@ def main() -> int:
         assert (frame.set_index("mlflow_run_id")["top1_error"] == by_id.loc[frame["mlflow_run_id"]]).all()
 
     result = {
-        "runs": args.runs, "epochs_per_run": EPOCHS, "repeat": args.repeat,
+        "runs": args.runs,
+        "epochs_per_run": EPOCHS,
+        "repeat": args.repeat,
         "populate_s": round(populate_s, 2),
-        "build_frame_s": round(min(fast), 3), "naive_get_run_s": round(min(slow), 3),
+        "build_frame_s": round(min(fast), 3),
+        "naive_get_run_s": round(min(slow), 3),
         "speedup": round(min(slow) / min(fast), 1),
-        "python": sys.version.split()[0], "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
     }
     if args.json:
         print(json.dumps(result, indent=2))

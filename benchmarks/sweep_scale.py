@@ -26,6 +26,7 @@
 PostgreSQL: ``$SWEEPER_TEST_PG`` (default postgresql://postgres@127.0.0.1:5432/postgres) is
 used to create and drop throwaway databases. Everything else lives in a temporary folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ def log(*args: Any) -> None:
 
 # --- databases ---------------------------------------------------------------------------------
 
+
 class Databases:
     """Fresh SQLite files and PostgreSQL databases; the PostgreSQL ones are dropped at close()."""
 
@@ -96,7 +98,7 @@ class Databases:
         try:
             cls._admin().close()
             return None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
     def close(self) -> None:
@@ -112,9 +114,14 @@ class Databases:
 def grid_spec(name: str, cells: int, epochs: int = 2, **train: Any):
     from sweeper import spec
 
-    return spec.parse({"description": "sweep_scale benchmark",
-                       "grid": {"variant": ["standard"], "dataset": ["synthetic"], "seed": list(range(cells))},
-                       "train": {"epochs": epochs, **train}}, name=name)
+    return spec.parse(
+        {
+            "description": "sweep_scale benchmark",
+            "grid": {"variant": ["standard"], "dataset": ["synthetic"], "seed": list(range(cells))},
+            "train": {"epochs": epochs, **train},
+        },
+        name=name,
+    )
 
 
 def dispose(storage) -> None:
@@ -124,11 +131,12 @@ def dispose(storage) -> None:
 
 # --- (a) enqueue ---------------------------------------------------------------------------------
 
+
 def fit_quadratic(points: list[tuple[int, float]]) -> tuple[float, float]:
     """Least squares t = a*n + b*n^2 through the origin; returns (a, b)."""
     s11 = sum(n * n for n, _ in points)
-    s12 = sum(n ** 3 for n, _ in points)
-    s22 = sum(n ** 4 for n, _ in points)
+    s12 = sum(n**3 for n, _ in points)
+    s22 = sum(n**4 for n, _ in points)
     r1 = sum(n * t for n, t in points)
     r2 = sum(n * n * t for n, t in points)
     det = s11 * s22 - s12 * s12
@@ -165,11 +173,19 @@ def part_a(dbs: Databases, backend: str, cells: int, baseline_cells: int, repeat
         claimed = studies.claim(first.study)
         t_claim = time.perf_counter() - t0
         assert claimed is not None
-        runs.append({"open_storage_s": t_open, "launch_s": t_launch, "relaunch_s": t_relaunch,
-                     "claim_with_all_waiting_s": t_claim})
+        runs.append(
+            {
+                "open_storage_s": t_open,
+                "launch_s": t_launch,
+                "relaunch_s": t_relaunch,
+                "claim_with_all_waiting_s": t_claim,
+            }
+        )
         dispose(storage)
-        log(f"  (a) {backend} sweeper run {r + 1}: launch {t_launch:.2f}s, re-launch {t_relaunch:.2f}s, "
-            f"claim {t_claim * 1000:.0f}ms (open_storage {t_open:.2f}s)")
+        log(
+            f"  (a) {backend} sweeper run {r + 1}: launch {t_launch:.2f}s, re-launch {t_relaunch:.2f}s, "
+            f"claim {t_claim * 1000:.0f}ms (open_storage {t_open:.2f}s)"
+        )
     for k in runs[0]:
         out[f"sweeper_{k}"] = statistics.median(x[k] for x in runs)
     out["sweeper_runs"] = runs
@@ -197,14 +213,16 @@ def part_a(dbs: Databases, backend: str, cells: int, baseline_cells: int, repeat
         a, b = max(a, 0.0), max(b, 0.0)
         if a == b == 0.0:
             a = t_base / baseline_cells
-    out.update({
-        "baseline_enqueue_s": t_base,
-        "baseline_relaunch_s": t_base_re,
-        "baseline_enqueue_cumulative": cum,
-        "baseline_fit_a_s_per_cell": a,
-        "baseline_fit_b_s_per_cell2": b,
-        "baseline_projected_enqueue_s": a * cells + b * cells ** 2,
-    })
+    out.update(
+        {
+            "baseline_enqueue_s": t_base,
+            "baseline_relaunch_s": t_base_re,
+            "baseline_enqueue_cumulative": cum,
+            "baseline_fit_a_s_per_cell": a,
+            "baseline_fit_b_s_per_cell2": b,
+            "baseline_projected_enqueue_s": a * cells + b * cells**2,
+        }
+    )
     # Re-enqueueing n cells: n calls that each read all n trials. The per-trial read cost is the
     # fit's marginal 2*b per call; the rest of a call's cost is what the measured re-enqueue adds.
     per_call = t_base_re / baseline_cells
@@ -216,9 +234,11 @@ def part_a(dbs: Databases, backend: str, cells: int, baseline_cells: int, repeat
     out["speedup_enqueue_projected_full_grid"] = out["baseline_projected_enqueue_s"] / out["sweeper_launch_s"]
     out["speedup_relaunch_projected_full_grid"] = out["baseline_projected_relaunch_s"] / out["sweeper_relaunch_s"]
     out["targets"] = {"enqueue_lt_10s": out["sweeper_launch_s"] < 10, "relaunch_lt_5s": out["sweeper_relaunch_s"] < 5}
-    log(f"  (a) {backend} baseline enqueue_trial(skip_if_exists=True): {baseline_cells} cells {t_base:.2f}s "
+    log(
+        f"  (a) {backend} baseline enqueue_trial(skip_if_exists=True): {baseline_cells} cells {t_base:.2f}s "
         f"(sweeper, pro rata: {same_n_sweeper:.2f}s), re-enqueue {t_base_re:.2f}s; projected to {cells}: "
-        f"{out['baseline_projected_enqueue_s']:.0f}s / {out['baseline_projected_relaunch_s']:.0f}s")
+        f"{out['baseline_projected_enqueue_s']:.0f}s / {out['baseline_projected_relaunch_s']:.0f}s"
+    )
     return out
 
 
@@ -254,8 +274,19 @@ def tiny_model(variant: str, num_classes: int, in_channels: int = 3):
     return Tiny()
 
 
-def sleep_fit(model, data, recipe=None, *, device="auto", precision="auto", compile=False, resume=None,
-              on_epoch=None, should_stop=None, on_step=None):
+def sleep_fit(
+    model,
+    data,
+    recipe=None,
+    *,
+    device="auto",
+    precision="auto",
+    compile=False,
+    resume=None,
+    on_epoch=None,
+    should_stop=None,
+    on_step=None,
+):
     """fit()'s signature and callbacks, with each epoch's training replaced by a fixed sleep."""
     from dataclasses import asdict
 
@@ -273,15 +304,28 @@ def sleep_fit(model, data, recipe=None, *, device="auto", precision="auto", comp
         if EPOCH_SLEEP:
             time.sleep(EPOCH_SLEEP)
         seconds = max(time.perf_counter() - started, 1e-6)
-        metrics = EpochMetrics(epoch=epoch, train_loss=2.0 / epoch, test_loss=2.1 / epoch, top1_error=0.9 / epoch,
-                               top5_error=0.5 / epoch, lr=recipe.lr * recipe.lr_gamma ** (epoch - 1),
-                               epoch_seconds=seconds, images_per_s=n / seconds)
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=2.0 / epoch,
+            test_loss=2.1 / epoch,
+            top1_error=0.9 / epoch,
+            top5_error=0.5 / epoch,
+            lr=recipe.lr * recipe.lr_gamma ** (epoch - 1),
+            epoch_seconds=seconds,
+            images_per_s=n / seconds,
+        )
         history.append(metrics)
 
-        def state(history=list(history)):
-            return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "epoch": len(history), "recipe": recipe.to_dict(), "history": [asdict(m) for m in history],
-                    "rng": {"torch": torch.get_rng_state()}}
+        def state(history=None):
+            if history is None:
+                history = list(history)
+            return {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "epoch": len(history),
+                "recipe": recipe.to_dict(),
+                "history": [asdict(m) for m in history],
+                "rng": {"torch": torch.get_rng_state()},
+            }
 
         if on_epoch is not None and on_epoch(metrics, state):
             break
@@ -289,6 +333,7 @@ def sleep_fit(model, data, recipe=None, *, device="auto", precision="auto", comp
 
 
 # --- (b) many worker processes --------------------------------------------------------------------
+
 
 def pool_main(cfg_path: str) -> None:
     """One process per backend: import everything once, then for each W fork W workers and
@@ -306,7 +351,7 @@ def pool_main(cfg_path: str) -> None:
     import optuna  # noqa: F401
     import sqlalchemy.engine
 
-    import sweeper.models  # noqa: F401
+    import sweeper.models
     import sweeper.worker
 
     with contextlib.suppress(ImportError):
@@ -319,24 +364,36 @@ def pool_main(cfg_path: str) -> None:
     install_standins(0.0)
     warm = 0
     for w in cfg["warmups"]:  # one per backend
-        warm += sweeper.worker.run(sweeper.worker.WorkerConfig(
-            storage_url=w["storage_url"], tracking_uri=w["tracking_uri"], study_names=(w["study"],),
-            device="cpu", precision="fp32", system_metrics=False))
+        warm += sweeper.worker.run(
+            sweeper.worker.WorkerConfig(
+                storage_url=w["storage_url"],
+                tracking_uri=w["tracking_uri"],
+                study_names=(w["study"],),
+                device="cpu",
+                precision="fp32",
+                system_metrics=False,
+            )
+        )
     for obj in gc.get_objects():
         with contextlib.suppress(Exception):
             if isinstance(obj, sqlalchemy.engine.Engine):
                 obj.dispose()
     gc.collect()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    startup = {**(_mem(os.getpid()) or {}), "startup_cpu_s": usage.ru_utime + usage.ru_stime,
-               "threads_before_fork": threading.active_count(), "warmup_trials": warm}
+    startup = {
+        **(_mem(os.getpid()) or {}),
+        "startup_cpu_s": usage.ru_utime + usage.ru_stime,
+        "threads_before_fork": threading.active_count(),
+        "warmup_trials": warm,
+    }
     print(f"warm-up (imports + one trial): {startup}", flush=True)
     Path(cfg["startup_result"]).write_text(json.dumps(startup))
     for run in cfg["runs"]:
         result = run_workers(run)
         Path(run["result"]).write_text(json.dumps(result))
-        print(f"{run['backend']} W={run['workers']}: exits {[e['status'] for e in result['exits'].values()]}",
-              flush=True)
+        print(
+            f"{run['backend']} W={run['workers']}: exits {[e['status'] for e in result['exits'].values()]}", flush=True
+        )
 
 
 def run_workers(run: dict[str, Any]) -> dict[str, Any]:
@@ -356,10 +413,14 @@ def run_workers(run: dict[str, Any]) -> dict[str, Any]:
                 os.dup2(fd, 2)
                 sys.stdout = os.fdopen(1, "w", buffering=1)
                 sys.stderr = os.fdopen(2, "w", buffering=1)
-                logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                logging.basicConfig(
+                    level=logging.INFO,
+                    stream=sys.stderr,
+                    force=True,
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                )
                 code = worker_child(run, i, go_file, rundir)
-            except BaseException:  # noqa: BLE001
+            except BaseException:
                 import traceback
 
                 traceback.print_exc()
@@ -379,8 +440,12 @@ def run_workers(run: dict[str, Any]) -> dict[str, Any]:
                 return
             if pid == 0:
                 return
-            exits[pids[pid]] = {"status": os.waitstatus_to_exitcode(status), "cpu_s": ru.ru_utime + ru.ru_stime,
-                                "maxrss_mb": ru.ru_maxrss / 1024, "exited_at": time.time()}
+            exits[pids[pid]] = {
+                "status": os.waitstatus_to_exitcode(status),
+                "cpu_s": ru.ru_utime + ru.ru_stime,
+                "maxrss_mb": ru.ru_maxrss / 1024,
+                "exited_at": time.time(),
+            }
 
     deadline = time.time() + run["ready_timeout"]
     while sum(1 for i in range(run["workers"]) if (rundir / f"ready-{i}").exists()) < run["workers"]:
@@ -422,9 +487,16 @@ def run_workers(run: dict[str, Any]) -> dict[str, Any]:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
         time.sleep(0.25)
-    return {"go": go, "ready_s": ready_s, "exits": exits, "timed_out": timed_out, "peak_workers_total": peak,
-            "peak_pg_connections": connections,
-            "per_worker_peak": per_worker_peak, "loadavg_end": os.getloadavg()}
+    return {
+        "go": go,
+        "ready_s": ready_s,
+        "exits": exits,
+        "timed_out": timed_out,
+        "peak_workers_total": peak,
+        "peak_pg_connections": connections,
+        "per_worker_peak": per_worker_peak,
+        "loadavg_end": os.getloadavg(),
+    }
 
 
 def _pg_sampler(dbs: list[str]):
@@ -436,16 +508,17 @@ def _pg_sampler(dbs: list[str]):
 
         conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=5)
         conn.autocommit = True
-    except Exception:  # noqa: BLE001 - the figure is optional
+    except Exception:  # the figure is optional
         return None
 
     def sample() -> dict[str, int]:
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT datname, count(*) FROM pg_stat_activity WHERE datname = ANY(%s) GROUP BY datname",
-                            (dbs,))
+                cur.execute(
+                    "SELECT datname, count(*) FROM pg_stat_activity WHERE datname = ANY(%s) GROUP BY datname", (dbs,)
+                )
                 return dict(cur.fetchall())
-        except Exception:  # noqa: BLE001
+        except Exception:
             return {}
 
     return sample
@@ -497,9 +570,14 @@ def worker_child(run: dict[str, Any], index: int, go_file: Path, rundir: Path) -
             intervals.append((started, time.time()))
 
     worker.TrialRun.run = timed_run
-    config = worker.WorkerConfig(storage_url=run["storage_url"], tracking_uri=run["tracking_uri"],
-                                 study_names=(run["study"],), device="cpu", precision="fp32",
-                                 system_metrics=False)
+    config = worker.WorkerConfig(
+        storage_url=run["storage_url"],
+        tracking_uri=run["tracking_uri"],
+        study_names=(run["study"],),
+        device="cpu",
+        precision="fp32",
+        system_metrics=False,
+    )
     (rundir / f"ready-{index}").write_text("")
     while not go_file.exists():
         time.sleep(0.01)
@@ -513,11 +591,19 @@ def worker_child(run: dict[str, Any], index: int, go_file: Path, rundir: Path) -
     else:
         done = worker.run(config)
     ended, sched1 = time.time(), _schedstat()
-    (rundir / f"done-{index}.json").write_text(json.dumps({
-        "done": done, "started": started, "ended": ended, "cpu_s": time.process_time() - cpu0,
-        # seconds this process was runnable but waiting for a CPU (all its threads)
-        "runqueue_wait_s": (sched1[1] - sched0[1]) / 1e9 if sched0 and sched1 else None,
-        "intervals": intervals}))
+    (rundir / f"done-{index}.json").write_text(
+        json.dumps(
+            {
+                "done": done,
+                "started": started,
+                "ended": ended,
+                "cpu_s": time.process_time() - cpu0,
+                # seconds this process was runnable but waiting for a CPU (all its threads)
+                "runqueue_wait_s": (sched1[1] - sched0[1]) / 1e9 if sched0 and sched1 else None,
+                "intervals": intervals,
+            }
+        )
+    )
     return 0
 
 
@@ -560,49 +646,81 @@ def part_b(dbs: Databases, tmp: Path, backends: list[str], worker_counts: list[i
             studies.launch(storage, grid_spec(name, n, epochs=args.epochs, limit_train=256, limit_test=64))
             dispose(storage)
             experiment_id = info["client"].create_experiment(
-                name, artifact_location=(tmp / "mlartifacts" / name).as_uri())
+                name, artifact_location=(tmp / "mlartifacts" / name).as_uri()
+            )
             rundir = base / f"{backend}-w{w}"
             rundir.mkdir()
             pg_dbs = [u.rsplit("/", 1)[1] for u in (url, info["tracking_uri"]) if u.startswith("postgresql")]
-            runs.append({"backend": backend, "rundir": str(rundir), "workers": w, "trials": n, "storage_url": url,
-                         "pg_dbs": pg_dbs,
-                         "tracking_uri": info["tracking_uri"], "study": name, "experiment_id": experiment_id,
-                         "epoch_sleep": args.epoch_sleep, "ready_timeout": 600, "run_timeout": args.b_timeout,
-                         "result": str(rundir / "pool.json"), "profile": args.b_profile})
+            runs.append(
+                {
+                    "backend": backend,
+                    "rundir": str(rundir),
+                    "workers": w,
+                    "trials": n,
+                    "storage_url": url,
+                    "pg_dbs": pg_dbs,
+                    "tracking_uri": info["tracking_uri"],
+                    "study": name,
+                    "experiment_id": experiment_id,
+                    "epoch_sleep": args.epoch_sleep,
+                    "ready_timeout": 600,
+                    "run_timeout": args.b_timeout,
+                    "result": str(rundir / "pool.json"),
+                    "profile": args.b_profile,
+                }
+            )
     cfg = {"runs": runs, "warmups": warmups, "startup_result": str(base / "startup.json")}
     (base / "cfg.json").write_text(json.dumps(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     with open(base / "pool.log", "wb") as pool_log:
-        proc = subprocess.run([sys.executable, str(SCRIPT), "--_pool", str(base / "cfg.json")], env=env,
-                              stdout=pool_log, stderr=subprocess.STDOUT,
-                              timeout=len(runs) * (args.b_timeout + 600) + 600)
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), "--_pool", str(base / "cfg.json")],
+            env=env,
+            stdout=pool_log,
+            stderr=subprocess.STDOUT,
+            timeout=len(runs) * (args.b_timeout + 600) + 600,
+        )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"the worker pool failed (exit {proc.returncode}); see {base / 'pool.log'}:\n"
-                           + (base / "pool.log").read_text()[-3000:])
+        raise RuntimeError(
+            f"the worker pool failed (exit {proc.returncode}); see {base / 'pool.log'}:\n"
+            + (base / "pool.log").read_text()[-3000:]
+        )
     startup = json.loads((base / "startup.json").read_text())
     out = []
     for backend in backends:
         info = per_backend[backend]
-        results = [collect_run(run, info["client"], backend, info["mlflow_store"], args)
-                   for run in runs if run["backend"] == backend]
+        results = [
+            collect_run(run, info["client"], backend, info["mlflow_store"], args)
+            for run in runs
+            if run["backend"] == backend
+        ]
         one = next((r for r in results if r["workers"] == 1), None)
         for r in results:
             if one:
                 r["efficiency"] = r["trials_per_min"] / (r["workers"] * one["trials_per_min"])
                 if r["steady_trials_per_min"] and one["steady_trials_per_min"]:
                     r["steady_efficiency"] = r["steady_trials_per_min"] / (r["workers"] * one["steady_trials_per_min"])
-            log(f"  (b) {backend} W={r['workers']:>2}: {r['trials_per_min']:.1f} trials/min end to end "
+            log(
+                f"  (b) {backend} W={r['workers']:>2}: {r['trials_per_min']:.1f} trials/min end to end "
                 f"(eff {r.get('efficiency', float('nan')):.0%}), steady {r['steady_trials_per_min'] or 0:.1f} "
                 f"(eff {r.get('steady_efficiency', float('nan')):.0%}), {r['trials']} trials {r['states']}, "
                 f"errors {r['total_errors']} (locked {r['errors']['database_is_locked']}, too many clients "
                 f"{r['errors']['too_many_clients']}, exits {r['nonzero_exits']}, warnings "
                 f"{r['errors']['warning_lines']}), pg connections {r['peak_pg_connections']}, per trial: cpu {r['cpu_s_per_trial']:.2f}s, waiting for a CPU "
                 f"{r['runqueue_wait_s_per_trial'] or 0:.2f}s, other waits {r['other_wait_s_per_trial'] or 0:.2f}s; "
-                f"workers PSS {r['memory']['workers_total_peak']['pss_mb']:.0f} MB, load {r['loadavg_end'][0]:.1f}")
-        out.append({"backend": backend, "mlflow_store": info["mlflow_store"], "pool_seconds": seconds,
-                    "worker_startup": startup, "runs": results})
+                f"workers PSS {r['memory']['workers_total_peak']['pss_mb']:.0f} MB, load {r['loadavg_end'][0]:.1f}"
+            )
+        out.append(
+            {
+                "backend": backend,
+                "mlflow_store": info["mlflow_store"],
+                "pool_seconds": seconds,
+                "worker_startup": startup,
+                "runs": results,
+            }
+        )
     return out
 
 
@@ -652,35 +770,50 @@ def collect_run(run: dict[str, Any], client, backend: str, mlflow_kind: str, arg
     busy = sum(w["ended"] - w["started"] for w in per_worker)  # worker-seconds from go to exit
     sleep_per_trial = args.epochs * args.epoch_sleep
     out = {
-        "backend": backend, "mlflow_store": mlflow_kind, "workers": run["workers"], "trials": n,
-        "epochs": args.epochs, "epoch_sleep_s": args.epoch_sleep, "states": states,
-        "mlflow_cell_runs": len(cell_runs), "mlflow_finished_runs": finished_runs,
+        "backend": backend,
+        "mlflow_store": mlflow_kind,
+        "workers": run["workers"],
+        "trials": n,
+        "epochs": args.epochs,
+        "epoch_sleep_s": args.epoch_sleep,
+        "states": states,
+        "mlflow_cell_runs": len(cell_runs),
+        "mlflow_finished_runs": finished_runs,
         "makespan_s": last_complete - go,
         "trials_per_min": len(complete) / (last_complete - go) * 60 if complete else 0.0,
         "steady_trials_per_min": sum(60.0 / c for c in cycles) if cycles else None,
         "steady_cycle_s_mean": statistics.mean(cycles) if cycles else None,
         "in_trial_s_mean": statistics.mean(in_trial) if in_trial else None,
-        "first_claim_after_go_s_max": max((sorted(w["intervals"])[0][0] - go for w in per_worker
-                                           if w["intervals"]), default=None),
+        "first_claim_after_go_s_max": max(
+            (sorted(w["intervals"])[0][0] - go for w in per_worker if w["intervals"]), default=None
+        ),
         "trials_per_worker": sorted(w["done"] for w in per_worker),
         "cpu_s_per_trial": cpu_per_trial,
         "runqueue_wait_s_per_trial": runq_per_trial,
         # worker-seconds per trial left once sleep, CPU and run-queue waits are taken out: database
         # locks, network and disk (fsync) waits, and the idle end of a worker with nothing left
-        "other_wait_s_per_trial": (busy / max(1, len(complete)) - sleep_per_trial - cpu_per_trial
-                                   - (runq_per_trial or 0)),
+        "other_wait_s_per_trial": (
+            busy / max(1, len(complete)) - sleep_per_trial - cpu_per_trial - (runq_per_trial or 0)
+        ),
         "cores_used": cpu_total / (last_complete - go) if complete else None,
         # what 2 cores could sustain at this CPU cost per trial, were nothing else running
         "cpu_ceiling_trials_per_min_2_cores": 2 * 60 / cpu_per_trial if cpu_per_trial else None,
         "ideal_trials_per_min": run["workers"] * 60 / (args.epochs * args.epoch_sleep),
-        "errors": errors, "error_examples": examples, "nonzero_exits": len(nonzero),
-        "timed_out": pool["timed_out"], "workers_ready_s": pool["ready_s"],
-        "peak_pg_connections": {("optuna" if db == run["storage_url"].rsplit("/", 1)[1] else "mlflow"): c
-                                for db, c in pool.get("peak_pg_connections", {}).items()},
-        "memory": {"workers_total_peak": pool["peak_workers_total"],
-                   "per_worker_pss_mb_max": max((p["pss_mb"] for p in pool["per_worker_peak"].values()), default=None),
-                   "per_worker_rss_mb_max": max((p["rss_mb"] for p in pool["per_worker_peak"].values()), default=None),
-                   "per_worker_maxrss_mb_max": max(e["maxrss_mb"] for e in pool["exits"].values())},
+        "errors": errors,
+        "error_examples": examples,
+        "nonzero_exits": len(nonzero),
+        "timed_out": pool["timed_out"],
+        "workers_ready_s": pool["ready_s"],
+        "peak_pg_connections": {
+            ("optuna" if db == run["storage_url"].rsplit("/", 1)[1] else "mlflow"): c
+            for db, c in pool.get("peak_pg_connections", {}).items()
+        },
+        "memory": {
+            "workers_total_peak": pool["peak_workers_total"],
+            "per_worker_pss_mb_max": max((p["pss_mb"] for p in pool["per_worker_peak"].values()), default=None),
+            "per_worker_rss_mb_max": max((p["rss_mb"] for p in pool["per_worker_peak"].values()), default=None),
+            "per_worker_maxrss_mb_max": max(e["maxrss_mb"] for e in pool["exits"].values()),
+        },
         "loadavg_end": pool["loadavg_end"],
         "logs": str(rundir),
     }
@@ -692,6 +825,7 @@ def collect_run(run: dict[str, Any], client, backend: str, mlflow_kind: str, arg
 
 
 # --- (c) per-trial overhead -------------------------------------------------------------------------
+
 
 def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, profile: bool) -> dict[str, Any]:
     import gc
@@ -714,8 +848,9 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
     for uri in (sw_mlflow, base_mlflow):
         MlflowClient(uri).search_experiments(max_results=1)  # schema created outside the timings
     os.environ["SWEEPER_HOME"] = str(tmp / "home-c")
-    config = worker.WorkerConfig(storage_url=sw_storage_url, tracking_uri=sw_mlflow, device="cpu",
-                                 precision="fp32", system_metrics=False)
+    config = worker.WorkerConfig(
+        storage_url=sw_storage_url, tracking_uri=sw_mlflow, device="cpu", precision="fp32", system_metrics=False
+    )
     counter = {"i": 0}
 
     def sweeper_round(n: int, prof=None, freeze: bool = False, system_metrics: bool = False) -> float:
@@ -787,13 +922,17 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
             ms[k].append(fn() * 1000)
         log(f"  (c) round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in ms.items()) + " ms/trial")
     out: dict[str, Any] = {
-        "storage": "sqlite", "mlflow_store": "sqlite", "trials_per_round": trials, "rounds": rounds,
-        "epochs": epochs, "loadavg": os.getloadavg(),
+        "storage": "sqlite",
+        "mlflow_store": "sqlite",
+        "trials_per_round": trials,
+        "rounds": rounds,
+        "epochs": epochs,
+        "loadavg": os.getloadavg(),
         "variants": {
             "sweeper": "sweeper.worker.run: claim, MLflow run, 14 epochs of checkpoint + metrics + report, tell",
             "sweeper_gc_freeze": "the same, with gc.freeze() before run() (what-if for a proposed change)",
             "sweeper_system_metrics": "the same with WorkerConfig(system_metrics=True), the CLI's default "
-                                      "(MLflow's sampler thread per trial); the others run without it",
+            "(MLflow's sampler thread per trial); the others run without it",
             "baseline": "study.optimize + MLflowCallback, 14 trial.report per trial, plain Optuna SQLite URL",
             "baseline_wal": "the same on sweeper.study.open_storage (WAL, synchronous=NORMAL, BEGIN IMMEDIATE)",
         },
@@ -803,7 +942,9 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         out[f"{k}_ms_rounds"] = v
     out["ratio_sweeper_over_baseline"] = out["sweeper_ms_per_trial"] / out["baseline_ms_per_trial"]
     out["ratio_sweeper_over_baseline_wal"] = out["sweeper_ms_per_trial"] / out["baseline_wal_ms_per_trial"]
-    out["ratio_sweeper_system_metrics_over_baseline"] = out["sweeper_system_metrics_ms_per_trial"] / out["baseline_ms_per_trial"]
+    out["ratio_sweeper_system_metrics_over_baseline"] = (
+        out["sweeper_system_metrics_ms_per_trial"] / out["baseline_ms_per_trial"]
+    )
     out["ratio_sweeper_gc_freeze_over_baseline"] = out["sweeper_gc_freeze_ms_per_trial"] / out["baseline_ms_per_trial"]
     # the same round's figures side by side: the other load on the machine hits both alike
     out["ratio_per_round"] = [a / b for a, b in zip(ms["sweeper"], ms["baseline"])]
@@ -824,28 +965,57 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
 
 # Functions whose cumulative time per trial says where a trial's orchestration goes.
 SWEEPER_CALLS = (
-    ("sweeper/worker.py", "run"), ("sweeper/worker.py", "_wait_for_tracking"), ("sweeper/worker.py", "_claim_next"),
-    ("sweeper/study.py", "fail_stale_trials"), ("sweeper/study.py", "claim"), ("sweeper/study.py", "study_names"),
-    ("optuna/study/study.py", "load_study"), ("sweeper/worker.py", "__init__"), ("sweeper/study.py", "__enter__"),
-    ("sweeper/worker.py", "_run"), ("sweeper/worker.py", "_open_run"), ("sweeper/tracking.py", "ensure_experiment"),
-    ("sweeper/tracking.py", "ensure_study_run"), ("sweeper/tracking.py", "find_run"),
-    ("sweeper/worker.py", "_fetch_checkpoint"), ("sweeper/worker.py", "on_epoch"),
-    ("sweeper/study.py", "trial_state"), ("sweeper/worker.py", "_save_checkpoint"), ("sweeper/checkpoint.py", "save"),
-    ("sweeper/tracking.py", "flush"), ("sweeper/tracking.py", "_send"), ("optuna/trial/_trial.py", "set_user_attr"),
-    ("optuna/trial/_trial.py", "report"), ("optuna/trial/_trial.py", "should_prune"),
-    ("sweeper/worker.py", "_tell_complete"), ("sweeper/worker.py", "_end_run"), ("sweeper/tracking.py", "check_reachable"),
-    ("mlflow/tracking/client.py", "log_batch"), ("mlflow/tracking/client.py", "log_artifact"),
-    ("mlflow/tracking/client.py", "create_run"), ("mlflow/tracking/client.py", "search_runs"),
-    ("mlflow/tracking/client.py", "list_artifacts"), ("mlflow/tracking/client.py", "set_terminated"),
-    ("mlflow/tracking/client.py", "get_experiment_by_name"), ("mlflow/tracking/client.py", "search_experiments"),
-    ("torch/serialization.py", "save"), ("posix", "fsync"), ("gc", "collect"),
+    ("sweeper/worker.py", "run"),
+    ("sweeper/worker.py", "_wait_for_tracking"),
+    ("sweeper/worker.py", "_claim_next"),
+    ("sweeper/study.py", "fail_stale_trials"),
+    ("sweeper/study.py", "claim"),
+    ("sweeper/study.py", "study_names"),
+    ("optuna/study/study.py", "load_study"),
+    ("sweeper/worker.py", "__init__"),
+    ("sweeper/study.py", "__enter__"),
+    ("sweeper/worker.py", "_run"),
+    ("sweeper/worker.py", "_open_run"),
+    ("sweeper/tracking.py", "ensure_experiment"),
+    ("sweeper/tracking.py", "ensure_study_run"),
+    ("sweeper/tracking.py", "find_run"),
+    ("sweeper/worker.py", "_fetch_checkpoint"),
+    ("sweeper/worker.py", "on_epoch"),
+    ("sweeper/study.py", "trial_state"),
+    ("sweeper/worker.py", "_save_checkpoint"),
+    ("sweeper/checkpoint.py", "save"),
+    ("sweeper/tracking.py", "flush"),
+    ("sweeper/tracking.py", "_send"),
+    ("optuna/trial/_trial.py", "set_user_attr"),
+    ("optuna/trial/_trial.py", "report"),
+    ("optuna/trial/_trial.py", "should_prune"),
+    ("sweeper/worker.py", "_tell_complete"),
+    ("sweeper/worker.py", "_end_run"),
+    ("sweeper/tracking.py", "check_reachable"),
+    ("mlflow/tracking/client.py", "log_batch"),
+    ("mlflow/tracking/client.py", "log_artifact"),
+    ("mlflow/tracking/client.py", "create_run"),
+    ("mlflow/tracking/client.py", "search_runs"),
+    ("mlflow/tracking/client.py", "list_artifacts"),
+    ("mlflow/tracking/client.py", "set_terminated"),
+    ("mlflow/tracking/client.py", "get_experiment_by_name"),
+    ("mlflow/tracking/client.py", "search_experiments"),
+    ("torch/serialization.py", "save"),
+    ("posix", "fsync"),
+    ("gc", "collect"),
 )
 BASELINE_CALLS = (
-    ("optuna/study/_optimize.py", "_run_trial"), ("optuna/study/study.py", "ask"), ("optuna/study/study.py", "tell"),
-    ("optuna/trial/_trial.py", "report"), ("optuna_integration/mlflow.py", "__call__"),
-    ("mlflow/tracking/fluent.py", "start_run"), ("mlflow/tracking/fluent.py", "end_run"),
-    ("mlflow/tracking/fluent.py", "log_params"), ("mlflow/tracking/fluent.py", "log_metrics"),
-    ("mlflow/tracking/fluent.py", "set_tags"), ("mlflow/tracking/fluent.py", "set_experiment"),
+    ("optuna/study/_optimize.py", "_run_trial"),
+    ("optuna/study/study.py", "ask"),
+    ("optuna/study/study.py", "tell"),
+    ("optuna/trial/_trial.py", "report"),
+    ("optuna_integration/mlflow.py", "__call__"),
+    ("mlflow/tracking/fluent.py", "start_run"),
+    ("mlflow/tracking/fluent.py", "end_run"),
+    ("mlflow/tracking/fluent.py", "log_params"),
+    ("mlflow/tracking/fluent.py", "log_metrics"),
+    ("mlflow/tracking/fluent.py", "set_tags"),
+    ("mlflow/tracking/fluent.py", "set_experiment"),
     ("gc", "collect"),
 )
 
@@ -866,8 +1036,13 @@ def profile_rows(prof, trials: int, calls) -> list[dict[str, Any]]:
         for key, (_cc, nc, _tt, ct, _callers) in sorted(stats.items(), key=lambda kv: kv[0][1]):
             if _match(key, file_part, func):  # one row per function (worker.py has two called run)
                 where = f"{file_part}:{key[1]}" if key[1] else file_part
-                rows.append({"function": f"{where}({func})", "calls_per_trial": round(nc / trials, 2),
-                             "ms_per_trial": round(ct / trials * 1000, 2)})
+                rows.append(
+                    {
+                        "function": f"{where}({func})",
+                        "calls_per_trial": round(nc / trials, 2),
+                        "ms_per_trial": round(ct / trials * 1000, 2),
+                    }
+                )
     return rows
 
 
@@ -877,22 +1052,30 @@ def call_site_rows(prof, trials: int, top: int = 25) -> list[dict[str, Any]]:
 
     stats = pstats.Stats(prof).stats
     rows = []
-    for (filename, line, name), (_cc, _nc, _tt, _ct, callers) in stats.items():
-        for (cfile, cline, cname), (_ccc, cnc, _ctt, cct) in callers.items():
+    for (filename, _line, name), (_cc, _nc, _tt, _ct, callers) in stats.items():
+        for (cfile, _cline, cname), (_ccc, cnc, _ctt, cct) in callers.items():
             if "/sweeper/" in cfile.replace(os.sep, "/") and "/sweeper/" not in filename.replace(os.sep, "/"):
-                rows.append({"callee": f"{Path(filename).parent.name}/{Path(filename).name}:{name}"
-                             if filename != "~" else name,
-                             "from": f"{Path(cfile).name}:{cname}", "calls_per_trial": round(cnc / trials, 2),
-                             "ms_per_trial": round(cct / trials * 1000, 2)})
+                rows.append(
+                    {
+                        "callee": f"{Path(filename).parent.name}/{Path(filename).name}:{name}"
+                        if filename != "~"
+                        else name,
+                        "from": f"{Path(cfile).name}:{cname}",
+                        "calls_per_trial": round(cnc / trials, 2),
+                        "ms_per_trial": round(cct / trials * 1000, 2),
+                    }
+                )
     rows.sort(key=lambda r: -r["ms_per_trial"])
     return rows[:top]
 
 
 # --- main ------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--part", choices=("a", "b", "c", "all"), default="all")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     parser.add_argument("--backends", default="sqlite,postgresql", help="comma-separated: sqlite,postgresql")
@@ -904,9 +1087,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="(b) epochs per trial")
     parser.add_argument("--epoch-sleep", type=float, default=1.0, help="(b) seconds of sleep per epoch")
     parser.add_argument("--b-timeout", type=float, default=300, help="(b) seconds one W may run")
-    parser.add_argument("--mlflow-store", choices=("sqlite", "postgresql", "auto"), default="sqlite",
-                        help="(b) the workers' MLflow store (embedded, no server): a SQLite file for every run "
-                             "(default), or a PostgreSQL database; auto = the Optuna storage's kind")
+    parser.add_argument(
+        "--mlflow-store",
+        choices=("sqlite", "postgresql", "auto"),
+        default="sqlite",
+        help="(b) the workers' MLflow store (embedded, no server): a SQLite file for every run "
+        "(default), or a PostgreSQL database; auto = the Optuna storage's kind",
+    )
     parser.add_argument("--b-profile", action="store_true", help="(b) cProfile each worker (worker-N.prof; use --keep)")
     parser.add_argument("--c-trials", type=int, default=20, help="(c) trials per round")
     parser.add_argument("--c-rounds", type=int, default=3, help="(c) alternating rounds (median)")
@@ -930,16 +1117,22 @@ def main(argv: list[str] | None = None) -> int:
     worker_counts = [int(w) for w in args.workers.split(",")]
     need_pg = "postgresql" in backends or args.mlflow_store == "postgresql"
     if need_pg and (why := Databases.postgres_reachable()):
-        parser.exit(2, f"sweep_scale: PostgreSQL is not reachable at {PG_ADMIN_URL} ({why}); set SWEEPER_TEST_PG "
-                       "or pass --backends sqlite\n")
+        parser.exit(
+            2,
+            f"sweep_scale: PostgreSQL is not reachable at {PG_ADMIN_URL} ({why}); set SWEEPER_TEST_PG "
+            "or pass --backends sqlite\n",
+        )
 
     tmp = Path(tempfile.mkdtemp(prefix="sweep-scale-"))
     os.environ["SWEEPER_HOME"] = str(tmp / "home")
     os.chdir(tmp)  # nothing (mlruns/, .sweeper/) lands in the checkout
     dbs = Databases(tmp)
     result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
-        "python": sys.version.split()[0], "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
     }
     started = time.perf_counter()
     try:
@@ -971,28 +1164,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(result: dict[str, Any]) -> None:
-    print(f"sweep_scale {result['date']}, {result['cpus']} CPUs, load {result['loadavg_start'][0]:.1f} -> "
-          f"{result['loadavg_end'][0]:.1f}, {result['seconds']:.0f}s")
+    print(
+        f"sweep_scale {result['date']}, {result['cpus']} CPUs, load {result['loadavg_start'][0]:.1f} -> "
+        f"{result['loadavg_end'][0]:.1f}, {result['seconds']:.0f}s"
+    )
     for a in result.get("a", []):
-        print(f"(a) {a['backend']:<10} launch {a['cells']} cells {a['sweeper_launch_s']:.2f}s, re-launch "
-              f"{a['sweeper_relaunch_s']:.2f}s, claim {a['sweeper_claim_with_all_waiting_s'] * 1000:.0f}ms | "
-              f"enqueue_trial(skip_if_exists) {a['baseline_cells']} cells {a['baseline_enqueue_s']:.2f}s, "
-              f"re-enqueue {a['baseline_relaunch_s']:.2f}s, projected {a['cells']}: "
-              f"{a['baseline_projected_enqueue_s']:.0f}s / {a['baseline_projected_relaunch_s']:.0f}s")
+        print(
+            f"(a) {a['backend']:<10} launch {a['cells']} cells {a['sweeper_launch_s']:.2f}s, re-launch "
+            f"{a['sweeper_relaunch_s']:.2f}s, claim {a['sweeper_claim_with_all_waiting_s'] * 1000:.0f}ms | "
+            f"enqueue_trial(skip_if_exists) {a['baseline_cells']} cells {a['baseline_enqueue_s']:.2f}s, "
+            f"re-enqueue {a['baseline_relaunch_s']:.2f}s, projected {a['cells']}: "
+            f"{a['baseline_projected_enqueue_s']:.0f}s / {a['baseline_projected_relaunch_s']:.0f}s"
+        )
     for b in result.get("b", []):
         for r in b["runs"]:
-            print(f"(b) {b['backend']:<10} W={r['workers']:>2} {r['trials_per_min']:6.1f} trials/min "
-                  f"(eff {r.get('efficiency', float('nan')):.0%}), steady {r['steady_trials_per_min'] or 0:6.1f} "
-                  f"(eff {r.get('steady_efficiency', float('nan')):.0%}), errors {r['total_errors']}, locked "
-                  f"{r['errors']['database_is_locked']}, per trial cpu {r['cpu_s_per_trial']:.2f}s "
-                  f"+ waiting for a CPU {r['runqueue_wait_s_per_trial'] or 0:.2f}s")
+            print(
+                f"(b) {b['backend']:<10} W={r['workers']:>2} {r['trials_per_min']:6.1f} trials/min "
+                f"(eff {r.get('efficiency', float('nan')):.0%}), steady {r['steady_trials_per_min'] or 0:6.1f} "
+                f"(eff {r.get('steady_efficiency', float('nan')):.0%}), errors {r['total_errors']}, locked "
+                f"{r['errors']['database_is_locked']}, per trial cpu {r['cpu_s_per_trial']:.2f}s "
+                f"+ waiting for a CPU {r['runqueue_wait_s_per_trial'] or 0:.2f}s"
+            )
     if "c" in result:
         c = result["c"]
-        print(f"(c) sweeper {c['sweeper_ms_per_trial']:.0f} ms/trial vs Optuna+MLflowCallback "
-              f"{c['baseline_ms_per_trial']:.0f} ms/trial (on sweeper's SQLite settings "
-              f"{c['baseline_wal_ms_per_trial']:.0f}): ratio {c['ratio_sweeper_over_baseline']:.2f}; "
-              f"with gc.freeze() {c['sweeper_gc_freeze_ms_per_trial']:.0f} ms/trial, with system metrics "
-              f"{c['sweeper_system_metrics_ms_per_trial']:.0f} ms/trial")
+        print(
+            f"(c) sweeper {c['sweeper_ms_per_trial']:.0f} ms/trial vs Optuna+MLflowCallback "
+            f"{c['baseline_ms_per_trial']:.0f} ms/trial (on sweeper's SQLite settings "
+            f"{c['baseline_wal_ms_per_trial']:.0f}): ratio {c['ratio_sweeper_over_baseline']:.2f}; "
+            f"with gc.freeze() {c['sweeper_gc_freeze_ms_per_trial']:.0f} ms/trial, with system metrics "
+            f"{c['sweeper_system_metrics_ms_per_trial']:.0f} ms/trial"
+        )
         for row in c.get("sweeper_profile", []):
             print(f"    {row['function']:<48} {row['calls_per_trial']:6.1f} calls {row['ms_per_trial']:8.1f} ms/trial")
 

@@ -25,6 +25,7 @@ Results are recorded in docs/BENCHMARKS.md ("Training throughput (engine)").
 
 Imports neither optuna nor mlflow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,7 +112,11 @@ def measure_seed(variant: str, batch_size: int, steps: int, warmup: int, num_wor
     splits = _images(n)
     data = splits.train_x.permute(0, 2, 3, 1).contiguous().numpy()  # HWC, as CIFAR's pickles become
     transform = transforms.Compose(
-        [transforms.RandomHorizontalFlip(p=0.5), transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+        [
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
     )
     dataset = CifarLike(data, splits.train_y.tolist(), transform)
     loader = torch.utils.data.DataLoader(
@@ -140,10 +145,18 @@ def measure_seed(variant: str, batch_size: int, steps: int, warmup: int, num_wor
     seconds, cpu = time.perf_counter() - started, _cpu_seconds(workers) - cpu_started
     memory = _peak_memory(device, workers)  # while the workers still run
     del batches
-    return {"images_per_s": steps * batch_size / seconds, "timed_seconds": seconds,
-            "cpu_seconds": cpu, "images_per_cpu_s": steps * batch_size / cpu, "device": str(device),
-            "precision": "fp32", "memory_format": "NCHW", "num_workers": num_workers, "loss": loss.item(),
-            **memory}
+    return {
+        "images_per_s": steps * batch_size / seconds,
+        "timed_seconds": seconds,
+        "cpu_seconds": cpu,
+        "images_per_cpu_s": steps * batch_size / cpu,
+        "device": str(device),
+        "precision": "fp32",
+        "memory_format": "NCHW",
+        "num_workers": num_workers,
+        "loss": loss.item(),
+        **memory,
+    }
 
 
 def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, compile: bool) -> dict:
@@ -169,19 +182,40 @@ def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, comp
     result = fit(model, splits, recipe, device=str(device), precision="auto", compile=compile, on_step=on_step)
     seconds = marks[warmup + steps][0] - marks[warmup][0]
     cpu = marks[warmup + steps][1] - marks[warmup][1]
-    return {"images_per_s": steps * batch_size / seconds, "timed_seconds": seconds,
-            "cpu_seconds": cpu, "images_per_cpu_s": steps * batch_size / cpu, "device": result.device,
-            "precision": result.precision, "memory_format": "channels_last" if result.precision == "bf16" or device.type == "cuda" else "NCHW",
-            "compile": compile, "loss": result.final.train_loss, **_peak_memory(device)}
+    return {
+        "images_per_s": steps * batch_size / seconds,
+        "timed_seconds": seconds,
+        "cpu_seconds": cpu,
+        "images_per_cpu_s": steps * batch_size / cpu,
+        "device": result.device,
+        "precision": result.precision,
+        "memory_format": "channels_last" if result.precision == "bf16" or device.type == "cuda" else "NCHW",
+        "compile": compile,
+        "loss": result.final.train_loss,
+        **_peak_memory(device),
+    }
 
 
 # --------------------------------------------------------------------------- driver
 
 
 def run_one(kind: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_measure", kind, "--variant", args.variant,
-           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--num-workers", str(args.num_workers)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_measure",
+        kind,
+        "--variant",
+        args.variant,
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--num-workers",
+        str(args.num_workers),
+    ]
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -202,7 +236,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--num-workers", type=int, default=2, help="the seed's DataLoader workers")
-    parser.add_argument("--repeats", type=int, default=1, help="measure each this many times, alternating; report the best")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="measure each this many times, alternating; report the best"
+    )
     parser.add_argument("--compile", action="store_true", help="also measure fit(..., compile=True)")
     parser.add_argument("--threads", type=int, help="torch threads of both (OMP_NUM_THREADS); default: torch's")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -213,7 +249,9 @@ def main() -> None:
         if args._measure == "seed":
             out = measure_seed(args.variant, args.batch_size, args.steps, args.warmup, args.num_workers)
         else:
-            out = measure_sweeper(args.variant, args.batch_size, args.steps, args.warmup, args._measure == "sweeper-compile")
+            out = measure_sweeper(
+                args.variant, args.batch_size, args.steps, args.warmup, args._measure == "sweeper-compile"
+            )
         print(json.dumps(out))
         return
 
@@ -245,10 +283,14 @@ def main() -> None:
         "sweeper": ours,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": _cpu_name(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
         },
         "all_runs": {k: [r["images_per_s"] for r in v] for k, v in runs.items()},
     }
@@ -260,14 +302,21 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     mem = "peak_gpu_mb" if seed.get("peak_gpu_mb") is not None else "peak_rss_mb"
-    print(f"{args.variant}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
-          f"{report['machine']['cpu']} ({report['machine']['cpus']} CPUs, torch {torch.__version__})")
-    rows = [("seed (fp32 NCHW, PIL + DataLoader)", seed), (f"sweeper fit ({ours['precision']}, {ours['memory_format']})", ours)]
+    print(
+        f"{args.variant}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
+        f"{report['machine']['cpu']} ({report['machine']['cpus']} CPUs, torch {torch.__version__})"
+    )
+    rows = [
+        ("seed (fp32 NCHW, PIL + DataLoader)", seed),
+        (f"sweeper fit ({ours['precision']}, {ours['memory_format']})", ours),
+    ]
     if args.compile:
         rows.append(("sweeper fit, compile=True", best["sweeper-compile"]))
     for label, r in rows:
-        print(f"  {label:<40} {r['images_per_s']:9.1f} images/s  {r['images_per_cpu_s']:9.1f} images/CPU-s"
-              f"   {mem} {r[mem]:8.0f} MB")
+        print(
+            f"  {label:<40} {r['images_per_s']:9.1f} images/s  {r['images_per_cpu_s']:9.1f} images/CPU-s"
+            f"   {mem} {r[mem]:8.0f} MB"
+        )
     print(f"  ratio sweeper / seed: {report['ratio']:.2f}x (wall), {report['cpu_ratio']:.2f}x (CPU time)")
     if args.compile:
         print(f"  compile=True vs eager: {report['compile_speedup']:.2f}x")
@@ -276,7 +325,9 @@ def main() -> None:
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+            return next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor()
+            )
     except OSError:
         return platform.processor()
 

@@ -4,6 +4,7 @@ A checkpoint is a plain dict of tensors and primitives, so it loads with ``weigh
 (no code from the file ever runs). It is written to a temporary file, fsynced and renamed over
 the old one, so a crash or a full disk never leaves a half-written checkpoint behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -71,7 +72,6 @@ def load(path: str | Path, expect: dict[str, Any] | None = None) -> dict[str, An
     for key, value in (expect or {}).items():
         if state.get(key) != value:
             raise CheckpointError(
-                f"checkpoint {path} belongs to {key}={state.get(key)!r}, not {value!r}; "
-                "it is not used for this trial"
+                f"checkpoint {path} belongs to {key}={state.get(key)!r}, not {value!r}; it is not used for this trial"
             )
     return state

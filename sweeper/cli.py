@@ -2,6 +2,7 @@
 
 Each option shared by several commands is defined once here, with its environment variable.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,37 +18,59 @@ FORMAT_CHOICES = ("table", "json")
 
 # --- options defined once ------------------------------------------------------------------
 
+
 def format_option(*choices: str, default: str = "table"):
     return click.option(
-        "--format", "fmt", type=click.Choice(choices or FORMAT_CHOICES), default=default, show_default=True,
+        "--format",
+        "fmt",
+        type=click.Choice(choices or FORMAT_CHOICES),
+        default=default,
+        show_default=True,
         help="Output format. json prints one document on stdout; logs and progress go to stderr.",
     )
 
 
 study_option = click.option(
-    "--study", "study", required=True, metavar="NAME|PATH.toml", envvar="SWEEPER_STUDY",
+    "--study",
+    "study",
+    required=True,
+    metavar="NAME|PATH.toml",
+    envvar="SWEEPER_STUDY",
     help="Study spec: a name from experiments/ (see `sweeper studies`) or a path to a .toml file.",
 )
 storage_option = click.option(
-    "--storage", envvar=settings.ENV_STORAGE, metavar="URL",
+    "--storage",
+    envvar=settings.ENV_STORAGE,
+    metavar="URL",
     help=f"Optuna storage URL (postgresql://... for several machines). [env: {settings.ENV_STORAGE}; "
     "default: SQLite under $SWEEPER_HOME]",
 )
 tracking_option = click.option(
-    "--tracking-uri", envvar=settings.ENV_TRACKING_URI, metavar="URI",
+    "--tracking-uri",
+    envvar=settings.ENV_TRACKING_URI,
+    metavar="URI",
     help=f"MLflow tracking URI (http://host:5000 for a server). [env: {settings.ENV_TRACKING_URI}; "
     "default: SQLite under $SWEEPER_HOME]",
 )
 device_option = click.option(
-    "--device", default="auto", envvar=settings.ENV_DEVICE, show_default=True,
+    "--device",
+    default="auto",
+    envvar=settings.ENV_DEVICE,
+    show_default=True,
     help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.",
 )
 precision_option = click.option(
-    "--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
     help="auto: bf16 autocast + channels_last where bf16 is fast (CUDA, CPUs with AMX/AVX512-BF16).",
 )
 data_dir_option = click.option(
-    "--data-dir", envvar=settings.ENV_DATA_DIR, type=click.Path(file_okay=False), metavar="DIR",
+    "--data-dir",
+    envvar=settings.ENV_DATA_DIR,
+    type=click.Path(file_okay=False),
+    metavar="DIR",
     help=f"Where datasets live. [env: {settings.ENV_DATA_DIR}; default: $SWEEPER_HOME/data]",
 )
 
@@ -71,6 +94,7 @@ def check_dataset(ctx, param, value):
 
 
 # --- output --------------------------------------------------------------------------------
+
 
 def stderr_console():
     from rich.console import Console
@@ -108,6 +132,7 @@ def _cell(value: Any) -> str:
 
 # --- commands ------------------------------------------------------------------------------
 
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sweeper")
 def cli():
@@ -132,16 +157,21 @@ def models(dataset, fmt):
     from sweeper.models import VARIANTS, build_model, count_macs, count_params
 
     rows = []
-    for name in ([dataset] if dataset else list(DATASETS)):
+    for name in [dataset] if dataset else list(DATASETS):
         info = DATASETS[name]
         for variant, cfg in VARIANTS.items():
             with torch.device("meta"):  # shapes only: counting needs no real weights
                 model = build_model(variant, info.num_classes, info.shape[0])
-            rows.append({
-                "variant": variant, "dataset": name, "num_classes": info.num_classes,
-                "params": count_params(model), "macs": count_macs(model, info.shape),
-                "inception_modules": cfg.inception_modules,
-            })
+            rows.append(
+                {
+                    "variant": variant,
+                    "dataset": name,
+                    "num_classes": info.num_classes,
+                    "params": count_params(model),
+                    "macs": count_macs(model, info.shape),
+                    "inception_modules": cfg.inception_modules,
+                }
+            )
     if fmt == "json":
         print_json(rows)
     else:
@@ -166,8 +196,25 @@ def models(dataset, fmt):
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), help="Continue from this checkpoint.")
 @data_dir_option
 @format_option("text", "json", default="text")
-def train(variant, dataset, epochs, batch_size, optimizer, lr, lr_gamma, seed, limit_train, limit_test,
-          device, precision, use_compile, checkpoint, resume, data_dir, fmt):
+def train(
+    variant,
+    dataset,
+    epochs,
+    batch_size,
+    optimizer,
+    lr,
+    lr_gamma,
+    seed,
+    limit_train,
+    limit_test,
+    device,
+    precision,
+    use_compile,
+    checkpoint,
+    resume,
+    data_dir,
+    fmt,
+):
     """Train one variant on one dataset with the seed's recipe and print its errors."""
     from pathlib import Path
 
@@ -178,8 +225,15 @@ def train(variant, dataset, epochs, batch_size, optimizer, lr, lr_gamma, seed, l
     from sweeper.models import build_model, count_macs, count_params
     from sweeper.train import Recipe, fit, seed_everything
 
-    overrides = dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, lr_gamma=lr_gamma,
-                     limit_train=limit_train, limit_test=limit_test)
+    overrides = dict(
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        lr_gamma=lr_gamma,
+        limit_train=limit_train,
+        limit_test=limit_test,
+    )
     recipe = Recipe.from_dict({"seed": seed, **{k: v for k, v in overrides.items() if v is not None}})
     splits = datasets.load(dataset, Path(data_dir) if data_dir else None).limit(limit_train, limit_test)
     seed_everything(seed)
@@ -188,41 +242,70 @@ def train(variant, dataset, epochs, batch_size, optimizer, lr, lr_gamma, seed, l
     meta = {"variant": variant, "dataset": dataset}
     state = ckpt.load(resume, expect=meta) if resume else None
     console = stderr_console()
-    console.print(f"[bold]{variant}[/] on [bold]{dataset}[/]: {params:,} parameters, {macs:,} MACs per image, "
-                  f"{len(splits.train_y):,} train / {len(splits.test_y):,} test images")
+    console.print(
+        f"[bold]{variant}[/] on [bold]{dataset}[/]: {params:,} parameters, {macs:,} MACs per image, "
+        f"{len(splits.train_y):,} train / {len(splits.test_y):,} test images"
+    )
 
-    with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+    with Progress(
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("train", total=None, epoch=1)
 
         def on_step(step, total):
             progress.update(task, completed=step, total=total)
 
         def on_epoch(m, get_state):
-            console.print(f"epoch {m.epoch:>3}/{recipe.epochs}  train_loss {m.train_loss:.4f}  "
-                          f"test_loss {m.test_loss:.4f}  top1_error {m.top1_error:.4f}  "
-                          f"top5_error {m.top5_error:.4f}  lr {m.lr:.4g}  {m.images_per_s:,.0f} img/s  "
-                          f"{m.epoch_seconds:.1f}s")
+            console.print(
+                f"epoch {m.epoch:>3}/{recipe.epochs}  train_loss {m.train_loss:.4f}  "
+                f"test_loss {m.test_loss:.4f}  top1_error {m.top1_error:.4f}  "
+                f"top5_error {m.top5_error:.4f}  lr {m.lr:.4g}  {m.images_per_s:,.0f} img/s  "
+                f"{m.epoch_seconds:.1f}s"
+            )
             if checkpoint:
                 ckpt.save(checkpoint, {**get_state(), **meta})
             progress.update(task, completed=0, epoch=m.epoch + 1)
 
-        result = fit(model, splits, recipe, device=device, precision=precision, compile=use_compile,
-                     resume=state, on_epoch=on_epoch, on_step=on_step)
+        result = fit(
+            model,
+            splits,
+            recipe,
+            device=device,
+            precision=precision,
+            compile=use_compile,
+            resume=state,
+            on_epoch=on_epoch,
+            on_step=on_step,
+        )
 
     final = result.final
     summary = {
-        "variant": variant, "dataset": dataset, "device": result.device, "precision": result.precision,
-        "top1_error": final.top1_error, "top5_error": final.top5_error, "test_loss": final.test_loss,
-        "params": params, "macs": macs, "train_seconds": result.train_seconds,
-        "recipe": recipe.to_dict(), "history": [vars(m) for m in result.history],
+        "variant": variant,
+        "dataset": dataset,
+        "device": result.device,
+        "precision": result.precision,
+        "top1_error": final.top1_error,
+        "top5_error": final.top5_error,
+        "test_loss": final.test_loss,
+        "params": params,
+        "macs": macs,
+        "train_seconds": result.train_seconds,
+        "recipe": recipe.to_dict(),
+        "history": [vars(m) for m in result.history],
     }
     if fmt == "json":
         print_json(summary)
     else:
-        click.echo(f"{variant} on {dataset}: top-1 error {final.top1_error:.4f}, top-5 error "
-                   f"{final.top5_error:.4f}, {params:,} parameters, {result.train_seconds:.1f}s "
-                   f"({result.device}, {result.precision})")
+        click.echo(
+            f"{variant} on {dataset}: top-1 error {final.top1_error:.4f}, top-5 error "
+            f"{final.top5_error:.4f}, {params:,} parameters, {result.train_seconds:.1f}s "
+            f"({result.device}, {result.precision})"
+        )
 
 
 @cli.group()
@@ -246,8 +329,14 @@ def data_list(data_dir, fmt):
             row = cifar.status(name, root)
         else:
             row = {"name": name, "path": "(built in)", "present": True, "size_bytes": 0}
-        rows.append({**row, "classes": info.num_classes, "shape": "x".join(map(str, info.shape)),
-                     "description": info.description})
+        rows.append(
+            {
+                **row,
+                "classes": info.num_classes,
+                "shape": "x".join(map(str, info.shape)),
+                "description": info.description,
+            }
+        )
     if fmt == "json":
         print_json(rows)
     else:
@@ -275,8 +364,13 @@ def data_fetch(names, force, data_dir):
             load(name, root)  # verifies the files on disk and builds the cache if it is missing
             stderr_console().print(f"{name}: already present in {root} (--force downloads again)")
             continue
-        with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
-                      console=stderr_console(), transient=True) as progress:
+        with Progress(
+            *Progress.get_default_columns(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=stderr_console(),
+            transient=True,
+        ) as progress:
             task = progress.add_task(f"{name}", total=None)
             cifar.fetch(name, root, progress=lambda done, total: progress.update(task, completed=done, total=total))
         load(name, root)  # builds the uint8 cache so the first trial starts at once
@@ -301,11 +395,19 @@ def data_import(archive, data_dir):
 # --- sweeps --------------------------------------------------------------------------------
 
 heartbeat_option = click.option(
-    "--heartbeat-interval", type=click.IntRange(1), envvar=settings.ENV_HEARTBEAT_INTERVAL, default=10,
-    show_default=True, help=f"Seconds between a running trial's heartbeats. [env: {settings.ENV_HEARTBEAT_INTERVAL}]",
+    "--heartbeat-interval",
+    type=click.IntRange(1),
+    envvar=settings.ENV_HEARTBEAT_INTERVAL,
+    default=10,
+    show_default=True,
+    help=f"Seconds between a running trial's heartbeats. [env: {settings.ENV_HEARTBEAT_INTERVAL}]",
 )
 grace_option = click.option(
-    "--grace-period", type=click.IntRange(1), envvar=settings.ENV_GRACE_PERIOD, default=60, show_default=True,
+    "--grace-period",
+    type=click.IntRange(1),
+    envvar=settings.ENV_GRACE_PERIOD,
+    default=60,
+    show_default=True,
     help=f"Seconds without a heartbeat before a trial's worker counts as dead and the trial is retried. "
     f"[env: {settings.ENV_GRACE_PERIOD}]",
 )
@@ -336,8 +438,15 @@ def studies(fmt):
     rows = []
     for path in spec.available():
         s = load_spec(str(path))
-        rows.append({"study": s.name, "cells": len(s.cells), "trials": len(s.trial_keys()),
-                     "description": s.description, "path": str(path)})
+        rows.append(
+            {
+                "study": s.name,
+                "cells": len(s.cells),
+                "trials": len(s.trial_keys()),
+                "description": s.description,
+                "path": str(path),
+            }
+        )
     if fmt == "json":
         print_json(rows)
     else:
@@ -348,55 +457,134 @@ def studies(fmt):
 @study_option
 @storage_option
 @tracking_option
-@click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
-              help="Start N local worker processes and watch them; 0 only enqueues.")
+@click.option(
+    "--workers",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Start N local worker processes and watch them; 0 only enqueues.",
+)
 @device_option
 @precision_option
 @click.option("--force-update", is_flag=True, help="Accept a changed spec: enqueue only its new cells.")
-@click.option("--workers-per-gpu", type=click.IntRange(1), default=1, show_default=True,
-              envvar=settings.ENV_WORKERS_PER_GPU, help="Local workers that may share one GPU.")
+@click.option(
+    "--workers-per-gpu",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    envvar=settings.ENV_WORKERS_PER_GPU,
+    help="Local workers that may share one GPU.",
+)
 @heartbeat_option
 @grace_option
 @data_dir_option
 @format_option()
-def launch(study, storage, tracking_uri, workers, device, precision, force_update, workers_per_gpu,
-           heartbeat_interval, grace_period, data_dir, fmt):
+def launch(
+    study,
+    storage,
+    tracking_uri,
+    workers,
+    device,
+    precision,
+    force_update,
+    workers_per_gpu,
+    heartbeat_interval,
+    grace_period,
+    data_dir,
+    fmt,
+):
     """Enqueue every grid cell of a study once, and optionally run it with local workers."""
     from sweeper import launcher
 
     spec = load_spec(study)
-    launcher.launch(spec, storage, tracking_uri, workers=workers, device=device, precision=precision,
-                    force_update=force_update, workers_per_gpu=workers_per_gpu, heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period, data_dir=data_dir, fmt=fmt)
+    launcher.launch(
+        spec,
+        storage,
+        tracking_uri,
+        workers=workers,
+        device=device,
+        precision=precision,
+        force_update=force_update,
+        workers_per_gpu=workers_per_gpu,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        data_dir=data_dir,
+        fmt=fmt,
+    )
 
 
 @cli.command()
-@click.option("--study", "studies_", multiple=True, metavar="NAME", envvar="SWEEPER_STUDY",
-              help="Serve only this study (repeatable). Default: every study in the storage.")
+@click.option(
+    "--study",
+    "studies_",
+    multiple=True,
+    metavar="NAME",
+    envvar="SWEEPER_STUDY",
+    help="Serve only this study (repeatable). Default: every study in the storage.",
+)
 @storage_option
 @tracking_option
 @device_option
 @precision_option
 @click.option("--max-trials", type=click.IntRange(1), help="Exit after running K trials.")
 @click.option("--forever", is_flag=True, help="Keep polling for new trials instead of exiting when none wait.")
-@click.option("--poll-interval", type=click.FloatRange(0.1), default=5.0, show_default=True,
-              help="Seconds between looks at an empty queue with --forever.")
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds between looks at an empty queue with --forever.",
+)
 @click.option("--threads", type=click.IntRange(1), envvar="SWEEPER_THREADS", help="CPU threads for PyTorch.")
-@click.option("--tracking-outage-limit", type=click.FloatRange(1), default=300.0, show_default=True,
-              envvar="SWEEPER_TRACKING_OUTAGE_LIMIT",
-              help="Seconds MLflow may be unreachable before the trial fails (it is retried later).")
-@click.option("--system-metrics/--no-system-metrics", default=True, show_default=True,
-              help="Log CPU, memory and GPU use through MLflow's system metrics.")
-@click.option("--workers-per-gpu", type=click.IntRange(1), default=1, show_default=True,
-              envvar=settings.ENV_WORKERS_PER_GPU,
-              help=f"Workers that may share one GPU (small trials leave a large GPU idle). [env: {settings.ENV_WORKERS_PER_GPU}]")
-@click.option("--gpus", envvar="SWEEPER_GPUS", metavar="0,1,...",
-              help="GPU indices this host's workers share. [env: SWEEPER_GPUS; default: all visible]")
+@click.option(
+    "--tracking-outage-limit",
+    type=click.FloatRange(1),
+    default=300.0,
+    show_default=True,
+    envvar="SWEEPER_TRACKING_OUTAGE_LIMIT",
+    help="Seconds MLflow may be unreachable before the trial fails (it is retried later).",
+)
+@click.option(
+    "--system-metrics/--no-system-metrics",
+    default=True,
+    show_default=True,
+    help="Log CPU, memory and GPU use through MLflow's system metrics.",
+)
+@click.option(
+    "--workers-per-gpu",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    envvar=settings.ENV_WORKERS_PER_GPU,
+    help=f"Workers that may share one GPU (small trials leave a large GPU idle). [env: {settings.ENV_WORKERS_PER_GPU}]",
+)
+@click.option(
+    "--gpus",
+    envvar="SWEEPER_GPUS",
+    metavar="0,1,...",
+    help="GPU indices this host's workers share. [env: SWEEPER_GPUS; default: all visible]",
+)
 @heartbeat_option
 @grace_option
 @data_dir_option
-def worker(studies_, storage, tracking_uri, device, precision, max_trials, forever, poll_interval, threads,
-           tracking_outage_limit, system_metrics, workers_per_gpu, gpus, heartbeat_interval, grace_period, data_dir):
+def worker(
+    studies_,
+    storage,
+    tracking_uri,
+    device,
+    precision,
+    max_trials,
+    forever,
+    poll_interval,
+    threads,
+    tracking_outage_limit,
+    system_metrics,
+    workers_per_gpu,
+    gpus,
+    heartbeat_interval,
+    grace_period,
+    data_dir,
+):
     """Claim waiting trials, train them and log to MLflow until the queue is empty."""
     import logging
     from pathlib import Path
@@ -405,8 +593,7 @@ def worker(studies_, storage, tracking_uri, device, precision, max_trials, forev
     from sweeper import tracking
     from sweeper.worker import StopSignal, WorkerConfig, run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s", stream=sys.stderr)
     if threads:
         import torch
 
@@ -422,11 +609,19 @@ def worker(studies_, storage, tracking_uri, device, precision, max_trials, forev
             device = slot.device
             logging.getLogger("sweeper.worker").info("GPU slot %s:%s:%d -> %s", slot.host, slot.gpu, slot.index, device)
     config = WorkerConfig(
-        storage_url=st.resolve_storage_url(storage), tracking_uri=tracking.resolve_tracking_uri(tracking_uri),
-        study_names=tuple(study_name(s) for s in studies_), device=device, precision=precision,
-        data_dir=Path(data_dir) if data_dir else None, max_trials=max_trials, forever=forever,
-        poll_interval=poll_interval, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-        tracking_outage_limit=tracking_outage_limit, system_metrics=system_metrics,
+        storage_url=st.resolve_storage_url(storage),
+        tracking_uri=tracking.resolve_tracking_uri(tracking_uri),
+        study_names=tuple(study_name(s) for s in studies_),
+        device=device,
+        precision=precision,
+        data_dir=Path(data_dir) if data_dir else None,
+        max_trials=max_trials,
+        forever=forever,
+        poll_interval=poll_interval,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        tracking_outage_limit=tracking_outage_limit,
+        system_metrics=system_metrics,
     )
     run(config, stop)
 
@@ -445,24 +640,38 @@ def status(study, storage, tracking_uri, fmt):
     loaded = st.load_study(st.open_storage(url), study_name(study))
     trials = loaded.get_trials(deepcopy=False)
     document = {
-        "study": loaded.study_name, "storage": redact_url(url),
+        "study": loaded.study_name,
+        "storage": redact_url(url),
         "tracking_uri": redact_url(tracking.resolve_tracking_uri(tracking_uri)),
-        "counts": st.counts(trials), "trials": st.trial_rows(trials),
+        "counts": st.counts(trials),
+        "trials": st.trial_rows(trials),
     }
     if fmt == "json":
         print_json(document)
         return
     counts = ", ".join(f"{k} {v}" for k, v in document["counts"].items())
-    click.echo(f"study {loaded.study_name}: {counts}\nstorage {document['storage']}\ntracking {document['tracking_uri']}")
-    rows = [{**r, "epoch": f"{r['epoch'] or 0}/{r['epochs'] or '?'}",
-             "retry_of": "" if r["retry_of"] is None else f"#{r['retry_of']}"} for r in document["trials"]]
-    print_table(None, rows, ["number", "cell", "state", "epoch", "top1_error", "host", "elapsed_s", "retry_of", "fail_reason"])
+    click.echo(
+        f"study {loaded.study_name}: {counts}\nstorage {document['storage']}\ntracking {document['tracking_uri']}"
+    )
+    rows = [
+        {
+            **r,
+            "epoch": f"{r['epoch'] or 0}/{r['epochs'] or '?'}",
+            "retry_of": "" if r["retry_of"] is None else f"#{r['retry_of']}",
+        }
+        for r in document["trials"]
+    ]
+    print_table(
+        None, rows, ["number", "cell", "state", "epoch", "top1_error", "host", "elapsed_s", "retry_of", "fail_reason"]
+    )
 
 
 @cli.command()
 @study_option
 @storage_option
-@click.option("--failed", is_flag=True, default=True, show_default=True, help="Re-enqueue cells whose last trial FAILED.")
+@click.option(
+    "--failed", is_flag=True, default=True, show_default=True, help="Re-enqueue cells whose last trial FAILED."
+)
 def retry(study, storage, failed):
     """Re-enqueue failed cells on purpose (e.g. after fixing the cause of a NaN or out of memory)."""
     from sweeper import study as st
@@ -485,8 +694,10 @@ def doctor(storage, tracking_uri, quiet, fmt):
 
     url, uri = st.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
     checks = {}
-    for name, probe in (("storage", lambda: st.open_storage(url)),
-                        ("tracking", lambda: tracking.check_reachable(tracking.client(uri)))):
+    for name, probe in (
+        ("storage", lambda: st.open_storage(url)),
+        ("tracking", lambda: tracking.check_reachable(tracking.client(uri))),
+    ):
         try:
             probe()
             checks[name] = "ok"
@@ -511,8 +722,9 @@ def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed):
     """The seed post's tables (Top-1/Top-5 error, parameters, time) from what the study logged."""
     from sweeper import report as reporting
 
-    reporting.print_report(study_name(study), storage, tracking_uri, fmt=fmt, output=output,
-                           plots_dir=plots_dir, against_seed=against_seed)
+    reporting.print_report(
+        study_name(study), storage, tracking_uri, fmt=fmt, output=output, plots_dir=plots_dir, against_seed=against_seed
+    )
 
 
 @cli.command()
@@ -520,8 +732,9 @@ def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed):
 @storage_option
 @tracking_option
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="MLflow UI port.")
-@click.option("--dashboard-port", type=click.IntRange(1, 65535), default=8080, show_default=True,
-              help="optuna-dashboard port.")
+@click.option(
+    "--dashboard-port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="optuna-dashboard port."
+)
 def ui(study, storage, tracking_uri, port, dashboard_port):
     """Serve the MLflow UI and optuna-dashboard for a study on 127.0.0.1 until Ctrl-C."""
     from sweeper import ui as uis
@@ -536,6 +749,7 @@ def redact_url(url: str) -> str:
 
 
 # --- entry point ---------------------------------------------------------------------------
+
 
 def main() -> None:
     """Run the CLI; known failures become one clear message and exit code 1, never a traceback."""

@@ -1,4 +1,5 @@
 """Turning known failures into one clear message (exit 1) instead of a traceback."""
+
 from __future__ import annotations
 
 import contextlib

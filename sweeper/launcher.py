@@ -1,4 +1,5 @@
 """`sweeper launch`: enqueue a study, then optionally run local workers under a live board."""
+
 from __future__ import annotations
 
 import os
@@ -6,20 +7,30 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import click
 
-from sweeper import settings
+from sweeper import settings, tracking
 from sweeper import study as studies
-from sweeper import tracking
 from sweeper.errors import redact
 from sweeper.spec import StudySpec
 
 
-def launch(spec: StudySpec, storage_url: str | None, tracking_uri: str | None, *, workers: int, device: str,
-           precision: str, force_update: bool, heartbeat_interval: int, grace_period: int,
-           data_dir: str | None, fmt: str, workers_per_gpu: int = 1) -> None:
+def launch(
+    spec: StudySpec,
+    storage_url: str | None,
+    tracking_uri: str | None,
+    *,
+    workers: int,
+    device: str,
+    precision: str,
+    force_update: bool,
+    heartbeat_interval: int,
+    grace_period: int,
+    data_dir: str | None,
+    fmt: str,
+    workers_per_gpu: int = 1,
+) -> None:
     from rich.console import Console
 
     console = Console(stderr=True, soft_wrap=True)
@@ -39,29 +50,36 @@ def launch(spec: StudySpec, storage_url: str | None, tracking_uri: str | None, *
         tracking.ensure_study_run(mlflow_client, experiment_id, spec.to_dict())
     result = studies.launch(storage, spec, force_update=force_update)
     if result.added:
-        console.print(f"study [bold]{spec.name}[/]: enqueued {result.added} trial(s)"
-                      + (f", {result.existing} already there" if result.existing else ""))
+        console.print(
+            f"study [bold]{spec.name}[/]: enqueued {result.added} trial(s)"
+            + (f", {result.existing} already there" if result.existing else "")
+        )
     else:
         console.print(f"study [bold]{spec.name}[/]: all {result.existing} trial(s) already enqueued; nothing to add")
 
     if workers == 0:
         if fmt == "json":
             click.echo(_summary_json(spec, url, uri, result))
-        console.print("start workers with:\n"
-                      f"  sweeper worker --study {spec.name}"
-                      + ("" if url == studies.default_storage_url() else " --storage $SWEEPER_STORAGE")
-                      + ("" if uri == tracking.default_tracking_uri() else " --tracking-uri $MLFLOW_TRACKING_URI")
-                      + "\nor run them here with --workers N")
+        console.print(
+            "start workers with:\n"
+            f"  sweeper worker --study {spec.name}"
+            + ("" if url == studies.default_storage_url() else " --storage $SWEEPER_STORAGE")
+            + ("" if uri == tracking.default_tracking_uri() else " --tracking-uri $MLFLOW_TRACKING_URI")
+            + "\nor run them here with --workers N"
+        )
         return
 
-    procs = start_workers(spec.name, url, uri, workers, device, precision, heartbeat_interval, grace_period,
-                          data_dir, workers_per_gpu)
+    procs = start_workers(
+        spec.name, url, uri, workers, device, precision, heartbeat_interval, grace_period, data_dir, workers_per_gpu
+    )
     log_dir = settings.home() / "logs"
     console.print(f"{workers} worker(s) started; their logs are in {log_dir}")
     interrupted = watch(result.study, procs, console)
     if interrupted:
-        console.print(f"stopped. Finished epochs are checkpointed; resume with:\n"
-                      f"  sweeper launch --study {spec.name} --workers {workers}")
+        console.print(
+            f"stopped. Finished epochs are checkpointed; resume with:\n"
+            f"  sweeper launch --study {spec.name} --workers {workers}"
+        )
         sys.exit(130)
     failed = [p for p in procs if p.returncode not in (0, None)]
     if failed:
@@ -76,12 +94,30 @@ def launch(spec: StudySpec, storage_url: str | None, tracking_uri: str | None, *
 def _summary_json(spec: StudySpec, url: str, uri: str, result) -> str:
     import json
 
-    return json.dumps({"study": spec.name, "storage": redact(url), "tracking_uri": redact(uri),
-                       "enqueued": result.added, "already_enqueued": result.existing, "spec_hash": spec.hash})
+    return json.dumps(
+        {
+            "study": spec.name,
+            "storage": redact(url),
+            "tracking_uri": redact(uri),
+            "enqueued": result.added,
+            "already_enqueued": result.existing,
+            "spec_hash": spec.hash,
+        }
+    )
 
 
-def start_workers(name: str, url: str, uri: str, n: int, device: str, precision: str, heartbeat_interval: int,
-                  grace_period: int, data_dir: str | None, workers_per_gpu: int = 1) -> list[subprocess.Popen]:
+def start_workers(
+    name: str,
+    url: str,
+    uri: str,
+    n: int,
+    device: str,
+    precision: str,
+    heartbeat_interval: int,
+    grace_period: int,
+    data_dir: str | None,
+    workers_per_gpu: int = 1,
+) -> list[subprocess.Popen]:
     """N worker processes with the CPU threads split between them; on GPUs each claims a slot."""
     threads = max(1, (os.cpu_count() or 1) // n)
     log_dir = settings.home() / "logs"
@@ -89,10 +125,30 @@ def start_workers(name: str, url: str, uri: str, n: int, device: str, precision:
     procs = []
     for i in range(n):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), settings.ENV_HOME: str(settings.home())}
-        cmd = [sys.executable, "-m", "sweeper", "worker", "--study", name, "--storage", url, "--tracking-uri", uri,
-               "--device", device, "--precision", precision, "--threads", str(threads),
-               "--heartbeat-interval", str(heartbeat_interval), "--grace-period", str(grace_period),
-               "--workers-per-gpu", str(workers_per_gpu)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sweeper",
+            "worker",
+            "--study",
+            name,
+            "--storage",
+            url,
+            "--tracking-uri",
+            uri,
+            "--device",
+            device,
+            "--precision",
+            precision,
+            "--threads",
+            str(threads),
+            "--heartbeat-interval",
+            str(heartbeat_interval),
+            "--grace-period",
+            str(grace_period),
+            "--workers-per-gpu",
+            str(workers_per_gpu),
+        ]
         if data_dir:
             cmd += ["--data-dir", data_dir]
         log = open(log_dir / f"worker-{i + 1}.log", "ab")
@@ -139,14 +195,21 @@ def board(study):
     for t in trials:
         latest[t.user_attrs.get(studies.KEY_ATTR)] = t
     counts = studies.counts(list(latest.values()))
-    table = Table(title=f"{study.study_name}: {counts['COMPLETE']} done, {counts['RUNNING']} running, "
-                        f"{counts['WAITING']} waiting, {counts['PRUNED']} pruned, {counts['FAIL']} failed",
-                  title_justify="left")
+    table = Table(
+        title=f"{study.study_name}: {counts['COMPLETE']} done, {counts['RUNNING']} running, "
+        f"{counts['WAITING']} waiting, {counts['PRUNED']} pruned, {counts['FAIL']} failed",
+        title_justify="left",
+    )
     for col in ("cell", "state", "epoch", "top1_error", "host"):
         table.add_column(col)
     for row in studies.trial_rows(list(latest.values())):
         if row["state"] in ("RUNNING", "COMPLETE"):
             err = row["top1_error"]
-            table.add_row(row["cell"], row["state"], f"{row['epoch'] or 0}/{row['epochs'] or '?'}",
-                          "" if err is None else f"{err:.4f}", row["host"] or "")
+            table.add_row(
+                row["cell"],
+                row["state"],
+                f"{row['epoch'] or 0}/{row['epochs'] or '?'}",
+                "" if err is None else f"{err:.4f}",
+                row["host"] or "",
+            )
     return table

@@ -9,6 +9,7 @@ history is read only when the per-epoch plot is asked for.
     >>> frame[["variant", "seed", "state", "top1_error"]]          # doctest: +SKIP
     >>> print_report("quickstart", None, None, fmt="markdown")     # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import base64
@@ -28,15 +29,25 @@ from typing import Any
 
 import pandas as pd
 
-from sweeper import seed_results
+from sweeper import seed_results, tracking
 from sweeper import study as studies
-from sweeper import tracking
 from sweeper.errors import SweeperError, redact
 
 VARIANT_ORDER = ("naive", "standard", "long", "short", "short2", "short3", "short4")  # the seed's row order
 DATASET_ORDER = ("cifar100", "cifar10", "digits", "synthetic")  # the seed's table order, then ours
-FRAME_COLUMNS = ["variant", "dataset", "seed", "state", "top1_error", "top5_error", "params", "macs",
-                 "train_seconds", "images_per_s", "mlflow_run_id"]
+FRAME_COLUMNS = [
+    "variant",
+    "dataset",
+    "seed",
+    "state",
+    "top1_error",
+    "top5_error",
+    "params",
+    "macs",
+    "train_seconds",
+    "images_per_s",
+    "mlflow_run_id",
+]
 SEED_COLUMNS = ["seed_top1_error", "seed_top5_error", "seed_params", "seed_time", "seed_train_seconds"]
 FORMATS = ("table", "markdown", "csv", "json", "html")
 PLOT_FILES = {
@@ -66,6 +77,7 @@ class Collected:
 
 
 # --- reading -------------------------------------------------------------------------------
+
 
 def build_frame(study_name: str, storage_url: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
     """One row per grid cell of the study, columns ``FRAME_COLUMNS``.
@@ -123,21 +135,40 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None)
         ua = trial.user_attrs
         run = runs_by_id.get(ua.get("mlflow_run_id")) or runs_by_key.get(ua.get(studies.KEY_ATTR))
         metrics = run.data.metrics if run is not None else {}
-        rows.append({
-            "variant": ua.get("variant"), "dataset": ua.get("dataset"), "seed": _int(ua.get("seed")),
-            "state": trial.state.name,
-            "top1_error": metrics.get("top1_error"), "top5_error": metrics.get("top5_error"),
-            "params": _int(metrics.get("num_params")), "macs": _int(metrics.get("macs")),
-            "train_seconds": metrics.get("train_seconds"), "images_per_s": metrics.get("images_per_s"),
-            "mlflow_run_id": run.info.run_id if run is not None else ua.get("mlflow_run_id"),
-        })
+        rows.append(
+            {
+                "variant": ua.get("variant"),
+                "dataset": ua.get("dataset"),
+                "seed": _int(ua.get("seed")),
+                "state": trial.state.name,
+                "top1_error": metrics.get("top1_error"),
+                "top5_error": metrics.get("top5_error"),
+                "params": _int(metrics.get("num_params")),
+                "macs": _int(metrics.get("macs")),
+                "train_seconds": metrics.get("train_seconds"),
+                "images_per_s": metrics.get("images_per_s"),
+                "mlflow_run_id": run.info.run_id if run is not None else ua.get("mlflow_run_id"),
+            }
+        )
     frame = _typed(pd.DataFrame(rows, columns=FRAME_COLUMNS))
     datasets = list((spec.get("grid") or {}).get("dataset") or [])
     frame = sort_frame(frame, datasets)
-    frame.attrs.update(study=study_name, epochs=epochs, experiment_id=experiment.experiment_id if experiment else None,
-                       parent_run_id=parent_run_id)
-    return Collected(study_name, frame, epochs, uri, experiment.experiment_id if experiment else None,
-                     parent_run_id, datasets, client)
+    frame.attrs.update(
+        study=study_name,
+        epochs=epochs,
+        experiment_id=experiment.experiment_id if experiment else None,
+        parent_run_id=parent_run_id,
+    )
+    return Collected(
+        study_name,
+        frame,
+        epochs,
+        uri,
+        experiment.experiment_id if experiment else None,
+        parent_run_id,
+        datasets,
+        client,
+    )
 
 
 def search_cell_runs(client, experiment_id: str) -> list[Any]:
@@ -147,8 +178,13 @@ def search_cell_runs(client, experiment_id: str) -> list[Any]:
     runs: list[Any] = []
     token = None
     while True:
-        page = client.search_runs([experiment_id], filter_string=CELL_FILTER, run_view_type=ViewType.ACTIVE_ONLY,
-                                  max_results=PAGE_SIZE, page_token=token)
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=CELL_FILTER,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=PAGE_SIZE,
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -158,7 +194,7 @@ def search_cell_runs(client, experiment_id: str) -> list[Any]:
 def _experiment(client, name: str, uri: str):
     try:
         return client.get_experiment_by_name(name)
-    except Exception as e:  # noqa: BLE001 - a down server or bad credentials: say which store
+    except Exception as e:  # a down server or bad credentials: say which store
         tracking.check_reachable(client)  # raises the clear message when the store is the problem
         raise SweeperError(f"cannot read the MLflow experiment {name!r} from {redact(uri)}: {redact(e)}") from None
 
@@ -214,11 +250,15 @@ def sort_frame(frame: pd.DataFrame, datasets: list[str] | None = None) -> pd.Dat
     dataset_order = list(datasets or []) + [d for d in DATASET_ORDER if d not in (datasets or [])]
     d_rank = _rank(frame["dataset"].unique(), dataset_order)
     v_rank = _rank(frame["variant"].unique(), VARIANT_ORDER)
-    keys = pd.DataFrame({
-        "d": frame["dataset"].map(d_rank), "dn": frame["dataset"].astype(str),
-        "v": frame["variant"].map(v_rank), "vn": frame["variant"].astype(str),
-        "s": frame["seed"].fillna(-1).astype("int64"),
-    })
+    keys = pd.DataFrame(
+        {
+            "d": frame["dataset"].map(d_rank),
+            "dn": frame["dataset"].astype(str),
+            "v": frame["variant"].map(v_rank),
+            "vn": frame["variant"].astype(str),
+            "s": frame["seed"].fillna(-1).astype("int64"),
+        }
+    )
     order = keys.sort_values(["d", "dn", "v", "vn", "s"], kind="stable").index
     return frame.loc[order].reset_index(drop=True)
 
@@ -226,10 +266,15 @@ def sort_frame(frame: pd.DataFrame, datasets: list[str] | None = None) -> pd.Dat
 def with_seed(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with the seed post's numbers for each row's (dataset, variant) beside it
     (``SEED_COLUMNS``; empty where the post has no such row, e.g. digits)."""
-    seed = pd.DataFrame(seed_results.records()).rename(columns={
-        "top1_error": "seed_top1_error", "top5_error": "seed_top5_error", "params": "seed_params",
-        "time": "seed_time", "train_seconds": "seed_train_seconds",
-    })[["dataset", "variant", *SEED_COLUMNS]]
+    seed = pd.DataFrame(seed_results.records()).rename(
+        columns={
+            "top1_error": "seed_top1_error",
+            "top5_error": "seed_top5_error",
+            "params": "seed_params",
+            "time": "seed_time",
+            "train_seconds": "seed_train_seconds",
+        }
+    )[["dataset", "variant", *SEED_COLUMNS]]
     merged = frame.merge(seed, on=["dataset", "variant"], how="left")
     merged["seed_params"] = merged["seed_params"].astype("Int64")
     merged["seed_train_seconds"] = merged["seed_train_seconds"].astype("Int64")
@@ -238,6 +283,7 @@ def with_seed(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # --- the seed's table -----------------------------------------------------------------------
+
 
 def format_duration(seconds: float | None) -> str:
     """Like the seed post: ``1748`` -> ``29m8s``; ``3725`` -> ``1h2m5s``; under 10 s one decimal."""
@@ -287,8 +333,9 @@ def _states(group: pd.DataFrame) -> str:
     return ", ".join(f"{state} {n}" for state, n in counts.items())
 
 
-def tables(frame: pd.DataFrame, epochs: int = DEFAULT_EPOCHS, against_seed: bool = False,
-           study: str | None = None) -> list[Table]:
+def tables(
+    frame: pd.DataFrame, epochs: int = DEFAULT_EPOCHS, against_seed: bool = False, study: str | None = None
+) -> list[Table]:
     """The seed's table for each dataset: a row per variant in the seed's order.
 
     With several seeds per cell the numbers are mean ± std over the finished seeds and a Seeds
@@ -304,9 +351,18 @@ def tables(frame: pd.DataFrame, epochs: int = DEFAULT_EPOCHS, against_seed: bool
     out = []
     for dataset, by_dataset in frame.groupby("dataset", sort=False):
         seeded = against_seed and dataset in seed_results.SEED_RESULTS
-        columns = ["Variant", "Top 1 Error"] + (["Seed Top 1 Error"] if seeded else []) + ["Top 5 Error"] \
-            + (["Seed Top 5 Error"] if seeded else []) + ["Parameters"] + (["Seed Parameters"] if seeded else []) \
-            + [time_col] + ([seed_time_col] if seeded else []) + ["MACs"] + (["Seeds"] if many_seeds else [])
+        columns = (
+            ["Variant", "Top 1 Error"]
+            + (["Seed Top 1 Error"] if seeded else [])
+            + ["Top 5 Error"]
+            + (["Seed Top 5 Error"] if seeded else [])
+            + ["Parameters"]
+            + (["Seed Parameters"] if seeded else [])
+            + [time_col]
+            + ([seed_time_col] if seeded else [])
+            + ["MACs"]
+            + (["Seeds"] if many_seeds else [])
+        )
         rows = []
         for variant, group in by_dataset.groupby("variant", sort=False):
             done = group[group["state"] == DONE]
@@ -323,15 +379,19 @@ def tables(frame: pd.DataFrame, epochs: int = DEFAULT_EPOCHS, against_seed: bool
                 }
             if many_seeds:
                 pending = group[group["state"] != DONE]
-                measured["Seeds"] = str(len(done)) if pending.empty else f"{len(done)}/{len(group)} ({_states(pending)})"
+                measured["Seeds"] = (
+                    str(len(done)) if pending.empty else f"{len(done)}/{len(group)} ({_states(pending)})"
+                )
             if seeded:
                 first = group.iloc[0]
-                measured.update({
-                    "Seed Top 1 Error": _seed_value(first["seed_top1_error"], "{:.2f}"),
-                    "Seed Top 5 Error": _seed_value(first["seed_top5_error"], "{:.2f}"),
-                    "Seed Parameters": _seed_value(first["seed_params"], "{}"),
-                    seed_time_col: "" if pd.isna(first["seed_time"]) else str(first["seed_time"]),
-                })
+                measured.update(
+                    {
+                        "Seed Top 1 Error": _seed_value(first["seed_top1_error"], "{:.2f}"),
+                        "Seed Top 5 Error": _seed_value(first["seed_top5_error"], "{:.2f}"),
+                        "Seed Parameters": _seed_value(first["seed_params"], "{}"),
+                        seed_time_col: "" if pd.isna(first["seed_time"]) else str(first["seed_time"]),
+                    }
+                )
             rows.append([str(variant)] + [measured[c] for c in columns[1:]])
         title = f"GoogLeNet on {dataset}" + (f" (study {study})" if study else "")
         out.append(Table(str(dataset), title, columns, rows))
@@ -344,8 +404,16 @@ def _seed_value(value, fmt: str) -> str:
 
 # --- rendering -------------------------------------------------------------------------------
 
-def render(collected_frame: pd.DataFrame, fmt: str, epochs: int = DEFAULT_EPOCHS, study: str | None = None,
-           against_seed: bool = False, plots: dict[str, Path] | None = None, width: int | None = None) -> str:
+
+def render(
+    collected_frame: pd.DataFrame,
+    fmt: str,
+    epochs: int = DEFAULT_EPOCHS,
+    study: str | None = None,
+    against_seed: bool = False,
+    plots: dict[str, Path] | None = None,
+    width: int | None = None,
+) -> str:
     """The report document in ``fmt`` (one of FORMATS) as text."""
     frame = with_seed(collected_frame) if against_seed else collected_frame
     if fmt == "json":
@@ -383,16 +451,20 @@ def _plain(value):
 
 def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
     """A GitHub pipe table (pandas.to_markdown needs tabulate, which sweeper does not require)."""
+
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
     widths = [max([len(cell(c))] + [len(cell(r[i])) for r in rows]) for i, c in enumerate(columns)]
     right = [i > 0 for i in range(len(columns))]  # numbers right-aligned, the variant name left
-    lines = ["| " + " | ".join(cell(c).ljust(w) for c, w in zip(columns, widths)) + " |",
-             "|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1)) for w, r in zip(widths, right)) + "|"]
+    lines = [
+        "| " + " | ".join(cell(c).ljust(w) for c, w in zip(columns, widths)) + " |",
+        "|" + "|".join(("-" * (w + 1) + ":") if r else (":" + "-" * (w + 1)) for w, r in zip(widths, right)) + "|",
+    ]
     for row in rows:
-        lines.append("| " + " | ".join(cell(v).rjust(w) if r else cell(v).ljust(w)
-                                       for v, w, r in zip(row, widths, right)) + " |")
+        lines.append(
+            "| " + " | ".join(cell(v).rjust(w) if r else cell(v).ljust(w) for v, w, r in zip(row, widths, right)) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -437,8 +509,17 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0 1.5rem; }
 
 def render_html(built: list[Table], study: str | None, against_seed: bool, plots: dict[str, Path]) -> str:
     title = html.escape(f"sweeper report: {study}" if study else "sweeper report")
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{title}</title>",
-             f"<style>{HTML_STYLE}</style>", "</head>", "<body>", f"<h1>{title}</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        f"<title>{title}</title>",
+        f"<style>{HTML_STYLE}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{title}</h1>",
+    ]
     if not built:
         parts.append("<p>No cells yet.</p>")
     for t in built:
@@ -453,7 +534,7 @@ def render_html(built: list[Table], study: str | None, against_seed: bool, plots
         parts.append(f"<p>Seed columns: {html.escape(seed_results.SEED_SOURCE)}.</p>")
     for name, path in plots.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        parts.append(f'<h2>{html.escape(PLOT_TITLES.get(name, name))}</h2>')
+        parts.append(f"<h2>{html.escape(PLOT_TITLES.get(name, name))}</h2>")
         parts.append(f'<img alt="{html.escape(PLOT_TITLES.get(name, name))}" src="data:image/png;base64,{data}">')
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
@@ -481,17 +562,28 @@ def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool 
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = sort_frame(collected.frame, collected.datasets)
     done = frame[frame["state"] == DONE]
-    summary = (done.groupby(["dataset", "variant"], sort=False)
-               .agg(top1_error=("top1_error", "mean"), params=("params", "mean"),
-                    train_seconds=("train_seconds", "mean"), n=("seed", "size"))
-               .reset_index()) if not done.empty else pd.DataFrame(
-                   columns=["dataset", "variant", "top1_error", "params", "train_seconds", "n"])
+    summary = (
+        (
+            done.groupby(["dataset", "variant"], sort=False)
+            .agg(
+                top1_error=("top1_error", "mean"),
+                params=("params", "mean"),
+                train_seconds=("train_seconds", "mean"),
+                n=("seed", "size"),
+            )
+            .reset_index()
+        )
+        if not done.empty
+        else pd.DataFrame(columns=["dataset", "variant", "top1_error", "params", "train_seconds", "n"])
+    )
     datasets = list(dict.fromkeys(frame["dataset"])) or ["(none)"]
     colors = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(datasets)}
     paths = {}
 
-    for name, x_col, x_label, log_x in (("params", "params", "parameters", True),
-                                        ("time", "train_seconds", f"training time, {collected.epochs} epochs (s)", False)):
+    for name, x_col, x_label, log_x in (
+        ("params", "params", "parameters", True),
+        ("time", "train_seconds", f"training time, {collected.epochs} epochs (s)", False),
+    ):
         fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
         xs = []
         points = summary.assign(_x=summary[x_col].astype(float)).sort_values("_x") if not summary.empty else summary
@@ -502,18 +594,32 @@ def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool 
             xs.append(x)
             ax.scatter(x, y, marker=MARKERS.get(row["variant"], "o"), color=colors[row["dataset"]], s=70, zorder=3)
             # Neighbours along x get their labels above and below in turn, so close points stay legible.
-            ax.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(6, 6 if i % 2 == 0 else -13),
-                        fontsize=8)
+            ax.annotate(
+                row["variant"], (x, y), textcoords="offset points", xytext=(6, 6 if i % 2 == 0 else -13), fontsize=8
+            )
         seeded = False
         if against_seed:
             for dataset in datasets:
                 for variant, r in seed_results.SEED_RESULTS.get(dataset, {}).items():
                     x = r.params if x_col == "params" else r.seconds
                     seeded = True
-                    ax.scatter(x, r.top1_error, marker=MARKERS.get(variant, "o"), facecolors="none",
-                               edgecolors=colors[dataset], s=70, zorder=2)
-                    ax.annotate(f"{variant} (seed)", (x, r.top1_error), textcoords="offset points",
-                                xytext=(6, -10), fontsize=7, color="#666")
+                    ax.scatter(
+                        x,
+                        r.top1_error,
+                        marker=MARKERS.get(variant, "o"),
+                        facecolors="none",
+                        edgecolors=colors[dataset],
+                        s=70,
+                        zorder=2,
+                    )
+                    ax.annotate(
+                        f"{variant} (seed)",
+                        (x, r.top1_error),
+                        textcoords="offset points",
+                        xytext=(6, -10),
+                        fontsize=7,
+                        color="#666",
+                    )
         if log_x and xs:
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FuncFormatter(_si))
@@ -525,8 +631,14 @@ def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool 
         for variant in [v for v in VARIANT_ORDER if v in set(summary["variant"])]:
             ax.scatter([], [], marker=MARKERS[variant], color="#555", label=variant)
         if seeded:
-            ax.scatter([], [], marker="o", facecolors="none", edgecolors="#555",
-                       label=f"seed post ({seed_results.SEED_EPOCHS} epochs)")
+            ax.scatter(
+                [],
+                [],
+                marker="o",
+                facecolors="none",
+                edgecolors="#555",
+                label=f"seed post ({seed_results.SEED_EPOCHS} epochs)",
+            )
         if summary.empty:
             ax.text(0.5, 0.5, "no finished cell yet", transform=ax.transAxes, ha="center", va="center")
         ax.set_xlabel(x_label)
@@ -582,7 +694,7 @@ def epoch_histories(client, frame: pd.DataFrame, metric: str = "top1_error") -> 
     for run_id in frame["mlflow_run_id"].dropna().unique():
         try:
             history = client.get_metric_history(run_id, metric)
-        except Exception as e:  # noqa: BLE001 - a run deleted meanwhile: leave it out of the plot
+        except Exception as e:  # a run deleted meanwhile: leave it out of the plot
             _note(f"no {metric} history for run {run_id}: {redact(e)}")
             continue
         latest: dict[int, tuple[int, float]] = {}
@@ -614,24 +726,39 @@ def log_to_parent(collected: Collected, plots: dict[str, Path], markdown: str) -
 
 # --- the command -----------------------------------------------------------------------------
 
-def print_report(study_name: str, storage: str | None, tracking_uri: str | None, fmt: str = "table",
-                 output: str | None = None, plots_dir: str | None = None, against_seed: bool = False) -> None:
+
+def print_report(
+    study_name: str,
+    storage: str | None,
+    tracking_uri: str | None,
+    fmt: str = "table",
+    output: str | None = None,
+    plots_dir: str | None = None,
+    against_seed: bool = False,
+) -> None:
     """Write the report to stdout (or ``output``, atomically); logs go to stderr."""
     if fmt not in FORMATS:
         raise SweeperError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
     started = time.monotonic()
     collected = collect(study_name, storage, tracking_uri)
     frame = collected.frame
-    _note(f"report: {len(frame)} cell(s) of study {study_name!r}, "
-          f"{int((frame['state'] == DONE).sum())} complete ({time.monotonic() - started:.1f}s)")
+    _note(
+        f"report: {len(frame)} cell(s) of study {study_name!r}, "
+        f"{int((frame['state'] == DONE).sum())} complete ({time.monotonic() - started:.1f}s)"
+    )
     plots: dict[str, Path] = {}
     if plots_dir:
         plots = write_plots(collected, plots_dir, against_seed)
         markdown = render(frame, "markdown", collected.epochs, study_name, against_seed)
         log_to_parent(collected, plots, markdown)
-        _note(f"plots in {plots_dir}: {', '.join(p.name for p in plots.values())}"
-              + (f" (also artifacts of MLflow run {collected.parent_run_id}, folder {ARTIFACT_DIR}/)"
-                 if collected.parent_run_id else ""))
+        _note(
+            f"plots in {plots_dir}: {', '.join(p.name for p in plots.values())}"
+            + (
+                f" (also artifacts of MLflow run {collected.parent_run_id}, folder {ARTIFACT_DIR}/)"
+                if collected.parent_run_id
+                else ""
+            )
+        )
     width = None
     if fmt == "table" and output is None:
         from rich.console import Console

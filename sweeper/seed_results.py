@@ -9,6 +9,7 @@ the same recipe (Adadelta, lr 1.0, StepLR gamma 0.7, batch size 64). ``sweeper r
     >>> SEED_RESULTS["cifar10"]["short4"].seconds
     1530
 """
+
 from __future__ import annotations
 
 import re
@@ -69,7 +70,16 @@ def lookup(dataset: str, variant: str) -> SeedResult | None:
 def records() -> list[dict]:
     """One flat dict per (dataset, variant), e.g. for a pandas DataFrame."""
     return [
-        {"dataset": dataset, "variant": variant, "top1_error": r.top1_error, "top5_error": r.top5_error,
-         "params": r.params, "time": r.time, "train_seconds": r.seconds, "epochs": SEED_EPOCHS}
-        for dataset, rows in SEED_RESULTS.items() for variant, r in rows.items()
+        {
+            "dataset": dataset,
+            "variant": variant,
+            "top1_error": r.top1_error,
+            "top5_error": r.top5_error,
+            "params": r.params,
+            "time": r.time,
+            "train_seconds": r.seconds,
+            "epochs": SEED_EPOCHS,
+        }
+        for dataset, rows in SEED_RESULTS.items()
+        for variant, r in rows.items()
     ]

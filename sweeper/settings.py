@@ -2,6 +2,7 @@
 
 Command-line options override these (click reads the same names through ``envvar=``).
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ storage is PostgreSQL (it works across containers and dies with the worker's con
 lock under ``$SWEEPER_HOME/slots`` otherwise (one machine). Slots are filled GPU by GPU first, so
 K workers per GPU (``--workers-per-gpu``) only double up once every GPU has one.
 """
+
 from __future__ import annotations
 
 import fcntl

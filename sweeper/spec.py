@@ -1,24 +1,25 @@
 """Study specs: ``experiments/NAME.toml`` -> a validated StudySpec.
 
-    description = "GoogLeNet depth variants on CIFAR-100"
-    metric = "top1_error"
-    direction = "minimize"
+description = "GoogLeNet depth variants on CIFAR-100"
+metric = "top1_error"
+direction = "minimize"
 
-    [grid]            # every combination is one grid cell
-    variant = ["standard", "short4"]
-    dataset = ["cifar100"]
-    seed = [1]
+[grid]            # every combination is one grid cell
+variant = ["standard", "short4"]
+dataset = ["cifar100"]
+seed = [1]
 
-    [train]           # the recipe handed to fit(); see sweeper.train.Recipe
-    epochs = 14
+[train]           # the recipe handed to fit(); see sweeper.train.Recipe
+epochs = 14
 
-    [search]          # optional: Optuna samples these for every trial
-    trials_per_cell = 20
-    sampler = "tpe"
-    pruner = "median"
-    [search.space]
-    lr = { low = 0.05, high = 2.0, log = true }
+[search]          # optional: Optuna samples these for every trial
+trials_per_cell = 20
+sampler = "tpe"
+pruner = "median"
+[search.space]
+lr = { low = 0.05, high = 2.0, log = true }
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -84,8 +85,13 @@ class StudySpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "description": self.description, "metric": self.metric,
-            "direction": self.direction, "grid": self.grid, "train": self.train, "search": self.search,
+            "name": self.name,
+            "description": self.description,
+            "metric": self.metric,
+            "direction": self.direction,
+            "grid": self.grid,
+            "train": self.train,
+            "search": self.search,
         }
 
     @property
@@ -154,13 +160,16 @@ def parse(raw: dict[str, Any], name: str, path: str = "<spec>") -> StudySpec:
 
     grid = raw.get("grid")
     if not isinstance(grid, dict):
-        raise fail("[grid]", "missing; it lists variant, dataset and seed values, e.g. variant = [\"standard\"]")
+        raise fail("[grid]", 'missing; it lists variant, dataset and seed values, e.g. variant = ["standard"]')
     _check_keys(grid, GRID_KEYS, "[grid]", fail)
     allowed = {"variant": list(VARIANTS), "dataset": list(DATASETS)}
     for key in GRID_KEYS:
         values = grid.get(key, [1] if key == "seed" else None)
         if not isinstance(values, list) or not values:
-            raise fail(f"grid.{key}", "must be a non-empty list" + (f" of: {', '.join(allowed[key])}" if key in allowed else " of integers"))
+            raise fail(
+                f"grid.{key}",
+                "must be a non-empty list" + (f" of: {', '.join(allowed[key])}" if key in allowed else " of integers"),
+            )
         for value in values:
             if key == "seed":
                 if not isinstance(value, int) or isinstance(value, bool):
@@ -228,4 +237,7 @@ def _parse_search(search: Any, fail) -> dict[str, Any]:
 def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str, fail) -> None:
     for key in table:
         if key not in allowed:
-            raise fail(f"{where} key {key!r}" if where != "top level" else repr(key), f"unknown key; allowed: {', '.join(allowed)}")
+            raise fail(
+                f"{where} key {key!r}" if where != "top level" else repr(key),
+                f"unknown key; allowed: {', '.join(allowed)}",
+            )

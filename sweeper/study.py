@@ -4,6 +4,7 @@ Every grid cell is one WAITING trial whose user attrs name its cell (``sweeper.k
 Workers claim trials with a compare-and-set on the trial state, so an empty queue never makes
 Optuna invent a trial (``Study.ask()`` would sample a new one when nothing waits).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -111,8 +112,9 @@ def _schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
         return
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **{
-        k: v for k, v in engine_kwargs.items() if k != "pool_pre_ping"})
+    engine = sqlalchemy.create_engine(
+        url, poolclass=sqlalchemy.pool.NullPool, **{k: v for k, v in engine_kwargs.items() if k != "pool_pre_ping"}
+    )
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": SCHEMA_LOCK_KEY})
@@ -162,7 +164,9 @@ def load_study(storage: RDBStorage, name: str) -> optuna.Study:
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise SweeperError(f"no study named {name!r} in this storage; start it with `sweeper launch --study {name}`") from None
+        raise SweeperError(
+            f"no study named {name!r} in this storage; start it with `sweeper launch --study {name}`"
+        ) from None
 
 
 def study_names(storage: RDBStorage) -> list[str]:
@@ -177,6 +181,7 @@ def stored_spec(study: optuna.Study) -> dict[str, Any]:
 
 
 # --- launch: create the study and enqueue each cell once --------------------------------------
+
 
 @dataclass
 class EnqueueResult:
@@ -215,8 +220,11 @@ def launch(storage: RDBStorage, spec: StudySpec, force_update: bool = False) -> 
     with study_lock(storage, spec.name):
         created = spec.name not in study_names(storage)
         study = optuna.create_study(
-            study_name=spec.name, storage=storage, direction=spec.direction,
-            sampler=make_sampler(spec), load_if_exists=True,
+            study_name=spec.name,
+            storage=storage,
+            direction=spec.direction,
+            sampler=make_sampler(spec),
+            load_if_exists=True,
         )
         updated = False
         old_hash = study.user_attrs.get(SPEC_HASH_ATTR)
@@ -231,9 +239,7 @@ def launch(storage: RDBStorage, spec: StudySpec, force_update: bool = False) -> 
         if old_hash != spec.hash:
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
             study.set_user_attr(SPEC_HASH_ATTR, spec.hash)
-        existing = {
-            t.user_attrs.get(KEY_ATTR) for t in storage.get_all_trials(study._study_id, deepcopy=False)
-        }
+        existing = {t.user_attrs.get(KEY_ATTR) for t in storage.get_all_trials(study._study_id, deepcopy=False)}
         missing = [(cell, key) for cell, key in spec.trial_keys() if key not in existing]
         enqueue_many(study, [cell_attrs(cell, key) for cell, key in missing])
     return EnqueueResult(study, len(missing), len(spec.trial_keys()) - len(missing), created, updated)
@@ -271,10 +277,14 @@ def enqueue_many(study: optuna.Study, user_attrs: list[dict[str, Any]]) -> None:
                 insert(trials).returning(trials.trial_id, sort_by_parameter_order=True),
                 [{"number": first + i, "study_id": study_id, "state": TrialState.WAITING} for i in range(len(chunk))],
             ).all()
-            session.execute(insert(models.TrialUserAttributeModel), [
-                {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-                for trial_id, attrs in zip(ids, chunk) for key, value in attrs.items()
-            ])
+            session.execute(
+                insert(models.TrialUserAttributeModel),
+                [
+                    {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                    for trial_id, attrs in zip(ids, chunk)
+                    for key, value in attrs.items()
+                ],
+            )
 
 
 def cell_attrs(cell: Cell, key: str) -> dict[str, Any]:
@@ -303,6 +313,7 @@ def make_pruner(spec: dict[str, Any]) -> optuna.pruners.BasePruner:
 
 
 # --- workers: claim, heartbeat, retry ----------------------------------------------------------
+
 
 class RetryCallback(RetryHeartbeatStaleTrialCallback):
     """Optuna's retry of a failed trial (a copy in WAITING with the same params and user attrs,
@@ -345,7 +356,8 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     for trial_id in storage._get_stale_trial_ids(study._study_id):
         try:
             storage.set_trial_system_attr(
-                trial_id, FAIL_REASON_ATTR, f"no heartbeat for over {grace}s: the worker was killed or lost")
+                trial_id, FAIL_REASON_ATTR, f"no heartbeat for over {grace}s: the worker was killed or lost"
+            )
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 failed.append(trial_id)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -353,7 +365,9 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     callback = storage.get_heartbeat_stale_trial_callback()
     for trial_id in failed:
         trial = storage.get_trial(trial_id)
-        log.warning("trial %d (%s): its worker stopped beating; retrying it", trial.number, trial.user_attrs.get(KEY_ATTR))
+        log.warning(
+            "trial %d (%s): its worker stopped beating; retrying it", trial.number, trial.user_attrs.get(KEY_ATTR)
+        )
         if callback is not None:
             callback(study, trial)
     return failed
@@ -378,8 +392,15 @@ def is_db_error(e: BaseException) -> bool:
     """A database or connection failure that may pass (server restart, dropped connection)."""
     import sqlalchemy.exc
 
-    return isinstance(e, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError,
-                          sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DisconnectionError))
+    return isinstance(
+        e,
+        (
+            optuna.exceptions.StorageInternalError,
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.InterfaceError,
+            sqlalchemy.exc.DisconnectionError,
+        ),
+    )
 
 
 def retry_db(fn, *args, within: float, what: str = "database call", **kwargs):
@@ -418,7 +439,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._beat()
         self._thread.start()
         return self
@@ -440,6 +461,7 @@ class Heartbeat:
 
 # --- queue queries ---------------------------------------------------------------------------
 
+
 def counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
     c = Counter(t.state.name for t in trials)
     return {state: c.get(state, 0) for state in STATES}
@@ -453,21 +475,23 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
         ua, sa = t.user_attrs, t.system_attrs
         start = t.datetime_start.timestamp() if t.datetime_start else None
         end = t.datetime_complete.timestamp() if t.datetime_complete else None
-        rows.append({
-            "number": t.number,
-            "cell": ua.get(KEY_ATTR),
-            "state": t.state.name,
-            "epoch": ua.get("sweeper.epoch"),
-            "epochs": ua.get("sweeper.epochs"),
-            "top1_error": ua.get("sweeper.top1_error"),
-            "value": t.value if t.state == TrialState.COMPLETE else None,
-            "host": ua.get("sweeper.host"),
-            "elapsed_s": round((end or now) - start, 1) if start else None,
-            "retry_of": sa.get("failed_trial"),
-            "retry_history": sa.get("retry_history", []),
-            "fail_reason": sa.get(FAIL_REASON_ATTR),
-            "mlflow_run_id": ua.get("mlflow_run_id"),
-        })
+        rows.append(
+            {
+                "number": t.number,
+                "cell": ua.get(KEY_ATTR),
+                "state": t.state.name,
+                "epoch": ua.get("sweeper.epoch"),
+                "epochs": ua.get("sweeper.epochs"),
+                "top1_error": ua.get("sweeper.top1_error"),
+                "value": t.value if t.state == TrialState.COMPLETE else None,
+                "host": ua.get("sweeper.host"),
+                "elapsed_s": round((end or now) - start, 1) if start else None,
+                "retry_of": sa.get("failed_trial"),
+                "retry_history": sa.get("retry_history", []),
+                "fail_reason": sa.get(FAIL_REASON_ATTR),
+                "mlflow_run_id": ua.get("mlflow_run_id"),
+            }
+        )
     return rows
 
 
@@ -481,9 +505,16 @@ def retry_failed(study: optuna.Study) -> int:
     failed = [t for t in latest.values() if t.state == TrialState.FAIL]
     for t in failed:
         user_attrs = {k: v for k, v in t.user_attrs.items() if not k.startswith("sweeper.") or k == KEY_ATTR}
-        study.add_trial(optuna.trial.create_trial(
-            state=TrialState.WAITING, params=t.params, distributions=t.distributions, user_attrs=user_attrs,
-            system_attrs={"failed_trial": t.system_attrs.get("failed_trial", t.number),
-                          "retry_history": [*t.system_attrs.get("retry_history", []), t.number]},
-        ))
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                params=t.params,
+                distributions=t.distributions,
+                user_attrs=user_attrs,
+                system_attrs={
+                    "failed_trial": t.system_attrs.get("failed_trial", t.number),
+                    "retry_history": [*t.system_attrs.get("retry_history", []), t.number],
+                },
+            )
+        )
     return len(failed)

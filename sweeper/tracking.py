@@ -3,6 +3,7 @@
 Everything goes through ``MlflowClient`` with explicit run ids: the fluent API keeps one
 global active run per process, which breaks as soon as two things log at once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,7 +62,11 @@ def check_reachable(mlflow_client) -> None:
     """Raise a clear SweeperError when the tracking store cannot be used (down, 401/403)."""
     from mlflow.exceptions import MlflowException
 
-    uri = mlflow_client.tracking_uri if hasattr(mlflow_client, "tracking_uri") else mlflow_client._tracking_client.tracking_uri
+    uri = (
+        mlflow_client.tracking_uri
+        if hasattr(mlflow_client, "tracking_uri")
+        else mlflow_client._tracking_client.tracking_uri
+    )
     try:
         mlflow_client.search_experiments(max_results=1)
     except MlflowException as e:
@@ -75,10 +80,13 @@ def check_reachable(mlflow_client) -> None:
                 "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a valid account "
                 "(MLFLOW_TRACKING_TOKEN for a bearer token)"
             ) from None
-        raise TrackingUnreachable(f"cannot reach the MLflow tracking store {redact(uri)}: "
-                                  f"{redact(_first_line(e))}") from None
+        raise TrackingUnreachable(
+            f"cannot reach the MLflow tracking store {redact(uri)}: {redact(_first_line(e))}"
+        ) from None
     except Exception as e:
-        raise TrackingUnreachable(f"cannot reach the MLflow tracking store {redact(uri)}: {redact(_first_line(e))}") from None
+        raise TrackingUnreachable(
+            f"cannot reach the MLflow tracking store {redact(uri)}: {redact(_first_line(e))}"
+        ) from None
 
 
 def ensure_experiment(mlflow_client, name: str) -> str:
@@ -96,8 +104,9 @@ def ensure_experiment(mlflow_client, name: str) -> str:
         artifact_location = (settings.home() / "mlartifacts").as_uri()
     try:
         # The kind tag makes MLflow 3's UI open the runs table rather than its GenAI overview.
-        return mlflow_client.create_experiment(name, artifact_location=artifact_location,
-                                               tags={"mlflow.experimentKind": "custom_model_development"})
+        return mlflow_client.create_experiment(
+            name, artifact_location=artifact_location, tags={"mlflow.experimentKind": "custom_model_development"}
+        )
     except MlflowException:
         existing = mlflow_client.get_experiment_by_name(name)
         if existing is None:
@@ -107,7 +116,9 @@ def ensure_experiment(mlflow_client, name: str) -> str:
 
 def find_run(mlflow_client, experiment_id: str, tags: dict[str, str]):
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = mlflow_client.search_runs([experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time ASC"])
+    runs = mlflow_client.search_runs(
+        [experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time ASC"]
+    )
     return runs[0] if runs else None
 
 
@@ -117,9 +128,13 @@ def ensure_study_run(mlflow_client, experiment_id: str, spec: dict[str, Any]) ->
     if run is not None:
         return run.info.run_id
     run = mlflow_client.create_run(
-        experiment_id, run_name=spec["name"],
-        tags={ROLE_TAG: "study", "optuna.study": spec["name"],
-              "mlflow.note.content": spec.get("description") or f"sweeper study {spec['name']}"},
+        experiment_id,
+        run_name=spec["name"],
+        tags={
+            ROLE_TAG: "study",
+            "optuna.study": spec["name"],
+            "mlflow.note.content": spec.get("description") or f"sweeper study {spec['name']}",
+        },
     )
     mlflow_client.log_dict(run.info.run_id, spec, "spec.json")
     return run.info.run_id
@@ -171,8 +186,11 @@ class RunLogger:
                 pending = self.pending()
                 self._send()
                 if self.down_since is not None:
-                    log.info("MLflow is reachable again after %.0fs; sent %d buffered item(s)",
-                             time.monotonic() - self.down_since, pending)
+                    log.info(
+                        "MLflow is reachable again after %.0fs; sent %d buffered item(s)",
+                        time.monotonic() - self.down_since,
+                        pending,
+                    )
                 self.down_since = None
                 return True
             except Exception as e:

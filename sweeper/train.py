@@ -12,6 +12,7 @@ the full training state to ``on_epoch``, which may checkpoint, log, report or as
 >>> len(result.history)
 1
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,7 @@ class Recipe:
     limit_test: int | None = None
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, values: dict[str, Any]) -> Recipe:
         """Build from plain values; raises ValueError naming an unknown key or a wrong type."""
         known = {f.name: f for f in fields(cls)}
         for key, value in values.items():
@@ -59,8 +60,10 @@ class Recipe:
                 raise ValueError(f"unknown recipe key {key!r}; allowed: {', '.join(known)}")
             expected = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
             kind = cls._kind(known[key])
-            ok = value is None and key.startswith("limit_") or (
-                isinstance(value, expected[kind]) and not (kind is not bool and isinstance(value, bool))
+            ok = (
+                value is None
+                and key.startswith("limit_")
+                or (isinstance(value, expected[kind]) and not (kind is not bool and isinstance(value, bool)))
             )
             if not ok:
                 raise ValueError(f"recipe key {key!r} must be {kind.__name__}, got {value!r}")
@@ -259,7 +262,12 @@ def fit(
     train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
     test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
     batches = BatchLoader(
-        train_x, train_y, recipe.batch_size, shuffle=True, hflip=data.info.hflip, generator=loader_rng,
+        train_x,
+        train_y,
+        recipe.batch_size,
+        shuffle=True,
+        hflip=data.info.hflip,
+        generator=loader_rng,
         channels_last=memory_format == torch.channels_last,
     )
 

@@ -10,6 +10,7 @@ is printed and only optuna-dashboard is started.
     MLflow UI         http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning
     optuna-dashboard  http://127.0.0.1:8080/dashboard/studies/1
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,13 +25,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from sweeper import settings
+from sweeper import settings, tracking
 from sweeper import study as studies
-from sweeper import tracking
 from sweeper.errors import SweeperError, redact
 
 HOST = "127.0.0.1"
@@ -52,8 +52,15 @@ class Server:
     def start(self, env: dict[str, str] | None = None) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
 
     @property
     def pgid(self) -> int | None:
@@ -139,6 +146,7 @@ def _group_members(pgid: int) -> list[int]:
 
 # --- helpers ---------------------------------------------------------------------------------
 
+
 def check_port_free(port: int, what: str, option: str) -> None:
     """A clear error before starting anything when the port is taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -147,8 +155,10 @@ def check_port_free(port: int, what: str, option: str) -> None:
             s.bind((HOST, port))
         except OSError as e:
             if e.errno in (errno.EADDRINUSE, errno.EACCES):
-                raise SweeperError(f"port {port} on {HOST} is already in use, so the {what} cannot start there; "
-                                   f"stop what uses it or pass {option} N") from None
+                raise SweeperError(
+                    f"port {port} on {HOST} is already in use, so the {what} cannot start there; "
+                    f"stop what uses it or pass {option} N"
+                ) from None
             raise SweeperError(f"cannot use port {port} on {HOST} for the {what}: {e}") from None
 
 
@@ -169,9 +179,11 @@ def wait_ready(servers: list[Server], timeout: float = READY_TIMEOUT, stop: thre
     while pending:
         for server in list(pending):
             if not server.alive():
-                raise SweeperError(f"the {server.name} exited before it answered (exit code "
-                                   f"{server.proc.returncode}); its log {server.log_path} ends with:\n"
-                                   f"{server.log_tail()}")
+                raise SweeperError(
+                    f"the {server.name} exited before it answered (exit code "
+                    f"{server.proc.returncode}); its log {server.log_path} ends with:\n"
+                    f"{server.log_tail()}"
+                )
             if answers(server.url):
                 pending.remove(server)
         if not pending:
@@ -180,8 +192,9 @@ def wait_ready(servers: list[Server], timeout: float = READY_TIMEOUT, stop: thre
             raise KeyboardInterrupt
         if time.monotonic() > deadline:
             names = ", ".join(s.name for s in pending)
-            raise SweeperError(f"{names} did not answer within {timeout:.0f}s; see "
-                               + ", ".join(str(s.log_path) for s in pending))
+            raise SweeperError(
+                f"{names} did not answer within {timeout:.0f}s; see " + ", ".join(str(s.log_path) for s in pending)
+            )
         time.sleep(0.3)
 
 
@@ -197,8 +210,18 @@ def _executable(name: str) -> list[str]:
 
 
 def mlflow_command(uri: str, port: int, artifact_root: str | None) -> list[str]:
-    cmd = [*_executable("mlflow"), "server", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        *_executable("mlflow"),
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if artifact_root:
         # Runs keep their own artifact location (file:// beside the database); the server reads
         # those directly. New experiments made through this UI get the same root.
@@ -228,15 +251,24 @@ def _artifact_root(experiment, uri: str) -> str | None:
 
 # --- the command ------------------------------------------------------------------------------
 
+
 @dataclass
 class Urls:
     mlflow: str
     dashboard: str
 
 
-def serve(study_name: str, storage: str | None, tracking_uri: str | None, port: int = 5000,
-          dashboard_port: int = 8080, *, ready_timeout: float = READY_TIMEOUT,
-          on_ready: Callable[[Urls], None] | None = None, stop: threading.Event | None = None) -> None:
+def serve(
+    study_name: str,
+    storage: str | None,
+    tracking_uri: str | None,
+    port: int = 5000,
+    dashboard_port: int = 8080,
+    *,
+    ready_timeout: float = READY_TIMEOUT,
+    on_ready: Callable[[Urls], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
     """Serve the study's MLflow experiment and Optuna study until Ctrl-C / SIGTERM (or ``stop``)."""
     url = studies.resolve_storage_url(storage)
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -257,16 +289,31 @@ def serve(study_name: str, storage: str | None, tracking_uri: str | None, port: 
 
     base = _without_credentials(uri).rstrip("/") if remote else f"http://{HOST}:{port}"
     # The runs table in the "Model training" view (MLflow 3 opens new experiments on a GenAI overview).
-    mlflow_url = (f"{base}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
-                  if experiment else f"{base}/")
+    mlflow_url = (
+        f"{base}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+        if experiment
+        else f"{base}/"
+    )
     dashboard_url = f"http://{HOST}:{dashboard_port}/dashboard/studies/{study_id}"
     log_dir = settings.home() / "logs"
     servers = []
     if not remote:
-        servers.append(Server("MLflow UI", mlflow_command(uri, port, _artifact_root(experiment, uri)),
-                              f"http://{HOST}:{port}/health", log_dir / "ui-mlflow.log"))
-    servers.append(Server("optuna-dashboard", dashboard_command(url, dashboard_port),
-                          f"http://{HOST}:{dashboard_port}/api/meta", log_dir / "ui-optuna-dashboard.log"))
+        servers.append(
+            Server(
+                "MLflow UI",
+                mlflow_command(uri, port, _artifact_root(experiment, uri)),
+                f"http://{HOST}:{port}/health",
+                log_dir / "ui-mlflow.log",
+            )
+        )
+    servers.append(
+        Server(
+            "optuna-dashboard",
+            dashboard_command(url, dashboard_port),
+            f"http://{HOST}:{dashboard_port}/api/meta",
+            log_dir / "ui-optuna-dashboard.log",
+        )
+    )
 
     stop = stop or threading.Event()
     previous = _install_signal_handlers(stop)
@@ -287,8 +334,10 @@ def serve(study_name: str, storage: str | None, tracking_uri: str | None, port: 
         while not stop.wait(0.5):
             for server in servers:
                 if not server.alive():
-                    raise SweeperError(f"the {server.name} stopped (exit code {server.proc.returncode}); "
-                                       f"its log {server.log_path} ends with:\n{server.log_tail()}")
+                    raise SweeperError(
+                        f"the {server.name} stopped (exit code {server.proc.returncode}); "
+                        f"its log {server.log_path} ends with:\n{server.log_tail()}"
+                    )
     except KeyboardInterrupt:
         pass
     finally:

@@ -3,6 +3,7 @@
 Per epoch the worker checkpoints (uploaded as an artifact of the cell's MLflow run, so a retry
 on any machine resumes), logs the epoch's metrics with ``step`` = epoch, and reports to Optuna.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from sweeper import __version__, checkpoint, settings, study as studies, tracking
+from sweeper import __version__, checkpoint, settings, tracking
+from sweeper import study as studies
 from sweeper.errors import SweeperError, redact
 from sweeper.train import EpochMetrics, Interrupted, NonFiniteLoss, Recipe, fit, seed_everything
 
@@ -82,13 +84,19 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
     if server:
         mlflow_client = tracking.client(config.tracking_uri)
         tracking.check_reachable(mlflow_client)
-    storage = studies.open_storage(config.storage_url, config.heartbeat_interval, config.grace_period,
-                                   stall_timeout=config.grace_period)
+    storage = studies.open_storage(
+        config.storage_url, config.heartbeat_interval, config.grace_period, stall_timeout=config.grace_period
+    )
     if not server:  # an embedded store: the client creates its database file
         mlflow_client = tracking.client(config.tracking_uri)
         tracking.check_reachable(mlflow_client)
-    log.info("worker %s on %s: storage %s, tracking %s", os.getpid(), socket.gethostname(),
-             redact(config.storage_url), redact(config.tracking_uri))
+    log.info(
+        "worker %s on %s: storage %s, tracking %s",
+        os.getpid(),
+        socket.gethostname(),
+        redact(config.storage_url),
+        redact(config.tracking_uri),
+    )
     # Everything imported so far lives as long as the worker: keep it out of every later
     # collection (the per-trial gc.collect() below then costs a fraction, ~45% of a trial's
     # orchestration time before this in benchmarks/sweep_scale.py --part c).
@@ -102,13 +110,16 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
                 break
             tracking_ok_at = time.monotonic()
         try:
-            claimed = studies.retry_db(_claim_next, storage, config.study_names, within=config.grace_period,
-                                       what="looking for a waiting trial")
+            claimed = studies.retry_db(
+                _claim_next, storage, config.study_names, within=config.grace_period, what="looking for a waiting trial"
+            )
         except Exception as e:
             if not studies.is_db_error(e):
                 raise
-            raise SweeperError(f"the Optuna storage {redact(config.storage_url)} stayed unreachable for over "
-                               f"{config.grace_period}s: {redact(studies._root_cause(e))}") from None
+            raise SweeperError(
+                f"the Optuna storage {redact(config.storage_url)} stayed unreachable for over "
+                f"{config.grace_period}s: {redact(studies._root_cause(e))}"
+            ) from None
         if claimed is None:
             if not config.forever:
                 log.info("no trial waiting; %d run by this worker", done)
@@ -135,8 +146,10 @@ def _wait_for_tracking(mlflow_client, config: WorkerConfig, stop: StopSignal) ->
         except tracking.TrackingUnreachable as e:
             waited = time.monotonic() - started
             if not config.forever and waited > config.tracking_outage_limit:
-                raise SweeperError(f"{e}; waited {waited:.0f}s (--tracking-outage-limit) without claiming a "
-                                   "trial. Waiting trials stay queued for the next worker.") from None
+                raise SweeperError(
+                    f"{e}; waited {waited:.0f}s (--tracking-outage-limit) without claiming a "
+                    "trial. Waiting trials stay queued for the next worker."
+                ) from None
             if not warned:
                 log.warning("%s; claiming no trial until it is back", e)
                 warned = True
@@ -158,8 +171,9 @@ def _claim_next(storage, names: tuple[str, ...]):
             continue
         if spec is None:
             continue  # not a sweeper study
-        study = optuna.load_study(study_name=name, storage=storage, sampler=studies.make_sampler(spec),
-                                  pruner=studies.make_pruner(spec))
+        study = optuna.load_study(
+            study_name=name, storage=storage, sampler=studies.make_sampler(spec), pruner=studies.make_pruner(spec)
+        )
         studies.fail_stale_trials(study)
         trial_id = studies.claim(study)
         if trial_id is not None:
@@ -207,8 +221,9 @@ def git_commit() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -259,8 +274,13 @@ class TrialRun:
         """A storage call that survives a database blip shorter than the grace period."""
         trial = getattr(self, "trial", None)
         label = f"trial {trial.number}" if trial is not None else f"trial id {self.trial_id}"
-        return studies.retry_db(fn, *args, within=self.config.grace_period,
-                                what=f"{label}: {getattr(fn, '__name__', 'storage call')}", **kwargs)
+        return studies.retry_db(
+            fn,
+            *args,
+            within=self.config.grace_period,
+            what=f"{label}: {getattr(fn, '__name__', 'storage call')}",
+            **kwargs,
+        )
 
     def run(self) -> None:
         number = self.trial.number
@@ -272,21 +292,28 @@ class TrialRun:
                 log.warning("trial %d: %s: %s; this worker stands down", number, self.key, e)
             except Interrupted as e:
                 self._flush_quietly()  # the last epoch's checkpoint, if MLflow had not taken it yet
-                self._end_run("KILLED", f"worker stopped by a signal after epoch {e.last_epoch}; the trial was re-queued")
-                self._db(studies.requeue, self.study, self.trial_id, f"worker stopped by a signal after epoch {e.last_epoch}")
+                self._end_run(
+                    "KILLED", f"worker stopped by a signal after epoch {e.last_epoch}; the trial was re-queued"
+                )
+                self._db(
+                    studies.requeue, self.study, self.trial_id, f"worker stopped by a signal after epoch {e.last_epoch}"
+                )
                 log.warning("trial %d: %s stopped after epoch %d and re-queued", number, self.key, e.last_epoch)
             except NonFiniteLoss as e:
                 self._fail(str(e), retry=False)
             except torch.OutOfMemoryError as e:
                 self.model = None  # before the reason is recorded: free what can be freed now
-                self._fail(f"out of memory on {self.config.device} at batch size "
-                           f"{self.recipe.batch_size}: {str(e).splitlines()[0] if str(e) else 'OutOfMemoryError'}; "
-                           "lower batch_size in the spec's [train] or use a larger GPU", retry=False)
+                self._fail(
+                    f"out of memory on {self.config.device} at batch size "
+                    f"{self.recipe.batch_size}: {str(e).splitlines()[0] if str(e) else 'OutOfMemoryError'}; "
+                    "lower batch_size in the spec's [train] or use a larger GPU",
+                    retry=False,
+                )
             except optuna.exceptions.UpdateFinishedTrialError:
                 log.warning("trial %d: %s was finished by another worker; this worker stands down", number, self.key)
             except SweeperError as e:  # a known cause (MLflow outage past the limit...): retry later
                 self._fail(str(e), retry=True)
-            except Exception as e:  # noqa: BLE001 - any other failure: record why, retry later
+            except Exception as e:  # any other failure: record why, retry later
                 log.exception("trial %d: %s failed", number, self.key)
                 self._fail(f"{type(e).__name__}: {redact(e)}", retry=True)
             finally:
@@ -320,9 +347,15 @@ class TrialRun:
         num_params, macs = count_params(self.model), count_macs(self.model, splits.info.shape)
         if fresh_run or not self.client.get_run(self.run_id).data.params:  # params are immutable in MLflow
             self.logger.log_params({"variant": self.variant, "dataset": self.dataset, **recipe.to_dict()})
-        self.logger.set_tags({"sweeper.device": self.config.device, "sweeper.host": socket.gethostname(),
-                              "sweeper.version": __version__, "torch.version": torch.__version__,
-                              **({"mlflow.source.git.commit": git_commit()} if git_commit() else {})})
+        self.logger.set_tags(
+            {
+                "sweeper.device": self.config.device,
+                "sweeper.host": socket.gethostname(),
+                "sweeper.version": __version__,
+                "torch.version": torch.__version__,
+                **({"mlflow.source.git.commit": git_commit()} if git_commit() else {}),
+            }
+        )
         if resume:
             self.logger.set_tags({"sweeper.resumed_from_epoch": resume["epoch"]})
             for m in resume["history"]:
@@ -342,21 +375,39 @@ class TrialRun:
             if m.epoch not in already_logged:
                 self.logger.log_metrics({k: getattr(m, k) for k in EPOCH_METRICS}, step=m.epoch)
                 already_logged.add(m.epoch)
-            if not self.logger.flush() and time.monotonic() - self.logger.down_since > self.config.tracking_outage_limit:
+            if (
+                not self.logger.flush()
+                and time.monotonic() - self.logger.down_since > self.config.tracking_outage_limit
+            ):
                 raise SweeperError(self._outage_reason(m.epoch))
             value = getattr(m, self.spec["metric"])
             self._db(self.trial.set_user_attr, "sweeper.epoch", m.epoch)
             self._db(self.trial.set_user_attr, "sweeper.top1_error", m.top1_error)
-            log.info("trial %d: %s epoch %d/%d %s %.4f", self.trial.number, self.key, m.epoch, recipe.epochs,
-                     self.spec["metric"], value)
+            log.info(
+                "trial %d: %s epoch %d/%d %s %.4f",
+                self.trial.number,
+                self.key,
+                m.epoch,
+                recipe.epochs,
+                self.spec["metric"],
+                value,
+            )
             self._db(self.trial.report, value, m.epoch)
             if self._db(self.trial.should_prune):
                 pruned_at.append(m.epoch)
                 return True
             return False
 
-        result = fit(self.model, splits, recipe, device=self.config.device, precision=self.config.precision,
-                     resume=resume, on_epoch=on_epoch, should_stop=self.stop.is_set)
+        result = fit(
+            self.model,
+            splits,
+            recipe,
+            device=self.config.device,
+            precision=self.config.precision,
+            resume=resume,
+            on_epoch=on_epoch,
+            should_stop=self.stop.is_set,
+        )
         final = result.final
         value = getattr(final, self.spec["metric"])
         # Recorded in Optuna before MLflow is waited for: an outage past the limit cannot lose it.
@@ -368,7 +419,9 @@ class TrialRun:
             torch.save(self.model.state_dict(), weights)
             self.logger.log_artifact(weights, "model")
         try:
-            self.logger.flush(deadline=time.monotonic() + self.config.tracking_outage_limit, should_stop=self.stop.is_set)
+            self.logger.flush(
+                deadline=time.monotonic() + self.config.tracking_outage_limit, should_stop=self.stop.is_set
+            )
         except tracking.TrackingUnreachable:
             if self.stop.is_set():  # told to stop while waiting for MLflow: requeue, resume at once
                 raise Interrupted(final.epoch) from None
@@ -392,15 +445,19 @@ class TrialRun:
                 raise
 
     def _outage_reason(self, epoch: int) -> str:
-        return (f"MLflow at {redact(self.config.tracking_uri)} was unreachable for over "
-                f"{self.config.tracking_outage_limit:.0f}s (--tracking-outage-limit) after epoch {epoch}; "
-                "the trial was re-queued and resumes from its latest checkpoint, logging what MLflow missed")
+        return (
+            f"MLflow at {redact(self.config.tracking_uri)} was unreachable for over "
+            f"{self.config.tracking_outage_limit:.0f}s (--tracking-outage-limit) after epoch {epoch}; "
+            "the trial was re-queued and resumes from its latest checkpoint, logging what MLflow missed"
+        )
 
     def _save_checkpoint(self, state) -> bool:
         """Write this epoch's checkpoint; a full disk keeps the previous one and training goes on."""
         try:
-            checkpoint.save(self.checkpoint_path, {**state(), "variant": self.variant, "dataset": self.dataset,
-                                                   "seed": self.seed, "run_id": self.run_id})
+            checkpoint.save(
+                self.checkpoint_path,
+                {**state(), "variant": self.variant, "dataset": self.dataset, "seed": self.seed, "run_id": self.run_id},
+            )
             return True
         except checkpoint.CheckpointError as e:
             log.warning("trial %d: %s", self.trial.number, e)
@@ -412,17 +469,25 @@ class TrialRun:
         parent_id = tracking.ensure_study_run(self.client, experiment_id, self.spec)
         run_id = self.attrs.get("mlflow_run_id")
         if run_id is None:
-            found = tracking.find_run(self.client, experiment_id, {tracking.KEY_TAG: self.key, tracking.ROLE_TAG: "cell"})
+            found = tracking.find_run(
+                self.client, experiment_id, {tracking.KEY_TAG: self.key, tracking.ROLE_TAG: "cell"}
+            )
             run_id = found.info.run_id if found else None
         tags = {"optuna.study": self.study.study_name, "optuna.trial_number": str(self.trial.number)}
         fresh = run_id is None
         if fresh:
-            run = self.client.create_run(experiment_id, run_name=tracking.cell_run_name(self.key), tags={
-                tracking.PARENT_TAG: parent_id, tracking.ROLE_TAG: "cell", tracking.KEY_TAG: self.key,
-                "mlflow.note.content": f"GoogLeNet {self.variant} on {self.dataset}, seed {self.seed} "
-                                       f"(study {self.study.study_name}, cell {self.key})",
-                **tags,
-            })
+            run = self.client.create_run(
+                experiment_id,
+                run_name=tracking.cell_run_name(self.key),
+                tags={
+                    tracking.PARENT_TAG: parent_id,
+                    tracking.ROLE_TAG: "cell",
+                    tracking.KEY_TAG: self.key,
+                    "mlflow.note.content": f"GoogLeNet {self.variant} on {self.dataset}, seed {self.seed} "
+                    f"(study {self.study.study_name}, cell {self.key})",
+                    **tags,
+                },
+            )
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -458,7 +523,9 @@ class TrialRun:
         if best is None:
             return None
         where, state = best
-        log.info("trial %d: %s resumes after epoch %d (%s checkpoint)", self.trial.number, self.key, state["epoch"], where)
+        log.info(
+            "trial %d: %s resumes after epoch %d (%s checkpoint)", self.trial.number, self.key, state["epoch"], where
+        )
         return state
 
     def _flush_quietly(self) -> None:
@@ -466,7 +533,7 @@ class TrialRun:
             return
         try:
             self.logger.flush(deadline=time.monotonic() + min(10.0, self.config.tracking_outage_limit))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.warning("could not send the last checkpoint and metrics to MLflow: %s", redact(e))
 
     def _end_run(self, status: str, reason: str | None = None) -> None:

@@ -1,4 +1,5 @@
 """Shared fixtures: real PostgreSQL databases, a real `mlflow server`, the real CLI as a subprocess."""
+
 from __future__ import annotations
 
 import os
@@ -75,21 +76,34 @@ def sweeper_env(tmp_path, monkeypatch) -> dict[str, str]:
     return env
 
 
-def sweeper(*args: str, env: dict[str, str], timeout: float = 300, cwd: str | Path | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+def sweeper(
+    *args: str, env: dict[str, str], timeout: float = 300, cwd: str | Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess and return the finished process (text stdout/stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "sweeper", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeper", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"sweeper {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"sweeper {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
-def write_spec(path: Path, variants=("short4",), datasets=("digits",), seeds=(1,), epochs: int = 2,
-               limit_train: int | None = 256, limit_test: int | None = 128, extra: str = "") -> Path:
+def write_spec(
+    path: Path,
+    variants=("short4",),
+    datasets=("digits",),
+    seeds=(1,),
+    epochs: int = 2,
+    limit_train: int | None = 256,
+    limit_test: int | None = 128,
+    extra: str = "",
+) -> Path:
     """A small study spec for tests; the study's name is the file's stem."""
     limits = "".join(f"{k} = {v}\n" for k, v in (("limit_train", limit_train), ("limit_test", limit_test)) if v)
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         description = "test study"
         [grid]
         variant = {list(variants)!r}
@@ -97,7 +111,10 @@ def write_spec(path: Path, variants=("short4",), datasets=("digits",), seeds=(1,
         seed = {list(seeds)!r}
         [train]
         epochs = {epochs}
-        """).replace("'", '"') + limits + extra)
+        """).replace("'", '"')
+        + limits
+        + extra
+    )
     return path
 
 
@@ -109,7 +126,7 @@ def wait_http(url: str, timeout: float = 60) -> None:
                 return
         except Exception:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout}s")
+                raise TimeoutError(f"{url} did not answer within {timeout}s") from None
             time.sleep(0.3)
 
 
@@ -123,13 +140,27 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         log = open(self.root / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(
-            ["mlflow", "server", "--backend-store-uri", self.backend_uri,
-             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                self.backend_uri,
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--serve-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
         )
         wait_http(f"{self.url}/health", timeout=90)

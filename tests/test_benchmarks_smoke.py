@@ -3,6 +3,7 @@
 The figures are not checked (the machine may be busy): only that every code path runs and the
 output has the shape people and scripts read.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,8 +22,13 @@ BENCH = REPO / "benchmarks"
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("SWEEPER_STORAGE", "MLFLOW_TRACKING_URI")}
-    env.update(SWEEPER_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    env.update(
+        SWEEPER_HOME=str(tmp_path / "home"),
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        PYTHON=sys.executable,
+        TMPDIR=str(tmp_path),
+    )
     return env
 
 
@@ -38,8 +44,13 @@ def _gpu_present() -> bool:
 @pytest.mark.skipif(_gpu_present(), reason="a GPU is present: gpu_check.sh would run for real")
 def test_gpu_check_sh_without_a_gpu_exits_2_and_says_why(tmp_path):
     logdir = tmp_path / "gpu-log"
-    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(logdir)], env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), str(logdir)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "no CUDA GPU is visible" in proc.stderr and "--dry-run-cpu" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -47,30 +58,51 @@ def test_gpu_check_sh_without_a_gpu_exits_2_and_says_why(tmp_path):
 
 
 def test_gpu_check_sh_needs_a_logdir(tmp_path):
-    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], env=_env(tmp_path), capture_output=True,
-                          text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh")], env=_env(tmp_path), capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 64 and "usage:" in proc.stderr
 
 
 def test_gpu_check_dry_run_on_cpu_prints_the_table_last(tmp_path):
     logdir = tmp_path / "dry"
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run-cpu", "--variants",
-                           "standard,short4", "--logdir", str(logdir)], env=_env(tmp_path), capture_output=True,
-                          text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "gpu_check.py"),
+            "--dry-run-cpu",
+            "--variants",
+            "standard,short4",
+            "--logdir",
+            str(logdir),
+        ],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("phase "))
     table = "\n".join(lines[header:])
-    for expected in ("seed loop fp32 PIL DataLoader", "fit bf16+CL+GPU data", "fit, no compile",
-                     "packed x2 (aggregate)", "2-epoch standard run", "seed's 14-cell sweep projected",
-                     "target fit >= 20x seed loop"):
+    for expected in (
+        "seed loop fp32 PIL DataLoader",
+        "fit bf16+CL+GPU data",
+        "fit, no compile",
+        "packed x2 (aggregate)",
+        "2-epoch standard run",
+        "seed's 14-cell sweep projected",
+        "target fit >= 20x seed loop",
+    ):
         assert expected in table, f"{expected!r} missing from the table:\n{table}"
     assert lines[-1].startswith("target "), "the targets close the output"
     results = json.loads((logdir / "gpu_check.json").read_text())
     assert results["env"]["optuna_or_mlflow_imported"] == [], "the training layers import neither"
     failed = {k: v["error"] for k, v in results["phases"].items() if "error" in v}
     assert not failed, failed
-    assert {"seed_standard_4", "fit_standard_4", "full_standard", "packed_2", "eager_short4_16"} <= set(results["phases"])
+    assert {"seed_standard_4", "fit_standard_4", "full_standard", "packed_2", "eager_short4_16"} <= set(
+        results["phases"]
+    )
     assert results["phases"]["full_standard"]["finished"] and results["phases"]["full_standard"]["epochs_done"] == 2
     assert results["sweep_projection"]["projected_min"] > 0
 
@@ -93,9 +125,27 @@ def test_gpu_check_time_bound_stops_a_stuck_phase():
 
 
 def test_sweep_scale_part_a_on_sqlite(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / "sweep_scale.py"), "--part", "a", "--backends", "sqlite",
-                           "--cells", "40", "--baseline-cells", "12", "--repeats", "1", "--json"],
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "sweep_scale.py"),
+            "--part",
+            "a",
+            "--backends",
+            "sqlite",
+            "--cells",
+            "40",
+            "--baseline-cells",
+            "12",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     (a,) = result["a"]

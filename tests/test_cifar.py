@@ -4,6 +4,7 @@ The batches are written the way the published ones were (Python 2 pickles, proto
 byte strings as ``str`` opcodes, numpy arrays via ``numpy.core.multiarray._reconstruct``),
 so the restricted unpickler is tested against the real format, not Python 3's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -109,15 +110,24 @@ def build_members(name: str, seed: int = 0, numpy1: bool = True) -> Built:
             ys.append(labels)
         out[f"{split}_x"], out[f"{split}_y"] = np.concatenate(xs), np.concatenate(ys)
     if name == "cifar10":
-        meta = {b"num_cases_per_batch": N_PER_BATCH, b"label_names": [b"class%d" % i for i in range(10)], b"num_vis": 3072}
+        meta = {
+            b"num_cases_per_batch": N_PER_BATCH,
+            b"label_names": [b"class%d" % i for i in range(10)],
+            b"num_vis": 3072,
+        }
     else:
-        meta = {b"fine_label_names": [b"f%d" % i for i in range(100)], b"coarse_label_names": [b"c%d" % i for i in range(20)]}
+        meta = {
+            b"fine_label_names": [b"f%d" % i for i in range(100)],
+            b"coarse_label_names": [b"c%d" % i for i in range(20)],
+        }
     members[src.meta] = py2_pickle(meta, numpy1)
     members["readme.html" if name == "cifar10" else "file.txt~"] = b"<html>not needed</html>"
     return Built(name, Path(), members, **out)
 
 
-def write_archive(path: Path, folder: str, members: dict[str, bytes], extra: list[tuple[tarfile.TarInfo, bytes | None]] = ()) -> Path:
+def write_archive(
+    path: Path, folder: str, members: dict[str, bytes], extra: list[tuple[tarfile.TarInfo, bytes | None]] = ()
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:
         d = tarfile.TarInfo(folder)
@@ -307,7 +317,10 @@ def _info(name: str, kind: bytes, linkname: str = "", size: int = 0) -> tarfile.
 UNSAFE = {
     "dotdot": lambda root: (_info("cifar-10-batches-py/../../escaped", tarfile.REGTYPE, size=4), b"evil"),
     "absolute": lambda root: (_info(str(root / "escaped_abs"), tarfile.REGTYPE, size=4), b"evil"),
-    "symlink": lambda root: (_info("cifar-10-batches-py/escaped_link", tarfile.SYMTYPE, str(root / "escaped_target")), None),
+    "symlink": lambda root: (
+        _info("cifar-10-batches-py/escaped_link", tarfile.SYMTYPE, str(root / "escaped_target")),
+        None,
+    ),
     "symlink_as_batch": lambda root: (_info("cifar-10-batches-py/data_batch_1", tarfile.SYMTYPE, "/etc/passwd"), None),
     "hardlink": lambda root: (_info("cifar-10-batches-py/escaped_hard", tarfile.LNKTYPE, "/etc/passwd"), None),
     "device": lambda root: (_info("cifar-10-batches-py/escaped_dev", tarfile.CHRTYPE), None),
@@ -319,7 +332,9 @@ UNSAFE = {
 def test_unsafe_members_are_refused(tmp_path, data_dir, register, kind):
     info, payload = UNSAFE[kind](tmp_path)
     built = build_members("cifar10")
-    archive = write_archive(tmp_path / "in" / "cifar-10-python.tar.gz", FOLDER["cifar10"], built.members, [(info, payload)])
+    archive = write_archive(
+        tmp_path / "in" / "cifar-10-python.tar.gz", FOLDER["cifar10"], built.members, [(info, payload)]
+    )
     register(archive, "cifar10")
     with pytest.raises(DatasetError) as e:
         cifar.import_archive(archive, data_dir)
@@ -468,7 +483,9 @@ def test_fetch_from_file_url_reports_progress(tmp_path, data_dir, register):
     built = build_archive(tmp_path / "mirror" / "cifar-10-python.tar.gz")
     register(built)
     calls = []
-    folder = cifar.fetch("cifar10", data_dir, url=built.path.as_uri(), progress=lambda done, total: calls.append((done, total)))
+    folder = cifar.fetch(
+        "cifar10", data_dir, url=built.path.as_uri(), progress=lambda done, total: calls.append((done, total))
+    )
     assert folder == data_dir / FOLDER["cifar10"] and folder.is_dir()
     size = built.path.stat().st_size
     assert calls and calls[-1] == (size, size) and all(t == size for _, t in calls)
@@ -485,7 +502,9 @@ def test_load_downloads_when_allowed(tmp_path, data_dir, register):
     assert not (data_dir / "cifar-10-python.tar.gz").exists()
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/cifar-10-python.tar.gz", "file:///nonexistent/cifar.tar.gz", "nonsense"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/cifar-10-python.tar.gz", "file:///nonexistent/cifar.tar.gz", "nonsense"]
+)
 def test_fetch_failure_says_what_and_how_to_fix(data_dir, url):
     with pytest.raises(DatasetError) as e:
         cifar.fetch("cifar10", data_dir, url=url)
@@ -517,7 +536,7 @@ def _load_in_child(source: cifar.Source, data_dir: Path, barrier, queue) -> None
         for t in (s.train_x, s.train_y, s.test_x, s.test_y):
             digest.update(t.numpy().tobytes())
         queue.put(("ok", digest.hexdigest()))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
+    except BaseException as e:  # reported to the parent
         queue.put(("error", repr(e)))
 
 

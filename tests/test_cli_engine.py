@@ -4,6 +4,7 @@ The two slow commands start together when the module's first test needs them (on
 OMP_NUM_THREADS=1, as two OpenMP threads per process on a small shared machine make everything
 wait on spinning threads), and each test then checks its own finished process.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ VARIANTS = ["naive", "standard", "long", "short", "short2", "short3", "short4"]
 DATASETS = ["cifar10", "cifar100", "digits", "synthetic"]
 MODULES = {"naive": 9, "standard": 9, "long": 12, "short": 7, "short2": 5, "short3": 3, "short4": 2}
 from test_models import PARAMS  # noqa: E402 - variant -> (CIFAR-100, CIFAR-10) parameter counts
+
 # One 3x32x32 image, CIFAR-100 head (torch's flop counter, MACs = FLOPs / 2).
 MACS_CIFAR100 = {
     "naive": 11_160_357_696,
@@ -46,8 +48,14 @@ def env(tmp_path_factory) -> dict[str, str]:
 
 
 def start(*args: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sweeper", *args], env=env, cwd=env["SWEEPER_HOME"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sweeper", *args],
+        env=env,
+        cwd=env["SWEEPER_HOME"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -137,17 +145,23 @@ def test_train_json_is_one_document_and_progress_goes_to_stderr(slow_commands):
     assert result["history"][-1]["top1_error"] == result["top1_error"]
     assert result["recipe"]["epochs"] == 3
     for epoch in (1, 2, 3):
-        assert re.search(rf"^epoch\s+{epoch}/3\s+train_loss [0-9.]+\s+test_loss [0-9.]+\s+top1_error", proc.stderr, re.M), proc.stderr
+        assert re.search(
+            rf"^epoch\s+{epoch}/3\s+train_loss [0-9.]+\s+test_loss [0-9.]+\s+top1_error", proc.stderr, re.M
+        ), proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--variant", "tiny", "--dataset", "digits"),
-         "unknown variant 'tiny'; choose one of: naive, standard, long, short, short2, short3, short4"),
-        (("--variant", "short4", "--dataset", "mnist"),
-         "unknown dataset 'mnist'; choose one of: cifar10, cifar100, digits, synthetic"),
+        (
+            ("--variant", "tiny", "--dataset", "digits"),
+            "unknown variant 'tiny'; choose one of: naive, standard, long, short, short2, short3, short4",
+        ),
+        (
+            ("--variant", "short4", "--dataset", "mnist"),
+            "unknown dataset 'mnist'; choose one of: cifar10, cifar100, digits, synthetic",
+        ),
     ],
 )
 def test_unknown_names_exit_2_and_list_the_valid_ones(env, args, message):

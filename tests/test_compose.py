@@ -6,6 +6,7 @@ the file is built from). Then ``docker-compose config`` validates it for real: s
 reason when no compose binary is installed, unless SWEEPER_REQUIRE_COMPOSE=1 (CI), which turns
 the skip into a failure. Nothing here needs a Docker engine.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,7 @@ URL_USERINFO = re.compile(r"://([^/@\s:]+):([^/@\s]+)@")
 
 # --- helpers ----------------------------------------------------------------------------------
 
+
 def load_compose(path: Path = COMPOSE) -> dict:
     return yaml.safe_load(path.read_text())
 
@@ -73,6 +75,7 @@ def env_example() -> dict[str, str]:
 
 def interpolate(value: str, env: dict[str, str]) -> str:
     """What compose makes of a string: defaults applied, `$$` unescaped."""
+
     def sub(m: re.Match) -> str:
         name, op, arg = m.group(1), m.group(2), m.group(3)
         current = env.get(name)
@@ -159,6 +162,7 @@ def duration_seconds(text: str) -> float:
 
 
 # --- the compose file ---------------------------------------------------------------------
+
 
 def test_long_running_services_have_healthchecks(services):
     for name in LONG_RUNNING:
@@ -278,8 +282,9 @@ def test_no_secrets_in_compose_files():
         for name, service in (doc.get("services") or {}).items():
             for key, value in environment(service).items():
                 if SECRET_KEY.search(key):
-                    assert value == "" or re.fullmatch(r"\$\{[^}]+\}", value), \
+                    assert value == "" or re.fullmatch(r"\$\{[^}]+\}", value), (
                         f"{path.name}: {name}.{key} is not a ${{...}} interpolation"
+                    )
         for where, value in strings(doc):
             for _, password in URL_USERINFO.findall(value):
                 assert re.fullmatch(r"\$\{[^}]+\}", password), f"{path.name}{where}: literal password in URL"
@@ -291,8 +296,9 @@ def test_no_secrets_in_compose_files():
 def test_only_core_secrets_are_required_by_compose():
     """A `${VAR:?}` is evaluated for every service, profile or not: the auth profile's secrets
     must be checked inside its container, or a plain `up` would demand them."""
-    required = {m.group(1) for _, s in strings(load_compose()) for m in INTERPOLATION.finditer(s)
-                if m.group(2) in (":?", "?")}
+    required = {
+        m.group(1) for _, s in strings(load_compose()) for m in INTERPOLATION.finditer(s) if m.group(2) in (":?", "?")
+    }
     assert required == {"POSTGRES_PASSWORD"}
     script = " ".join(load_compose()["services"]["mlflow-auth"]["entrypoint"])
     assert "$${MLFLOW_AUTH_ADMIN_PASSWORD:?" in script
@@ -302,8 +308,10 @@ def test_only_core_secrets_are_required_by_compose():
 
 def test_mlflow_server_flags(services):
     env = env_example()
-    for name, host, port in (("mlflow", "mlflow", env["MLFLOW_PORT"]),
-                             ("mlflow-auth", "mlflow-auth", env["MLFLOW_AUTH_PORT"])):
+    for name, host, port in (
+        ("mlflow", "mlflow", env["MLFLOW_PORT"]),
+        ("mlflow-auth", "mlflow-auth", env["MLFLOW_AUTH_PORT"]),
+    ):
         args = [interpolate(a, env) for a in services[name]["command"]]
         assert "--serve-artifacts" in args
         assert "--artifacts-destination=/mlflow/artifacts" in args
@@ -319,7 +327,9 @@ def test_mlflow_server_flags(services):
     assert not any("app-name" in a for a in services["mlflow"]["command"])
     assert {"mlflow", "mlflow:5000", "localhost:5000", "127.0.0.1:5000"} <= set(
         interpolate(next(a for a in services["mlflow"]["command"] if a.startswith("--allowed-hosts=")), {})
-        .split("=", 1)[1].split(","))
+        .split("=", 1)[1]
+        .split(",")
+    )
 
 
 def test_databases_are_separate(services):
@@ -365,6 +375,7 @@ def test_cpu_override_switches_worker_off():
 
 
 # --- Dockerfiles, .dockerignore, init script, Kubernetes ------------------------------------
+
 
 def test_worker_dockerfile_layers_and_user():
     steps = dockerfile(WORKER_DOCKERFILE)
@@ -419,8 +430,9 @@ def test_no_install_at_container_start():
 
 
 def test_dockerignore():
-    patterns = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    patterns = {
+        line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    }
     for needed in (".venv", ".git", ".sweeper", ".pytest_cache", "docs", "mlruns", ".env"):
         assert needed in patterns, f".dockerignore lacks {needed}"
     for kept in ("sweeper", "experiments", "pyproject.toml", "README.md"):
@@ -489,11 +501,17 @@ def test_cli_provides_what_the_containers_run():
     assert {"cifar10", "cifar100"} <= set(DATASETS)
     assert fetch is not None
     envvars = {p.envvar for name in ("worker", "launch", "report", "doctor") for p in command(name).params}
-    assert {"SWEEPER_STORAGE", "MLFLOW_TRACKING_URI", "SWEEPER_DATA_DIR", "SWEEPER_WORKERS_PER_GPU",
-            "SWEEPER_DEVICE"} <= envvars
+    assert {
+        "SWEEPER_STORAGE",
+        "MLFLOW_TRACKING_URI",
+        "SWEEPER_DATA_DIR",
+        "SWEEPER_WORKERS_PER_GPU",
+        "SWEEPER_DEVICE",
+    } <= envvars
 
 
 # --- docker-compose config ----------------------------------------------------------------
+
 
 def compose_binaries() -> list[list[str]]:
     found = []
@@ -514,8 +532,10 @@ def compose_cmd(request) -> list[str]:
         pytest.skip("Compose v2 (`docker compose`) is not installed; optional, docker-compose 1.29 is the one required")
     if REQUIRE_COMPOSE:
         pytest.fail("docker-compose is required (SWEEPER_REQUIRE_COMPOSE=1) but not on PATH")
-    pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose); "
-                "set SWEEPER_REQUIRE_COMPOSE=1 to fail instead")
+    pytest.skip(
+        "docker-compose is not installed (Debian: apt-get install docker-compose); "
+        "set SWEEPER_REQUIRE_COMPOSE=1 to fail instead"
+    )
 
 
 def run_config(cmd: list[str], files: list[Path], env_file: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -525,13 +545,11 @@ def run_config(cmd: list[str], files: list[Path], env_file: Path, *extra: str) -
     args = [*cmd, "--env-file", str(env_file), "--project-directory", str(ROOT)]
     for f in files:
         args += ["-f", str(f)]
-    return subprocess.run([*args, "config", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([*args, "config", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def env_file_from_example(tmp_path: Path, drop: tuple[str, ...] = ()) -> Path:
-    lines = [line for line in ENV_EXAMPLE.read_text().splitlines()
-             if line.partition("=")[0].strip() not in drop]
+    lines = [line for line in ENV_EXAMPLE.read_text().splitlines() if line.partition("=")[0].strip() not in drop]
     path = tmp_path / ".env"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -3,9 +3,10 @@
 The parameter counts are the seed post's table (CIFAR-100 and CIFAR-10 columns) except for
 Short3/Short4, which the post does not specify (see docs/MODELS.md).
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ PARAMS = {
     "short4": (1_643_796, 1_551_546),
 }
 
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread: on a small shared machine, two spinning OpenMP threads per process stall.
@@ -40,7 +42,7 @@ def one_thread():
 CFG = InceptionCfg(n1x1=4, n3x3_reduce=3, n3x3=5, n5x5_reduce=2, n5x5=6, pool_proj=7)
 
 
-@lru_cache(maxsize=None)
+@cache
 def model(variant: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     torch.manual_seed(0)
     return build_model(variant, num_classes, in_channels)
@@ -82,7 +84,9 @@ def test_naive_block_passes_the_pooled_input_through_unchanged():
     assert block.out_channels == CFG.n1x1 + CFG.n3x3 + CFG.n5x5 + in_ch == 24
     # No 1x1 reductions: the 3x3 and the "5x5" (a 3x3) convs read the input directly.
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs(block)] == [
-        (9, 4, (1, 1)), (9, 5, (3, 3)), (9, 6, (3, 3)),
+        (9, 4, (1, 1)),
+        (9, 5, (3, 3)),
+        (9, 6, (3, 3)),
     ]
     assert isinstance(block.b4, nn.MaxPool2d) and not list(block.b4.parameters())
     x = torch.randn(2, in_ch, 5, 5)
@@ -142,7 +146,7 @@ def test_forward_and_backward_on_8x8_single_channel(variant):
     net.zero_grad(set_to_none=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def forward_32x32(variant: str) -> tuple[tuple[int, ...], int, int]:
     """(output shape, MACs from torch's flop counter, MACs summed from conv/linear shapes), one forward."""
     net = model(variant, 100)

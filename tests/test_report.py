@@ -4,6 +4,7 @@ The module runs one study once (2 variants x digits x 2 seeds, 2 epochs on a few
 images, two worker processes), then reads it in every format. The last test grows the study by
 one variant without running it, so its cells are WAITING.
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,8 +48,14 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def _sweeper(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sweeper", *args], env=_env(home), cwd=home, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper", *args],
+        env=_env(home),
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +195,9 @@ def test_html_and_plots_are_files_and_artifacts(study, tmp_path):
     assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-    parent = client.search_runs([client.get_experiment_by_name(STUDY).experiment_id], "tags.`sweeper.role` = 'study'")[0]
+    parent = client.search_runs([client.get_experiment_by_name(STUDY).experiment_id], "tags.`sweeper.role` = 'study'")[
+        0
+    ]
     logged = sorted(a.path for a in client.list_artifacts(parent.info.run_id, report.ARTIFACT_DIR))
     assert logged == sorted([f"{report.ARTIFACT_DIR}/{n}" for n in [*names, "report.md"]])
 
@@ -203,6 +212,7 @@ def test_unknown_study_is_one_clear_line(study):
 
 # --- the seed's numbers (no study needed) -----------------------------------------------------
 
+
 def fake_frame() -> pd.DataFrame:
     rows = [
         ("standard", "cifar100", 1, "COMPLETE", 0.36, 0.11, 6258500, 1_530_000_000, 1700.0),
@@ -211,9 +221,30 @@ def fake_frame() -> pd.DataFrame:
         ("naive", "cifar100", 1, "FAIL", None, None, None, None, None),
         ("standard", "digits", 1, "COMPLETE", 0.2, 0.01, 6000000, 1000, 10.0),
     ]
-    frame = pd.DataFrame([dict(zip(["variant", "dataset", "seed", "state", "top1_error", "top5_error", "params",
-                                    "macs", "train_seconds"], r), images_per_s=100.0, mlflow_run_id=f"r{i}")
-                          for i, r in enumerate(rows)], columns=report.FRAME_COLUMNS)
+    frame = pd.DataFrame(
+        [
+            dict(
+                zip(
+                    [
+                        "variant",
+                        "dataset",
+                        "seed",
+                        "state",
+                        "top1_error",
+                        "top5_error",
+                        "params",
+                        "macs",
+                        "train_seconds",
+                    ],
+                    r,
+                ),
+                images_per_s=100.0,
+                mlflow_run_id=f"r{i}",
+            )
+            for i, r in enumerate(rows)
+        ],
+        columns=report.FRAME_COLUMNS,
+    )
     return report._typed(frame)
 
 
@@ -235,8 +266,19 @@ def test_against_seed_merge():
 
     tables = {t.dataset: t for t in report.tables(fake_frame(), epochs=14, against_seed=True)}
     cifar = tables["cifar100"]
-    assert cifar.columns == ["Variant", "Top 1 Error", "Seed Top 1 Error", "Top 5 Error", "Seed Top 5 Error",
-                             "Parameters", "Seed Parameters", "Time(14 epoch)", "Seed Time(14 epoch)", "MACs", "Seeds"]
+    assert cifar.columns == [
+        "Variant",
+        "Top 1 Error",
+        "Seed Top 1 Error",
+        "Top 5 Error",
+        "Seed Top 5 Error",
+        "Parameters",
+        "Seed Parameters",
+        "Time(14 epoch)",
+        "Seed Time(14 epoch)",
+        "MACs",
+        "Seeds",
+    ]
     rows = {r[0]: dict(zip(cifar.columns, r)) for r in cifar.rows}
     assert list(rows) == ["naive", "standard", "short4"]  # the seed's order
     assert rows["standard"]["Seed Parameters"] == "6258500" and rows["standard"]["Seed Top 1 Error"] == "0.34"
@@ -265,6 +307,7 @@ def test_format_duration_like_the_seed():
 
 
 # --- last: grow the study by one variant that no worker runs ------------------------------------
+
 
 def test_unrun_cell_shows_its_state(study):
     home, _ = study

@@ -1,4 +1,5 @@
 """GPU slot claims: worker processes on one host spread over its GPUs, on fake device lists."""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,8 +19,16 @@ time.sleep(float(sys.argv[4]))
 
 def claim_in_processes(n: int, gpus: str, per_gpu: int, storage: str, env) -> list[str]:
     """Start n processes that each claim a slot and hold it; return what each got."""
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIM, gpus, str(per_gpu), storage, "6"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIM, gpus, str(per_gpu), storage, "6"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=60)
@@ -42,8 +51,9 @@ def test_full_host_is_a_clear_error(sweeper_env):
 
 
 def test_slot_is_freed_when_its_worker_dies(sweeper_env):
-    first = subprocess.Popen([sys.executable, "-c", CLAIM, "0", "1", "", "60"], env=sweeper_env,
-                             stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", CLAIM, "0", "1", "", "60"], env=sweeper_env, stdout=subprocess.PIPE, text=True
+    )
     assert first.stdout.readline().split()[0] == "cuda:0"
     assert "all 1 GPU slots" in claim_in_processes(1, "0", 1, "", sweeper_env)[0]
     first.kill()

@@ -1,11 +1,12 @@
 """Study specs: the shipped ones load, and every kind of bad spec gets one clear message."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from conftest import sweeper, write_spec
+
 from sweeper import spec
 
 
@@ -45,15 +46,34 @@ def test_hash_ignores_description_but_not_recipe(tmp_path):
 
 BAD_SPECS = [
     ("malformed", "[grid\nvariant = 1", ["not valid TOML"]),
-    ("unknown top key", 'descripton = "x"\n[grid]\nvariant=["short4"]\ndataset=["digits"]', ["'descripton'", "allowed: description"]),
+    (
+        "unknown top key",
+        'descripton = "x"\n[grid]\nvariant=["short4"]\ndataset=["digits"]',
+        ["'descripton'", "allowed: description"],
+    ),
     ("unknown variant", '[grid]\nvariant=["shot4"]\ndataset=["digits"]', ["grid.variant", "'shot4'", "short4"]),
     ("unknown dataset", '[grid]\nvariant=["short4"]\ndataset=["cifar1000"]', ["grid.dataset", "cifar100"]),
     ("wrong type", '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[train]\nepochs = "three"', ["'epochs'", "int"]),
-    ("unknown recipe key", '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[train]\nepoch = 3', ["'epoch'", "allowed"]),
-    ("unknown optimizer", '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[train]\noptimizer = "adam"', ["optimizer", "adadelta, sgd, adamw"]),
-    ("unknown sampler", '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[search]\nsampler = "bayes"\n[search.space]\nlr = {low=0.1, high=1.0}',
-     ["search.sampler", "'bayes'", "tpe"]),
-    ("bad space", '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[search]\n[search.space]\nlr = {low=2.0, high=1.0}', ["search.space.lr", "low < high"]),
+    (
+        "unknown recipe key",
+        '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[train]\nepoch = 3',
+        ["'epoch'", "allowed"],
+    ),
+    (
+        "unknown optimizer",
+        '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[train]\noptimizer = "adam"',
+        ["optimizer", "adadelta, sgd, adamw"],
+    ),
+    (
+        "unknown sampler",
+        '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[search]\nsampler = "bayes"\n[search.space]\nlr = {low=0.1, high=1.0}',
+        ["search.sampler", "'bayes'", "tpe"],
+    ),
+    (
+        "bad space",
+        '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[search]\n[search.space]\nlr = {low=2.0, high=1.0}',
+        ["search.space.lr", "low < high"],
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
 """Sweeps end to end with real worker processes: SQLite embedded stores and real PostgreSQL."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,8 @@ import sys
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import sweeper, write_spec
+from mlflow.tracking import MlflowClient
 
 METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
 
@@ -82,8 +82,16 @@ def test_changed_spec_is_refused_until_force_update(sweeper_env, tmp_path):
 def test_workers_racing_for_the_last_cell_invent_no_trial(sweeper_env, tmp_path):
     spec = write_spec(tmp_path / "race.toml", variants=("short4",), limit_train=64, limit_test=32, epochs=1)
     sweeper("launch", "--study", str(spec), env=sweeper_env)
-    workers = [subprocess.Popen([sys.executable, "-m", "sweeper", "worker", "--study", "race"], env=sweeper_env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sweeper", "worker", "--study", "race"],
+            env=sweeper_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
     trials = optuna.load_study(study_name="race", storage=f"sqlite:///{tmp_path / 'home' / 'optuna.db'}").trials
@@ -96,8 +104,16 @@ def test_three_workers_on_postgres(sweeper_env, tmp_path, pg_database):
     env = {**sweeper_env, "SWEEPER_STORAGE": storage}
     spec = write_spec(tmp_path / "pg.toml", variants=("short4", "short3", "short2"), limit_train=128, limit_test=64)
     sweeper("launch", "--study", str(spec), env=env)
-    workers = [subprocess.Popen([sys.executable, "-m", "sweeper", "worker"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sweeper", "worker"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
     assert all("claimed" in out for out in outputs), "each of the three workers took a cell"
@@ -120,8 +136,13 @@ def test_ctrl_c_stops_local_workers_and_says_how_to_resume(sweeper_env, tmp_path
     import time
 
     spec = write_spec(tmp_path / "stop.toml", variants=("short4",), epochs=30, limit_train=256, limit_test=64)
-    launcher = subprocess.Popen([sys.executable, "-m", "sweeper", "launch", "--study", str(spec), "--workers", "1"],
-                                env=sweeper_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "sweeper", "launch", "--study", str(spec), "--workers", "1"],
+        env=sweeper_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = tmp_path / "home" / "logs" / "worker-1.log"
     deadline = time.monotonic() + 240
     while not (log.exists() and re.search(r"epoch 1/30", log.read_text())):

@@ -17,6 +17,7 @@ Only what names the compose network or a container path is rewritten, explicitly
 of .env.example applied, empty strings kept). The test asserts that every value it rewrites
 still has the shape it expects, so a renamed host or path fails here with a message.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-
 from conftest import free_port, sweeper, write_spec
 from test_compose import env_example, interpolate  # compose's own .env and ${VAR} rules, defined once
 
@@ -94,8 +94,9 @@ def process_env(compose_env: dict[str, str]) -> dict[str, str]:
     return {**base, **compose_env}
 
 
-def sweeper_env(service: dict, variables: dict[str, str], pg, tracking_uri: str, data_dir: Path,
-                home: Path) -> dict[str, str]:
+def sweeper_env(
+    service: dict, variables: dict[str, str], pg, tracking_uri: str, data_dir: Path, home: Path
+) -> dict[str, str]:
     """The service's environment with the compose-network URLs and container paths made local."""
     env = service_environment(service, variables)
     rewritten = {
@@ -116,11 +117,11 @@ def sweeper_env(service: dict, variables: dict[str, str], pg, tracking_uri: str,
 
 # --- processes ------------------------------------------------------------------------------
 
+
 def start(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def group_members(pgid: int) -> list[int]:
@@ -178,6 +179,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) ->
 
 # --- the test -------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_compose_topology_without_containers(pg_database, tmp_path):
     started = time.monotonic()
@@ -208,8 +210,11 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
     assert args[:2] == ["mlflow", "server"], args
     assert "--serve-artifacts" in args, "workers must upload artifacts through the server"
     artifacts = tmp_path / "mlflow" / "artifacts"
-    for old, new in (("--host=0.0.0.0", "--host=127.0.0.1"), ("--port=5000", f"--port={port}"),
-                     ("--artifacts-destination=/mlflow/artifacts", f"--artifacts-destination={artifacts}")):
+    for old, new in (
+        ("--host=0.0.0.0", "--host=127.0.0.1"),
+        ("--port=5000", f"--port={port}"),
+        ("--artifacts-destination=/mlflow/artifacts", f"--artifacts-destination={artifacts}"),
+    ):
         assert args.count(old) == 1, f"mlflow command: expected {old!r} once in {args}"
         args[args.index(old)] = new
     (allowed,) = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--allowed-hosts=")]
@@ -227,8 +232,15 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
     artifacts.mkdir(parents=True)
     server_url = f"http://127.0.0.1:{port}"
 
-    spec = write_spec(tmp_path / "topo.toml", variants=VARIANTS, datasets=("digits",), seeds=(1,), epochs=1,
-                      limit_train=64, limit_test=32)
+    spec = write_spec(
+        tmp_path / "topo.toml",
+        variants=VARIANTS,
+        datasets=("digits",),
+        seeds=(1,),
+        epochs=1,
+        limit_train=64,
+        limit_test=32,
+    )
     study = spec.stem
     keys = {f"{v}/digits/s1" for v in VARIANTS}
     data_dir = tmp_path / "data"  # the sweeper-data volume, shared by every replica
@@ -242,14 +254,19 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
         return "\n".join(f"--- worker {i + 1}:\n{tail(p)}" for i, p in enumerate(worker_logs))
 
     try:
-        server = start(args, process_env({**mlflow_env, "MLFLOW_BACKEND_STORE_URI": backend, **LEAN_SERVER_ENV}),
-                       cwd=tmp_path / "mlflow", log=server_log)
+        server = start(
+            args,
+            process_env({**mlflow_env, "MLFLOW_BACKEND_STORE_URI": backend, **LEAN_SERVER_ENV}),
+            cwd=tmp_path / "mlflow",
+            log=server_log,
+        )
         # compose's healthcheck asks /health (start_period 180s: the first start migrates the schema)
         wait_healthy(f"{server_url}/health", server, server_log, timeout=180)
         phase("mlflow server healthy")
         # --allowed-hosts is in force: a Host header not on the list is refused
-        request = urllib.request.Request(f"{server_url}/api/2.0/mlflow/experiments/search?max_results=1",
-                                         headers={"Host": "attacker.example"})
+        request = urllib.request.Request(
+            f"{server_url}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": "attacker.example"}
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code in (400, 403), refused.value.code
@@ -266,15 +283,23 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
         # launcher: `docker compose run --rm launcher launch --study SPEC`
         launcher_service = services["launcher"]
         tools_env = sweeper_env(launcher_service, variables, pg, server_url, data_dir, tmp_path / "launcher" / "home")
-        sweeper(*sweeper_argv(launcher_service, ["launch", "--study", str(spec)]), env=tools_env,
-                cwd=tmp_path / "launcher", timeout=180)
+        sweeper(
+            *sweeper_argv(launcher_service, ["launch", "--study", str(spec)]),
+            env=tools_env,
+            cwd=tmp_path / "launcher",
+            timeout=180,
+        )
         phase("study launched")
 
         # the worker's healthcheck command, with a worker's environment, while they run
         check = worker_service["healthcheck"]["test"]
         assert check[:2] == ["CMD", "sweeper"], check
-        doctor = sweeper(*check[2:], env=sweeper_env(worker_service, variables, pg, server_url, data_dir,
-                                                     tmp_path / "doctor" / "home"), check=False, timeout=120)
+        doctor = sweeper(
+            *check[2:],
+            env=sweeper_env(worker_service, variables, pg, server_url, data_dir, tmp_path / "doctor" / "home"),
+            check=False,
+            timeout=120,
+        )
         assert doctor.returncode == 0, f"{' '.join(check[1:])} failed:\n{doctor.stdout}\n{doctor.stderr}"
 
         # wait (bounded) through `run --rm launcher status --study NAME --format json`
@@ -285,13 +310,18 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
         while True:
             for i, w in enumerate(workers):
                 assert w.poll() is None, f"worker {i + 1} exited {w.returncode}:\n{logs()}"
-            completed = sum(len(re.findall(r"trial \d+: \S+ complete", p.read_text(errors="replace")))
-                            for p in worker_logs)
+            completed = sum(
+                len(re.findall(r"trial \d+: \S+ complete", p.read_text(errors="replace"))) for p in worker_logs
+            )
             if completed >= len(keys) or time.monotonic() - asked > 20:
                 asked = time.monotonic()
-                status = json.loads(sweeper(*sweeper_argv(launcher_service, ["status", "--study", study,
-                                                                             "--format", "json"]),
-                                            env=tools_env, timeout=120).stdout)
+                status = json.loads(
+                    sweeper(
+                        *sweeper_argv(launcher_service, ["status", "--study", study, "--format", "json"]),
+                        env=tools_env,
+                        timeout=120,
+                    ).stdout
+                )
                 if status["counts"]["COMPLETE"] == len(keys):
                     break
                 assert status["counts"]["FAIL"] == 0, f"a trial failed: {status['trials']}\n{logs()}"
@@ -342,8 +372,12 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
         phase("MLflow checked")
         # report: `docker compose run --rm report --study NAME --format json`
         report_service = services["report"]
-        report = sweeper(*sweeper_argv(report_service, ["--study", study, "--format", "json"]), env=tools_env,
-                         timeout=180, check=False)
+        report = sweeper(
+            *sweeper_argv(report_service, ["--study", study, "--format", "json"]),
+            env=tools_env,
+            timeout=180,
+            check=False,
+        )
         assert report.returncode == 0, f"REPORT SERVICE: `sweeper report` failed:\n{report.stdout}\n{report.stderr}"
         rows = json.loads(report.stdout)
         assert sorted(r["variant"] for r in rows) == sorted(VARIANTS), f"REPORT SERVICE: {rows}"

@@ -6,6 +6,7 @@ fixtures shared by several tests. torch runs on one thread here: on a small mach
 other test runs, two OpenMP threads per process oversubscribe the cores and a 10 s training
 takes minutes (spinning threads wait on each other).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,7 @@ from torch import nn
 
 from sweeper import checkpoint
 from sweeper.checkpoint import CheckpointError
-from sweeper.data import BatchLoader, load
-from sweeper.data import synthetic
+from sweeper.data import BatchLoader, load, synthetic
 from sweeper.data.base import DatasetInfo, Splits
 from sweeper.data.loader import normalize
 from sweeper.models import build_model
@@ -115,6 +115,7 @@ def synthetic_runs(synthetic_data, tmp_path_factory):
             states[run][m.epoch] = copy.deepcopy(state())  # on the CPU, state() shares the live tensors
             if run == "a" and m.epoch == 1:
                 checkpoint.save(path, {**state(), "variant": "short4", "dataset": "synthetic"})
+
         return on_epoch
 
     seed_everything(recipe.seed)
@@ -161,7 +162,9 @@ def test_same_seed_device_and_precision_give_identical_metrics():
         seed_everything(recipe.seed)
         model = build_model("short4", data.num_classes, data.in_channels)
         states: list[dict] = []
-        runs.append(fit(model, data, recipe, device="cpu", on_epoch=lambda m, state: states.append(copy.deepcopy(state()))))
+        runs.append(
+            fit(model, data, recipe, device="cpu", on_epoch=lambda m, state: states.append(copy.deepcopy(state())))
+        )
         finals.append(states[-1])
     assert (runs[0].device, runs[0].precision) == (runs[1].device, runs[1].precision)
     assert metrics(runs[0].history) == metrics(runs[1].history)
@@ -238,8 +241,14 @@ def test_should_stop_raises_interrupted_with_the_last_finished_epoch():
         return len(asked) == 6  # epoch 2, before step 2
 
     with pytest.raises(Interrupted) as info:
-        fit(model, data, Recipe(epochs=3, batch_size=32), device="cpu",
-            should_stop=should_stop, on_epoch=lambda m, state: finished.append(m.epoch))
+        fit(
+            model,
+            data,
+            Recipe(epochs=3, batch_size=32),
+            device="cpu",
+            should_stop=should_stop,
+            on_epoch=lambda m, state: finished.append(m.epoch),
+        )
     assert info.value.last_epoch == 1
     assert finished == [1]
     assert "after epoch 1" in str(info.value)
@@ -254,7 +263,13 @@ def test_should_stop_raises_interrupted_with_the_last_finished_epoch():
 
 def test_recipe_defaults_are_the_seed_recipe_and_round_trip():
     recipe = Recipe()
-    assert (recipe.epochs, recipe.batch_size, recipe.optimizer, recipe.lr, recipe.lr_gamma) == (14, 64, "adadelta", 1.0, 0.7)
+    assert (recipe.epochs, recipe.batch_size, recipe.optimizer, recipe.lr, recipe.lr_gamma) == (
+        14,
+        64,
+        "adadelta",
+        1.0,
+        0.7,
+    )
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert Recipe.from_dict({"lr": 1, "limit_train": None}).lr == 1.0  # an int is a fine float
 
@@ -495,8 +510,11 @@ def tiny_tmpfs(where: Path, size: str = "64k"):
     where.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tiny tmpfs to fill the disk needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"sweeper-test-{uuid.uuid4().hex[:8]}", str(where)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", f"sweeper-test-{uuid.uuid4().hex[:8]}", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
     try:

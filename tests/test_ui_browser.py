@@ -6,6 +6,7 @@ package; without them the module is skipped with the reason, unless SWEEPER_REQU
 (CI), where it fails instead. SWEEPER_UPDATE_SCREENSHOTS=1 copies the experiment-page and
 compare screenshots to docs/images/ for docs/COMPARING.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,13 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 STUDY = "ui-tiny"
 CELLS = ["short4/digits/s1", "short3/digits/s1"]
 SPEC = textwrap.dedent("""\
@@ -109,15 +115,38 @@ def ui(require_browser, tmp_path_factory):
     home = tmp_path_factory.mktemp("ui-home")
     spec = home / f"{STUDY}.toml"
     spec.write_text(SPEC)
-    done = subprocess.run([sys.executable, "-m", "sweeper", "launch", "--study", str(spec), "--workers", "2",
-                           "--format", "json"], env=_env(home), cwd=home, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeper", "launch", "--study", str(spec), "--workers", "2", "--format", "json"],
+        env=_env(home),
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     port, dashboard_port = _free_port(), _free_port()
     stderr = open(home / "ui.stderr", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "sweeper", "ui", "--study", STUDY, "--port", str(port),
-                             "--dashboard-port", str(dashboard_port)], env=_env(home), cwd=home,
-                            stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sweeper",
+            "ui",
+            "--study",
+            STUDY,
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dashboard_port),
+        ],
+        env=_env(home),
+        cwd=home,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
     urls: dict[str, str] = {}
 
     def read():
@@ -132,10 +161,17 @@ def ui(require_browser, tmp_path_factory):
         time.sleep(0.2)
     if len(urls) < 2:
         proc.kill()
-        pytest.fail(f"`sweeper ui` printed {urls} (exit {proc.poll()}); stderr:\n"
-                    + (home / "ui.stderr").read_text()[-3000:])
-    info = {"home": home, "proc": proc, "mlflow": urls["MLflow UI"], "dashboard": urls["optuna-dashboard"],
-            "ports": (port, dashboard_port), "children": _descendants(proc.pid)}
+        pytest.fail(
+            f"`sweeper ui` printed {urls} (exit {proc.poll()}); stderr:\n" + (home / "ui.stderr").read_text()[-3000:]
+        )
+    info = {
+        "home": home,
+        "proc": proc,
+        "mlflow": urls["MLflow UI"],
+        "dashboard": urls["optuna-dashboard"],
+        "ports": (port, dashboard_port),
+        "children": _descendants(proc.pid),
+    }
     yield info
     if proc.poll() is None:  # a test failed before the stop test: clean up what this module started
         proc.send_signal(signal.SIGTERM)
@@ -227,8 +263,10 @@ def test_compare_two_runs(ui, page, tmp_path):
     assert sorted(runs) == sorted(CELLS)
     ids = [runs[cell] for cell in reversed(CELLS)]  # short3, then short4
     base = ui["mlflow"].split("#")[0]
-    page.goto(f"{base}#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([experiment_id])}"
-              "&workflowType=machine_learning")
+    page.goto(
+        f"{base}#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([experiment_id])}"
+        "&workflowType=machine_learning"
+    )
     page.get_by_text("Comparing 2 Runs").first.wait_for()
     for text in ["top1_error", "num_params", *CELLS]:
         page.get_by_text(text, exact=True).first.wait_for()
@@ -242,8 +280,10 @@ def test_compare_two_runs(ui, page, tmp_path):
     time.sleep(0.5)
     bottom = page.get_by_text("Artifacts", exact=True).first.bounding_box()
     shot = tmp_path / "mlflow-compare.png"
-    page.screenshot(path=shot, clip={"x": 0, "y": 0, "width": VIEWPORT["width"],
-                                     "height": min(VIEWPORT["height"], bottom["y"] - 10)})
+    page.screenshot(
+        path=shot,
+        clip={"x": 0, "y": 0, "width": VIEWPORT["width"], "height": min(VIEWPORT["height"], bottom["y"] - 10)},
+    )
     assert shot.stat().st_size > 10_000
     _keep(shot, "mlflow-compare.png")
 
@@ -282,6 +322,7 @@ def test_stopping_leaves_no_process_behind(ui):
 
 # --- no browser needed ------------------------------------------------------------------------
 
+
 def test_a_taken_port_is_a_clear_error():
     from sweeper import ui as uis
     from sweeper.errors import SweeperError
@@ -298,8 +339,12 @@ def test_a_server_that_dies_is_a_clear_error(tmp_path):
     from sweeper import ui as uis
     from sweeper.errors import SweeperError
 
-    server = uis.Server("MLflow UI", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
-                        "http://127.0.0.1:9/", tmp_path / "server.log")
+    server = uis.Server(
+        "MLflow UI",
+        [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+        "http://127.0.0.1:9/",
+        tmp_path / "server.log",
+    )
     server.start()
     with pytest.raises(SweeperError, match=r"(?s)MLflow UI exited before it answered \(exit code 3\).*boom"):
         uis.wait_ready([server], timeout=30)

@@ -4,6 +4,7 @@
 >>> splits.train_x.dtype, tuple(splits.train_x.shape)
 (torch.uint8, (8, 3, 32, 32))
 """
+
 from __future__ import annotations
 
 from pathlib import Path

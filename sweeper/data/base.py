@@ -1,4 +1,5 @@
 """What every dataset loads into: whole splits as uint8 tensors, NCHW."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -35,7 +36,7 @@ class Splits:
     def in_channels(self) -> int:
         return self.info.shape[0]
 
-    def limit(self, train: int | None = None, test: int | None = None) -> "Splits":
+    def limit(self, train: int | None = None, test: int | None = None) -> Splits:
         """The first ``train``/``test`` images of each split (the splits are already shuffled)."""
         return replace(
             self,

@@ -11,6 +11,7 @@ Nothing here runs code from the data: archives are checked against a published m
 before anything is extracted, only the expected regular files are extracted, and
 batches are read with an unpickler that can build numpy arrays and nothing else.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 
 INFOS = {
     "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), hflip=True, description="CIFAR-10 (downloaded on first use)"),
-    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), hflip=True, description="CIFAR-100 (downloaded on first use)"),
+    "cifar100": DatasetInfo(
+        "cifar100", 100, (3, 32, 32), hflip=True, description="CIFAR-100 (downloaded on first use)"
+    ),
 }
 
 
@@ -233,7 +236,13 @@ def _fetch_locked(name: str, data_dir: Path, url: str | None, progress: Progress
 
 
 def _verify_and_extract(
-    name: str, archive: Path, data_dir: Path, *, digest: str | None = None, label: str | None = None, fix: str | None = None
+    name: str,
+    archive: Path,
+    data_dir: Path,
+    *,
+    digest: str | None = None,
+    label: str | None = None,
+    fix: str | None = None,
 ) -> Path:
     """md5 first, then member checks, then extract into a temp dir renamed into place."""
     src = SOURCES[name]
@@ -257,7 +266,9 @@ def _verify_and_extract(
         except DatasetError:
             raise
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            raise DatasetError(f"cannot extract {label} ({_reason(e)}): the archive is truncated or damaged; {fix}.") from None
+            raise DatasetError(
+                f"cannot extract {label} ({_reason(e)}): the archive is truncated or damaged; {fix}."
+            ) from None
         for rel in wanted:
             path = tmp / rel
             if path.is_symlink() or not path.is_file():
@@ -280,7 +291,9 @@ def _check_members(label: str, members: list[tarfile.TarInfo], wanted: set[str])
             raise DatasetError(f"{label} contains a member outside its folder ({raw!r}); refusing to extract it.")
         if not (m.isfile() or m.isdir()):
             kind = "link" if (m.issym() or m.islnk()) else "special file"
-            raise DatasetError(f"{label} contains a {kind} ({raw!r}); CIFAR archives hold only regular files, refusing to extract it.")
+            raise DatasetError(
+                f"{label} contains a {kind} ({raw!r}); CIFAR archives hold only regular files, refusing to extract it."
+            )
         rel = path.as_posix()
         if m.isdir():
             continue  # folders are created as the files in them are extracted
@@ -289,7 +302,9 @@ def _check_members(label: str, members: list[tarfile.TarInfo], wanted: set[str])
         if rel in chosen:
             raise DatasetError(f"{label} contains {raw!r} twice; refusing to extract it.")
         if m.size > MAX_MEMBER_BYTES:
-            raise DatasetError(f"{label} member {raw!r} is {m.size} bytes, far larger than any CIFAR batch; refusing to extract it.")
+            raise DatasetError(
+                f"{label} member {raw!r} is {m.size} bytes, far larger than any CIFAR batch; refusing to extract it."
+            )
         chosen[rel] = m
     missing = sorted(wanted - chosen.keys())
     if missing:
@@ -343,14 +358,14 @@ class _RefusedGlobal(pickle.UnpicklingError):
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):  # noqa: ANN201
+    def find_class(self, module: str, name: str):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise _RefusedGlobal(f"{module}.{name}") from None
 
 
-def _unpickle(path: Path):  # noqa: ANN202
+def _unpickle(path: Path):
     with open(path, "rb") as f:
         return _SafeUnpickler(f, encoding="bytes").load()
 
@@ -366,7 +381,7 @@ def _read_batch(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
         ) from None
     except FileNotFoundError:
         raise DatasetError(f"{path} is missing; {fix}.") from None
-    except Exception as e:  # noqa: BLE001 - whatever a damaged pickle raises
+    except Exception as e:  # whatever a damaged pickle raises
         raise DatasetError(f"{path} is not a readable CIFAR batch ({_reason(e)}); {fix}.") from None
     problem = None
     data = labels = None
@@ -383,7 +398,7 @@ def _read_batch(name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
             try:
                 labels = np.asarray(labels)
                 ok = labels.ndim == 1 and labels.dtype.kind in "iu"
-            except Exception:  # noqa: BLE001
+            except Exception:
                 ok = False
             if not ok:
                 problem = f"{src.label_key!r} is not a list of integers"
@@ -405,7 +420,9 @@ def _read_folder(name: str, folder: Path) -> dict[str, np.ndarray]:
         parts[f"{split}_y"] = np.concatenate(ys) if len(ys) > 1 else ys[0]
     problem = _check_arrays(name, parts)
     if problem:
-        raise DatasetError(f"the batches in {folder} are not {name}: {problem}; delete {folder} and run `sweeper data fetch {name}`.")
+        raise DatasetError(
+            f"the batches in {folder} are not {name}: {problem}; delete {folder} and run `sweeper data fetch {name}`."
+        )
     return parts
 
 
@@ -444,7 +461,7 @@ def _read_cache(name: str, cache: Path) -> dict[str, np.ndarray]:
             arrays = {k: npz[k] for k in _CACHE_KEYS}
     except DatasetError:
         raise
-    except Exception as e:  # noqa: BLE001 - BadZipFile, ValueError, OSError, EOFError... all mean "damaged"
+    except Exception as e:  # BadZipFile, ValueError, OSError, EOFError... all mean "damaged"
         raise DatasetError(f"the cache {cache} is damaged ({_reason(e)}); {fix}.") from None
     problem = _check_arrays(name, arrays)
     if problem:
@@ -504,7 +521,9 @@ def _make_dir(data_dir: Path) -> None:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DatasetError(f"cannot create the data directory {data_dir} ({_reason(e)}); set SWEEPER_DATA_DIR to a writable folder.") from None
+        raise DatasetError(
+            f"cannot create the data directory {data_dir} ({_reason(e)}); set SWEEPER_DATA_DIR to a writable folder."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -512,9 +531,11 @@ def _lock(name: str, data_dir: Path) -> Iterator[None]:
     """Exclusive across processes; also clears temp files a crashed holder left behind."""
     path = data_dir / f".{name}.lock"
     try:
-        f = open(path, "a+b")  # noqa: SIM115 - held for the whole block
+        f = open(path, "a+b")  # held for the whole block
     except OSError as e:
-        raise DatasetError(f"cannot create the lock file {path} ({_reason(e)}); set SWEEPER_DATA_DIR to a writable folder.") from None
+        raise DatasetError(
+            f"cannot create the lock file {path} ({_reason(e)}); set SWEEPER_DATA_DIR to a writable folder."
+        ) from None
     with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:

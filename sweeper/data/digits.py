@@ -1,4 +1,5 @@
 """scikit-learn's bundled UCI handwritten digits: 8x8 grayscale, 10 classes, offline."""
+
 from __future__ import annotations
 
 import numpy as np

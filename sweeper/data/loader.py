@@ -3,6 +3,7 @@
 No per-image PIL work: each epoch draws one seeded permutation and one set of flip coins, then
 every batch is an index, a flip and a normalisation on the device.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

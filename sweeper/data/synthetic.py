@@ -3,6 +3,7 @@
 Each class has a smooth colour pattern; an image is its class pattern at a random contrast,
 plus noise. A model gets far below chance error within an epoch or two.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,9 @@ def _images(prototypes: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), labels
 
 
-def load(num_train: int = DEFAULT_TRAIN, num_test: int = DEFAULT_TEST, num_classes: int = DEFAULT_CLASSES, seed: int = 0) -> Splits:
+def load(
+    num_train: int = DEFAULT_TRAIN, num_test: int = DEFAULT_TEST, num_classes: int = DEFAULT_CLASSES, seed: int = 0
+) -> Splits:
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num_classes, 3, 4, 4, generator=g) * 2 - 1
     prototypes = F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)

@@ -11,6 +11,13 @@ from sweeper.models.googlenet import (
 )
 
 __all__ = [
-    "MODULES", "VARIANTS", "GoogLeNet", "InceptionCfg", "UnknownVariant", "VariantCfg",
-    "build_model", "count_macs", "count_params",
+    "MODULES",
+    "VARIANTS",
+    "GoogLeNet",
+    "InceptionCfg",
+    "UnknownVariant",
+    "VariantCfg",
+    "build_model",
+    "count_macs",
+    "count_params",
 ]

@@ -8,6 +8,7 @@ In-channels are always derived from the previous module, never written down.
 >>> model(torch.zeros(2, 1, 8, 8)).shape
 torch.Size([2, 10])
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,9 +59,7 @@ FULL = (("a3", "b3"), ("a4", "b4", "c4", "d4", "e4"), ("a5", "b5"))
 VARIANTS: dict[str, VariantCfg] = {
     "naive": VariantCfg(FULL, block="naive", description="all nine modules, no 1x1 bottlenecks"),
     "standard": VariantCfg(FULL, description="GoogLeNet as in the seed (9 modules)"),
-    "long": VariantCfg(
-        (FULL[0], FULL[1], ("a5", "a5", "a5", "a5", "b5")), description="a5 repeated: 12 modules"
-    ),
+    "long": VariantCfg((FULL[0], FULL[1], ("a5", "a5", "a5", "a5", "b5")), description="a5 repeated: 12 modules"),
     "short": VariantCfg((FULL[0], ("a4", "d4", "e4"), FULL[2]), description="7 modules"),
     "short2": VariantCfg((FULL[0], ("a4", "e4"), ("b5",)), description="5 modules"),
     "short3": VariantCfg((("a3",), ("c4",), ("b5",)), description="3 modules"),

@@ -4,6 +4,7 @@ and the reference result of an uninterrupted run.
 
 Everything here drives real processes; nothing is mocked except the one in-process OOM test.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -45,8 +46,13 @@ class Proc:
         self.args, self.log = args, log
         self._fh = open(log, "ab")
         self.started = time.monotonic()
-        self.popen = subprocess.Popen([sys.executable, "-m", "sweeper", *args], env=env, stdout=self._fh,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "sweeper", *args],
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -67,7 +73,9 @@ class Proc:
                 m = rx.search(self.text(), after)
                 if m:
                     return m
-                raise AssertionError(f"{self} exited {self.popen.returncode} before logging {pattern!r}:\n{self.text()}")
+                raise AssertionError(
+                    f"{self} exited {self.popen.returncode} before logging {pattern!r}:\n{self.text()}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self} did not log {pattern!r} within {timeout}s:\n{self.text()}")
             time.sleep(0.05)
@@ -134,8 +142,9 @@ def reference():
 
     def get(seed: int = 1, epochs: int = EPOCHS) -> list[dict]:
         if (seed, epochs) not in cache:
-            import torch
             from dataclasses import asdict
+
+            import torch
 
             from sweeper.data import load
             from sweeper.models import build_model
@@ -159,7 +168,8 @@ def reference():
 
 def enqueue(spec_path: Path, storage_url: str | None = None) -> None:
     """What `sweeper launch` does to the queue (the launch race test runs the real command)."""
-    from sweeper import spec, study as studies
+    from sweeper import spec
+    from sweeper import study as studies
 
     studies.launch(studies.open_storage(storage_url), spec.load(str(spec_path)))
 
@@ -218,8 +228,11 @@ class PgOutage:
 
     def terminate(self) -> int:
         cur = self.admin.cursor()
-        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()", (self.db,))
+        cur.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (self.db,),
+        )
         return cur.fetchone()[0]
 
     def block(self) -> int:
@@ -252,20 +265,42 @@ class AuthMlflowServer(MlflowServer):
 
     ADMIN, PASSWORD = "admin", "Sweeper-admin-Passw0rd!"
 
-    def start(self) -> "AuthMlflowServer":
+    def start(self) -> AuthMlflowServer:
         config = self.root / "basic_auth.ini"
-        config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'auth.db'}\n"
-                          f"admin_username = {self.ADMIN}\nauthorization_function = "
-                          "mlflow.server.auth:authenticate_request_basic_auth\n")
+        config.write_text(
+            f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'auth.db'}\n"
+            f"admin_username = {self.ADMIN}\nauthorization_function = "
+            "mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
         log = open(self.root / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(
-            ["mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", self.backend_uri,
-             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                 "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": self.PASSWORD,
-                 "MLFLOW_FLASK_SERVER_SECRET_KEY": "sweeper-tests"},
+            [
+                "mlflow",
+                "server",
+                "--app-name",
+                "basic-auth",
+                "--backend-store-uri",
+                self.backend_uri,
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--serve-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={
+                **os.environ,
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "MLFLOW_AUTH_CONFIG_PATH": str(config),
+                "MLFLOW_AUTH_ADMIN_PASSWORD": self.PASSWORD,
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": "sweeper-tests",
+            },
         )
         wait_http(f"{self.url}/health", timeout=180)
         return self

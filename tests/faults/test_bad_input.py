@@ -1,6 +1,7 @@
 """Bad input at the real command line: one clear paragraph, exit code 2 (usage) or 1 (runtime),
 no traceback, no password, nothing written. The cases run as concurrent subprocesses (each
 pays the interpreter's start-up once, in parallel) and are checked one by one."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 
 SECRET = "s3cret"
 BAD_PG = f"postgresql://user:{SECRET}@127.0.0.1:1/db"
@@ -82,53 +82,165 @@ def cases(tmp_path: Path) -> list[Case]:
     bad_archive.write_bytes(os.urandom(4096))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(Path(checkpoint_file(tmp_path / "full.pt")).read_bytes()[:100])
-    train = ["train", "--variant", "short3", "--dataset", "digits", "--epochs", "1", "--limit-train", "32",
-             "--limit-test", "16", "--device", "cpu"]
+    train = [
+        "train",
+        "--variant",
+        "short3",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "32",
+        "--limit-test",
+        "16",
+        "--device",
+        "cpu",
+    ]
     return [
-        Case("malformed spec", ["launch", "--study", spec_file(tmp_path, "malformed", "[grid\nvariant = \n")],
-             2, r"malformed\.toml: not valid TOML"),
-        Case("misspelled key", ["launch", "--study", spec_file(tmp_path, "misspelled", GOOD.replace("variant", "varient"))],
-             2, r"\[grid\] key 'varient': unknown key; allowed: variant, dataset, seed"),
-        Case("misspelled table", ["launch", "--study", spec_file(tmp_path, "table", GOOD.replace("[train]", "[trian]"))],
-             2, r"'trian': unknown key; allowed: description, metric"),
-        Case("unknown variant", ["launch", "--study", spec_file(tmp_path, "variant", GOOD.replace('"short4"', '"short5"'))],
-             2, r"grid\.variant: unknown variant 'short5'; allowed: naive, standard"),
-        Case("unknown dataset", ["launch", "--study", spec_file(tmp_path, "dataset", GOOD.replace('"digits"', '"cifar11"'))],
-             2, r"grid\.dataset: unknown dataset 'cifar11'; allowed: cifar10, cifar100"),
-        Case("unknown optimizer", ["launch", "--study", spec_file(tmp_path, "optimizer", GOOD + 'optimizer = "adam"\n')],
-             2, r"unknown optimizer 'adam'; choose one of: adadelta, sgd, adamw"),
-        Case("unknown sampler", ["launch", "--study", spec_file(tmp_path, "sampler", GOOD + '[search]\nsampler = "grid"\n'
-                                                               '[search.space]\nlr = { low = 0.1, high = 1.0 }\n')],
-             2, r"search\.sampler: unknown sampler 'grid'; allowed: tpe, random, cmaes, qmc"),
-        Case("unknown study", ["launch", "--study", "no-such-study"], 2, r"no study named 'no-such-study'; known studies:"),
-        Case("unknown variant option", train[:2] + ["short5"] + train[3:], 2, r"unknown variant 'short5'; choose one of"),
-        Case("unknown optimizer option", [*train, "--optimizer", "adam"], 2, r"'adam' is not one of 'adadelta', 'sgd', 'adamw'"),
-        Case("unreachable storage: launch", ["launch", "--study", spec_file(tmp_path, "good", GOOD), "--storage", BAD_PG],
-             1, r"cannot open the Optuna storage postgresql://user:\*\*\*@127\.0\.0\.1:1/db: .*Connection refused", process=True),
-        Case("unreachable storage: worker", ["worker", "--storage", BAD_PG, "--device", "cpu"],
-             1, r"cannot open the Optuna storage postgresql://user:\*\*\*@127\.0\.0\.1:1/db", process=True),
-        Case("unreachable storage: status", ["status", "--study", "good", "--storage", BAD_PG],
-             1, r"cannot open the Optuna storage postgresql://user:\*\*\*@"),
-        Case("unreachable storage: retry", ["retry", "--study", "good", "--storage", BAD_PG],
-             1, r"cannot open the Optuna storage postgresql://user:\*\*\*@"),
-        Case("unreachable tracking: worker", ["worker", "--tracking-uri", BAD_HTTP, "--device", "cpu"],
-             1, r"cannot reach the MLflow tracking store http://user:\*\*\*@127\.0\.0\.1:1", process=True),
-        Case("unreachable stores: doctor", ["doctor", "--storage", BAD_PG, "--tracking-uri", BAD_HTTP],
-             1, r"cannot reach the MLflow tracking store http://user:\*\*\*@127\.0\.0\.1:1"),
-        Case("unreachable storage by env", ["status", "--study", "good"], 1, r"postgresql://user:\*\*\*@",
-             env={"SWEEPER_STORAGE": BAD_PG}),
-        Case("bad dataset archive", ["data", "import", str(bad_archive)],
-             1, r"cifar-10-python\.tar\.gz looks like cifar-10-python\.tar\.gz but its md5 is [0-9a-f]{32}, not "
-                r"[0-9a-f]{32}: it is damaged or modified, so nothing was extracted; download it again", process=True),
-        Case("old Optuna schema", ["status", "--study", "good", "--storage", old_schema_storage(tmp_path / "old.db")],
-             1, r"set up by optuna 3\.0\.0.*`optuna storage upgrade --storage URL`"),
-        Case("checkpoint of another variant", [*train, "--resume", checkpoint_file(tmp_path / "other.pt")],
-             1, r"other\.pt belongs to variant='short4', not 'short3'; it is not used"),
-        Case("checkpoint of a newer sweeper", [*train[:2], "short4", *train[3:], "--resume",
-                                               checkpoint_file(tmp_path / "newer.pt", format_version=99)],
-             1, r"newer\.pt was written by a newer sweeper \(format 99, this one reads 1\)"),
-        Case("truncated checkpoint", [*train, "--resume", str(truncated)],
-             1, r"truncated\.pt cannot be read \(\w+\); delete it to start the trial afresh"),
+        Case(
+            "malformed spec",
+            ["launch", "--study", spec_file(tmp_path, "malformed", "[grid\nvariant = \n")],
+            2,
+            r"malformed\.toml: not valid TOML",
+        ),
+        Case(
+            "misspelled key",
+            ["launch", "--study", spec_file(tmp_path, "misspelled", GOOD.replace("variant", "varient"))],
+            2,
+            r"\[grid\] key 'varient': unknown key; allowed: variant, dataset, seed",
+        ),
+        Case(
+            "misspelled table",
+            ["launch", "--study", spec_file(tmp_path, "table", GOOD.replace("[train]", "[trian]"))],
+            2,
+            r"'trian': unknown key; allowed: description, metric",
+        ),
+        Case(
+            "unknown variant",
+            ["launch", "--study", spec_file(tmp_path, "variant", GOOD.replace('"short4"', '"short5"'))],
+            2,
+            r"grid\.variant: unknown variant 'short5'; allowed: naive, standard",
+        ),
+        Case(
+            "unknown dataset",
+            ["launch", "--study", spec_file(tmp_path, "dataset", GOOD.replace('"digits"', '"cifar11"'))],
+            2,
+            r"grid\.dataset: unknown dataset 'cifar11'; allowed: cifar10, cifar100",
+        ),
+        Case(
+            "unknown optimizer",
+            ["launch", "--study", spec_file(tmp_path, "optimizer", GOOD + 'optimizer = "adam"\n')],
+            2,
+            r"unknown optimizer 'adam'; choose one of: adadelta, sgd, adamw",
+        ),
+        Case(
+            "unknown sampler",
+            [
+                "launch",
+                "--study",
+                spec_file(
+                    tmp_path,
+                    "sampler",
+                    GOOD + '[search]\nsampler = "grid"\n[search.space]\nlr = { low = 0.1, high = 1.0 }\n',
+                ),
+            ],
+            2,
+            r"search\.sampler: unknown sampler 'grid'; allowed: tpe, random, cmaes, qmc",
+        ),
+        Case(
+            "unknown study",
+            ["launch", "--study", "no-such-study"],
+            2,
+            r"no study named 'no-such-study'; known studies:",
+        ),
+        Case(
+            "unknown variant option", train[:2] + ["short5"] + train[3:], 2, r"unknown variant 'short5'; choose one of"
+        ),
+        Case(
+            "unknown optimizer option",
+            [*train, "--optimizer", "adam"],
+            2,
+            r"'adam' is not one of 'adadelta', 'sgd', 'adamw'",
+        ),
+        Case(
+            "unreachable storage: launch",
+            ["launch", "--study", spec_file(tmp_path, "good", GOOD), "--storage", BAD_PG],
+            1,
+            r"cannot open the Optuna storage postgresql://user:\*\*\*@127\.0\.0\.1:1/db: .*Connection refused",
+            process=True,
+        ),
+        Case(
+            "unreachable storage: worker",
+            ["worker", "--storage", BAD_PG, "--device", "cpu"],
+            1,
+            r"cannot open the Optuna storage postgresql://user:\*\*\*@127\.0\.0\.1:1/db",
+            process=True,
+        ),
+        Case(
+            "unreachable storage: status",
+            ["status", "--study", "good", "--storage", BAD_PG],
+            1,
+            r"cannot open the Optuna storage postgresql://user:\*\*\*@",
+        ),
+        Case(
+            "unreachable storage: retry",
+            ["retry", "--study", "good", "--storage", BAD_PG],
+            1,
+            r"cannot open the Optuna storage postgresql://user:\*\*\*@",
+        ),
+        Case(
+            "unreachable tracking: worker",
+            ["worker", "--tracking-uri", BAD_HTTP, "--device", "cpu"],
+            1,
+            r"cannot reach the MLflow tracking store http://user:\*\*\*@127\.0\.0\.1:1",
+            process=True,
+        ),
+        Case(
+            "unreachable stores: doctor",
+            ["doctor", "--storage", BAD_PG, "--tracking-uri", BAD_HTTP],
+            1,
+            r"cannot reach the MLflow tracking store http://user:\*\*\*@127\.0\.0\.1:1",
+        ),
+        Case(
+            "unreachable storage by env",
+            ["status", "--study", "good"],
+            1,
+            r"postgresql://user:\*\*\*@",
+            env={"SWEEPER_STORAGE": BAD_PG},
+        ),
+        Case(
+            "bad dataset archive",
+            ["data", "import", str(bad_archive)],
+            1,
+            r"cifar-10-python\.tar\.gz looks like cifar-10-python\.tar\.gz but its md5 is [0-9a-f]{32}, not "
+            r"[0-9a-f]{32}: it is damaged or modified, so nothing was extracted; download it again",
+            process=True,
+        ),
+        Case(
+            "old Optuna schema",
+            ["status", "--study", "good", "--storage", old_schema_storage(tmp_path / "old.db")],
+            1,
+            r"set up by optuna 3\.0\.0.*`optuna storage upgrade --storage URL`",
+        ),
+        Case(
+            "checkpoint of another variant",
+            [*train, "--resume", checkpoint_file(tmp_path / "other.pt")],
+            1,
+            r"other\.pt belongs to variant='short4', not 'short3'; it is not used",
+        ),
+        Case(
+            "checkpoint of a newer sweeper",
+            [*train[:2], "short4", *train[3:], "--resume", checkpoint_file(tmp_path / "newer.pt", format_version=99)],
+            1,
+            r"newer\.pt was written by a newer sweeper \(format 99, this one reads 1\)",
+        ),
+        Case(
+            "truncated checkpoint",
+            [*train, "--resume", str(truncated)],
+            1,
+            r"truncated\.pt cannot be read \(\w+\); delete it to start the trial afresh",
+        ),
     ]
 
 
@@ -161,8 +273,14 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, sweeper_
         case.home.mkdir()
         if case.process:
             env = {**sweeper_env, "SWEEPER_HOME": str(case.home), **case.env}
-            case.proc = subprocess.Popen([sys.executable, "-m", "sweeper", *case.args], env=env, cwd=tmp_path,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            case.proc = subprocess.Popen(
+                [sys.executable, "-m", "sweeper", *case.args],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
     for case in todo:
         if not case.process:
             run_in_process(case, monkeypatch, capsys)
@@ -190,10 +308,15 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, sweeper_
 
 def test_unreachable_stores_are_given_up_on_in_seconds(monkeypatch):
     """Bounded waits: seconds, not MLflow's default of about two minutes of HTTP retries."""
-    from sweeper import study as studies, tracking
+    from sweeper import study as studies
+    from sweeper import tracking
     from sweeper.errors import SweeperError
 
-    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+    for name in (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    ):
         monkeypatch.delenv(name, raising=False)
     tracking.configure_http()
     for probe in (lambda: studies.open_storage(BAD_PG), lambda: tracking.check_reachable(tracking.client(BAD_HTTP))):
@@ -215,8 +338,11 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path):
     try:
         path = mount / "last.pt"
         checkpoint.save(path, {"epoch": 1, "model": {"w": torch.zeros(1000)}})
-        with pytest.raises(checkpoint.CheckpointError, match=r"could not write checkpoint .*last\.pt \(.*\); the "
-                                                              r"previous checkpoint is kept. Free disk space"):
+        with pytest.raises(
+            checkpoint.CheckpointError,
+            match=r"could not write checkpoint .*last\.pt \(.*\); the "
+            r"previous checkpoint is kept. Free disk space",
+        ):
             checkpoint.save(path, {"epoch": 2, "model": {"w": torch.zeros(200_000)}})  # 800 KB
         assert checkpoint.load(path)["epoch"] == 1
         assert [p.name for p in mount.iterdir()] == ["last.pt"]  # no temporary file left behind

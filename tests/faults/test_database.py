@@ -1,5 +1,6 @@
 """PostgreSQL faults and races, on the real server: a database blip during a live trial,
 workers racing to retry a dead worker's trial, and two `sweeper launch` at the same moment."""
+
 from __future__ import annotations
 
 import re
@@ -10,15 +11,16 @@ import time
 
 import optuna
 import sqlalchemy
+from conftest import EPOCHS, FAST, assert_cell_run, enqueue, storage_of, trials_of, write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import EPOCHS, FAST, assert_cell_run, enqueue, storage_of, trials_of, write_spec
 from sweeper import study as studies
 
 
 def test_database_blip_shorter_than_the_grace_period_does_not_fail_a_live_trial(
-        tmp_path, sweeper_env, spawn, tracking, reference, pg_database, pg_outage):
+    tmp_path, sweeper_env, spawn, tracking, reference, pg_database, pg_outage
+):
     url = pg_database()
     env = {**sweeper_env, "SWEEPER_STORAGE": url, "MLFLOW_TRACKING_URI": tracking.url}
     enqueue(write_spec(tmp_path / "blip.toml", epochs=EPOCHS), url)
@@ -73,8 +75,12 @@ def test_a_dead_workers_trial_is_retried_once_by_racing_workers_and_at_most_max_
         trial_id = studies.claim(study)  # a worker claims the trial ...
         assert trial_id is not None, f"attempt {attempt}: nothing to claim"
         with storage.engine.begin() as conn:  # ... and dies: its heartbeat is an hour old
-            conn.execute(sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = heartbeat - interval '1 hour' "
-                                         "WHERE trial_id = :t"), {"t": trial_id})
+            conn.execute(
+                sqlalchemy.text(
+                    "UPDATE trial_heartbeats SET heartbeat = heartbeat - interval '1 hour' WHERE trial_id = :t"
+                ),
+                {"t": trial_id},
+            )
         barrier = threading.Barrier(len(racers))
         failed: list[list[int]] = []
 
@@ -119,20 +125,29 @@ def test_two_launches_at_the_same_moment_enqueue_each_cell_once(tmp_path, sweepe
     procs = []
     for i in range(2):
         ready = tmp_path / f"ready-{i}"
-        procs.append((ready, subprocess.Popen(
-            [sys.executable, "-c", READY_THEN_RUN, str(ready), str(go), "launch", "--study", str(spec)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        procs.append(
+            (
+                ready,
+                subprocess.Popen(
+                    [sys.executable, "-c", READY_THEN_RUN, str(ready), str(go), "launch", "--study", str(spec)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+        )
     deadline = time.monotonic() + 180
     while not all(ready.exists() for ready, _ in procs):
-        assert time.monotonic() < deadline and all(p.poll() is None for _, p in procs), \
-            [p.communicate() for _, p in procs if p.poll() is not None]
+        assert time.monotonic() < deadline and all(p.poll() is None for _, p in procs), [
+            p.communicate() for _, p in procs if p.poll() is not None
+        ]
         time.sleep(0.01)
     go.touch()
     outputs = [p.communicate(timeout=180) for _, p in procs]
-    for (_, p), (out, err) in zip(procs, outputs):
+    for (_, p), (_out, err) in zip(procs, outputs):
         assert p.returncode == 0, err
-    added = sorted(int(m[1]) if m else 0 for m in
-                   (re.search(r"enqueued (\d+) trial", err) for _, err in outputs))
+    added = sorted(int(m[1]) if m else 0 for m in (re.search(r"enqueued (\d+) trial", err) for _, err in outputs))
     assert added == [0, 6], [err for _, err in outputs]
 
     trials = trials_of(url, "race")

@@ -4,16 +4,16 @@ SIGKILL: nothing runs in the worker; its heartbeat goes stale, another worker re
 from the checkpoint in the same MLflow run. SIGTERM: the worker stops at the next batch,
 marks the run KILLED and re-queues the trial at once; a second SIGTERM exits immediately.
 """
+
 from __future__ import annotations
 
 import json
 import signal
 import time
 
+from conftest import EPOCHS, FAST, assert_cell_run, cli, enqueue, trials_of, write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-
-from conftest import EPOCHS, FAST, assert_cell_run, cli, enqueue, trials_of, write_spec
 
 
 def test_sigkill_mid_trial_is_retried_from_the_checkpoint(tmp_path, sweeper_env, spawn, reference):
@@ -29,8 +29,20 @@ def test_sigkill_mid_trial_is_retried_from_the_checkpoint(tmp_path, sweeper_env,
     killed_at = time.monotonic()
 
     # A waiting worker: it finds the trial RUNNING until the heartbeat is 3 s stale, then retries it.
-    second = spawn("worker", "--study", "killed", *FAST, "--grace-period", "3", "--forever",
-                   "--poll-interval", "0.5", "--max-trials", "1", env=sweeper_env)
+    second = spawn(
+        "worker",
+        "--study",
+        "killed",
+        *FAST,
+        "--grace-period",
+        "3",
+        "--forever",
+        "--poll-interval",
+        "0.5",
+        "--max-trials",
+        "1",
+        env=sweeper_env,
+    )
     second.wait_for(r"resumes after epoch [12] ")
     assert second.wait(180) == 0, second.text()
     assert time.monotonic() - killed_at >= 3  # not before the grace period
@@ -48,8 +60,9 @@ def test_sigkill_mid_trial_is_retried_from_the_checkpoint(tmp_path, sweeper_env,
     resumed_from = int(client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags["sweeper.resumed_from_epoch"])
     assert resumed_from in (1, 2)
     assert_cell_run(client, retry.user_attrs["mlflow_run_id"], reference(), resumed_from=resumed_from)
-    cells = client.search_runs([client.get_experiment_by_name("killed").experiment_id],
-                               filter_string="tags.`sweeper.role` = 'cell'")
+    cells = client.search_runs(
+        [client.get_experiment_by_name("killed").experiment_id], filter_string="tags.`sweeper.role` = 'cell'"
+    )
     assert len(cells) == 1
 
     # `sweeper status` shows the retry and its history.
@@ -94,8 +107,20 @@ def test_sigterm_requeues_at_once_and_a_second_signal_exits_now(tmp_path, sweepe
     assert "second SIGTERM: exiting now" in second.text()
 
     # That trial is RUNNING with a dead worker: the next worker retries it once its heartbeat is stale.
-    third = spawn("worker", "--study", "stopped", *FAST, "--grace-period", "3", "--forever",
-                  "--poll-interval", "0.5", "--max-trials", "1", env=env)
+    third = spawn(
+        "worker",
+        "--study",
+        "stopped",
+        *FAST,
+        "--grace-period",
+        "3",
+        "--forever",
+        "--poll-interval",
+        "0.5",
+        "--max-trials",
+        "1",
+        env=env,
+    )
     assert third.wait(180) == 0, third.text()
     trials = trials_of(url, "stopped")
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
@@ -104,8 +129,9 @@ def test_sigterm_requeues_at_once_and_a_second_signal_exits_now(tmp_path, sweepe
     assert_cell_run(client, trials[2].user_attrs["mlflow_run_id"], reference(), resumed_from=1)
 
 
-def test_a_frozen_worker_that_wakes_up_after_its_trial_was_retried_stands_down(tmp_path, sweeper_env, spawn, tracking,
-                                                                               reference, pg_database):
+def test_a_frozen_worker_that_wakes_up_after_its_trial_was_retried_stands_down(
+    tmp_path, sweeper_env, spawn, tracking, reference, pg_database
+):
     """SIGSTOP past the grace period (a paused VM, a long stall): another worker retries the trial;
     on SIGCONT the first one notices at its next epoch and stands down, touching neither store.
     On PostgreSQL, the several-machines setup (on SQLite a process frozen while it holds the
@@ -118,8 +144,20 @@ def test_a_frozen_worker_that_wakes_up_after_its_trial_was_retried_stands_down(t
     frozen.wait_for(r"epoch 1/3")
     frozen.send(signal.SIGSTOP)
     try:
-        other = spawn("worker", "--study", "frozen", *FAST, "--grace-period", "3", "--forever",
-                      "--poll-interval", "0.5", "--max-trials", "1", env=env)
+        other = spawn(
+            "worker",
+            "--study",
+            "frozen",
+            *FAST,
+            "--grace-period",
+            "3",
+            "--forever",
+            "--poll-interval",
+            "0.5",
+            "--max-trials",
+            "1",
+            env=env,
+        )
         assert other.wait(180) == 0, other.text()
     finally:
         frozen.send(signal.SIGCONT)

@@ -5,16 +5,17 @@ training, buffers its metrics and checkpoint and sends them in order when MLflow
 other, with a 4 s limit, fails its trial with a clear reason, claims nothing while MLflow is
 down, and the retry resumes from the local checkpoint, logging what MLflow missed.
 """
+
 from __future__ import annotations
 
+from conftest import EPOCHS, FAST, assert_cell_run, enqueue, trials_of, write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import EPOCHS, FAST, assert_cell_run, enqueue, trials_of, write_spec
 
-
-def test_mlflow_outage_buffers_or_fails_past_the_limit_and_nothing_is_lost(tmp_path, sweeper_env, spawn, tracking,
-                                                                           reference):
+def test_mlflow_outage_buffers_or_fails_past_the_limit_and_nothing_is_lost(
+    tmp_path, sweeper_env, spawn, tracking, reference
+):
     env = {**sweeper_env, "MLFLOW_TRACKING_URI": tracking.url}
     url = f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db"
     enqueue(write_spec(tmp_path / "patient.toml", epochs=EPOCHS))

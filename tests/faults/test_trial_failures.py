@@ -2,6 +2,7 @@
 CUDA out-of-memory (in process: there is no GPU here, so the model is made to raise
 torch.OutOfMemoryError). Each FAILs with its reason, is not retried, and the worker goes on;
 `sweeper retry --failed` re-enqueues such a cell on purpose."""
+
 from __future__ import annotations
 
 import gc
@@ -10,10 +11,9 @@ import weakref
 
 import optuna
 import torch
+from conftest import FAST, cli, enqueue, storage_of, trials_of, write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-
-from conftest import FAST, cli, enqueue, storage_of, trials_of, write_spec
 
 
 def test_nan_loss_fails_the_trial_without_retry_and_the_worker_goes_on(tmp_path, sweeper_env, spawn, tracking):
@@ -46,8 +46,9 @@ def test_nan_loss_fails_the_trial_without_retry_and_the_worker_goes_on(tmp_path,
     assert "no failed cell" in cli("retry", "--study", "converges", "--failed").output
 
 
-def test_out_of_memory_fails_the_trial_frees_memory_and_the_worker_goes_on(tmp_path, sweeper_env, tracking,
-                                                                           monkeypatch, caplog):
+def test_out_of_memory_fails_the_trial_frees_memory_and_the_worker_goes_on(
+    tmp_path, sweeper_env, tracking, monkeypatch, caplog
+):
     """No GPU here: the first model raises torch.OutOfMemoryError in its forward pass, as CUDA
     would; the worker's handling path (reason, no retry, memory freed, next trial) is the real one."""
     import sweeper.models
@@ -65,22 +66,32 @@ def test_out_of_memory_fails_the_trial_frees_memory_and_the_worker_goes_on(tmp_p
             gc.collect()
             freed_before_next.append(built[0]() is None)
         else:
+
             def forward(*_a, **_k):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 80.00 GiB total)")
+
             model.forward = forward
         built.append(weakref.ref(model))
         return model
 
     monkeypatch.setattr(sweeper.models, "build_model", build_model)
-    config = worker.WorkerConfig(storage_url=url, tracking_uri=tracking.url, device="cpu", precision="fp32",
-                                 heartbeat_interval=1, grace_period=60)
+    config = worker.WorkerConfig(
+        storage_url=url,
+        tracking_uri=tracking.url,
+        device="cpu",
+        precision="fp32",
+        heartbeat_interval=1,
+        grace_period=60,
+    )
     assert worker.run(config) == 2
 
     study = optuna.load_study(study_name="oom", storage=storage_of(url))
     oom, ok = study.get_trials(deepcopy=False)
     assert (oom.state, ok.state) == (TrialState.FAIL, TrialState.COMPLETE) and len(study.trials) == 2
     reason = oom.system_attrs["sweeper.fail_reason"]
-    assert reason.startswith("out of memory on cpu at batch size 64: CUDA out of memory") and "lower batch_size" in reason
+    assert (
+        reason.startswith("out of memory on cpu at batch size 64: CUDA out of memory") and "lower batch_size" in reason
+    )
     run = MlflowClient(tracking.url).get_run(oom.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["sweeper.reason"] == reason
     assert freed_before_next == [True]  # the failed trial's model was gone before the next one was built
