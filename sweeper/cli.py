@@ -12,6 +12,15 @@ from typing import Any
 import click
 
 from sweeper import __version__, settings
+from sweeper.contract import (
+    DATASETS,
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    OPTIMIZERS,
+    PRECISIONS,
+    VARIANTS,
+    Recipe,
+)
 
 FORMAT_CHOICES = ("table", "json")
 
@@ -61,7 +70,7 @@ device_option = click.option(
 )
 precision_option = click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
+    type=click.Choice(PRECISIONS),
     default="auto",
     show_default=True,
     help="auto: bf16 autocast + channels_last where bf16 is fast (CUDA, CPUs with AMX/AVX512-BF16).",
@@ -76,16 +85,12 @@ data_dir_option = click.option(
 
 
 def check_variant(ctx, param, value):
-    from sweeper.models import VARIANTS
-
     if value is not None and value not in VARIANTS:
         raise click.BadParameter(f"unknown variant {value!r}; choose one of: {', '.join(VARIANTS)}")
     return value
 
 
 def check_dataset(ctx, param, value):
-    from sweeper.data import DATASETS
-
     names = value if isinstance(value, tuple) else (value,)
     for name in names:
         if name is not None and name not in DATASETS:
@@ -153,8 +158,7 @@ def models(dataset, fmt):
     """Parameters, MACs per image and Inception modules of every variant."""
     import torch
 
-    from sweeper.data import DATASETS
-    from sweeper.models import VARIANTS, build_model, count_macs, count_params
+    from sweeper.models import build_model, count_macs, count_params
 
     rows = []
     for name in [dataset] if dataset else list(DATASETS):
@@ -181,11 +185,15 @@ def models(dataset, fmt):
 @cli.command()
 @click.option("--variant", required=True, callback=check_variant, help="Model variant (see `sweeper models`).")
 @click.option("--dataset", required=True, callback=check_dataset, help="cifar10, cifar100, digits or synthetic.")
-@click.option("--epochs", type=click.IntRange(1), help="Epochs. [default: 14]")
-@click.option("--batch-size", type=click.IntRange(1), help="Training batch size. [default: 64]")
-@click.option("--optimizer", type=click.Choice(["adadelta", "sgd", "adamw"]), help="[default: adadelta]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate. [default: 1.0]")
-@click.option("--lr-gamma", type=click.FloatRange(min=0, min_open=True), help="StepLR decay per epoch. [default: 0.7]")
+@click.option("--epochs", type=click.IntRange(1), help=f"Epochs. [default: {Recipe.epochs}]")
+@click.option("--batch-size", type=click.IntRange(1), help=f"Training batch size. [default: {Recipe.batch_size}]")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help=f"[default: {Recipe.optimizer}]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help=f"Learning rate. [default: {Recipe.lr}]")
+@click.option(
+    "--lr-gamma",
+    type=click.FloatRange(min=0, min_open=True),
+    help=f"StepLR decay per epoch. [default: {Recipe.lr_gamma}]",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--limit-train", type=click.IntRange(1), help="Train on the first N images only.")
 @click.option("--limit-test", type=click.IntRange(1), help="Evaluate on the first N images only.")
@@ -320,7 +328,7 @@ def data_list(data_dir, fmt):
     """Each dataset, where it lives, whether it is present and its size on disk."""
     from pathlib import Path
 
-    from sweeper.data import DATASETS, cifar
+    from sweeper.data import cifar
 
     root = Path(data_dir) if data_dir else settings.data_dir()
     rows = []
@@ -398,7 +406,7 @@ heartbeat_option = click.option(
     "--heartbeat-interval",
     type=click.IntRange(1),
     envvar=settings.ENV_HEARTBEAT_INTERVAL,
-    default=10,
+    default=DEFAULT_HEARTBEAT_INTERVAL,
     show_default=True,
     help=f"Seconds between a running trial's heartbeats. [env: {settings.ENV_HEARTBEAT_INTERVAL}]",
 )
@@ -406,7 +414,7 @@ grace_option = click.option(
     "--grace-period",
     type=click.IntRange(1),
     envvar=settings.ENV_GRACE_PERIOD,
-    default=60,
+    default=DEFAULT_GRACE_PERIOD,
     show_default=True,
     help=f"Seconds without a heartbeat before a trial's worker counts as dead and the trial is retried. "
     f"[env: {settings.ENV_GRACE_PERIOD}]",
@@ -494,9 +502,10 @@ def launch(
     fmt,
 ):
     """Enqueue every grid cell of a study once, and optionally run it with local workers."""
+    spec = load_spec(study)  # a bad spec is refused before the heavy imports below
+
     from sweeper import launcher
 
-    spec = load_spec(study)
     launcher.launch(
         spec,
         storage,

@@ -9,7 +9,7 @@ variant = ["standard", "short4"]
 dataset = ["cifar100"]
 seed = [1]
 
-[train]           # the recipe handed to fit(); see sweeper.train.Recipe
+[train]           # the recipe handed to fit(); see sweeper.contract.Recipe
 epochs = 14
 
 [search]          # optional: Optuna samples these for every trial
@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from sweeper.contract import DATASETS, VARIANTS, Recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -142,10 +144,6 @@ def load(study: str) -> StudySpec:
 
 
 def parse(raw: dict[str, Any], name: str, path: str = "<spec>") -> StudySpec:
-    from sweeper.data import DATASETS
-    from sweeper.models import VARIANTS
-    from sweeper.train import Recipe
-
     def fail(key: str, problem: str) -> SpecError:
         return SpecError(f"{path}: {key}: {problem}")
 

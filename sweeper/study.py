@@ -26,13 +26,12 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from sweeper import settings
+from sweeper.contract import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL
 from sweeper.errors import SweeperError, redact
 from sweeper.spec import Cell, StudySpec
 
 log = logging.getLogger("sweeper.study")
 
-DEFAULT_HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
-DEFAULT_GRACE_PERIOD = 60  # seconds without a heartbeat before a trial counts as dead
 MAX_RETRY = 3  # retries of a trial whose worker died
 SPEC_ATTR = "sweeper.spec"
 SPEC_HASH_ATTR = "sweeper.spec_hash"

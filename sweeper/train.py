@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -26,66 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sweeper.contract import PRECISIONS, Recipe
 from sweeper.data import BatchLoader, Splits
 from sweeper.data.loader import normalize
-
-OPTIMIZERS = ("adadelta", "sgd", "adamw")
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """The seed post's recipe as defaults. Every value can be overridden."""
-
-    epochs: int = 14
-    batch_size: int = 64  # images per optimizer step
-    optimizer: str = "adadelta"  # adadelta | sgd | adamw
-    lr: float = 1.0
-    lr_gamma: float = 0.7  # StepLR: lr *= lr_gamma every lr_step epochs
-    lr_step: int = 1  # epochs
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False  # sgd only
-    weight_decay: float = 0.0
-    eval_batch_size: int = 1000  # images per evaluation forward pass
-    seed: int = 1
-    limit_train: int | None = None  # images; None = the whole split
-    limit_test: int | None = None
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Recipe:
-        """Build from plain values; raises ValueError naming an unknown key or a wrong type."""
-        known = {f.name: f for f in fields(cls)}
-        for key, value in values.items():
-            if key not in known:
-                raise ValueError(f"unknown recipe key {key!r}; allowed: {', '.join(known)}")
-            expected = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
-            kind = cls._kind(known[key])
-            ok = (
-                value is None
-                and key.startswith("limit_")
-                or (isinstance(value, expected[kind]) and not (kind is not bool and isinstance(value, bool)))
-            )
-            if not ok:
-                raise ValueError(f"recipe key {key!r} must be {kind.__name__}, got {value!r}")
-        recipe = cls(**{k: (float(v) if cls._kind(known[k]) is float else v) for k, v in values.items()})
-        recipe.validate()
-        return recipe
-
-    @staticmethod
-    def _kind(f) -> type:
-        return {"int": int, "float": float, "bool": bool, "str": str, "int | None": int}[f.type]
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "lr_step"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"recipe key {name!r} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"recipe key 'lr' must be positive, got {self.lr}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

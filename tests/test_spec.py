@@ -106,3 +106,30 @@ def test_unknown_study_name_lists_known_ones(sweeper_env, tmp_path):
     proc = sweeper("launch", "--study", "cifar100-dept", env=sweeper_env, cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert "cifar100-depth" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_loading_and_checking_specs_imports_no_torch_optuna_or_mlflow(tmp_path):
+    """The contract layer is light: a spec is checked (and refused) without the engine's imports."""
+    import subprocess
+    import sys
+    import textwrap
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[grid]\nvariant=["short4"]\ndataset=["digits"]\n[train]\noptimizer = "adam"')
+    code = textwrap.dedent(f"""
+        import sys
+        from sweeper import spec
+        for path in spec.available():
+            spec.load(str(path))
+        try:
+            spec.load({str(bad)!r})
+        except spec.SpecError:
+            pass
+        else:
+            sys.exit("the bad spec was accepted")
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "optuna", "mlflow", "numpy"))
+        print(heavy)
+        sys.exit(1 if heavy else 0)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

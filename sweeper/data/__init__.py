@@ -9,20 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sweeper.data.base import DatasetError, DatasetInfo, Splits
+from sweeper.contract import DATASETS, DatasetInfo
+from sweeper.data.base import DatasetError, Splits
 from sweeper.data.loader import BatchLoader
-
-DATASETS: dict[str, DatasetInfo] = {}
-
-
-def _register() -> None:
-    from sweeper.data import cifar, digits, synthetic
-
-    for info in (*cifar.INFOS.values(), digits.INFO, synthetic.info()):
-        DATASETS[info.name] = info
-
-
-_register()
 
 
 class UnknownDataset(ValueError):

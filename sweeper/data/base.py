@@ -6,18 +6,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from sweeper.contract import DatasetInfo
+
 
 class DatasetError(Exception):
     """A dataset that cannot be used; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    num_classes: int
-    shape: tuple[int, int, int]  # (channels, height, width)
-    hflip: bool  # whether a horizontal flip keeps the label (not so for digits)
-    description: str
 
 
 @dataclass(frozen=True)

@@ -33,16 +33,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from sweeper.data.base import DatasetError, DatasetInfo, Splits
+from sweeper.contract import DATASETS
+from sweeper.data.base import DatasetError, Splits
 
 log = logging.getLogger(__name__)
 
-INFOS = {
-    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), hflip=True, description="CIFAR-10 (downloaded on first use)"),
-    "cifar100": DatasetInfo(
-        "cifar100", 100, (3, 32, 32), hflip=True, description="CIFAR-100 (downloaded on first use)"
-    ),
-}
+INFOS = {name: DATASETS[name] for name in ("cifar10", "cifar100")}
 
 
 @dataclass(frozen=True)

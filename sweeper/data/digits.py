@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sweeper.data.base import DatasetInfo, Splits
+from sweeper.contract import DATASETS
+from sweeper.data.base import Splits
 
-INFO = DatasetInfo("digits", 10, (1, 8, 8), hflip=False, description="UCI handwritten digits (scikit-learn, offline)")
+INFO = DATASETS["digits"]
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed: the split never depends on the trial's seed
 

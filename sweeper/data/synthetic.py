@@ -6,10 +6,13 @@ plus noise. A model gets far below chance error within an epoch or two.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
-from sweeper.data.base import DatasetInfo, Splits
+from sweeper.contract import DATASETS, DatasetInfo
+from sweeper.data.base import Splits
 
 DEFAULT_TRAIN = 2000
 DEFAULT_TEST = 500
@@ -17,7 +20,7 @@ DEFAULT_CLASSES = 10
 
 
 def info(num_classes: int = DEFAULT_CLASSES) -> DatasetInfo:
-    return DatasetInfo("synthetic", num_classes, (3, 32, 32), hflip=True, description="CIFAR-shaped synthetic classes")
+    return replace(DATASETS["synthetic"], num_classes=num_classes)
 
 
 def _images(prototypes: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

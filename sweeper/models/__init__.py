@@ -1,14 +1,5 @@
-from sweeper.models.googlenet import (
-    MODULES,
-    VARIANTS,
-    GoogLeNet,
-    InceptionCfg,
-    UnknownVariant,
-    VariantCfg,
-    build_model,
-    count_macs,
-    count_params,
-)
+from sweeper.contract import MODULES, VARIANTS, InceptionCfg, VariantCfg
+from sweeper.models.googlenet import GoogLeNet, UnknownVariant, build_model, count_macs, count_params
 
 __all__ = [
     "MODULES",

@@ -1,4 +1,4 @@
-"""GoogLeNet variants of the seed post, declared as data.
+"""GoogLeNet variants of the seed post, built from the table in ``sweeper.contract``.
 
 Each Inception module is one row of ``MODULES`` (output widths only); a variant is a
 sequence of stages, each a tuple of module names, with a 3/2/1 max-pool between stages.
@@ -11,60 +11,10 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class InceptionCfg:
-    n1x1: int
-    n3x3_reduce: int
-    n3x3: int
-    n5x5_reduce: int
-    n5x5: int
-    pool_proj: int
-
-
-# The seed's Inception(in, n1x1, n3x3red, n3x3, n5x5red, n5x5, pool_proj) without `in`.
-MODULES: dict[str, InceptionCfg] = {
-    "a3": InceptionCfg(64, 96, 128, 16, 32, 32),
-    "b3": InceptionCfg(128, 128, 192, 32, 96, 64),
-    "a4": InceptionCfg(192, 96, 208, 16, 48, 64),
-    "b4": InceptionCfg(160, 112, 224, 24, 64, 64),
-    "c4": InceptionCfg(128, 128, 256, 24, 64, 64),
-    "d4": InceptionCfg(112, 144, 288, 32, 64, 64),
-    "e4": InceptionCfg(256, 160, 320, 32, 128, 128),
-    "a5": InceptionCfg(256, 160, 320, 32, 128, 128),
-    "b5": InceptionCfg(384, 192, 384, 48, 128, 128),
-}
-
-
-@dataclass(frozen=True)
-class VariantCfg:
-    stages: tuple[tuple[str, ...], ...]
-    block: str = "bottleneck"  # "bottleneck" (the seed's Inception) or "naive"
-    description: str = ""
-
-    @property
-    def inception_modules(self) -> int:
-        return sum(len(stage) for stage in self.stages)
-
-
-FULL = (("a3", "b3"), ("a4", "b4", "c4", "d4", "e4"), ("a5", "b5"))
-
-# Order is the seed post's table order. Short3 and Short4 are not specified in the post; these
-# are the nearest shallow arrangements of its modules (see docs/MODELS.md).
-VARIANTS: dict[str, VariantCfg] = {
-    "naive": VariantCfg(FULL, block="naive", description="all nine modules, no 1x1 bottlenecks"),
-    "standard": VariantCfg(FULL, description="GoogLeNet as in the seed (9 modules)"),
-    "long": VariantCfg((FULL[0], FULL[1], ("a5", "a5", "a5", "a5", "b5")), description="a5 repeated: 12 modules"),
-    "short": VariantCfg((FULL[0], ("a4", "d4", "e4"), FULL[2]), description="7 modules"),
-    "short2": VariantCfg((FULL[0], ("a4", "e4"), ("b5",)), description="5 modules"),
-    "short3": VariantCfg((("a3",), ("c4",), ("b5",)), description="3 modules"),
-    "short4": VariantCfg((("a4",), ("b5",)), description="2 modules"),
-}
+from sweeper.contract import MODULES, VARIANTS, InceptionCfg, VariantCfg
 
 STEM_CHANNELS = 192
 
