@@ -15,7 +15,6 @@ the full training state to ``on_epoch``, which may checkpoint, log, report or as
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -99,13 +98,26 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores on this very GPU (compute capability 8.0+). torch's is_bf16_supported()
+    looks at the current device and also accepts the emulated bf16 of older GPUs (V100, T4)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cuda" and not cuda_has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"precision bf16 on {device} ({torch.cuda.get_device_name(device)}, compute capability "
+            f"{major}.{minor}) would be emulated, slower than fp32; bf16 needs compute capability 8.0 "
+            "(Ampere) or newer. Use --precision auto or fp32."
+        )
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cuda_has_native_bf16(device) else "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     return "fp32"
@@ -127,6 +139,34 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
             params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay
         )
     return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def cpu_copy(tree: Any) -> Any:
+    """A copy of ``tree`` (dicts, lists and tuples of tensors) in CPU memory, sharing nothing with it.
+
+    GPU tensors land in pinned memory through asynchronous copies and one synchronize at the end:
+    no second copy of the state on the GPU, and the GPU is held up only for the transfer. CPU
+    tensors are cloned (``.cpu()`` would return the live tensors that training goes on mutating).
+    """
+    from_gpu = False
+
+    def copy(x: Any) -> Any:
+        nonlocal from_gpu
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cuda":
+                from_gpu = True
+                return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x.detach(), non_blocking=True)
+            return x.detach().to("cpu", copy=True)
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+
+    out = copy(tree)
+    if from_gpu:
+        torch.cuda.synchronize()
+    return out
 
 
 def compile_mode(compile: bool | str, device: torch.device) -> str | None:
@@ -225,9 +265,8 @@ def fit(
         if dev.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(dev)
         return {
-            # Copies, not views: on the CPU .cpu() would alias the live tensors that training mutates.
-            "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "model": cpu_copy(model.state_dict()),
+            "optimizer": cpu_copy(optimizer.state_dict()),
             "scheduler": scheduler.state_dict(),
             "rng": rng,
             "epoch": len(result.history),
@@ -243,8 +282,11 @@ def fit(
         for step, (xb, yb) in enumerate(batches, start=1):
             if should_stop is not None and should_stop():
                 raise Interrupted(epoch - 1)
+            # A partial last batch (50,000 = 781 x 64 + 16) runs eagerly: through the compiled
+            # model its new shape would recompile (and re-record CUDA graphs) every epoch.
+            forward = step_model if len(yb) == recipe.batch_size else model
             with autocast():
-                loss = F.cross_entropy(step_model(xb).float(), yb)
+                loss = F.cross_entropy(forward(xb).float(), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from sweeper import __version__, checkpoint, settings, tracking
 from sweeper import study as studies
 from sweeper.errors import SweeperError, redact
-from sweeper.train import EpochMetrics, Interrupted, NonFiniteLoss, Recipe, fit, seed_everything
+from sweeper.train import EpochMetrics, Interrupted, NonFiniteLoss, Recipe, cpu_copy, fit, seed_everything
 
 log = logging.getLogger("sweeper.worker")
 
@@ -416,7 +416,7 @@ class TrialRun:
         self.logger.set_tags({"sweeper.precision": result.precision, "sweeper.device": result.device})
         if not pruned_at:
             weights = self.checkpoint_path.with_name("model.pt")
-            torch.save(self.model.state_dict(), weights)
+            torch.save(cpu_copy(self.model.state_dict()), weights)  # loads on hosts without a GPU
             self.logger.log_artifact(weights, "model")
         try:
             self.logger.flush(

@@ -34,6 +34,7 @@ from sweeper.train import (
     Interrupted,
     NonFiniteLoss,
     Recipe,
+    cpu_copy,
     cpu_has_fast_bf16,
     fit,
     resolve_precision,
@@ -433,6 +434,68 @@ def test_fp32_is_selectable():
     assert all(x.is_contiguous() for _, x in model.seen)
     with pytest.raises(ValueError, match="choose one of: auto, fp32, bf16"):
         resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_partial_last_batch_never_recompiles_and_trains_like_eager(monkeypatch):
+    """37 images at batch 16: 16, 16 and a last batch of 5, two epochs. Compiled, the 5 would be a
+    new shape: a recompile (and new CUDA graphs) every epoch. Counted with a backend that counts."""
+    from torch._dynamo.testing import CompileCounter
+
+    data = load("digits").limit(2 * 16 + 5, 16)
+    recipe = Recipe(epochs=2, batch_size=16, eval_batch_size=16)
+    seed_everything(1)
+    eager = fit(build_model("short4", 10, 1), data, recipe, device="cpu", precision="fp32")
+
+    counter = CompileCounter()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend=counter))
+    torch._dynamo.reset()
+    frames_after_first_step = []
+    seed_everything(1)
+    compiled = fit(
+        build_model("short4", 10, 1),
+        data,
+        recipe,
+        device="cpu",
+        precision="fp32",
+        compile=True,
+        on_step=lambda step, total: frames_after_first_step.append(counter.frame_count) if step == 1 else None,
+    )
+    torch._dynamo.reset()
+    assert frames_after_first_step[0] >= 1, "the full batches ran through the compiled model"
+    assert counter.frame_count == frames_after_first_step[0], "the partial batch recompiled"
+    for c, e in zip(metrics(compiled.history), metrics(eager.history), strict=True):
+        assert c == pytest.approx(e, rel=1e-4), "every image trained, the last batch's loss weighted by its size"
+
+
+@pytest.mark.parametrize("capability, auto", [((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_bf16_only_on_gpus_with_compute_capability_8(monkeypatch, capability, auto):
+    """No GPU here: the capability query is faked. A T4 (7.5) would emulate bf16, slower than fp32."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    gpu = torch.device("cuda:1")
+    assert resolve_precision("auto", gpu) == auto
+    if auto == "fp32":
+        with pytest.raises(ValueError, match=r"cuda:1 \(Fake GPU, compute capability 7.5\).*--precision auto or fp32"):
+            resolve_precision("bf16", gpu)
+    else:
+        assert resolve_precision("bf16", gpu) == "bf16"
+
+
+def test_cpu_copy_shares_nothing_with_the_live_state():
+    model = build_model("short4", 10, 1)
+    optimizer = torch.optim.Adadelta(model.parameters())
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    live = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    copied = cpu_copy(live)
+    before = copy.deepcopy(copied)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    optimizer.step()  # mutates the live tensors in place
+    assert_same_tensors(copied["model"], before["model"])
+    assert_same_tensors(copied["optimizer"]["state"][0], before["optimizer"]["state"][0])
+    assert not torch.equal(copied["model"]["linear.weight"], model.state_dict()["linear.weight"])
+    assert copied["optimizer"]["param_groups"] == before["optimizer"]["param_groups"]
 
 
 # --- layering --------------------------------------------------------------------------------
