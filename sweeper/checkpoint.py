@@ -7,7 +7,9 @@ the old one, so a crash or a full disk never leaves a half-written checkpoint be
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,23 @@ FORMAT_VERSION = 1
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or used; the message names the file and the fix."""
+
+
+def cell_path(root: str | Path, study: str, cell: str) -> Path:
+    """``root/<study>/<cell>/last.pt`` built from safe slugs, each with a digest of the full name
+    (distinct names never share a folder), and checked to stay inside ``root`` whatever the names
+    hold (a study named ``../../x`` written into the storage by hand)."""
+    root = Path(root).absolute()
+    path = root / _slug(study) / _slug(cell) / "last.pt"
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise CheckpointError(f"checkpoint path {path} would leave {root}; refusing it")
+    return path
+
+
+def _slug(name: str) -> str:
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:60]
+    return f"{safe}-{digest}" if safe else digest
 
 
 def save(path: str | Path, state: dict[str, Any]) -> Path:

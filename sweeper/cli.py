@@ -23,6 +23,7 @@ from sweeper.contract import (
 )
 
 FORMAT_CHOICES = ("table", "json")
+SEARCH_LIMIT = 10_000  # trials per cell that `launch` enqueues without --yes
 
 
 # --- options defined once ------------------------------------------------------------------
@@ -114,16 +115,17 @@ def print_json(document: Any) -> None:
 def print_table(title: str | None, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     if not console.is_terminal:  # piped: never truncate numbers to fit 80 columns
         console.width = 220
     columns = columns or (list(rows[0]) if rows else [])
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title) if title else None, title_justify="left")
     for col in columns:
         table.add_column(col, justify="right" if rows and isinstance(rows[0].get(col), (int, float)) else "left")
-    for row in rows:
-        table.add_row(*(_cell(row.get(col)) for col in columns))
+    for row in rows:  # Text: user text ("[/x]" in a description) is shown as written, never as markup
+        table.add_row(*(Text(_cell(row.get(col))) for col in columns))
     console.print(table)
 
 
@@ -421,6 +423,17 @@ grace_option = click.option(
 )
 
 
+def check_grace(heartbeat_interval: int, grace_period: int) -> None:
+    """A grace period close to the heartbeat interval makes healthy workers take each other's trials."""
+    if grace_period < 2 * heartbeat_interval:
+        raise click.UsageError(
+            f"--grace-period {grace_period} must be at least twice --heartbeat-interval ({heartbeat_interval}): "
+            f"a live trial whose heartbeat is merely late would be taken over by another worker and trained twice. "
+            f"Use --grace-period {max(2 * heartbeat_interval, 60)} or more "
+            f"(env {settings.ENV_GRACE_PERIOD} / {settings.ENV_HEARTBEAT_INTERVAL})."
+        )
+
+
 def load_spec(study: str):
     from sweeper.spec import SpecError, load
 
@@ -486,6 +499,12 @@ def studies(fmt):
 @heartbeat_option
 @grace_option
 @data_dir_option
+@click.option(
+    "--yes",
+    is_flag=True,
+    envvar="SWEEPER_YES",
+    help=f"Enqueue a search of more than {SEARCH_LIMIT:,} trials per cell without refusing.",
+)
 @format_option()
 def launch(
     study,
@@ -499,10 +518,17 @@ def launch(
     heartbeat_interval,
     grace_period,
     data_dir,
+    yes,
     fmt,
 ):
     """Enqueue every grid cell of a study once, and optionally run it with local workers."""
+    check_grace(heartbeat_interval, grace_period)
     spec = load_spec(study)  # a bad spec is refused before the heavy imports below
+    if spec.trials_per_cell > SEARCH_LIMIT and not yes:
+        raise click.UsageError(
+            f"{spec.path}: search.trials_per_cell: {spec.trials_per_cell:,} is over {SEARCH_LIMIT:,} trials per cell "
+            f"({len(spec.cells) * spec.trials_per_cell:,} trials in all); lower it, or pass --yes to enqueue them anyway"
+        )
 
     from sweeper import launcher
 
@@ -596,6 +622,8 @@ def worker(
 ):
     """Claim waiting trials, train them and log to MLflow until the queue is empty."""
     import logging
+
+    check_grace(heartbeat_interval, grace_period)
     from pathlib import Path
 
     from sweeper import study as st

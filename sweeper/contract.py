@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from sweeper.validation import Rule, check_table
+
 # --- the recipe ------------------------------------------------------------------------------
 
 OPTIMIZERS = ("adadelta", "sgd", "adamw")
@@ -42,39 +44,35 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Recipe:
-        """Build from plain values; raises ValueError naming an unknown key or a wrong type."""
-        known = {f.name: f for f in fields(cls)}
-        for key, value in values.items():
-            if key not in known:
-                raise ValueError(f"unknown recipe key {key!r}; allowed: {', '.join(known)}")
-            expected = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
-            kind = cls._kind(known[key])
-            ok = (
-                value is None
-                and key.startswith("limit_")
-                or (isinstance(value, expected[kind]) and not (kind is not bool and isinstance(value, bool)))
-            )
-            if not ok:
-                raise ValueError(f"recipe key {key!r} must be {kind.__name__}, got {value!r}")
-        recipe = cls(**{k: (float(v) if cls._kind(known[k]) is float else v) for k, v in values.items()})
-        recipe.validate()
-        return recipe
-
-    @staticmethod
-    def _kind(f) -> type:
-        return {"int": int, "float": float, "bool": bool, "str": str, "int | None": int}[f.type]
+        """Build from plain values; raises ValueError (BadValue) naming a refused key or value."""
+        check_table(values, RECIPE_RULES, "recipe key")
+        kinds = {f.name: f.type for f in fields(cls)}
+        return cls(**{k: (float(v) if kinds[k] == "float" else v) for k, v in values.items()})
 
     def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "lr_step"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"recipe key {name!r} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"recipe key 'lr' must be positive, got {self.lr}")
+        check_table(self.to_dict(), RECIPE_RULES, "recipe key")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# What each recipe key accepts (in [train], in a search range, as a search choice); a new
+# Recipe field needs its row here (tests/test_train.py checks the two agree).
+RECIPE_RULES: dict[str, Rule] = {
+    "epochs": Rule(int, ge=1),
+    "batch_size": Rule(int, ge=1),
+    "optimizer": Rule(str, choices=OPTIMIZERS),
+    "lr": Rule(float, gt=0),
+    "lr_gamma": Rule(float, gt=0),
+    "lr_step": Rule(int, ge=1),
+    "momentum": Rule(float, ge=0, lt=1),
+    "nesterov": Rule(bool),
+    "weight_decay": Rule(float, ge=0),
+    "eval_batch_size": Rule(int, ge=1),
+    "seed": Rule(int),
+    "limit_train": Rule(int, ge=1, optional=True),
+    "limit_test": Rule(int, ge=1, optional=True),
+}
 
 
 # --- the variants ----------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from sweeper import study as studies
 from sweeper.errors import redact
 from sweeper.spec import StudySpec
 
+SHOW_TOTAL_ABOVE = 5_000  # trials: launch says how many before it enqueues more
+
 
 def launch(
     spec: StudySpec,
@@ -32,13 +34,14 @@ def launch(
     workers_per_gpu: int = 1,
 ) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=True, soft_wrap=True)
     url = studies.resolve_storage_url(storage_url)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if url == studies.default_storage_url() or uri == tracking.default_tracking_uri():
-        console.print(f"embedded stores in [bold]{settings.home()}[/] (set SWEEPER_HOME to move them)")
-    console.print(f"storage {redact(url)}\ntracking {redact(uri)}")
+        console.print(f"embedded stores in [bold]{escape(str(settings.home()))}[/] (set SWEEPER_HOME to move them)")
+    console.print(f"storage {redact(url)}\ntracking {redact(uri)}", markup=False)
 
     tracking.configure_http()
     if tracking.is_server(uri):  # probed first: a bad URL or password leaves nothing behind
@@ -48,6 +51,9 @@ def launch(
     with studies.study_lock(storage, spec.name):
         experiment_id = tracking.ensure_experiment(mlflow_client, spec.name)
         tracking.ensure_study_run(mlflow_client, experiment_id, spec.to_dict())
+    total = len(spec.cells) * spec.trials_per_cell
+    if total > SHOW_TOTAL_ABOVE:
+        console.print(f"study {spec.name}: {len(spec.cells):,} cell(s) x {spec.trials_per_cell:,} = {total:,} trials")
     result = studies.launch(storage, spec, force_update=force_update)
     if result.added:
         console.print(
@@ -73,7 +79,7 @@ def launch(
         spec.name, url, uri, workers, device, precision, heartbeat_interval, grace_period, data_dir, workers_per_gpu
     )
     log_dir = settings.home() / "logs"
-    console.print(f"{workers} worker(s) started; their logs are in {log_dir}")
+    console.print(f"{workers} worker(s) started; their logs are in {log_dir}", markup=False)
     interrupted = watch(result.study, procs, console)
     if interrupted:
         console.print(
@@ -83,7 +89,7 @@ def launch(
         sys.exit(130)
     failed = [p for p in procs if p.returncode not in (0, None)]
     if failed:
-        console.print(f"[red]{len(failed)} worker(s) exited with an error; see {log_dir}[/]")
+        console.print(f"[red]{len(failed)} worker(s) exited with an error; see {escape(str(log_dir))}[/]")
     from sweeper import report
 
     report.print_report(spec.name, url, uri, fmt=fmt)
@@ -189,6 +195,7 @@ def watch(study, procs: list[subprocess.Popen], console) -> bool:
 
 def board(study):
     from rich.table import Table
+    from rich.text import Text
 
     trials = study.get_trials(deepcopy=False)
     latest = {}
@@ -196,8 +203,10 @@ def board(study):
         latest[t.user_attrs.get(studies.KEY_ATTR)] = t
     counts = studies.counts(list(latest.values()))
     table = Table(
-        title=f"{study.study_name}: {counts['COMPLETE']} done, {counts['RUNNING']} running, "
-        f"{counts['WAITING']} waiting, {counts['PRUNED']} pruned, {counts['FAIL']} failed",
+        title=Text(
+            f"{study.study_name}: {counts['COMPLETE']} done, {counts['RUNNING']} running, "
+            f"{counts['WAITING']} waiting, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
+        ),
         title_justify="left",
     )
     for col in ("cell", "state", "epoch", "top1_error", "host"):
@@ -205,11 +214,12 @@ def board(study):
     for row in studies.trial_rows(list(latest.values())):
         if row["state"] in ("RUNNING", "COMPLETE"):
             err = row["top1_error"]
-            table.add_row(
+            cells = (
                 row["cell"],
                 row["state"],
                 f"{row['epoch'] or 0}/{row['epochs'] or '?'}",
                 "" if err is None else f"{err:.4f}",
                 row["host"] or "",
             )
+            table.add_row(*(Text(str(c)) for c in cells))
     return table

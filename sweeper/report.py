@@ -482,17 +482,18 @@ def render_markdown(built: list[Table], study: str | None = None, against_seed: 
 def render_rich(built: list[Table], width: int | None = None) -> str:
     from rich.console import Console
     from rich.table import Table as RichTable
+    from rich.text import Text
 
     buffer = io.StringIO()
     console = Console(file=buffer, width=width or 220, color_system=None, soft_wrap=True)
     if not built:
         console.print("no cells yet")
     for t in built:
-        table = RichTable(title=t.title, title_justify="left")
+        table = RichTable(title=Text(t.title) if t.title else None, title_justify="left")
         for i, col in enumerate(t.columns):
             table.add_column(col, justify="left" if i == 0 else "right")
         for row in t.rows:
-            table.add_row(*row)
+            table.add_row(*(Text(str(c)) for c in row))
         console.print(table)
     return buffer.getvalue()
 

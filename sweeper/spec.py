@@ -25,13 +25,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sweeper.contract import DATASETS, VARIANTS, Recipe
+from sweeper.contract import DATASETS, RECIPE_RULES, VARIANTS
+from sweeper.validation import BadValue, Rule, check_distribution, check_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,8 +46,24 @@ SAMPLERS = ("tpe", "random", "cmaes", "qmc")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 GRID_KEYS = ("variant", "dataset", "seed")
 SEARCHABLE = ("lr", "lr_gamma", "batch_size", "momentum", "weight_decay", "epochs")
-TOP_KEYS = ("description", "metric", "direction", "grid", "train", "search")
-SEARCH_KEYS = ("trials_per_cell", "sampler", "pruner", "space")
+# Plain values of the top level and of [search]; a new key is a new row (see sweeper.validation).
+TOP_RULES = {
+    "description": Rule(str),
+    "metric": Rule(str, choices=METRICS),
+    "direction": Rule(str, choices=DIRECTIONS),
+}
+TOP_DEFAULTS = {"description": "", "metric": "top1_error", "direction": "minimize"}
+SEARCH_RULES = {
+    "trials_per_cell": Rule(int, ge=1),
+    "sampler": Rule(str, choices=SAMPLERS),
+    "pruner": Rule(str, choices=PRUNERS),
+}
+SEARCH_DEFAULTS = {"trials_per_cell": 10, "sampler": "tpe", "pruner": "none"}
+TOP_KEYS = (*TOP_RULES, "grid", "train", "search")
+SEARCH_KEYS = (*SEARCH_RULES, "space")
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class SpecError(ValueError):
@@ -147,14 +165,10 @@ def parse(raw: dict[str, Any], name: str, path: str = "<spec>") -> StudySpec:
     def fail(key: str, problem: str) -> SpecError:
         return SpecError(f"{path}: {key}: {problem}")
 
+    check_name(name, path)
     _check_keys(raw, TOP_KEYS, "top level", fail)
-    description = raw.get("description", "")
-    metric = raw.get("metric", "top1_error")
-    if metric not in METRICS:
-        raise fail("metric", f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-    direction = raw.get("direction", "minimize")
-    if direction not in DIRECTIONS:
-        raise fail("direction", f"must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    top = {key: raw.get(key, default) for key, default in TOP_DEFAULTS.items()}
+    _check_rules(top, TOP_RULES, "", fail)
 
     grid = raw.get("grid")
     if not isinstance(grid, dict):
@@ -184,31 +198,47 @@ def parse(raw: dict[str, Any], name: str, path: str = "<spec>") -> StudySpec:
     if "seed" in train:
         raise fail("train.seed", "seeds belong in [grid] seed = [...]")
     try:
-        Recipe.from_dict(train)
-    except ValueError as e:
-        raise fail("[train]", str(e)) from None
+        check_table(train, RECIPE_RULES, "recipe key")
+    except BadValue as e:
+        raise fail(f"train.{e.key}", e.problem) from None
 
     search = raw.get("search")
     if search is not None:
         search = _parse_search(search, fail)
 
     cells = tuple(Cell(v, d, s) for v, d, s in itertools.product(grid["variant"], grid["dataset"], grid["seed"]))
-    return StudySpec(name, path, description, metric, direction, grid, dict(train), search, cells)
+    return StudySpec(name, path, top["description"], top["metric"], top["direction"], grid, dict(train), search, cells)
+
+
+def check_name(name: str, path: str = "<spec>") -> None:
+    """A study name becomes a folder name (checkpoints) and an experiment name: no paths."""
+    if not NAME_PATTERN.fullmatch(name) or set(name) <= {"."}:
+        raise SpecError(
+            f"{path}: the study name {name!r} (the file's name without .toml) may hold only letters, digits, "
+            "'.', '_' and '-', must start with a letter or digit and be at most 100 characters; rename the file"
+        )
+
+
+def check_stored(stored: dict[str, Any], study: str) -> None:
+    """Check a spec as a storage holds it (a worker does before it trains: the storage may hold
+    one written by an older sweeper or by hand); raises SpecError naming the study and key."""
+    raw = {k: v for k, v in stored.items() if k != "name"}
+    parse(raw, name=study, path=f"the spec stored in study {study!r}")
+
+
+def _check_rules(values: dict[str, Any], rules: dict[str, Rule], prefix: str, fail) -> None:
+    try:
+        check_table(values, rules)
+    except BadValue as e:
+        raise fail(f"{prefix}{e.key}", e.problem) from None
 
 
 def _parse_search(search: Any, fail) -> dict[str, Any]:
     if not isinstance(search, dict):
         raise fail("[search]", "must be a table")
     _check_keys(search, SEARCH_KEYS, "[search]", fail)
-    trials = search.get("trials_per_cell", 10)
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise fail("search.trials_per_cell", f"must be a positive integer, got {trials!r}")
-    sampler = search.get("sampler", "tpe")
-    if sampler not in SAMPLERS:
-        raise fail("search.sampler", f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    pruner = search.get("pruner", "none")
-    if pruner not in PRUNERS:
-        raise fail("search.pruner", f"unknown pruner {pruner!r}; allowed: {', '.join(PRUNERS)}")
+    values = {key: search.get(key, default) for key, default in SEARCH_DEFAULTS.items()}
+    _check_rules(values, SEARCH_RULES, "search.", fail)
     space = search.get("space")
     if not isinstance(space, dict) or not space:
         raise fail("[search.space]", f"must name at least one of: {', '.join(SEARCHABLE)}")
@@ -216,20 +246,11 @@ def _parse_search(search: Any, fail) -> dict[str, Any]:
         where = f"search.space.{key}"
         if key not in SEARCHABLE:
             raise fail(where, f"cannot be searched; allowed: {', '.join(SEARCHABLE)}")
-        if not isinstance(dist, dict):
-            raise fail(where, "must be { low = ..., high = ... [, log = true] } or { choices = [...] }")
-        if "choices" in dist:
-            _check_keys(dist, ("choices",), where, fail)
-            if not isinstance(dist["choices"], list) or not dist["choices"]:
-                raise fail(where, "choices must be a non-empty list")
-            continue
-        _check_keys(dist, ("low", "high", "log", "step"), where, fail)
-        low, high = dist.get("low"), dist.get("high")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
-            raise fail(where, f"needs numbers low < high, got low={low!r}, high={high!r}")
-        if dist.get("log") and low <= 0:
-            raise fail(where, "log = true needs low > 0")
-    return {"trials_per_cell": trials, "sampler": sampler, "pruner": pruner, "space": space}
+        try:
+            check_distribution(key, dist, RECIPE_RULES[key])
+        except BadValue as e:
+            raise fail(where, str(e)) from None
+    return {**values, "space": space}
 
 
 def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str, fail) -> None:

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from sweeper import __version__, checkpoint, settings, tracking
 from sweeper import study as studies
 from sweeper.errors import SweeperError, redact
+from sweeper.spec import SpecError, check_stored
 from sweeper.train import EpochMetrics, Interrupted, NonFiniteLoss, Recipe, cpu_copy, fit, seed_everything
 
 log = logging.getLogger("sweeper.worker")
@@ -262,8 +263,7 @@ class TrialRun:
         self.attrs = attrs
         self.key = attrs[studies.KEY_ATTR]
         self.variant, self.dataset, self.seed = attrs["variant"], attrs["dataset"], int(attrs["seed"])
-        safe_key = self.key.replace("/", "_").replace("#", "_")
-        self.checkpoint_path = settings.home() / "checkpoints" / study.study_name / safe_key / "last.pt"
+        self.checkpoint_path = checkpoint.cell_path(settings.home() / "checkpoints", study.study_name, self.key)
         self.logger: tracking.RunLogger | None = None
         self.run_id: str | None = None
         self.model = None
@@ -299,7 +299,7 @@ class TrialRun:
                     studies.requeue, self.study, self.trial_id, f"worker stopped by a signal after epoch {e.last_epoch}"
                 )
                 log.warning("trial %d: %s stopped after epoch %d and re-queued", number, self.key, e.last_epoch)
-            except NonFiniteLoss as e:
+            except (NonFiniteLoss, SpecError) as e:  # retrying cannot help: fail the cell, no traceback
                 self._fail(str(e), retry=False)
             except torch.OutOfMemoryError as e:
                 self.model = None  # before the reason is recorded: free what can be freed now
@@ -327,6 +327,7 @@ class TrialRun:
     def _run(self) -> None:
         from sweeper.models import build_model, count_macs, count_params
 
+        check_stored(self.spec, self.study.study_name)  # stored by an older sweeper, or by hand
         values = dict(self.spec["train"], seed=self.seed)
         for name, dist in ((self.spec.get("search") or {}).get("space") or {}).items():
             values[name] = self._db(suggest, self.trial, name, dist)

@@ -53,11 +53,15 @@ BAD_SPECS = [
     ),
     ("unknown variant", '[grid]\nvariant=["shot4"]\ndataset=["digits"]', ["grid.variant", "'shot4'", "short4"]),
     ("unknown dataset", '[grid]\nvariant=["short4"]\ndataset=["cifar1000"]', ["grid.dataset", "cifar100"]),
-    ("wrong type", '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[train]\nepochs = "three"', ["'epochs'", "int"]),
+    (
+        "wrong type",
+        '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[train]\nepochs = "three"',
+        ["train.epochs", "integer"],
+    ),
     (
         "unknown recipe key",
         '[grid]\nvariant=["short4"]\ndataset=["digits"]\n[train]\nepoch = 3',
-        ["'epoch'", "allowed"],
+        ["train.epoch: unknown recipe key", "allowed"],
     ),
     (
         "unknown optimizer",

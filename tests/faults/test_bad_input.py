@@ -77,6 +77,47 @@ def checkpoint_file(path: Path, **override) -> str:
     return str(path)
 
 
+SEARCH = GOOD + "[search]\ntrials_per_cell = {trials}\n[search.space]\n{space}\n"
+# (spec text, key named in the message, message): each was accepted by `launch` before (issue #15).
+BAD_VALUES = [
+    (
+        SEARCH.format(trials=2, space='lr = { choices = ["a", "b"] }'),
+        "search.space.lr",
+        r"choice 'a': must be a number > 0",
+    ),
+    (
+        SEARCH.format(trials=2, space="lr = { low = 0.1, high = 1.0, step = 0 }"),
+        "search.space.lr",
+        r"step must be > 0, got 0",
+    ),
+    (
+        SEARCH.format(trials=2, space="lr = { low = 0.1, high = 1.0, log = true, step = 0.1 }"),
+        "search.space.lr",
+        r"log = true and step cannot be combined",
+    ),
+    (
+        SEARCH.format(trials=2, space="lr = { low = 0.1, high = inf }"),
+        "search.space.lr",
+        r"high must be a finite number, got inf",
+    ),
+    (
+        SEARCH.format(trials=2, space="weight_decay = { low = -0.5, high = 0.1 }"),
+        "search.space.weight_decay",
+        r"low must be a number >= 0, got -0.5",
+    ),
+    (
+        SEARCH.format(trials=2, space="batch_size = { low = 16, high = 64.5 }"),
+        "search.space.batch_size",
+        r"high must be an integer >= 1, got 64.5",
+    ),
+    (GOOD + "limit_test = -500\n", "train.limit_test", r"must be an integer >= 1, got -500"),
+    (GOOD + "limit_train = -1\n", "train.limit_train", r"must be an integer >= 1, got -1"),
+    (GOOD + "limit_train = 0\n", "train.limit_train", r"must be an integer >= 1, got 0"),
+    (GOOD + "lr = nan\n", "train.lr", r"must be a finite number, got nan"),
+    (GOOD + "momentum = 1.5\n", "train.momentum", r"must be a number >= 0 and < 1, got 1.5"),
+]
+
+
 def cases(tmp_path: Path) -> list[Case]:
     bad_archive = tmp_path / "cifar-10-python.tar.gz"
     bad_archive.write_bytes(os.urandom(4096))
@@ -132,7 +173,7 @@ def cases(tmp_path: Path) -> list[Case]:
             "unknown optimizer",
             ["launch", "--study", spec_file(tmp_path, "optimizer", GOOD + 'optimizer = "adam"\n')],
             2,
-            r"unknown optimizer 'adam'; choose one of: adadelta, sgd, adamw",
+            r"optimizer\.toml: train\.optimizer: unknown value 'adam'; one of: adadelta, sgd, adamw",
         ),
         Case(
             "unknown sampler",
@@ -146,7 +187,60 @@ def cases(tmp_path: Path) -> list[Case]:
                 ),
             ],
             2,
-            r"search\.sampler: unknown sampler 'grid'; allowed: tpe, random, cmaes, qmc",
+            r"search\.sampler: unknown value 'grid'; one of: tpe, random, cmaes, qmc",
+        ),
+        *(
+            Case(
+                f"bad value: {key}",
+                ["launch", "--study", spec_file(tmp_path, f"value{i}", text)],
+                2,
+                rf"value{i}\.toml: {re.escape(key)}: {message}",
+            )
+            for i, (text, key, message) in enumerate(BAD_VALUES)
+        ),
+        Case(
+            "a million trials per cell",
+            [
+                "launch",
+                "--study",
+                spec_file(tmp_path, "million", SEARCH.format(trials=1_000_000, space="lr = { low = 0.1, high = 1.0 }")),
+            ],
+            2,
+            r"million\.toml: search\.trials_per_cell: 1,000,000 is over 10,000 trials per cell \(1,000,000 trials in "
+            r"all\); lower it, or pass --yes",
+        ),
+        Case(
+            "description not a string",
+            ["launch", "--study", spec_file(tmp_path, "described", 'description = ["a", {b = 1}]\n' + GOOD)],
+            2,
+            r"described\.toml: description: must be a string, got \['a', \{'b': 1\}\]",
+        ),
+        Case(
+            "path-like study name",
+            ["launch", "--study", spec_file(tmp_path, "..", GOOD)],
+            2,
+            r"the study name '\.\.' \(the file's name without \.toml\) may hold only letters, digits",
+        ),
+        Case(
+            "grace period within two heartbeats: launch",
+            [
+                "launch",
+                "--study",
+                spec_file(tmp_path, "good", GOOD),
+                "--heartbeat-interval",
+                "30",
+                "--grace-period",
+                "5",
+            ],
+            2,
+            r"--grace-period 5 must be at least twice --heartbeat-interval \(30\)",
+        ),
+        Case(
+            "grace period within two heartbeats: worker by env",
+            ["worker", "--device", "cpu"],
+            2,
+            r"--grace-period 15 must be at least twice --heartbeat-interval \(10\)",
+            env={"SWEEPER_GRACE_PERIOD": "15"},
         ),
         Case(
             "unknown study",
