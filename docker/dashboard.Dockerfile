@@ -2,6 +2,9 @@
 #
 #   docker build -f docker/dashboard.Dockerfile -t sweeper-dashboard:latest docker
 #
+# PYTHON_IMAGE is any image with python and pip on PATH; docker/build-local.sh swaps in one
+# made on the machine.
+#
 # A small image of its own rather than ghcr.io/optuna/optuna-dashboard, so that the optuna
 # here is the one the workers run: the dashboard opens the same RDB schema, and an older
 # optuna refuses (or a newer one migrates) a schema it does not match. Keep OPTUNA_VERSION
@@ -21,6 +24,8 @@ RUN pip install "optuna==${OPTUNA_VERSION}" "optuna-dashboard==${OPTUNA_DASHBOAR
         "psycopg2-binary>=2.9" gunicorn \
  && useradd --create-home --uid "${DASHBOARD_UID}" --user-group dashboard
 
+COPY dashboard/serve.py /opt/sweeper-dashboard/serve.py
+
 USER dashboard
 WORKDIR /home/dashboard
 EXPOSE 8080
@@ -30,8 +35,6 @@ HEALTHCHECK --interval=15s --timeout=10s --start-period=30s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/api/meta', timeout=8)"]
 
 # The storage URL comes from the environment (SWEEPER_STORAGE, the same variable the workers
-# read), so the password is never part of the image or of the compose command line.
-# optuna-dashboard opens the storage with skip_table_creation=True and so fails on a database
-# no worker has touched yet; creating Optuna's tables first (idempotent) lets it start on a
-# fresh stack.
-ENTRYPOINT ["/bin/sh", "-c", ": \"${SWEEPER_STORAGE:?set SWEEPER_STORAGE to the Optuna storage URL}\"; python -c 'import os, optuna; optuna.storages.RDBStorage(os.environ[\"SWEEPER_STORAGE\"], skip_compatibility_check=True)' && exec optuna-dashboard --host 0.0.0.0 --port 8080 --server gunicorn \"$SWEEPER_STORAGE\"", "optuna-dashboard"]
+# read) and stays there: serve.py reads it, so it is on no command line (`ps` on the host
+# shows container processes' arguments) and in no image layer.
+ENTRYPOINT ["python", "/opt/sweeper-dashboard/serve.py"]

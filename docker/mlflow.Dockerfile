@@ -9,8 +9,12 @@
 # Both use the PostgreSQL backend store (MLFLOW_BACKEND_STORE_URI) and serve artifacts from
 # the /mlflow volume (--serve-artifacts --artifacts-destination), so workers need nothing but
 # the tracking URL. Keep MLFLOW_VERSION equal to the mlflow the workers install.
+#
+# MLFLOW_BASE_IMAGE is any image with python and pip on PATH (mlflow is installed at
+# MLFLOW_VERSION either way); docker/build-local.sh swaps in one made on the machine.
 ARG MLFLOW_VERSION=3.17.2
-FROM ghcr.io/mlflow/mlflow:v${MLFLOW_VERSION}
+ARG MLFLOW_BASE_IMAGE=ghcr.io/mlflow/mlflow:v${MLFLOW_VERSION}
+FROM ${MLFLOW_BASE_IMAGE}
 ARG MLFLOW_VERSION
 ARG MLFLOW_UID=10002
 
@@ -19,7 +23,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PYTHONUNBUFFERED=1
 
-# mlflow[auth] at the version already installed only adds the auth extra's packages.
+# mlflow[auth] at the version already installed (official base) only adds the auth extra's packages.
 RUN pip install "mlflow[auth]==${MLFLOW_VERSION}" "psycopg2-binary>=2.9"
 
 # Basic-auth settings. The user store is SQLite on the /mlflow volume (no credentials in this

@@ -11,12 +11,14 @@
 
 # torch and torchvision are pinned to what this base ships (see the constraints step below);
 # pick another tag of the same family to change CUDA or PyTorch. pyproject.toml asks for
-# torch>=2.4, torchvision>=0.19.
+# torch>=2.4 (torchvision, which the base also ships, is only for benchmarks/). docker/build-local.sh swaps in a CPU-only torch base made on
+# the machine (no registry, no GPU).
 ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
-# Optional groups from [project.optional-dependencies], comma separated (e.g. "test").
-ARG SWEEPER_EXTRAS=""
+# Optional groups from [project.optional-dependencies], comma separated. `gpu` (nvidia-ml-py)
+# lets MLflow's system metrics read the worker's GPU; add e.g. "test" for the test tools.
+ARG SWEEPER_EXTRAS="gpu"
 # Numeric id of the unprivileged user; 10001 clashes with no distribution's default user.
 ARG SWEEPER_UID=10001
 
@@ -47,7 +49,7 @@ pins = [n + '==' + have[n] for n in ('torch', 'torchvision', 'torchaudio', 'trit
 open('/opt/sweeper/constraints.txt', 'w').write(''.join(p + chr(10) for p in pins)); \
 print('pinned from the base image:', *pins)" \
  && pip install -c /opt/sweeper/constraints.txt -r /opt/sweeper/requirements.txt \
- && python -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+ && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # --- 3. the package ---------------------------------------------------------------------------
 # README*/LICENSE* are globs so the build works whether or not they exist yet (pyproject.toml

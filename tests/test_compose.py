@@ -16,6 +16,9 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,7 +33,11 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
 MLFLOW_DOCKERFILE = ROOT / "docker" / "mlflow.Dockerfile"
 DASHBOARD_DOCKERFILE = ROOT / "docker" / "dashboard.Dockerfile"
+DASHBOARD_SERVE = ROOT / "docker" / "dashboard" / "serve.py"
+POSTGRES_DOCKERFILE = ROOT / "docker" / "postgres.Dockerfile"
+POSTGRES_ENTRYPOINT = ROOT / "docker" / "postgres" / "entrypoint.sh"
 INIT_DATABASES = ROOT / "docker" / "postgres" / "init-databases.sh"
+BUILD_LOCAL = ROOT / "docker" / "build-local.sh"
 K8S_JOB = ROOT / "docker" / "k8s" / "worker-job.yaml"
 
 LONG_RUNNING = ("postgres", "mlflow", "dashboard", "worker")
@@ -233,7 +240,11 @@ def test_worker_waits_for_data_and_mounts_it_read_only(services):
         data_mounts = [v for v in worker["volumes"] if str(v).startswith("sweeper-data:")]
         assert data_mounts == ["sweeper-data:/data:ro"], data_mounts
     data = services["data"]
-    assert data["command"] == ["data", "fetch", "cifar10", "cifar100"]
+    # `sh -c` splits SWEEPER_DATASETS into arguments; CIFAR by default, digits alone offline.
+    assert data["entrypoint"][:2] == ["/bin/sh", "-c"]
+    assert data["entrypoint"][2] == "exec sweeper data fetch $$SWEEPER_DATASETS"
+    assert interpolate(environment(data)["SWEEPER_DATASETS"], {}) == "cifar10 cifar100"
+    assert environment(data)["SWEEPER_STORAGE"] == environment(services["worker"])["SWEEPER_STORAGE"]
     assert data.get("restart", "no") == "no"
     assert "sweeper-data:/data" in data["volumes"]
 
@@ -341,8 +352,9 @@ def test_databases_are_separate(services):
     assert storage.rsplit("/", 1)[1] != backend.rsplit("/", 1)[1]
     assert interpolate(environment(services["dashboard"])["SWEEPER_STORAGE"], env) == storage
     postgres = services["postgres"]
-    mounts = [v for v in postgres["volumes"] if "docker-entrypoint-initdb.d" in v]
-    assert mounts == ["./docker/postgres/init-databases.sh:/docker-entrypoint-initdb.d/10-init-databases.sh:ro"]
+    assert postgres["build"] == {"context": "docker", "dockerfile": "postgres.Dockerfile"}
+    steps = dockerfile(POSTGRES_DOCKERFILE)
+    assert ("COPY", "postgres/init-databases.sh /docker-entrypoint-initdb.d/10-init-databases.sh") in steps
     assert {"SWEEPER_OPTUNA_DB", "SWEEPER_MLFLOW_DB"} <= set(environment(postgres))
     assert any(v.startswith("postgres-data:") for v in postgres["volumes"])
 
@@ -405,6 +417,7 @@ def test_service_dockerfiles():
     mlflow = dockerfile(MLFLOW_DOCKERFILE)
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in mlflow if i == "ARG" and "=" in a}
     (base,) = [a for i, a in mlflow if i == "FROM"]
+    base = base.replace("${MLFLOW_BASE_IMAGE}", args["MLFLOW_BASE_IMAGE"])
     assert base.replace("${MLFLOW_VERSION}", args["MLFLOW_VERSION"]).startswith("ghcr.io/mlflow/mlflow:v3.")
     installs = " ".join(a for i, a in mlflow if i == "RUN")
     assert "psycopg2-binary" in installs and "mlflow[auth]" in installs
@@ -415,6 +428,121 @@ def test_service_dockerfiles():
         users = [a for i, a in steps if i == "USER"]
         assert users and users[-1] not in ("root", "0"), f"{path.name} runs as root"
         assert any(i == "HEALTHCHECK" for i, _ in steps), path.name
+
+
+def test_postgres_dockerfile_keeps_the_official_image_by_default():
+    steps = dockerfile(POSTGRES_DOCKERFILE)
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in steps if i == "ARG" and "=" in a}
+    assert args["POSTGRES_BASE"] == "postgres:16"
+    assert [a for i, a in steps if i == "FROM"] == ["${POSTGRES_BASE}"]
+    assert exec_form(next(a for i, a in steps if i == "ENTRYPOINT")) == ["sweeper-postgres-entrypoint.sh"]
+    assert exec_form(next(a for i, a in steps if i == "CMD")) == ["postgres"]
+    assert POSTGRES_ENTRYPOINT.stat().st_mode & stat.S_IXUSR
+
+
+def run_postgres_entrypoint(tmp_path: Path, password: str | None) -> tuple[subprocess.CompletedProcess, Path]:
+    """docker/postgres/entrypoint.sh with a stand-in for the base image's docker-entrypoint.sh
+    that records its arguments (the real image runs in tests/e2e)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    handed_over = tmp_path / "handed-over"
+    stand_in = bin_dir / "docker-entrypoint.sh"
+    stand_in.write_text(f'#!/bin/sh\necho "$@" > {shlex.quote(str(handed_over))}\n')
+    stand_in.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    if password is not None:
+        env["POSTGRES_PASSWORD"] = password
+    proc = subprocess.run(
+        ["sh", str(POSTGRES_ENTRYPOINT), "postgres", "-c", "max_connections=200"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return proc, handed_over
+
+
+@pytest.mark.parametrize("placeholder", ["CHANGE-ME", "CHANGE-ME-too"])
+def test_postgres_refuses_the_env_example_placeholder(tmp_path, placeholder):
+    proc, handed_over = run_postgres_entrypoint(tmp_path, placeholder)
+    assert proc.returncode == 1
+    assert "POSTGRES_PASSWORD" in proc.stderr and ".env" in proc.stderr
+    assert placeholder not in proc.stderr.replace("CHANGE-ME placeholder", "")
+    assert not handed_over.exists(), "PostgreSQL must not be initialised with the placeholder"
+
+
+def test_postgres_entrypoint_hands_over_with_a_real_password(tmp_path):
+    proc, handed_over = run_postgres_entrypoint(tmp_path, "s3cret-Xy7")
+    assert proc.returncode == 0, proc.stderr
+    assert handed_over.read_text().split() == ["postgres", "-c", "max_connections=200"]
+
+
+def test_dashboard_storage_url_is_on_no_command_line():
+    """`ps` on the host shows the arguments of container processes: the URL with the
+    password must stay in the environment (SWEEPER_STORAGE)."""
+    steps = dockerfile(DASHBOARD_DOCKERFILE)
+    for kind in ("ENTRYPOINT", "CMD"):
+        for arg in exec_form(next((a for i, a in steps if i == kind), "[]")):
+            assert "SWEEPER_STORAGE" not in arg, f"dashboard.Dockerfile {kind} passes the storage URL as an argument"
+    dashboard = load_compose()["services"]["dashboard"]
+    assert "command" not in dashboard and "entrypoint" not in dashboard
+    assert "SWEEPER_STORAGE" in environment(dashboard)
+
+
+@pytest.mark.slow
+def test_dashboard_serve_reads_the_url_from_the_environment(postgres_available, pg_database, tmp_path):
+    """docker/dashboard/serve.py, the image's entrypoint, on real PostgreSQL: the dashboard
+    answers, and neither its command line nor its output holds the password."""
+    from conftest import free_port
+
+    url = pg_database().replace("postgresql://postgres@", "postgresql+psycopg2://postgres:pw-Not-In-Argv@")
+    port = free_port()
+    env = {**os.environ, "SWEEPER_STORAGE": url, "DASHBOARD_BIND": f"127.0.0.1:{port}"}
+    log = tmp_path / "dashboard.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(DASHBOARD_SERVE)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/meta", timeout=5) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.5)
+        pids = [proc.pid] + [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        for pid in pids:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+            assert "pw-Not-In-Argv" not in cmdline and "SWEEPER_STORAGE" not in cmdline
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "pw-Not-In-Argv" not in log.read_text()
+
+
+def test_dashboard_serve_without_a_url_says_what_to_set():
+    env = {k: v for k, v in os.environ.items() if k != "SWEEPER_STORAGE"}
+    proc = subprocess.run([sys.executable, str(DASHBOARD_SERVE)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "SWEEPER_STORAGE" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_build_local_script():
+    text = BUILD_LOCAL.read_text()
+    assert BUILD_LOCAL.stat().st_mode & stat.S_IXUSR
+    subprocess.run(["bash", "-n", str(BUILD_LOCAL)], check=True)
+    # The images docker-compose.yml names, each built from the published Dockerfile.
+    services = load_compose()["services"]
+    for name in ("postgres", "mlflow", "dashboard", "worker"):
+        build = services[name]["build"]
+        dockerfile_path = (Path(build["context"]) / build["dockerfile"]).as_posix()
+        dockerfile_path = dockerfile_path.removeprefix("./")
+        assert f" {dockerfile_path} " in text, f"build-local.sh does not build {dockerfile_path}"
+    for image in ("sweeper-postgres:latest", "sweeper-mlflow:latest", "sweeper-dashboard:latest"):
+        assert f"build {image} " in text
+    assert 'build "$IMAGE" docker/worker.Dockerfile' in text and "SWEEPER_IMAGE:-sweeper:latest" in text
 
 
 def test_no_install_at_container_start():
@@ -473,6 +601,31 @@ def test_kubernetes_job():
     assert {"SWEEPER_STORAGE", "MLFLOW_TRACKING_URI"} <= from_secret
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert not any(d["kind"] == "Secret" for d in docs), "credentials belong in a Secret made apart"
+
+
+def test_kubernetes_job_matches_the_api_schema():
+    """Every document of the Job file against the Kubernetes API schema, offline: the
+    kubernetes-validate package bundles the schemas of every Kubernetes release."""
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    docs = [d for d in yaml.safe_load_all(K8S_JOB.read_text()) if d]
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = ".".join(str(p) for p in e.path)
+            pytest.fail(f"{K8S_JOB.name}: {doc['kind']} {where}: {e.message} (Kubernetes {version})")
+    # The validator does catch what a hand-written file gets wrong (a misspelt key, a string count).
+    job = next(d for d in docs if d["kind"] == "Job")
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    broken["spec"]["template"]["spec"]["containers"][0]["resources"]["limit"] = {"cpu": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+    broken = yaml.safe_load(yaml.safe_dump(job))
+    broken["spec"]["parallelism"] = "4"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
 
 
 def test_cli_provides_what_the_containers_run():

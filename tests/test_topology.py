@@ -44,8 +44,9 @@ WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
 
 N_WORKERS = 3
 VARIANTS = ("short4", "short3", "short2")
-# Lean on a small shared CPU box, not part of what is tested: one uvicorn worker instead of the
-# default 4 (compose sets none), and no MLflow job runner (8 more processes; sweeper runs no jobs).
+# Lean on a small shared CPU box, not part of what is tested: one uvicorn worker instead of
+# compose's default 4 (MLFLOW_SERVER_WORKERS), and no MLflow job runner (8 more processes;
+# sweeper runs no jobs).
 LEAN_SERVER_ARGS = ["--workers=1"]
 LEAN_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
@@ -222,8 +223,8 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
     (origins,) = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--cors-allowed-origins=")]
     assert origins and "*" not in origins and "" not in origins, origins
     assert not any(a.startswith("--backend-store-uri") for a in args), "the backend store comes from the environment"
-    assert not any(a.startswith(("--workers", "-w")) for a in args), args
-    args += LEAN_SERVER_ARGS
+    (workers,) = [a for a in args if a.startswith(("--workers", "-w"))]
+    args[args.index(workers)] = LEAN_SERVER_ARGS[0]
     mlflow_env = service_environment(mlflow_service, variables)
     backend = local_postgres(mlflow_env["MLFLOW_BACKEND_STORE_URI"], pg)
     assert urlsplit(backend).path == urlsplit(mlflow_db).path and backend.startswith("postgresql+psycopg2://")
