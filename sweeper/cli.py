@@ -561,6 +561,15 @@ def launch(
 @tracking_option
 @device_option
 @precision_option
+@click.option(
+    "--compile",
+    "compile_",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    envvar=settings.ENV_COMPILE,
+    help=f"torch.compile the model (CUDA graphs on a GPU). auto: on CUDA, off elsewhere. [env: {settings.ENV_COMPILE}]",
+)
 @click.option("--max-trials", type=click.IntRange(1), help="Exit after running K trials.")
 @click.option("--forever", is_flag=True, help="Keep polling for new trials instead of exiting when none wait.")
 @click.option(
@@ -608,6 +617,7 @@ def worker(
     tracking_uri,
     device,
     precision,
+    compile_,
     max_trials,
     forever,
     poll_interval,
@@ -626,31 +636,48 @@ def worker(
     check_grace(heartbeat_interval, grace_period)
     from pathlib import Path
 
-    from sweeper import study as st
-    from sweeper import tracking
-    from sweeper.worker import StopSignal, WorkerConfig, run
+    from sweeper import device as devices
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s", stream=sys.stderr)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    stop = StopSignal()
-    stop.install()
+    gpu_list: list[str] = []
     if device in ("auto", "cuda"):
         from sweeper import slots
+        from sweeper.study import resolve_storage_url
 
         gpu_list = gpus.split(",") if gpus else slots.visible_gpus()
         if gpu_list:  # take a free host:gpu slot so replicas spread over the GPUs
-            slot = slots.claim(gpu_list, workers_per_gpu, st.resolve_storage_url(storage))
+            slot = slots.claim(gpu_list, workers_per_gpu, resolve_storage_url(storage))
             device = slot.device
             logging.getLogger("sweeper.worker").info("GPU slot %s:%s:%d -> %s", slot.host, slot.gpu, slot.index, device)
+    try:  # before the stores are touched and anything is claimed
+        engine = devices.prepare(
+            device,
+            precision,
+            compile_,
+            expect_gpu=settings.expect_gpu(),
+            processes_per_host=workers_per_gpu * max(1, len(gpu_list)),
+        )
+    except devices.BadDevice as e:
+        raise click.UsageError(str(e)) from None
+
+    from sweeper import study as st
+    from sweeper import tracking
+    from sweeper.worker import StopSignal, WorkerConfig, run
+
+    stop = StopSignal()
+    stop.install()
     config = WorkerConfig(
         storage_url=st.resolve_storage_url(storage),
         tracking_uri=tracking.resolve_tracking_uri(tracking_uri),
         study_names=tuple(study_name(s) for s in studies_),
-        device=device,
-        precision=precision,
+        device=str(engine.device),
+        precision=engine.precision,
+        compile="on" if engine.compile else "off",
+        engine=engine,
         data_dir=Path(data_dir) if data_dir else None,
         max_trials=max_trials,
         forever=forever,

@@ -16,6 +16,10 @@ ENV_HEARTBEAT_INTERVAL = "SWEEPER_HEARTBEAT_INTERVAL"
 ENV_GRACE_PERIOD = "SWEEPER_GRACE_PERIOD"
 ENV_WORKERS_PER_GPU = "SWEEPER_WORKERS_PER_GPU"
 ENV_DEVICE = "SWEEPER_DEVICE"
+ENV_COMPILE = "SWEEPER_COMPILE"
+# Set by a deployment that gives the worker a GPU (the compose GPU service, the k8s job): with
+# --device auto, a worker that finds no usable GPU then says so loudly instead of quietly using the CPU.
+ENV_EXPECT_GPU = "SWEEPER_EXPECT_GPU"
 
 
 def home() -> Path:
@@ -34,6 +38,10 @@ def storage_url() -> str | None:
 
 def tracking_uri() -> str | None:
     return os.environ.get(ENV_TRACKING_URI) or None
+
+
+def expect_gpu() -> bool:
+    return os.environ.get(ENV_EXPECT_GPU, "").strip().lower() in ("1", "true", "yes")
 
 
 def env_float(name: str, default: float) -> float:

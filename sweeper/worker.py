@@ -14,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from sweeper import __version__, checkpoint, settings, tracking
+from sweeper import __version__, checkpoint, device, settings, system_metrics, tracking
 from sweeper import study as studies
+from sweeper.device import Engine
 from sweeper.errors import SweeperError, redact
 from sweeper.spec import SpecError, check_stored
 from sweeper.train import EpochMetrics, Interrupted, NonFiniteLoss, Recipe, cpu_copy, fit, seed_everything
@@ -42,6 +43,10 @@ class WorkerConfig:
     study_names: tuple[str, ...] = ()  # empty: every study in the storage
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"  # auto (on CUDA), on, off
+    expect_gpu: bool = False  # this worker was deployed to train on a GPU (SWEEPER_EXPECT_GPU)
+    processes_per_host: int = 1  # workers sharing this host's CPUs (bounds inductor's compile pool)
+    engine: Engine | None = None  # the bound device (the CLI binds it first); else run() binds it
     data_dir: Path | None = None
     max_trials: int | None = None
     forever: bool = False
@@ -76,6 +81,16 @@ class StopSignal:
 def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
     """Claim and run trials; returns how many ran. Exits when no trial waits (unless forever)."""
     stop = stop or StopSignal()
+    # The device first: a missing or broken GPU stops the worker before it claims any trial.
+    if config.engine is None:
+        engine = device.prepare(
+            config.device,
+            config.precision,
+            config.compile,
+            expect_gpu=config.expect_gpu,
+            processes_per_host=config.processes_per_host,
+        )
+        config = replace(config, engine=engine)
     tracking.configure_http()
     # urllib3 logs each HTTP retry during an MLflow outage; sweeper logs the outage once itself.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -230,26 +245,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def start_system_metrics(run_id: str, tracking_uri: str, device: str):
-    """MLflow's CPU/memory/GPU sampler on the trial's run, reporting only this worker's GPU."""
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True, tracking_uri=tracking_uri)
-        gpu = torch.device(device).index if device.startswith("cuda") else None
-        for m in list(monitor.monitors):
-            if type(m).__name__ == "GPUMonitor":
-                if gpu is None:
-                    monitor.monitors.remove(m)
-                else:  # NVML sees every GPU of the host; keep the one this worker trains on
-                    m.gpu_handles = m.gpu_handles[gpu : gpu + 1]
-        monitor.start()
-        return monitor
-    except Exception as e:  # system metrics are a nicety: never fail a trial over them
-        log.warning("system metrics are off for run %s: %s", run_id, redact(e))
-        return None
-
-
 class TrialRun:
     """One claimed trial, from the cell's attributes to a told result."""
 
@@ -269,6 +264,10 @@ class TrialRun:
         self.model = None
         self.system_metrics = None
         self.failed = False
+
+    @property
+    def engine(self) -> Engine:
+        return self.config.engine
 
     def _db(self, fn, *args, **kwargs):
         """A storage call that survives a database blip shorter than the grace period."""
@@ -304,7 +303,7 @@ class TrialRun:
             except torch.OutOfMemoryError as e:
                 self.model = None  # before the reason is recorded: free what can be freed now
                 self._fail(
-                    f"out of memory on {self.config.device} at batch size "
+                    f"out of memory on {self.engine.device} at batch size "
                     f"{self.recipe.batch_size}: {str(e).splitlines()[0] if str(e) else 'OutOfMemoryError'}; "
                     "lower batch_size in the spec's [train] or use a larger GPU",
                     retry=False,
@@ -337,7 +336,7 @@ class TrialRun:
 
         fresh_run = self._open_run()
         if self.config.system_metrics:
-            self.system_metrics = start_system_metrics(self.run_id, self.config.tracking_uri, self.config.device)
+            self.system_metrics = system_metrics.start(self.run_id, self.config.tracking_uri, self.engine.gpu_uuid)
         # Steps already in the run (an earlier attempt logged them): never logged again, whether
         # this attempt resumes from a checkpoint or, without a usable one, starts from epoch 1.
         already_logged = set() if fresh_run else tracking.logged_steps(self.client, self.run_id)
@@ -350,7 +349,7 @@ class TrialRun:
             self.logger.log_params({"variant": self.variant, "dataset": self.dataset, **recipe.to_dict()})
         self.logger.set_tags(
             {
-                "sweeper.device": self.config.device,
+                "sweeper.device": device.describe(self.engine.device),
                 "sweeper.host": socket.gethostname(),
                 "sweeper.version": __version__,
                 "torch.version": torch.__version__,
@@ -403,8 +402,7 @@ class TrialRun:
             self.model,
             splits,
             recipe,
-            device=self.config.device,
-            precision=self.config.precision,
+            **self.engine.fit_options(),
             resume=resume,
             on_epoch=on_epoch,
             should_stop=self.stop.is_set,
