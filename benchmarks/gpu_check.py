@@ -1,40 +1,37 @@
-"""GPU check: the seed's training loop vs sweeper's fit() on one NVIDIA GPU, in under 8 minutes.
+"""GPU check: the seed's loop vs the path `sweeper worker` trains on, on one NVIDIA GPU, in 8 minutes.
 
-    bash benchmarks/gpu_check.sh /tmp/gpu-log              # the way to run it (sets PYTHONPATH, logs)
-    python benchmarks/gpu_check.py --logdir /tmp/gpu-log    # the same, PYTHONPATH set by hand
-    python benchmarks/gpu_check.py --dry-run-cpu            # every code path on the CPU, tiny sizes
+    bash benchmarks/gpu_check.sh LOGDIR                  # the way to run it (PYTHONPATH, log, time limit)
+    python benchmarks/gpu_check.py --logdir DIR          # the same, PYTHONPATH set by hand
+    python benchmarks/gpu_check.py --dry-run-cpu         # every code path on the CPU, tiny sizes
 
-Needs only Python with PyTorch and torchvision: it imports sweeper.models, sweeper.data (the
-synthetic set) and sweeper.train, none of which imports Optuna or MLflow. Without a CUDA GPU it
-exits with status 2 and says so (unless --dry-run-cpu).
+Needs only Python with PyTorch and torchvision (no install, no network): the images are
+sweeper's synthetic set, CIFAR-100-shaped; it imports sweeper.device, sweeper.train,
+sweeper.models, sweeper.data and sweeper.checkpoint, none of which imports Optuna or MLflow.
+Without a CUDA GPU it exits with status 2 (unless --dry-run-cpu).
 
-Phases, most important first; each has a time bound, and a phase that no longer fits in the
-overall budget is skipped and marked so in the table:
+"The worker's path" is what `sweeper worker` runs: ``sweeper.device.prepare()`` with the worker's
+defaults (device, precision and compile ``auto``: on CUDA that is bf16, channels_last, the split
+resident on the GPU and torch.compile with CUDA graphs) and ``fit(**engine.fit_options())``.
+The other compile setting is measured beside it, so the default can be judged.
 
-1. seed loop, `standard`, batch 64: fp32, NCHW, per-image PIL transforms (RandomHorizontalFlip,
-   ToTensor, Normalize) in a DataLoader with 2 workers and pinned memory, Adadelta -- the seed
-   post's script (its GoogLeNet is sweeper's `standard`). Measured by
-   benchmarks/train_throughput.py's measure_seed when that file is there (this file keeps its
-   own copy of the loop for the CPU dry run's small images, and as a fallback).
-2. sweeper fit(), `standard`, batch 64: bf16 autocast, channels_last, the split resident on the
-   GPU, torch.compile(mode="reduce-overhead") (CUDA graphs). Timed from fit()'s on_step callback
-   after warm-up steps (compilation and graph capture excluded, reported apart).
-3. a full 14-epoch fit() of `standard` at batch 64 on synthetic data of CIFAR-100's size
-   (50,000 + 10,000 images, 100 classes), compile included; wall time.
-4. K = 1, 2, 4, 8 packed trials: K processes on the one GPU, each fit() of `standard` at batch 64
-   (compiled) for a fixed number of steps after a common start; aggregate images/s, peak memory.
-5. fit() of `standard` at batch 64/256/512/1024 without compile (what a worker runs today), and
-   compiled at the best of them if time remains.
-6-8. the same for `naive`: seed loop at 64, compiled fit at 64, batch sweep.
+Phases, most important first, each with a time bound inside a 430 s budget; one that no longer
+fits is skipped and says so. LOGDIR/gpu_check.json is rewritten after every phase.
 
-The last lines printed are the table; LOGDIR gets gpu_check.json with every figure.
+ 1. seed loop, `standard`, batch 64 (benchmarks/seed_loop.py)
+ 2. worker path, batch 64 -- the headline: images/s and the fraction of the chip's bf16 peak
+ 3. worker path, batch 64, the other compile setting
+ 4. a 14-epoch worker-path run of `standard` on 50,000 + 10,000 CIFAR-shaped images (wall
+    seconds, compile included), with the worker's per-epoch checkpoint: the state copied off the
+    GPU and written, each timed
+ 5. K = 2 and 4 packed trials: K processes on the GPU, each the worker path at batch 64
+ 6. seed loop and worker path (both compile settings) at batch 512
+and from them the seed's 14-cell sweep, projected. The table is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import signal
@@ -42,25 +39,76 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from seed_loop import measure_seed  # benchmarks/seed_loop.py: the baseline, shared
 
 NO_GPU_EXIT = 2
 MISSING_DEPS_EXIT = 3
-SEED_CELLS = [
-    (v, d)
-    for d in ("cifar100", "cifar10")
-    for v in ("naive", "standard", "long", "short", "short2", "short3", "short4")
-]
-TARGET_SPEEDUP = 20.0
-TARGET_FULL_RUN_S = 90.0
+SEED_CELLS = 14  # 7 variants x CIFAR-100/CIFAR-10
+# Dense bf16 tensor-core peak, FLOP/s, by a word of the GPU's name; --peak-tflops for others.
+# H200: the figure issue #14 sets (NVIDIA's datasheet gives 989 TFLOP/s dense for the SXM part).
+PEAK_BF16 = {"H200": 790e12}
+TARGET_PEAK_FRACTION = 0.25  # the worker path at batch 64
+TARGET_FULL_RUN_S = 45.0
 TARGET_SWEEP_MIN = 15.0
+
+
+@dataclass
+class Sizes:
+    device: str = "cuda"
+    variant: str = "standard"  # the seed post's GoogLeNet
+    image: int = 32  # side of the images
+    num_classes: int = 100
+    batch: int = 64
+    big_batch: int = 512
+    seed_warmup: int = 10
+    seed_steps: int = 200
+    warmup: int = 30  # worker path: compilation and CUDA-graph capture happen in these
+    steps: int = 400
+    full_epochs: int = 14
+    full_train: int = 50_000
+    full_test: int = 10_000
+    packed: tuple[int, ...] = (2, 4)
+    packed_steps: int = 200
+    total_budget: float = 430.0  # every phase together (gpu_check.sh stops the process at 475 s)
+    budgets: dict[str, float] = field(
+        default_factory=lambda: {
+            "seed": 25,
+            "worker": 90,
+            "worker_other": 25,
+            "full": 100,
+            "packed": 45,
+            "seed_big": 20,
+            "worker_big": 45,
+            "worker_big_other": 20,
+        }
+    )
+
+    @classmethod
+    def dry_run_cpu(cls) -> Sizes:
+        return cls(
+            device="cpu",
+            variant="short4",  # the smallest: the dry run checks code paths, not speed
+            image=8,
+            num_classes=10,
+            batch=4,
+            big_batch=8,
+            seed_warmup=1,
+            seed_steps=2,
+            warmup=1,
+            steps=2,
+            full_epochs=2,
+            full_train=10,  # 4 + 4 + a partial batch of 2
+            full_test=8,
+            packed=(2,),
+            packed_steps=2,
+            # generous: on a loaded machine a phase must not be cut (the test checks every one ran)
+            total_budget=2000.0,
+            budgets=dict.fromkeys(cls().budgets, 300.0),
+        )
 
 
 class PhaseTimeout(Exception):
@@ -73,8 +121,8 @@ def log(*args: Any) -> None:
 
 @contextlib.contextmanager
 def time_bound(seconds: float):
-    """Raise PhaseTimeout in the main thread after ``seconds`` (a hard bound: compilation or a
-    stuck step cannot run the whole check past its budget)."""
+    """Raise PhaseTimeout in the main thread after ``seconds``: compilation or a stuck step cannot
+    run the check past its budget."""
 
     def handler(signum, frame):
         raise PhaseTimeout(f"hard time bound of {seconds:.0f}s reached")
@@ -88,395 +136,186 @@ def time_bound(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-# --- sizes -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Sizes:
-    device: str
-    image: int = 32  # side of the synthetic images
-    batch: int = 64
-    best_batches: tuple[int, ...] = (256, 512, 1024)
-    seed_warmup: int = 10
-    seed_steps: int = 300
-    seed_log_interval: int = 10
-    seed_workers: int = 2
-    fit_warmup: int = 25  # compile, CUDA-graph warm-up and capture happen in these
-    fit_steps: int = 400
-    sweep_warmup: int = 5
-    sweep_steps: int = 60
-    full_epochs: int = 14
-    full_train: int = 50_000
-    full_test: int = 10_000
-    num_classes: int = 100
-    packed: tuple[int, ...] = (1, 2, 4, 8)
-    packed_warmup: int = 25
-    packed_steps: int = 200
-    compile: bool = True
-    precision: str = "bf16"
-    total_budget: float = 440.0  # seconds for every phase together (the .sh stops it at 475)
-    budgets: dict[str, float] = field(
-        default_factory=lambda: {"seed": 35, "fit": 110, "full": 160, "packed": 55, "sweep": 45, "fit_best": 80}
-    )
-
-    @classmethod
-    def dry_run_cpu(cls) -> Sizes:
-        # inductor on a CPU compiles for minutes: the dry run leaves compile off, all else equal
-        return cls(
-            device="cpu",
-            image=8,
-            batch=4,
-            best_batches=(8, 16),
-            seed_warmup=1,
-            seed_steps=2,
-            seed_log_interval=2,
-            fit_warmup=1,
-            fit_steps=2,
-            sweep_warmup=1,
-            sweep_steps=2,
-            full_epochs=2,
-            full_train=16,
-            full_test=8,
-            num_classes=10,
-            packed=(2,),
-            packed_warmup=1,
-            packed_steps=2,
-            compile=False,
-            total_budget=240.0,
-            budgets={"seed": 60, "fit": 60, "full": 60, "packed": 90, "sweep": 60, "fit_best": 60},
-        )
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-
-def splits(n_train: int, n_test: int, num_classes: int, image: int):
-    """sweeper's synthetic set, resized when the dry run asks for smaller images."""
+def splits(n_train: int, n_test: int, sz: Sizes):
+    """sweeper's synthetic set, shrunk when the dry run asks for smaller images."""
     from dataclasses import replace
 
     import torch.nn.functional as F
 
     from sweeper.data import synthetic
 
-    data = synthetic.load(n_train, n_test, num_classes=num_classes)
-    if image == 32:
+    data = synthetic.load(n_train, n_test, num_classes=sz.num_classes)
+    if sz.image == 32:
         return data
 
     def shrink(x):
-        return F.interpolate(x.float(), size=(image, image), mode="area").round().clamp(0, 255).byte()
+        return F.interpolate(x.float(), size=(sz.image, sz.image), mode="area").round().clamp(0, 255).byte()
 
-    return replace(
-        data, info=replace(data.info, shape=(3, image, image)), train_x=shrink(data.train_x), test_x=shrink(data.test_x)
-    )
-
-
-class PILImages:
-    """A torchvision-style dataset: HWC uint8 arrays, one PIL image per item, like CIFAR100."""
-
-    def __init__(self, x_uint8, y, transform):
-        self.data = x_uint8.permute(0, 2, 3, 1).contiguous().numpy()
-        self.targets = y.tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
+    info = replace(data.info, shape=(3, sz.image, sz.image))
+    return replace(data, info=info, train_x=shrink(data.train_x), test_x=shrink(data.test_x))
 
 
-def sync(device) -> None:
+def engine(sz: Sizes, compile: str = "auto", processes: int = 1):
+    """The worker's engine: the same function and defaults `sweeper worker` uses."""
+    from sweeper import device
+
+    return device.prepare("auto" if sz.device == "cuda" else sz.device, "auto", compile, processes_per_host=processes)
+
+
+def sync(dev) -> None:
     import torch
 
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
-def peak_gib(device) -> float | None:
+def peak_gib(dev) -> float | None:
     import torch
 
-    if torch.device(device).type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated() / 2**30
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
 
 
-def reset_gpu(device) -> None:
-    import torch
-
-    gc.collect()
-    if "torch._dynamo" in sys.modules:  # compiled graphs and CUDA-graph pools of the last phase
-        with contextlib.suppress(Exception):
-            torch._dynamo.reset()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+# --- the worker's path: steps/s through fit()'s on_step ---------------------------------------------
 
 
-# --- 1. the seed's loop ----------------------------------------------------------------------------
-
-
-def seed_images_per_s(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
-    """The seed loop's images/s: benchmarks/train_throughput.py's measure_seed where it applies
-    (full-size images on the default device), else this file's own copy of the same loop."""
-    import torch
-
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    if sz.image == 32 and sz.device == default_device:
-        try:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from train_throughput import measure_seed
-        except ImportError:
-            measure_seed = None
-        if measure_seed is not None:
-            try:
-                r = measure_seed(variant, sz.batch, sz.seed_steps, sz.seed_warmup, sz.seed_workers)
-            except TypeError as e:  # its signature changed: fall back to this file's loop
-                log(f"    train_throughput.measure_seed not usable ({e}); using gpu_check's own seed loop")
-            else:
-                return {
-                    **r,
-                    "source": "train_throughput.measure_seed",
-                    "timed_steps": sz.seed_steps,
-                    "peak_gib": r["peak_gpu_mb"] / 1024 if r.get("peak_gpu_mb") is not None else None,
-                }
-    return {**seed_loop(variant, sz, budget), "source": "gpu_check.seed_loop"}
-
-
-def seed_loop(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
-    """images/s of the seed post's loop: fp32 NCHW, PIL transforms per image, DataLoader."""
-    import torch
-    import torch.nn.functional as F
-    from torchvision import transforms
-
-    from sweeper.models import build_model
-
-    device = torch.device(sz.device)
-    n = (sz.seed_warmup + sz.seed_steps + 2) * sz.batch
-    data = splits(n, sz.batch, sz.num_classes, sz.image)
-    transform = transforms.Compose(
-        [
-            transforms.RandomHorizontalFlip(p=0.5),
-            transforms.ToTensor(),
-            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        ]
-    )
-    loader = torch.utils.data.DataLoader(
-        PILImages(data.train_x, data.train_y, transform),
-        batch_size=sz.batch,
-        shuffle=True,
-        num_workers=sz.seed_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-    )
-    torch.manual_seed(1)
-    model = build_model(variant, sz.num_classes).to(device)
-    optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
-    model.train()
-    deadline = time.monotonic() + budget
-    t0 = t1 = None
-    timed = 0
-    started = time.perf_counter()
-    for step, (x, y) in enumerate(loader, start=1):
-        x, y = x.to(device), y.to(device)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        if step % sz.seed_log_interval == 0:
-            loss.item()  # the seed prints the loss every log_interval batches
-        if step == sz.seed_warmup:
-            sync(device)
-            t0 = time.perf_counter()
-        elif t0 is not None:
-            timed += 1
-            if timed >= sz.seed_steps or time.monotonic() > deadline:
-                sync(device)
-                t1 = time.perf_counter()
-                break
-    if t0 is None or t1 is None or timed == 0:
-        raise PhaseTimeout("the seed loop did not get past its warm-up steps")
-    return {
-        "images_per_s": timed * sz.batch / (t1 - t0),
-        "timed_steps": timed,
-        "warmup_s": t0 - started,
-        "peak_gib": peak_gib(device),
-        "final_loss": loss.item(),
-    }
-
-
-# --- 2. sweeper's fit() ------------------------------------------------------------------------------
-
-
-def fit_throughput(
-    variant: str,
-    batch: int,
-    sz: Sizes,
-    budget: float,
-    *,
-    compile: bool | str,
-    warmup: int,
-    steps: int,
-    barrier: Callable[[], float] | None = None,
-) -> dict[str, Any]:
-    """images/s of sweeper.train.fit over ``steps`` steps after ``warmup`` steps, from on_step."""
-    import torch
-
+def worker_throughput(eng, batch: int, sz: Sizes, budget: float, steps: int, barrier=None) -> dict[str, Any]:
+    """Images/s of fit(**eng.fit_options()) over ``steps`` steps after ``sz.warmup`` untimed ones."""
     from sweeper.models import build_model
     from sweeper.train import Interrupted, Recipe, fit
 
-    device = torch.device(sz.device)
-    data = splits((warmup + steps + 2) * batch, batch, sz.num_classes, sz.image)
-    torch.manual_seed(1)
-    model = build_model(variant, sz.num_classes)
+    warmup = sz.warmup
+    data = splits((warmup + steps) * batch, batch, sz)
+    model = build_model(sz.variant, sz.num_classes)
     marks: dict[str, float] = {}
     last = {"step": 0}
     deadline = time.monotonic() + budget
-    started = time.perf_counter()
+    begun = time.perf_counter()
 
     def on_step(step: int, total: int) -> None:
         last["step"] = step
         if step == warmup:
-            sync(device)
+            sync(eng.device)
             marks["warm"] = time.perf_counter()
             marks["t0"] = barrier() if barrier else time.time()
         elif step == warmup + steps:
-            sync(device)
+            sync(eng.device)
             marks["t1"] = time.time()
 
-    def should_stop() -> bool:
-        return "t1" in marks or time.monotonic() > deadline
-
     recipe = Recipe(epochs=1, batch_size=batch, eval_batch_size=max(batch, 256), seed=1)
-    try:
+    with contextlib.suppress(Interrupted):
         fit(
             model,
             data,
             recipe,
-            device=sz.device,
-            precision=sz.precision,
-            compile=compile,
+            **eng.fit_options(),
             on_step=on_step,
-            should_stop=should_stop,
+            should_stop=lambda: "t1" in marks or time.monotonic() > deadline,
         )
-    except Interrupted:
-        pass
     if "t0" not in marks:
-        raise PhaseTimeout(f"still in the first {warmup} steps (compilation, graph capture) at the budget")
+        raise PhaseTimeout(f"still in the first {warmup} steps (compilation, CUDA-graph capture) at the budget")
     timed = steps
-    if "t1" not in marks:  # out of time: what was done since the warm-up still counts
-        sync(device)
-        marks["t1"] = time.time()
-        timed = last["step"] - warmup
+    if "t1" not in marks:  # out of time: the steps since the warm-up still count
+        sync(eng.device)
+        marks["t1"], timed = time.time(), last["step"] - warmup
     return {
         "images_per_s": timed * batch / (marks["t1"] - marks["t0"]),
         "timed_steps": timed,
-        "warmup_s": marks["warm"] - started,
+        "warmup_s": marks["warm"] - begun,
         "t0": marks["t0"],
         "t1": marks["t1"],
         "images": timed * batch,
-        "peak_gib": peak_gib(device),
+        "peak_gib": peak_gib(eng.device),
+        "engine": {**eng.fit_options(), "device": str(eng.device)},
     }
 
 
-# --- 3. a full 14-epoch run ------------------------------------------------------------------------
+# --- a full run, with the worker's per-epoch checkpoint ----------------------------------------------
 
 
-def full_run(variant: str, sz: Sizes, budget: float) -> dict[str, Any]:
-    import torch
-
+def full_run(eng, sz: Sizes, budget: float, logdir: Path) -> dict[str, Any]:
+    from sweeper import checkpoint
     from sweeper.models import build_model
     from sweeper.train import Interrupted, Recipe, fit
 
-    device = torch.device(sz.device)
-    t_data = time.perf_counter()
-    data = splits(sz.full_train, sz.full_test, sz.num_classes, sz.image)
-    data_s = time.perf_counter() - t_data
-    torch.manual_seed(1)
-    model = build_model(variant, sz.num_classes)
+    data = splits(sz.full_train, sz.full_test, sz)
+    model = build_model(sz.variant, sz.num_classes)
     epochs: list[dict[str, float]] = []
     deadline = time.monotonic() + budget
-    started = time.perf_counter()
+    begun = time.perf_counter()
 
     def on_epoch(m, state) -> bool:
+        t0 = time.perf_counter()
+        copied = state()  # what the worker checkpoints: the state copied off the GPU
+        t1 = time.perf_counter()
+        path = checkpoint.save(logdir / "full-run-checkpoint.pt", copied)
+        t2 = time.perf_counter()
         epochs.append(
             {
                 "epoch": m.epoch,
                 "epoch_seconds": m.epoch_seconds,
                 "images_per_s": m.images_per_s,
                 "top1_error": m.top1_error,
-                "at_s": time.perf_counter() - started,
+                "state_copy_s": t1 - t0,
+                "checkpoint_write_s": t2 - t1,
+                "checkpoint_mb": path.stat().st_size / 1e6,
+                "at_s": time.perf_counter() - begun,
             }
         )
-        log(
-            f"    epoch {m.epoch}/{sz.full_epochs}: {m.epoch_seconds:.1f}s, {m.images_per_s:,.0f} images/s, "
-            f"top1_error {m.top1_error:.3f}"
-        )
+        log(f"    epoch {m.epoch}: {m.epoch_seconds:.1f}s, {m.images_per_s:,.0f} img/s, checkpoint {t2 - t0:.2f}s")
         return False
 
-    recipe = Recipe(epochs=sz.full_epochs, batch_size=sz.batch, seed=1)
     finished = True
     try:
         fit(
             model,
             data,
-            recipe,
-            device=sz.device,
-            precision=sz.precision,
-            compile=sz.compile,
+            Recipe(epochs=sz.full_epochs, batch_size=sz.batch, seed=1),
+            **eng.fit_options(),
             on_epoch=on_epoch,
             should_stop=lambda: time.monotonic() > deadline,
         )
-    except Interrupted:
+    except (Interrupted, PhaseTimeout):  # the epochs done so far still count
         finished = False
-    wall = time.perf_counter() - started
     out = {
-        "wall_s": wall,
-        "epochs_done": len(epochs),
+        "wall_s": time.perf_counter() - begun,
         "finished": finished,
-        "data_gen_s": data_s,
-        "peak_gib": peak_gib(device),
+        "epochs_done": len(epochs),
         "epochs": epochs,
+        "peak_gib": peak_gib(eng.device),
         "final_top1_error": epochs[-1]["top1_error"] if epochs else None,
     }
-    if not finished and len(epochs) >= 2:  # project from the steady epochs
-        steady = [e["epoch_seconds"] for e in epochs[1:]]
-        out["projected_wall_s"] = epochs[-1]["at_s"] + (sz.full_epochs - len(epochs)) * sum(steady) / len(steady)
+    if epochs:
+        steady = epochs[1:] or epochs  # epoch 1 pays the compile
+        out["checkpoint_s_per_epoch"] = sum(e["state_copy_s"] + e["checkpoint_write_s"] for e in steady) / len(steady)
+        out["checkpoint_mb"] = epochs[-1]["checkpoint_mb"]
+    if not finished and len(epochs) >= 2:
+        per_epoch = (epochs[-1]["at_s"] - epochs[0]["at_s"]) / (len(epochs) - 1)
+        out["projected_wall_s"] = epochs[-1]["at_s"] + (sz.full_epochs - len(epochs)) * per_epoch
     return out
 
 
-# --- 4. packed trials ------------------------------------------------------------------------------
+# --- packed trials: K processes on one GPU -------------------------------------------------------------
 
 
-def packed_worker(cfg_path: str) -> int:
-    """One of K processes sharing the GPU: fit() after a common start, for a fixed number of steps."""
+def packed_process(cfg_path: str) -> int:
+    """One of K processes: the worker path for a fixed number of steps after a common start."""
     cfg = json.loads(Path(cfg_path).read_text())
     sz = Sizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["sizes"].items()})
     rundir, index = Path(cfg["rundir"]), cfg["index"]
-    import torch
-
-    if sz.device == "cpu":
-        torch.set_num_threads(1)
 
     def barrier() -> float:
         (rundir / f"ready-{index}").write_text("")
-        go = rundir / "go"
-        while not go.exists():
+        while not (rundir / "go").exists():
             time.sleep(0.005)
         return time.time()
 
     try:
-        r = fit_throughput(
-            cfg["variant"],
-            sz.batch,
-            sz,
-            cfg["budget"],
-            compile=sz.compile,
-            warmup=sz.packed_warmup,
-            steps=sz.packed_steps,
-            barrier=barrier,
-        )
+        if sz.device == "cpu":
+            import torch
+
+            torch.set_num_threads(1)
+        eng = engine(sz, processes=cfg["k"])
+        r = worker_throughput(eng, sz.batch, sz, cfg["budget"], sz.packed_steps, barrier=barrier)
         (rundir / f"result-{index}.json").write_text(json.dumps(r))
         return 0
     except BaseException as e:
@@ -485,47 +324,40 @@ def packed_worker(cfg_path: str) -> int:
         return 1
 
 
-def packed(k: int, variant: str, sz: Sizes, budget: float, logdir: Path) -> dict[str, Any]:
-    from dataclasses import asdict
-
+def packed(k: int, sz: Sizes, budget: float, logdir: Path) -> dict[str, Any]:
     rundir = logdir / f"packed-{k}"
-    if rundir.exists():
-        for p in rundir.iterdir():
-            p.unlink()
     rundir.mkdir(parents=True, exist_ok=True)
+    for p in rundir.iterdir():
+        p.unlink()
     deadline = time.monotonic() + budget
     procs = []
     for i in range(k):
-        cfg = {"sizes": asdict(sz), "rundir": str(rundir), "index": i, "budget": budget, "variant": variant}
+        cfg = {"sizes": asdict(sz), "rundir": str(rundir), "index": i, "budget": budget, "k": k}
         (rundir / f"cfg-{i}.json").write_text(json.dumps(cfg))
-        out = open(rundir / f"worker-{i}.log", "wb")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--_packed-worker", str(rundir / f"cfg-{i}.json")],
-                stdout=out,
-                stderr=subprocess.STDOUT,
+        with open(rundir / f"process-{i}.log", "wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--_packed-process", str(rundir / f"cfg-{i}.json")],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             )
-        )
     try:
         while sum((rundir / f"ready-{i}").exists() for i in range(k)) < k:
-            if time.monotonic() > deadline:
-                raise PhaseTimeout(
-                    f"{sum((rundir / f'ready-{i}').exists() for i in range(k))}/{k} processes "
-                    "finished their warm-up (start-up, compilation) within the budget"
-                )
             failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
             if failed:
                 raise RuntimeError(
-                    f"packed process {failed[0]} exited {procs[failed[0]].returncode}: "
-                    + (rundir / f"worker-{failed[0]}.log").read_text()[-1500:]
+                    f"packed process {failed[0]}: " + (rundir / f"process-{failed[0]}.log").read_text()[-1500:]
                 )
+            if time.monotonic() > deadline:
+                raise PhaseTimeout(f"not all {k} processes finished their warm-up (start-up, compilation) in time")
             time.sleep(0.02)
         go = time.time()
         (rundir / "go").write_text(repr(go))
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        raise PhaseTimeout(f"the {k} packed processes did not finish within the budget") from None
+        raise PhaseTimeout(f"the {k} packed processes did not finish in time") from None
     finally:
         for p in procs:  # only the processes started here, each by its own handle
             if p.poll() is None:
@@ -535,371 +367,213 @@ def packed(k: int, variant: str, sz: Sizes, budget: float, logdir: Path) -> dict
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         raise RuntimeError(f"packed process failed: {errors[0]}")
-    images = sum(r["images"] for r in results)
     span = max(r["t1"] for r in results) - go
     return {
         "k": k,
-        "aggregate_images_per_s": images / span,
+        "images_per_s": sum(r["images"] for r in results) / span,
         "per_trial_images_per_s": [r["images_per_s"] for r in results],
-        "peak_gib_per_trial": max((r["peak_gib"] or 0) for r in results) if sz.device != "cpu" else None,
+        "peak_gib": max((r["peak_gib"] or 0) for r in results) if sz.device == "cuda" else None,
         "warmup_s_max": max(r["warmup_s"] for r in results),
-        "span_s": span,
     }
 
 
-# --- the sweep projection ----------------------------------------------------------------------------
+# --- the sweep projection ------------------------------------------------------------------------------
 
 
-def project_sweep(packed_rows: list[dict[str, Any]], measured: str) -> dict[str, Any] | None:
+def project_sweep(variant: str, rate: float, per_trial: float) -> dict[str, Any]:
     """The seed's 14 cells (7 variants x CIFAR-100/10, 14 epochs of 50,000 + 10,000 images) at the
-    best packed aggregate rate measured (on `standard` by default), each variant's cost scaled by its MACs
-    (evaluation counted as a third of a training image)."""
-    from sweeper.models import build_model, count_macs
+    aggregate rate measured on ``variant``, each variant's cost scaled by its MACs (an evaluation
+    image counted as a third of a training one); never shorter than its longest cell on one slot."""
+    from sweeper.models import VARIANTS, build_model, count_macs
 
-    ok = [r for r in packed_rows if r.get("aggregate_images_per_s")]
-    if not ok:
-        return None
-    best = max(ok, key=lambda r: r["aggregate_images_per_s"])
-    macs = {}
-    for variant in sorted({v for v, _ in SEED_CELLS}):
-        macs[variant] = count_macs(build_model(variant, 100), (3, 32, 32))
-    per_cell_images = 14 * (50_000 + 10_000 / 3)
-    if measured not in macs:
-        macs[measured] = count_macs(build_model(measured, 100), (3, 32, 32))
-    std_equiv = sum(per_cell_images * macs[v] / macs[measured] for v, _ in SEED_CELLS)
-    aggregate = best["aggregate_images_per_s"]
-    per_trial = aggregate / best["k"]
-    longest = per_cell_images * max(macs.values()) / macs[measured] / per_trial  # one cell on one slot
-    seconds = max(std_equiv / aggregate, longest)
-    return {
-        "best_k": best["k"],
-        "aggregate_images_per_s": aggregate,
-        "measured_variant": measured,
-        "equivalent_images": std_equiv,
-        "macs": macs,
-        "longest_cell_s": longest,
-        "projected_s": seconds,
-        "projected_min": seconds / 60,
-    }
+    macs = {v: count_macs(build_model(v, 100), (3, 32, 32)) for v in VARIANTS}
+    per_cell = 14 * (50_000 + 10_000 / 3)
+    equivalent = 2 * sum(per_cell * macs[v] / macs[variant] for v in VARIANTS)
+    longest = per_cell * max(macs.values()) / macs[variant] / per_trial
+    seconds = max(equivalent / rate, longest)
+    return {"aggregate_images_per_s": rate, "longest_cell_s": longest, "projected_min": seconds / 60}
 
 
-# --- main -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    phase: str
-    variant: str = ""
-    batch: int | str = ""
-    images_per_s: float | None = None
-    wall_s: float | None = None
-    peak_gib: float | None = None
-    note: str = ""
+# --- main -------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="seed loop vs sweeper fit() on one GPU, in under 8 minutes")
-    parser.add_argument("--logdir", type=Path, default=None, help="where gpu_check.json (and the packed logs) go")
-    parser.add_argument(
-        "--dry-run-cpu",
-        action="store_true",
-        help="run every phase on the CPU with tiny sizes (no GPU needed; checks the code paths)",
-    )
+    parser = argparse.ArgumentParser(description="the seed loop vs the worker's path on one GPU, in 8 minutes")
+    parser.add_argument("--logdir", type=Path, default=None, help="where gpu_check.json and the packed logs go")
+    parser.add_argument("--dry-run-cpu", action="store_true", help="every phase on the CPU, tiny sizes")
     parser.add_argument("--budget", type=float, default=None, help="seconds for all phases together")
-    parser.add_argument(
-        "--variants",
-        default="standard,naive",
-        help="comma-separated; the first gets every phase, the others seed loop, fit and batch sweep",
-    )
-    parser.add_argument("--_packed-worker", dest="packed_worker", help=argparse.SUPPRESS)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, TFLOP/s")
+    parser.add_argument("--_packed-process", dest="packed_process", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.packed_worker:
-        return packed_worker(args.packed_worker)
+    if args.packed_process:
+        return packed_process(args.packed_process)
 
     t_start = time.monotonic()
     try:
         import torch
         import torchvision
     except ImportError as e:
-        print(
-            f"gpu_check: {e}; this check needs Python with PyTorch (CUDA build) and torchvision",
-            file=sys.stderr,
-            flush=True,
-        )
+        log(f"gpu_check: {e}; this check needs Python with PyTorch (CUDA build) and torchvision")
         return MISSING_DEPS_EXIT
-
     if not args.dry_run_cpu and not torch.cuda.is_available():
-        print(
+        log(
             f"gpu_check: no CUDA GPU is visible (torch {torch.__version__}, built for CUDA "
-            f"{torch.version.cuda or 'none'}; torch.cuda.is_available() is False). This check needs an "
-            "NVIDIA GPU; run it on the GPU machine, or pass --dry-run-cpu to exercise its code paths on the "
-            "CPU.",
-            file=sys.stderr,
-            flush=True,
+            f"{torch.version.cuda or 'none'}; torch.cuda.is_available() is False). This check needs an NVIDIA "
+            "GPU; run it on the GPU machine, or pass --dry-run-cpu to exercise its code paths on the CPU."
         )
         return NO_GPU_EXIT
 
-    import sweeper.data
-    import sweeper.models
-    import sweeper.train  # noqa: F401
-    from sweeper.models import VARIANTS
+    from sweeper.models import build_model, count_macs
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        parser.error(f"unknown variant(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(VARIANTS)}")
-    heavy = sorted(m for m in ("optuna", "mlflow", "optuna_integration", "sqlalchemy") if m in sys.modules)
-    sz = Sizes.dry_run_cpu() if args.dry_run_cpu else Sizes(device="cuda")
+    sz = Sizes.dry_run_cpu() if args.dry_run_cpu else Sizes()
     if args.budget:
         sz.total_budget = args.budget
     logdir = args.logdir or Path(os.environ.get("TMPDIR", "/tmp")) / "gpu-check"
     logdir.mkdir(parents=True, exist_ok=True)
+    if sz.device == "cpu":
+        torch.set_num_threads(1)  # tiny tensors: more threads only contend
+    default = engine(sz)
+    other = "off" if default.compile else "on"
     env = {
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
-        "device": sz.device,
         "dry_run_cpu": args.dry_run_cpu,
-        "optuna_or_mlflow_imported": heavy,
+        "engine": {**default.fit_options(), "device": str(default.device)},
+        "optuna_or_mlflow_imported": sorted(m for m in ("optuna", "mlflow") if m in sys.modules),
         "cpus": os.cpu_count(),
     }
-    if sz.device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env.update(
-            gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported()
-        )
-    else:
-        torch.set_num_threads(1)  # tiny tensors: more threads only contend (and the CPU may be shared)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    if default.device.type == "cuda":
+        name = torch.cuda.get_device_name(default.device)
+        env.update(gpu=name, capability=".".join(map(str, torch.cuda.get_device_capability(default.device))))
+        peak = peak or next((v for k, v in PEAK_BF16.items() if k in name), None)
+    env["peak_bf16_tflops"] = peak / 1e12 if peak else None
+    # FLOPs per training image: a forward pass is 2 x MACs, the backward twice the forward
+    flops_per_image = 6 * count_macs(build_model(sz.variant, 100), (3, 32, 32))
     log(f"gpu_check: {json.dumps(env)}")
-    if heavy:
-        log(f"gpu_check: WARNING: {', '.join(heavy)} got imported; the training layers should not need them")
 
-    deadline = t_start + sz.total_budget
-    results: dict[str, Any] = {
-        "env": env,
-        "variants": variants,
-        "sizes": {k: v for k, v in sz.__dict__.items()},
-        "phases": {},
-    }
-    rows: list[Row] = []
+    results: dict[str, Any] = {"env": env, "sizes": asdict(sz), "phases": {}, "complete": False}
+    out_path = logdir / "gpu_check.json"
 
-    def phase(
-        key: str, title: str, budget_key: str, fn: Callable[[float], dict[str, Any]], min_needed: float = 10.0
-    ) -> dict[str, Any] | None:
-        remaining = deadline - time.monotonic()
-        budget = min(sz.budgets[budget_key], remaining)
+    def save() -> None:  # after every phase, whole: a run cut short keeps what it measured
+        results["total_s"] = time.monotonic() - t_start
+        tmp = out_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        os.replace(tmp, out_path)
+
+    def phase(key: str, title: str, fn, min_needed: float = 10.0) -> dict[str, Any] | None:
+        remaining = t_start + sz.total_budget - time.monotonic()
+        budget = min(sz.budgets[key.split("@")[0]], remaining)
         if budget < min_needed:
-            log(f"  {title}: skipped ({remaining:.0f}s left of the {sz.total_budget:.0f}s budget)")
-            results["phases"][key] = {"skipped": f"{remaining:.0f}s left"}
+            log(f"  {title}: skipped ({remaining:.0f}s left)")
+            results["phases"][key] = {"skipped": f"{remaining:.0f}s left of the {sz.total_budget:.0f}s budget"}
+            save()
             return None
         log(f"  {title} (up to {budget:.0f}s) ...")
-        started = time.perf_counter()
+        begun = time.perf_counter()
         try:
-            reset_gpu(sz.device)
-            # the soft bound (the phase's own deadline) comes first; the hard one 15 s later
-            with time_bound(budget + 15):
+            with time_bound(budget + 15):  # the phase's own deadline first, this hard bound 15 s later
                 r = fn(budget)
-            r["phase_s"] = time.perf_counter() - started
-            log(f"  {title}: {json.dumps({k: v for k, v in r.items() if k not in ('epochs', 'macs')}, default=str)}")
-        except PhaseTimeout as e:
-            r = {"error": f"timeout: {e}", "phase_s": time.perf_counter() - started}
-            log(f"  {title}: TIMEOUT {e}")
-        except torch.OutOfMemoryError as e:
-            r = {"error": f"out of memory: {str(e).splitlines()[0]}", "phase_s": time.perf_counter() - started}
-            log(f"  {title}: OUT OF MEMORY")
         except Exception as e:  # one phase failing must not lose the others
-            r = {"error": f"{type(e).__name__}: {str(e)[:500]}", "phase_s": time.perf_counter() - started}
+            r = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]}
             log(f"  {title}: FAILED\n{traceback.format_exc()}")
         finally:
-            reset_gpu(sz.device)
+            import gc
+
+            gc.collect()
+            torch._dynamo.reset()  # compiled graphs and CUDA-graph pools of this phase
+            if sz.device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        r["phase_s"] = time.perf_counter() - begun
+        if r.get("images_per_s") and peak:
+            r["peak_fraction"] = r["images_per_s"] * flops_per_image / peak
+        log(f"  {title}: {json.dumps({k: v for k, v in r.items() if k != 'epochs'}, default=str)}")
         results["phases"][key] = r
+        save()
         return r
 
-    def fit_phase(variant: str, batch: int, compile: bool, warmup: int, steps: int):
-        return lambda budget: fit_throughput(variant, batch, sz, budget, compile=compile, warmup=warmup, steps=steps)
-
-    def row_from(r, phase_name, variant, batch, note="") -> Row:
-        if r is None:
-            return Row(phase_name, variant, batch, note="skipped (time budget)")
-        if "error" in r:
-            return Row(phase_name, variant, batch, note=r["error"][:60])
-        return Row(phase_name, variant, batch, r.get("images_per_s"), r.get("phase_s"), r.get("peak_gib"), note)
-
-    fit_label = "fit bf16+CL+GPU data+compile" if sz.compile else "fit bf16+CL+GPU data (no compile)"
-    main_variant, *other_variants = variants
-    seed, fits = {}, {}
-
-    def headline(variant: str, min_needed: float = 10.0) -> None:
-        seed[variant] = phase(
-            f"seed_{variant}_{sz.batch}",
-            f"seed loop, {variant}, batch {sz.batch}",
-            "seed",
-            lambda b: seed_images_per_s(variant, sz, b),
-        )
-        rows.append(row_from(seed[variant], "seed loop fp32 PIL DataLoader", variant, sz.batch))
-        r = fits[variant] = phase(
-            f"fit_{variant}_{sz.batch}",
-            f"{fit_label}, {variant}, batch {sz.batch}",
-            "fit",
-            fit_phase(variant, sz.batch, sz.compile, sz.fit_warmup, sz.fit_steps),
-            min_needed=min_needed,
-        )
-        rows.append(
-            row_from(r, fit_label, variant, sz.batch, f"warm-up {r['warmup_s']:.0f}s" if r and "warmup_s" in r else "")
-        )
-
-    sweeps: dict[str, list[dict[str, Any]]] = {}
-
-    def batch_sweep(variant: str) -> None:
-        """fit() without compile (what a worker runs today) at each batch, compiled at the best."""
-        sweeps[variant] = []
-        for batch in (sz.batch, *sz.best_batches):
-            r = phase(
-                f"eager_{variant}_{batch}",
-                f"fit bf16+CL+GPU data, no compile, {variant}, batch {batch}",
-                "sweep",
-                fit_phase(variant, batch, False, sz.sweep_warmup, sz.sweep_steps),
+    def seed(batch: int):
+        def run(budget: float) -> dict[str, Any]:
+            data = splits((sz.seed_warmup + sz.seed_steps) * batch, batch, sz)
+            deadline = time.monotonic() + budget
+            return measure_seed(
+                sz.variant, batch, sz.seed_steps, sz.seed_warmup, splits=data, device=sz.device, deadline=deadline
             )
-            sweeps[variant].append({"batch": batch, **(r or {"skipped": True})})
-            rows.append(row_from(r, "fit, no compile", variant, batch))
-        done = [s for s in sweeps[variant] if s.get("images_per_s") and s["batch"] != sz.batch]
-        if done and sz.compile:
-            best = max(done, key=lambda s: s["images_per_s"])
-            r = phase(
-                f"fit_{variant}_best",
-                f"{fit_label}, {variant}, best batch {best['batch']}",
-                "fit_best",
-                fit_phase(variant, best["batch"], True, sz.fit_warmup, sz.fit_steps),
-                min_needed=40,
-            )
-            rows.append(row_from(r, f"{fit_label} (best batch)", variant, best["batch"]))
 
-    # 1-2: the headline comparison at batch 64
-    headline(main_variant)
-    # 3: a full run
+        return run
+
+    def worker(batch: int, compile: str):
+        if args.dry_run_cpu and compile == "on":
+            return lambda budget: {"skipped": "dry run: inductor on a CPU compiles for minutes"}
+        return lambda budget: worker_throughput(engine(sz, compile), batch, sz, budget, sz.steps)
+
+    b, B = sz.batch, sz.big_batch
+    phase("seed", f"seed loop, batch {b}", seed(b))
+    head = phase("worker", f"worker path (compile {'on' if default.compile else 'off'}), batch {b}", worker(b, "auto"))
+    phase("worker_other", f"worker path, compile {other}, batch {b}", worker(b, other))
     full = phase(
-        f"full_{main_variant}",
-        f"full {sz.full_epochs}-epoch run, {main_variant}, batch {sz.batch}",
-        "full",
-        lambda b: full_run(main_variant, sz, b),
-        min_needed=20,
+        "full", f"{sz.full_epochs}-epoch run, batch {b}", lambda budget: full_run(default, sz, budget, logdir), 20
     )
-    # 4: packed trials
-    packed_rows = []
     for k in sz.packed:
-        r = phase(
-            f"packed_{k}",
-            f"{k} packed trial(s), {main_variant}, batch {sz.batch}",
-            "packed",
-            lambda b, k=k: packed(k, main_variant, sz, b, logdir),
-            min_needed=20,
-        )
-        packed_rows.append({"k": k, **(r or {"skipped": True})})
-    # 5: batch sweep
-    batch_sweep(main_variant)
-    # 6-8: the other variants
-    for variant in other_variants:
-        headline(variant, min_needed=40)
-        batch_sweep(variant)
+        phase(f"packed@{k}", f"{k} packed trials, batch {b}", lambda budget, k=k: packed(k, sz, budget, logdir), 20)
+    phase("seed_big", f"seed loop, batch {B}", seed(B))
+    phase("worker_big", f"worker path, batch {B}", worker(B, "auto"))
+    phase("worker_big_other", f"worker path, compile {other}, batch {B}", worker(B, other))
 
-    # speedups against the seed loop
-    for row in rows:
-        base = seed.get(row.variant)
-        if row.images_per_s and base and base.get("images_per_s") and not row.phase.startswith("seed"):
-            row.note = (row.note + " " if row.note else "") + f"{row.images_per_s / base['images_per_s']:.1f}x seed"
-    for pr in packed_rows:
-        if pr.get("aggregate_images_per_s"):
-            rows.append(
-                Row(
-                    f"packed x{pr['k']} (aggregate)",
-                    main_variant,
-                    sz.batch,
-                    pr["aggregate_images_per_s"],
-                    pr.get("phase_s"),
-                    pr.get("peak_gib_per_trial"),
-                    f"per trial {min(pr['per_trial_images_per_s']):,.0f}-{max(pr['per_trial_images_per_s']):,.0f}/s",
-                )
-            )
-        else:
-            rows.append(
-                Row(
-                    f"packed x{pr['k']} (aggregate)",
-                    main_variant,
-                    sz.batch,
-                    note=(pr.get("error") or "skipped (time budget)")[:60],
-                )
-            )
-    sweep = None
-    try:
-        sweep = project_sweep(packed_rows, main_variant)
-    except Exception as e:
-        log(f"  sweep projection failed: {e}")
-    results["sweep_projection"] = sweep
-
-    speedup = None
-    f0, s0 = fits.get(main_variant), seed.get(main_variant)
-    if f0 and s0 and f0.get("images_per_s") and s0.get("images_per_s"):
-        speedup = f0["images_per_s"] / s0["images_per_s"]
+    # the projection and the targets
+    ph = results["phases"]
+    rates = [
+        (r["images_per_s"], r["images_per_s"] / r["k"]) for r in ph.values() if r.get("k") and r.get("images_per_s")
+    ]
+    if head and head.get("images_per_s"):
+        rates.append((head["images_per_s"], head["images_per_s"]))
+    sweep = project_sweep(sz.variant, *max(rates)) if rates else None
     full_s = None
-    if full and "wall_s" in full:
+    if full and full.get("epochs_done"):
         full_s = full["wall_s"] if full["finished"] else full.get("projected_wall_s")
-    targets = {
-        f"fit >= {TARGET_SPEEDUP:.0f}x seed loop at batch {sz.batch}": (
-            speedup,
-            speedup is not None and speedup >= TARGET_SPEEDUP,
-        ),
-        f"{sz.full_epochs}-epoch {main_variant} run < {TARGET_FULL_RUN_S:.0f}s": (
-            full_s,
-            full_s is not None and full_s < TARGET_FULL_RUN_S,
-        ),
-        f"seed's 14-cell sweep (projected) < {TARGET_SWEEP_MIN:.0f} min": (
-            sweep and sweep["projected_min"],
-            bool(sweep) and sweep["projected_min"] < TARGET_SWEEP_MIN,
-        ),
+    fraction = head.get("peak_fraction") if head else None
+    results["sweep_projection"] = sweep
+    results["targets"] = {
+        f"worker path at batch {b} >= {TARGET_PEAK_FRACTION:.0%} of the bf16 peak": fraction,
+        f"{sz.full_epochs}-epoch run <= {TARGET_FULL_RUN_S:.0f} s": full_s,
+        f"seed's {SEED_CELLS}-cell sweep <= {TARGET_SWEEP_MIN:.0f} min": sweep and sweep["projected_min"],
     }
-    results["targets"] = {k: {"value": v, "met": m} for k, (v, m) in targets.items()}
-    results["rows"] = [r.__dict__ for r in rows]
-    results["total_s"] = time.monotonic() - t_start
-    (logdir / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+    met = [
+        fraction is not None and fraction >= TARGET_PEAK_FRACTION,
+        full_s is not None and full_s <= TARGET_FULL_RUN_S,
+        sweep is not None and sweep["projected_min"] <= TARGET_SWEEP_MIN,
+    ]
+    results["complete"] = True
+    save()
 
     # the table, last
-    out = sys.stdout
-    print("", file=out)
-    title = (
-        "GPU check (DRY RUN on the CPU: tiny sizes, no compile; the figures mean nothing)"
-        if args.dry_run_cpu
-        else f"GPU check on {env.get('gpu')}"
-    )
-    print(f"{title}; torch {torch.__version__}; {results['total_s']:.0f}s; full log and JSON in {logdir}", file=out)
-    print(f"{'phase':<40} {'variant':<9} {'batch':>5} {'images/s':>10} {'wall s':>7} {'peak GiB':>8}  note", file=out)
-    for r in rows:
-        ips = f"{r.images_per_s:,.0f}" if r.images_per_s else "-"
-        wall = f"{r.wall_s:.0f}" if r.wall_s is not None else "-"
-        peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
-        print(f"{r.phase:<40} {r.variant:<9} {str(r.batch):>5} {ips:>10} {wall:>7} {peak:>8}  {r.note}", file=out)
-    if full and "wall_s" in full:
-        state = "finished" if full["finished"] else f"stopped after {full['epochs_done']} epochs, projected"
-        print(
-            f"{sz.full_epochs}-epoch {main_variant} run (batch {sz.batch}, {sz.full_train:,}+{sz.full_test:,} images, "
-            f"{sz.num_classes} classes): {full_s if full_s is not None else float('nan'):.1f}s ({state}), "
-            f"final top1_error {full['final_top1_error']}, peak {full['peak_gib'] or 0:.2f} GiB",
-            file=out,
-        )
-    else:
-        print(
-            f"{sz.full_epochs}-epoch {main_variant} run: {(full or {}).get('error', 'skipped (time budget)')}", file=out
-        )
-    if sweep:
-        print(
-            f"seed's 14-cell sweep projected from {sweep['best_k']} packed trials at "
-            f"{sweep['aggregate_images_per_s']:,.0f} images/s (variants scaled by MACs): "
-            f"{sweep['projected_min']:.1f} min",
-            file=out,
-        )
-    for k, (v, met) in targets.items():
-        value = "-" if v is None else (f"{v:.1f}")
-        print(f"target {k}: {value} -> {'MET' if met else 'NOT MET'}", file=out)
+    print()
+    kind = "DRY RUN on the CPU: tiny sizes, the figures mean nothing" if args.dry_run_cpu else env.get("gpu")
+    print(f"GPU check ({kind}); torch {torch.__version__}; {results['total_s']:.0f}s; JSON: {out_path}")
+    print(f"{'phase':<32} {'images/s':>10} {'x seed':>7} {'of peak':>8} {'peak GiB':>8} {'wall s':>7}  note")
+    for key, r in ph.items():
+        base = ph.get("seed_big" if "big" in key else "seed", {}).get("images_per_s")
+        ips = r.get("images_per_s")
+        cells = [
+            f"{ips:,.0f}" if ips else "-",
+            f"{ips / base:.1f}" if ips and base and not key.startswith("seed") else "-",
+            f"{r['peak_fraction']:.1%}" if r.get("peak_fraction") else "-",
+            f"{r['peak_gib']:.2f}" if r.get("peak_gib") else "-",
+            f"{r['phase_s']:.0f}" if "phase_s" in r else "-",
+        ]
+        note = r.get("error") or r.get("skipped") or ""
+        if key == "full" and r.get("epochs_done"):
+            note = (
+                f"{r['epochs_done']} epochs, {r['wall_s']:.1f}s{'' if r['finished'] else ' (stopped)'}, "
+                f"checkpoint {r['checkpoint_s_per_epoch']:.2f}s/epoch ({r['checkpoint_mb']:.0f} MB)"
+            )
+        print(f"{key:<32} {cells[0]:>10} {cells[1]:>7} {cells[2]:>8} {cells[3]:>8} {cells[4]:>7}  {note}")
+    for (name, value), ok in zip(results["targets"].items(), met, strict=True):
+        shown = "-" if value is None else (f"{value:.1%}" if "peak" in name else f"{value:.1f}")
+        print(f"target {name}: {shown} -> {'MET' if ok else 'NOT MET'}")
     return 0
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# GPU check: the seed's training loop vs sweeper's fit() on one NVIDIA GPU, in under 8 minutes.
+# GPU check: the seed's training loop vs the path `sweeper worker` trains on, on one NVIDIA GPU, in 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh LOGDIR [--dry-run-cpu] [--budget SECONDS]
 #
 # Needs Python with PyTorch and torchvision only (no install: PYTHONPATH is set to this checkout;
-# no network, no Optuna, no MLflow). Writes the full log to LOGDIR/gpu_check.log and every figure
-# to LOGDIR/gpu_check.json; the table comes last on stdout.
+# no network, no Optuna, no MLflow; synthetic CIFAR-shaped images). Writes the full log to
+# LOGDIR/gpu_check.log and every figure to LOGDIR/gpu_check.json, rewritten after each phase (a
+# run cut short keeps what it measured); the table comes last on stdout.
 # Exit status: 0 done, 2 no CUDA GPU, 3 Python/PyTorch/torchvision missing, 124 stopped at the
-# overall time limit (GPU_CHECK_TIMEOUT seconds, default 475), otherwise the script's own status.
+# overall time limit (GPU_CHECK_TIMEOUT seconds, default 465; with the 10 s grace to a kill, 8 minutes), otherwise the script's own status.
 set -uo pipefail
 
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
@@ -18,7 +19,7 @@ LOGDIR=$1
 shift
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-LIMIT=${GPU_CHECK_TIMEOUT:-475}
+LIMIT=${GPU_CHECK_TIMEOUT:-465}
 
 mkdir -p "$LOGDIR" || { echo "gpu_check: cannot create $LOGDIR" >&2; exit 64; }
 LOG="$LOGDIR/gpu_check.log"

@@ -3,11 +3,9 @@
 
     python benchmarks/train_throughput.py [--variant standard] [--batch-size 64] [--steps N] [--json]
 
-(a) seed: what the seed post's script does per step -- the same GoogLeNet in fp32 NCHW, a
-    CIFAR-style Dataset of uint8 HWC images turned into PIL images and through
-    ``Compose([RandomHorizontalFlip(), ToTensor(), Normalize((0.5,)*3, (0.5,)*3)])`` one image at
-    a time, a torch DataLoader with the seed's ``num_workers=2`` (and ``pin_memory`` on CUDA),
-    Adadelta lr 1.0, cross-entropy.
+(a) seed: what the seed post's script does per step (benchmarks/seed_loop.py, shared with
+    gpu_check.py) -- the same GoogLeNet in fp32 NCHW, per-image PIL transforms through a
+    DataLoader with the seed's ``num_workers=2``, Adadelta lr 1.0, cross-entropy.
 (b) sweeper: ``sweeper.train.fit()`` with precision ``auto`` (bf16 autocast + channels_last where
     bf16 is fast: CUDA, CPUs with AMX/AVX512-BF16), whole-split uint8 tensors and batched flips.
 
@@ -38,6 +36,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
+from seed_loop import cpu_seconds, measure_seed  # benchmarks/seed_loop.py: the baseline, shared
+
 KINDS = ("seed", "sweeper", "sweeper-compile")
 
 
@@ -50,113 +50,13 @@ def _images(n: int):
     return synthetic.load(num_train=n, num_test=64)
 
 
-def _peak_memory(device, worker_pids: list[int] = ()) -> dict:
+def _peak_memory(device) -> dict:
     import torch
 
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if worker_pids:  # DataLoader workers: peak RSS of each (forked, so partly shared with the parent)
-        out["loader_workers_peak_rss_mb"] = [_vm_hwm_mb(pid) for pid in worker_pids]
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
-
-
-def _cpu_seconds(pids: list[int] = ()) -> float:
-    """CPU time of this process (all its threads) plus that of ``pids`` (DataLoader workers)."""
-    total = time.process_time()
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def _vm_hwm_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
-    except OSError:
-        return None
-
-
-def measure_seed(variant: str, batch_size: int, steps: int, warmup: int, num_workers: int) -> dict:
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-    from torchvision import transforms
-    from torchvision.datasets import VisionDataset
-
-    from sweeper.models import build_model
-
-    class CifarLike(VisionDataset):
-        """torchvision.datasets.CIFAR100's __getitem__: uint8 HWC array -> PIL image -> transform."""
-
-        def __init__(self, data: np.ndarray, targets: list[int], transform):
-            super().__init__(root="", transform=transform)
-            self.data, self.targets = data, targets
-
-        def __len__(self) -> int:
-            return len(self.data)
-
-        def __getitem__(self, index: int):
-            img, target = Image.fromarray(self.data[index]), self.targets[index]
-            return self.transform(img), target
-
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    n = batch_size * (warmup + steps)
-    splits = _images(n)
-    data = splits.train_x.permute(0, 2, 3, 1).contiguous().numpy()  # HWC, as CIFAR's pickles become
-    transform = transforms.Compose(
-        [
-            transforms.RandomHorizontalFlip(p=0.5),
-            transforms.ToTensor(),
-            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        ]
-    )
-    dataset = CifarLike(data, splits.train_y.tolist(), transform)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, pin_memory=device.type == "cuda"
-    )
-    torch.manual_seed(1)
-    model = build_model(variant, splits.num_classes).to(device)  # fp32, NCHW
-    optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
-    model.train()
-    started = None
-    batches = iter(loader)
-    workers = [w.pid for w in getattr(batches, "_workers", [])]
-    for step in range(1, warmup + steps + 1):
-        x, y = next(batches)
-        x, y = x.to(device), y.to(device)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started, cpu_started = time.perf_counter(), _cpu_seconds(workers)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds, cpu = time.perf_counter() - started, _cpu_seconds(workers) - cpu_started
-    memory = _peak_memory(device, workers)  # while the workers still run
-    del batches
-    return {
-        "images_per_s": steps * batch_size / seconds,
-        "timed_seconds": seconds,
-        "cpu_seconds": cpu,
-        "images_per_cpu_s": steps * batch_size / cpu,
-        "device": str(device),
-        "precision": "fp32",
-        "memory_format": "NCHW",
-        "num_workers": num_workers,
-        "loss": loss.item(),
-        **memory,
-    }
 
 
 def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, compile: bool) -> dict:
@@ -176,7 +76,7 @@ def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, comp
         if step in (warmup, warmup + steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            marks[step] = time.perf_counter(), _cpu_seconds()
+            marks[step] = time.perf_counter(), cpu_seconds()
 
     recipe = Recipe(epochs=1, batch_size=batch_size, eval_batch_size=64)
     result = fit(model, splits, recipe, device=str(device), precision="auto", compile=compile, on_step=on_step)
