@@ -25,7 +25,7 @@ log = logging.getLogger("sweeper.device")
 COMPILE_CHOICES = ("auto", "on", "off")
 # Inductor starts a pool of compile processes per process (16 on a 16-core host); K packed
 # workers x that pool oversubscribe the host for minutes. Each worker gets its share, at most this.
-MAX_COMPILE_THREADS = 4
+MAX_COMPILE_THREADS = 8
 
 
 class BadDevice(SweeperError):

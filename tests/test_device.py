@@ -179,3 +179,17 @@ def test_system_metrics_keep_only_the_workers_gpu(monkeypatch, tmp_path):
         assert not [m for m in cpu_worker.monitors if "gpu" in type(m).__name__.lower()]
     finally:
         cpu_worker.finish()
+
+
+@pytest.mark.parametrize("processes, threads", [(1, 8), (4, 4), (32, 1)])
+def test_each_compiling_worker_gets_its_share_of_the_hosts_cores(monkeypatch, processes, threads):
+    """inductor's default is one compile process per core in every worker: K packed workers on a
+    16-core host would start 16 K of them."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(inductor, "compile_threads", inductor.compile_threads)
+    monkeypatch.setenv("CC", "cc")
+    engine = device.prepare("cpu", "fp32", "on", processes_per_host=processes)
+    assert engine.compile and inductor.compile_threads == threads
+    assert engine.fit_options() == {"device": "cpu", "precision": "fp32", "compile": True}
