@@ -487,7 +487,11 @@ def studies(fmt):
 )
 @device_option
 @precision_option
-@click.option("--force-update", is_flag=True, help="Accept a changed spec: enqueue only its new cells.")
+@click.option(
+    "--force-update",
+    is_flag=True,
+    help="Accept a changed spec: enqueue its new cells, and every cell anew when the recipe changed.",
+)
 @click.option(
     "--workers-per-gpu",
     type=click.IntRange(1),
@@ -746,6 +750,35 @@ def retry(study, storage, failed):
 
 
 @cli.command()
+@study_option
+@storage_option
+@tracking_option
+@format_option()
+def verify(study, storage, tracking_uri, fmt):
+    """Check that MLflow matches Optuna: one finished run per finished trial, each epoch logged once,
+    params equal to the recipe, the model present, no run without a trial. Exits 1 on any drift."""
+    from sweeper import verify as verifying
+
+    result = verifying.verify(study_name(study), storage, tracking_uri)
+    if fmt == "json":
+        print_json(result)
+    else:
+        if result["ok"]:
+            click.echo(
+                f"study {result['study']}: OK ({result['trials_checked']} finished trial(s), "
+                f"{result['runs_checked']} run(s) checked against {result['tracking_uri']})"
+            )
+        else:
+            click.echo(f"study {result['study']}: {len(result['problems'])} problem(s)")
+            for p in result["problems"]:
+                where = ", ".join(f"{k} {p[k]}" for k in ("cell", "trial", "run_id") if p[k] is not None)
+                click.echo(f"- {p['check']}: {p['message']} [{where}]")
+                click.echo(f"  repair: {p['repair']}" if p["repair"] else "  repair: no command repairs this")
+    if not result["ok"]:
+        raise SystemExit(1)
+
+
+@cli.command()
 @storage_option
 @tracking_option
 @click.option("--quiet", is_flag=True, help="Print nothing; only the exit code tells (for healthchecks).")
@@ -782,12 +815,32 @@ def doctor(storage, tracking_uri, quiet, fmt):
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the report to FILE instead of stdout.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), help="Write PNG plots into DIR.")
 @click.option("--against-seed", is_flag=True, help="Put the seed post's published numbers beside the measured ones.")
-def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed):
+@click.option(
+    "--recipe",
+    default="current",
+    show_default=True,
+    help="Rows of which recipe: current (the last launched), all (each recipe its own rows), or a digest.",
+)
+@click.option(
+    "--compare",
+    "compare_variants",
+    metavar="A,B",
+    help="Print the seed-paired difference A - B of two variants on each dataset with a 95% CI.",
+)
+def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed, recipe, compare_variants):
     """The seed post's tables (Top-1/Top-5 error, parameters, time) from what the study logged."""
     from sweeper import report as reporting
 
     reporting.print_report(
-        study_name(study), storage, tracking_uri, fmt=fmt, output=output, plots_dir=plots_dir, against_seed=against_seed
+        study_name(study),
+        storage,
+        tracking_uri,
+        fmt=fmt,
+        output=output,
+        plots_dir=plots_dir,
+        against_seed=against_seed,
+        recipe=recipe,
+        compare_variants=compare_variants,
     )
 
 

@@ -41,6 +41,7 @@ class Recipe:
     seed: int = 1
     limit_train: int | None = None  # images; None = the whole split
     limit_test: int | None = None
+    val_fraction: float = 0.0  # of the training images, held out; > 0 makes every decision use it
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Recipe:
@@ -72,6 +73,7 @@ RECIPE_RULES: dict[str, Rule] = {
     "seed": Rule(int),
     "limit_train": Rule(int, ge=1, optional=True),
     "limit_test": Rule(int, ge=1, optional=True),
+    "val_fraction": Rule(float, ge=0, lt=1),
 }
 
 

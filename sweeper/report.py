@@ -32,6 +32,7 @@ import pandas as pd
 from sweeper import seed_results, tracking
 from sweeper import study as studies
 from sweeper.errors import SweeperError, redact
+from sweeper.spec import decision_metric
 
 VARIANT_ORDER = ("naive", "standard", "long", "short", "short2", "short3", "short4")  # the seed's row order
 DATASET_ORDER = ("cifar100", "cifar10", "digits", "synthetic")  # the seed's table order, then ours
@@ -42,11 +43,19 @@ FRAME_COLUMNS = [
     "state",
     "top1_error",
     "top5_error",
+    "val_top1_error",
+    "val_top5_error",
     "params",
     "macs",
     "train_seconds",
     "images_per_s",
     "mlflow_run_id",
+    "n_seeds",
+    "top1_error_mean",
+    "top1_error_std",
+    "recipe",
+    "code_digest",
+    "dataset_digest",
 ]
 SEED_COLUMNS = ["seed_top1_error", "seed_top5_error", "seed_params", "seed_time", "seed_train_seconds"]
 FORMATS = ("table", "markdown", "csv", "json", "html")
@@ -101,13 +110,18 @@ def _gc_paused():
             gc.enable()
 
 
-def collect(study_name: str, storage_url: str | None = None, tracking_uri: str | None = None) -> Collected:
-    """The study's cells (see build_frame) plus the MLflow client and ids the plots need."""
+def collect(
+    study_name: str, storage_url: str | None = None, tracking_uri: str | None = None, recipe: str = "current"
+) -> Collected:
+    """The study's cells (see build_frame) plus the MLflow client and ids the plots need.
+
+    ``recipe``: "current" (the rows of the recipe the study was last launched with), "all" (a
+    row per cell and recipe), or a recipe digest (or its first characters)."""
     with _gc_paused():
-        return _collect(study_name, storage_url, tracking_uri)
+        return _collect(study_name, storage_url, tracking_uri, recipe)
 
 
-def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None) -> Collected:
+def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None, recipe: str = "current") -> Collected:
     url = studies.resolve_storage_url(storage_url)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()
@@ -115,6 +129,7 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None)
     spec = study.user_attrs.get(studies.SPEC_ATTR) or {}
     epochs = int((spec.get("train") or {}).get("epochs") or DEFAULT_EPOCHS)
     trials = _cell_trials(study.get_trials(deepcopy=False), spec)
+    trials = _of_recipe(trials, recipe, study.user_attrs.get(studies.RECIPE_DIGEST_ATTR))
 
     client = tracking.client(uri)
     experiment = _experiment(client, study_name, uri)
@@ -124,7 +139,8 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None)
     if experiment is not None:
         for run in search_cell_runs(client, experiment.experiment_id):
             runs_by_id[run.info.run_id] = run
-            runs_by_key.setdefault(run.data.tags.get(tracking.KEY_TAG), run)
+            tags = run.data.tags
+            runs_by_key.setdefault((tags.get(tracking.KEY_TAG), tags.get(tracking.RECIPE_TAG)), run)
         parent = tracking.find_run(client, experiment.experiment_id, {tracking.ROLE_TAG: "study"})
         parent_run_id = parent.info.run_id if parent else None
     elif trials:
@@ -133,8 +149,10 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None)
     rows = []
     for trial in trials:
         ua = trial.user_attrs
-        run = runs_by_id.get(ua.get("mlflow_run_id")) or runs_by_key.get(ua.get(studies.KEY_ATTR))
+        digest = ua.get(studies.RECIPE_DIGEST_ATTR)
+        run = runs_by_id.get(ua.get("mlflow_run_id")) or runs_by_key.get((ua.get(studies.KEY_ATTR), digest))
         metrics = run.data.metrics if run is not None else {}
+        tags = run.data.tags if run is not None else {}
         rows.append(
             {
                 "variant": ua.get("variant"),
@@ -143,19 +161,25 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None)
                 "state": trial.state.name,
                 "top1_error": metrics.get("top1_error"),
                 "top5_error": metrics.get("top5_error"),
+                "val_top1_error": metrics.get("val_top1_error"),
+                "val_top5_error": metrics.get("val_top5_error"),
                 "params": _int(metrics.get("num_params")),
                 "macs": _int(metrics.get("macs")),
                 "train_seconds": metrics.get("train_seconds"),
                 "images_per_s": metrics.get("images_per_s"),
                 "mlflow_run_id": run.info.run_id if run is not None else ua.get("mlflow_run_id"),
+                "recipe": digest,
+                "code_digest": tags.get(tracking.CODE_DIGEST_TAG),
+                "dataset_digest": tags.get(tracking.DATASET_DIGEST_TAG),
             }
         )
-    frame = _typed(pd.DataFrame(rows, columns=FRAME_COLUMNS))
+    frame = with_seed_stats(_typed(pd.DataFrame(rows, columns=FRAME_COLUMNS)))
     datasets = list((spec.get("grid") or {}).get("dataset") or [])
     frame = sort_frame(frame, datasets)
     frame.attrs.update(
         study=study_name,
         epochs=epochs,
+        decided_by=decision_metric(spec.get("metric", "top1_error"), (spec.get("train") or {}).get("val_fraction", 0)),
         experiment_id=experiment.experiment_id if experiment else None,
         parent_run_id=parent_run_id,
     )
@@ -199,18 +223,39 @@ def _experiment(client, name: str, uri: str):
         raise SweeperError(f"cannot read the MLflow experiment {name!r} from {redact(uri)}: {redact(e)}") from None
 
 
+def _of_recipe(trials: list, recipe: str, current: str | None) -> list:
+    """The trials of one recipe ("current": the study's latest; "all": every recipe)."""
+    if recipe == "all":
+        return trials
+    want = current if recipe == "current" else recipe
+    if want is None:  # a study launched before recipes had digests
+        return trials
+    kept = [t for t in trials if (t.user_attrs.get(studies.RECIPE_DIGEST_ATTR) or "").startswith(want)]
+    if recipe != "current" and not kept:
+        digests = sorted({t.user_attrs.get(studies.RECIPE_DIGEST_ATTR) or "none" for t in trials})
+        raise SweeperError(f"no trial with recipe {recipe!r}; this study's recipes: {', '.join(digests)}")
+    hidden = {t.user_attrs.get(studies.RECIPE_DIGEST_ATTR) for t in trials} - {want}
+    if recipe == "current" and len(kept) < len(trials):
+        _note(
+            f"{len(trials) - len(kept)} row(s) of {len(hidden)} earlier recipe(s) not shown "
+            "(--recipe all shows every recipe as its own rows)"
+        )
+    return kept
+
+
 def _cell_trials(trials, spec: dict[str, Any]) -> list:
-    """The trial that speaks for each grid cell: the latest trial of each trial key (a retry
-    replaces the trial it retries); in a search study, the best finished trial of the cell."""
-    latest: dict[str, Any] = {}
+    """The trial that speaks for each grid cell and recipe: the latest trial of each trial key
+    (a retry replaces the trial it retries); in a search study, the best finished trial."""
+    latest: dict[tuple, Any] = {}
     for t in sorted(trials, key=lambda t: t.number):
         key = t.user_attrs.get(studies.KEY_ATTR)
         if key is not None:
-            latest[key] = t
+            latest[(key, t.user_attrs.get(studies.RECIPE_DIGEST_ATTR))] = t
     by_cell: dict[tuple, list] = {}
     for t in latest.values():
         ua = t.user_attrs
-        by_cell.setdefault((ua.get("variant"), ua.get("dataset"), _int(ua.get("seed"))), []).append(t)
+        cell = (ua.get("variant"), ua.get("dataset"), _int(ua.get("seed")), ua.get(studies.RECIPE_DIGEST_ATTR))
+        by_cell.setdefault(cell, []).append(t)
     maximize = spec.get("direction") == "maximize"
     chosen = []
     for group in by_cell.values():
@@ -231,11 +276,89 @@ def _int(value) -> int | None:
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     for col in ("seed", "params", "macs"):
         frame[col] = frame[col].astype("Int64")
-    for col in ("top1_error", "top5_error", "train_seconds", "images_per_s"):
+    for col in ("top1_error", "top5_error", "val_top1_error", "val_top5_error", "train_seconds", "images_per_s"):
         frame[col] = frame[col].astype("float64")
-    for col in ("variant", "dataset", "state", "mlflow_run_id"):
+    for col in ("variant", "dataset", "state", "mlflow_run_id", "recipe", "code_digest", "dataset_digest"):
         frame[col] = frame[col].astype(object)
     return frame
+
+
+def with_seed_stats(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each row gets its cell's statistics over the finished seeds of the same variant, dataset
+    and recipe: ``n_seeds``, ``top1_error_mean`` and ``top1_error_std`` (sample std; None for one seed)."""
+    frame = frame.copy()
+    frame["n_seeds"], frame["top1_error_mean"], frame["top1_error_std"] = 0, math.nan, math.nan
+    keys = [frame["dataset"], frame["variant"], frame["recipe"].fillna("")]
+    for _, index in frame.groupby(keys, sort=False).groups.items():
+        group = frame.loc[index]
+        done = group.loc[group["state"] == DONE, "top1_error"].dropna()
+        frame.loc[index, "n_seeds"] = len(done)
+        if len(done):
+            frame.loc[index, "top1_error_mean"] = done.mean()
+        if len(done) > 1:
+            frame.loc[index, "top1_error_std"] = done.std(ddof=1)
+    frame["n_seeds"] = frame["n_seeds"].astype("Int64")
+    return frame
+
+
+def compare(frame: pd.DataFrame, a: str, b: str, metric: str = "top1_error") -> list[dict[str, Any]]:
+    """The seed-paired difference ``a - b`` of ``metric`` on each dataset, with a 95% Student's t
+    confidence interval over the pairs (seeds where both variants finished).
+
+    verdict: "indistinguishable" when the interval covers 0, else which variant has the lower
+    error; with fewer than two pairs there is no interval and the verdict says so."""
+    from scipy import stats
+
+    out = []
+    done = frame[frame["state"] == DONE]
+    for dataset in dict.fromkeys(frame["dataset"]):
+        rows = done[done["dataset"] == dataset]
+        left = rows[rows["variant"] == a].set_index("seed")[metric].dropna()
+        right = rows[rows["variant"] == b].set_index("seed")[metric].dropna()
+        seeds = sorted(set(left.index) & set(right.index))
+        diffs = pd.Series([float(left[s] - right[s]) for s in seeds], dtype="float64")
+        n = len(diffs)
+        mean = float(diffs.mean()) if n else None
+        low = high = None
+        if n < 2:
+            verdict = f"too few paired seeds ({n}); run both variants with at least two common seeds"
+        else:
+            half = float(stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) / math.sqrt(n))
+            low, high = mean - half, mean + half
+            if low <= 0 <= high:
+                verdict = "indistinguishable"
+            else:
+                verdict = f"{a} lower {metric}" if mean < 0 else f"{b} lower {metric}"
+        out.append(
+            {
+                "dataset": dataset,
+                "a": a,
+                "b": b,
+                "metric": metric,
+                "diff_mean": mean,
+                "ci_low": low,
+                "ci_high": high,
+                "n_pairs": n,
+                "seeds": [int(s) for s in seeds],
+                "verdict": verdict,
+            }
+        )
+    return out
+
+
+def render_compare(results: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(results, indent=2) + "\n"
+    columns = ["Dataset", "A - B", "Mean diff", "95% CI", "Pairs", "Verdict"]
+    rows = []
+    for r in results:
+        ci = "—" if r["ci_low"] is None else f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        mean = "—" if r["diff_mean"] is None else f"{r['diff_mean']:+.4f}"
+        rows.append([r["dataset"], f"{r['a']} - {r['b']}", mean, ci, str(r["n_pairs"]), r["verdict"]])
+    title = f"Seed-paired {results[0]['metric'] if results else 'top1_error'} difference"
+    if fmt == "markdown":
+        return f"**{title}**\n\n" + markdown_table(columns, rows) + "\n"
+    return render_rich([Table("", title, columns, rows)])
 
 
 def _rank(values, order) -> dict[str, int]:
@@ -257,9 +380,10 @@ def sort_frame(frame: pd.DataFrame, datasets: list[str] | None = None) -> pd.Dat
             "v": frame["variant"].map(v_rank),
             "vn": frame["variant"].astype(str),
             "s": frame["seed"].fillna(-1).astype("int64"),
+            "r": frame["recipe"].fillna("").astype(str) if "recipe" in frame.columns else "",
         }
     )
-    order = keys.sort_values(["d", "dn", "v", "vn", "s"], kind="stable").index
+    order = keys.sort_values(["d", "dn", "v", "vn", "r", "s"], kind="stable").index
     return frame.loc[order].reset_index(drop=True)
 
 
@@ -347,13 +471,18 @@ def tables(
     frame = sort_frame(frame)
     time_col = f"Time({epochs} epoch)"
     seed_time_col = f"Seed Time({seed_results.SEED_EPOCHS} epoch)"
-    many_seeds = bool(len(frame)) and frame.groupby(["dataset", "variant"], sort=False).size().max() > 1
+    # Rows of an earlier recipe (report --recipe all) are rows of their own, never pooled.
+    multi_recipe = "recipe" in frame.columns and frame["recipe"].nunique(dropna=False) > 1
+    row_keys = ["variant", "recipe"] if multi_recipe else ["variant"]
+    many_seeds = bool(len(frame)) and frame.groupby(["dataset", *row_keys], sort=False, dropna=False).size().max() > 1
+    validated = "val_top1_error" in frame.columns and frame["val_top1_error"].notna().any()
     out = []
     for dataset, by_dataset in frame.groupby("dataset", sort=False):
         seeded = against_seed and dataset in seed_results.SEED_RESULTS
         columns = (
             ["Variant", "Top 1 Error"]
             + (["Seed Top 1 Error"] if seeded else [])
+            + (["Val Top 1 Error"] if validated else [])
             + ["Top 5 Error"]
             + (["Seed Top 5 Error"] if seeded else [])
             + ["Parameters"]
@@ -364,14 +493,24 @@ def tables(
             + (["Seeds"] if many_seeds else [])
         )
         rows = []
-        for variant, group in by_dataset.groupby("variant", sort=False):
+        for keys, group in by_dataset.groupby(row_keys, sort=False, dropna=False):
+            variant = keys[0]
+            label = f"{variant} (recipe {keys[1]})" if multi_recipe else str(variant)
             done = group[group["state"] == DONE]
             if done.empty:
                 state = _states(group)
-                measured = {"Top 1 Error": state, "Top 5 Error": state, "Parameters": "—", time_col: "—", "MACs": "—"}
+                measured = {
+                    "Top 1 Error": state,
+                    "Val Top 1 Error": state,
+                    "Top 5 Error": state,
+                    "Parameters": "—",
+                    time_col: "—",
+                    "MACs": "—",
+                }
             else:
                 measured = {
                     "Top 1 Error": _stat(done["top1_error"], _error),
+                    "Val Top 1 Error": _stat(done["val_top1_error"], _error) if validated else "",
                     "Top 5 Error": _stat(done["top5_error"], _error),
                     "Parameters": _stat(done["params"], _count, collapse_equal=True),
                     time_col: _stat(done["train_seconds"], format_duration),
@@ -392,8 +531,10 @@ def tables(
                         seed_time_col: "" if pd.isna(first["seed_time"]) else str(first["seed_time"]),
                     }
                 )
-            rows.append([str(variant)] + [measured[c] for c in columns[1:]])
+            rows.append([label] + [measured[c] for c in columns[1:]])
         title = f"GoogLeNet on {dataset}" + (f" (study {study})" if study else "")
+        if validated:
+            title += f"; decided on {frame.attrs.get('decided_by', 'val_top1_error')}, the test split never chose"
         out.append(Table(str(dataset), title, columns, rows))
     return out
 
@@ -736,17 +877,29 @@ def print_report(
     output: str | None = None,
     plots_dir: str | None = None,
     against_seed: bool = False,
+    recipe: str = "current",
+    compare_variants: str | None = None,
 ) -> None:
     """Write the report to stdout (or ``output``, atomically); logs go to stderr."""
     if fmt not in FORMATS:
         raise SweeperError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
     started = time.monotonic()
-    collected = collect(study_name, storage, tracking_uri)
+    collected = collect(study_name, storage, tracking_uri, recipe)
     frame = collected.frame
     _note(
         f"report: {len(frame)} cell(s) of study {study_name!r}, "
         f"{int((frame['state'] == DONE).sum())} complete ({time.monotonic() - started:.1f}s)"
     )
+    for warning in lineage_warnings(frame):
+        _note(f"warning: {warning}")
+    if compare_variants is not None:
+        a, b = _compare_pair(compare_variants, frame)
+        document = render_compare(compare(frame, a, b), "json" if fmt in ("json", "csv") else fmt)
+        if output:
+            write_atomic(output, document)
+        else:
+            sys.stdout.write(document)
+        return
     plots: dict[str, Path] = {}
     if plots_dir:
         plots = write_plots(collected, plots_dir, against_seed)
@@ -773,6 +926,31 @@ def print_report(
     else:
         sys.stdout.write(document)
         sys.stdout.flush()
+
+
+def _compare_pair(text: str, frame: pd.DataFrame) -> tuple[str, str]:
+    names = [part.strip() for part in text.split(",")]
+    known = sorted(set(frame["variant"].dropna()))
+    if len(names) != 2 or not all(names) or names[0] == names[1]:
+        raise SweeperError(f"--compare takes two different variants as A,B (e.g. standard,short4), got {text!r}")
+    for name in names:
+        if name not in known:
+            raise SweeperError(f"--compare: variant {name!r} is not in this study; its variants: {', '.join(known)}")
+    return names[0], names[1]
+
+
+def lineage_warnings(frame: pd.DataFrame) -> list[str]:
+    """One warning per table whose rows came from different code or different data."""
+    out = []
+    for dataset, rows in frame[frame["state"] == DONE].groupby("dataset", sort=False):
+        for column, what in (("code_digest", "sweeper code"), ("dataset_digest", "dataset arrays")):
+            values = sorted(set(rows[column].dropna()))
+            if len(values) > 1:
+                out.append(
+                    f"the {dataset} rows were trained with {len(values)} different {what} ({column}: "
+                    f"{', '.join(values)}); compare them with care, or relaunch the study under a new name"
+                )
+    return out
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -41,6 +41,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 METRICS = ("top1_error", "top5_error", "test_loss")
+# The validation twin of each metric: with [train] val_fraction > 0 the Optuna value, pruning and
+# search read it, and the test split is never read for a decision.
+VAL_METRICS = {"top1_error": "val_top1_error", "top5_error": "val_top5_error", "test_loss": "val_loss"}
+DEFAULT_SEARCH_VAL_FRACTION = 0.1
 DIRECTIONS = ("minimize", "maximize")
 SAMPLERS = ("tpe", "random", "cmaes", "qmc")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
@@ -103,6 +107,15 @@ class StudySpec:
             return [(cell, cell.key) for cell in self.cells]
         return [(cell, f"{cell.key}#{i}") for cell in self.cells for i in range(1, self.trials_per_cell + 1)]
 
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The resolved recipe every trial of this spec is enqueued with (see resolve_recipe)."""
+        return resolve_recipe(self.train)
+
+    @property
+    def recipe_digest(self) -> str:
+        return recipe_digest(self.train)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -118,7 +131,38 @@ class StudySpec:
     def hash(self) -> str:
         """Identity of what the study computes; the description is free text and left out."""
         content = {k: v for k, v in self.to_dict().items() if k not in ("description", "name")}
+        content["recipe"] = self.recipe_digest  # a changed default recipe value changes the study too
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_recipe(train: dict[str, Any]) -> dict[str, Any]:
+    """Every recipe value a trial trains with, defaults filled in; the seed comes from the cell.
+
+    >>> resolve_recipe({"epochs": 3})["epochs"], resolve_recipe({"epochs": 3})["optimizer"]
+    (3, 'adadelta')
+    """
+    from sweeper.contract import Recipe
+
+    return {k: v for k, v in Recipe.from_dict(train).to_dict().items() if k != "seed"}
+
+
+def recipe_digest(train: dict[str, Any]) -> str:
+    """A short digest of the resolved recipe: part of every trial's identity, so a changed
+    recipe is a new row, never mixed into the old one's.
+
+    >>> recipe_digest({"epochs": 3}) == recipe_digest({"epochs": 3, "optimizer": "adadelta"})
+    True
+    """
+    return hashlib.sha256(json.dumps(resolve_recipe(train), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def decision_metric(metric: str, val_fraction: float) -> str:
+    """The per-epoch metric that the Optuna value, pruning and search read.
+
+    >>> decision_metric("top1_error", 0.1), decision_metric("top1_error", 0.0)
+    ('val_top1_error', 'top1_error')
+    """
+    return VAL_METRICS[metric] if val_fraction else metric
 
 
 def spec_dirs() -> list[Path]:
@@ -205,6 +249,7 @@ def parse(raw: dict[str, Any], name: str, path: str = "<spec>") -> StudySpec:
     search = raw.get("search")
     if search is not None:
         search = _parse_search(search, fail)
+        train = {**train, "val_fraction": train.get("val_fraction", DEFAULT_SEARCH_VAL_FRACTION)}
 
     cells = tuple(Cell(v, d, s) for v, d, s in itertools.product(grid["variant"], grid["dataset"], grid["seed"]))
     return StudySpec(name, path, top["description"], top["metric"], top["direction"], grid, dict(train), search, cells)

@@ -36,6 +36,9 @@ MAX_RETRY = 3  # retries of a trial whose worker died
 SPEC_ATTR = "sweeper.spec"
 SPEC_HASH_ATTR = "sweeper.spec_hash"
 KEY_ATTR = "sweeper.key"
+RECIPE_ATTR = "sweeper.recipe"  # the resolved recipe the trial was enqueued with: it trains with exactly this
+RECIPE_DIGEST_ATTR = "sweeper.recipe_digest"  # with the key, the trial's identity
+IDENTITY_ATTRS = (KEY_ATTR, RECIPE_ATTR, RECIPE_DIGEST_ATTR)
 FAIL_REASON_ATTR = "sweeper.fail_reason"
 SCHEMA_LOCK_KEY = zlib.crc32(b"sweeper.optuna-schema")
 STATES = ("WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL")
@@ -232,15 +235,21 @@ def launch(storage: RDBStorage, spec: StudySpec, force_update: bool = False) -> 
                 raise SweeperError(
                     f"study {spec.name!r} already exists with a different spec (hash {old_hash}, "
                     f"now {spec.hash}). Give the changed study a new name (rename {spec.path}), or pass "
-                    "--force-update to keep the finished trials and enqueue only the new cells."
+                    "--force-update to keep the finished trials and enqueue only the new cells (every cell again, as "
+                    "new rows, when the [train] recipe changed)."
                 )
             updated = True
         if old_hash != spec.hash:
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
             study.set_user_attr(SPEC_HASH_ATTR, spec.hash)
-        existing = {t.user_attrs.get(KEY_ATTR) for t in storage.get_all_trials(study._study_id, deepcopy=False)}
-        missing = [(cell, key) for cell, key in spec.trial_keys() if key not in existing]
-        enqueue_many(study, [cell_attrs(cell, key) for cell, key in missing])
+            study.set_user_attr(RECIPE_DIGEST_ATTR, spec.recipe_digest)
+        existing = {
+            (t.user_attrs.get(KEY_ATTR), t.user_attrs.get(RECIPE_DIGEST_ATTR))
+            for t in storage.get_all_trials(study._study_id, deepcopy=False)
+        }
+        digest = spec.recipe_digest
+        missing = [(cell, key) for cell, key in spec.trial_keys() if (key, digest) not in existing]
+        enqueue_many(study, [cell_attrs(cell, key, spec.recipe, digest) for cell, key in missing])
     return EnqueueResult(study, len(missing), len(spec.trial_keys()) - len(missing), created, updated)
 
 
@@ -286,29 +295,110 @@ def enqueue_many(study: optuna.Study, user_attrs: list[dict[str, Any]]) -> None:
             )
 
 
-def cell_attrs(cell: Cell, key: str) -> dict[str, Any]:
-    return {KEY_ATTR: key, "variant": cell.variant, "dataset": cell.dataset, "seed": cell.seed}
+def cell_attrs(cell: Cell, key: str, recipe: dict[str, Any], digest: str) -> dict[str, Any]:
+    return {
+        KEY_ATTR: key,
+        RECIPE_DIGEST_ATTR: digest,
+        RECIPE_ATTR: recipe,
+        "variant": cell.variant,
+        "dataset": cell.dataset,
+        "seed": cell.seed,
+    }
 
 
 def make_sampler(spec: StudySpec | dict[str, Any]) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeing only the trials of the cell it samples for (see CellSampler)."""
     search = spec.search if isinstance(spec, StudySpec) else spec.get("search")
     kind = (search or {}).get("sampler", "random")
-    return {
-        "tpe": lambda: optuna.samplers.TPESampler(),
-        "random": lambda: optuna.samplers.RandomSampler(),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(),
-        "qmc": lambda: optuna.samplers.QMCSampler(),
-    }[kind]()
+    if kind == "random":  # reads no history
+        return optuna.samplers.RandomSampler()
+    return CellSampler(
+        {
+            "tpe": lambda: optuna.samplers.TPESampler(),
+            "cmaes": lambda: optuna.samplers.CmaEsSampler(),
+            "qmc": lambda: optuna.samplers.QMCSampler(),
+        }[kind]()
+    )
 
 
 def make_pruner(spec: dict[str, Any]) -> optuna.pruners.BasePruner:
+    """The spec's pruner, comparing a trial only with trials of its own cell (see CellPruner)."""
     kind = (spec.get("search") or {}).get("pruner", "none")
-    return {
-        "none": optuna.pruners.NopPruner,
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
-        "hyperband": optuna.pruners.HyperbandPruner,
-        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-    }[kind]()
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    return CellPruner(
+        {
+            "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+            "hyperband": optuna.pruners.HyperbandPruner,
+            "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+        }[kind]()
+    )
+
+
+# --- per-cell search -------------------------------------------------------------------------
+#
+# One Optuna study holds every cell of a sweeper study (one queue, one place to look). Its
+# sampler and pruner must still never pool cells: a naive/CIFAR-100 curve says nothing about a
+# short4/digits one. So each decision is taken on a view of the study that holds only the trials
+# of the deciding trial's cell and recipe, as Optuna's HyperbandPruner does for its brackets.
+
+
+def cell_of(trial: optuna.trial.FrozenTrial) -> tuple[str | None, str | None]:
+    """A trial's cell and recipe: its key without the search trial's "#k", and its recipe digest."""
+    key = trial.user_attrs.get(KEY_ATTR) or ""
+    return key.split("#", 1)[0] or None, trial.user_attrs.get(RECIPE_DIGEST_ATTR)
+
+
+class CellStudy(optuna.Study):
+    """The study as one cell sees it: every trial query returns that cell's trials only."""
+
+    def __init__(self, study: optuna.Study, cell: tuple[str | None, str | None]):
+        super().__init__(
+            study_name=study.study_name, storage=study._storage, sampler=study.sampler, pruner=study.pruner
+        )
+        self.cell = cell
+
+    def _get_trials(self, deepcopy=True, states=None, use_cache=False) -> list[optuna.trial.FrozenTrial]:
+        trials = super()._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return [t for t in trials if cell_of(t) == self.cell]
+
+
+class CellPruner(optuna.pruners.BasePruner):
+    """Wraps a pruner so that it compares a trial only with the trials of the same cell.
+
+    >>> pruner = CellPruner(optuna.pruners.MedianPruner())
+    """
+
+    def __init__(self, pruner: optuna.pruners.BasePruner):
+        self.pruner = pruner
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return self.pruner.prune(CellStudy(study, cell_of(trial)), trial)
+
+
+class CellSampler(optuna.samplers.BaseSampler):
+    """Wraps a sampler so that it learns only from the trials of the cell it samples for."""
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler):
+        self.sampler = sampler
+
+    def infer_relative_search_space(self, study, trial):
+        return self.sampler.infer_relative_search_space(CellStudy(study, cell_of(trial)), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.sampler.sample_relative(CellStudy(study, cell_of(trial)), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.sampler.sample_independent(CellStudy(study, cell_of(trial)), trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self.sampler.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.sampler.after_trial(CellStudy(study, cell_of(trial)), trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
 
 
 # --- workers: claim, heartbeat, retry ----------------------------------------------------------
@@ -500,10 +590,10 @@ def retry_failed(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False):
         key = t.user_attrs.get(KEY_ATTR)
         if key is not None:
-            latest[key] = t  # trials come in number order: the last one wins
+            latest[(key, t.user_attrs.get(RECIPE_DIGEST_ATTR))] = t  # in number order: the last one wins
     failed = [t for t in latest.values() if t.state == TrialState.FAIL]
     for t in failed:
-        user_attrs = {k: v for k, v in t.user_attrs.items() if not k.startswith("sweeper.") or k == KEY_ATTR}
+        user_attrs = {k: v for k, v in t.user_attrs.items() if not k.startswith("sweeper.") or k in IDENTITY_ATTRS}
         study.add_trial(
             optuna.trial.create_trial(
                 state=TrialState.WAITING,

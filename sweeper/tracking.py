@@ -19,6 +19,9 @@ log = logging.getLogger("sweeper.tracking")
 
 ROLE_TAG = "sweeper.role"  # "study" on the parent run, "cell" on a cell's run
 KEY_TAG = "sweeper.key"
+RECIPE_TAG = "sweeper.recipe_digest"  # with the key, a cell run's identity
+CODE_DIGEST_TAG = "sweeper.code_digest"  # digest of the sweeper package's source that trained the run
+DATASET_DIGEST_TAG = "sweeper.dataset_digest"  # digest of the arrays it trained and evaluated on
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -157,6 +160,7 @@ class RunLogger:
         self.params: list[Any] = []
         self.tags: list[Any] = []
         self.artifacts: list[tuple[str, str]] = []  # (local path, artifact dir)
+        self.inputs: list[Any] = []  # mlflow DatasetInput
         self.down_since: float | None = None
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -168,6 +172,9 @@ class RunLogger:
         from mlflow.entities import RunTag
 
         self.tags += [RunTag(k, str(v)) for k, v in tags.items()]
+
+    def log_input(self, dataset_input) -> None:
+        self.inputs.append(dataset_input)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -204,7 +211,7 @@ class RunLogger:
                 time.sleep(2)
 
     def pending(self) -> int:
-        return len(self.metrics) + len(self.params) + len(self.tags) + len(self.artifacts)
+        return len(self.metrics) + len(self.params) + len(self.tags) + len(self.artifacts) + len(self.inputs)
 
     def _send(self) -> None:
         # Artifacts (the checkpoint) go before the epoch's metrics: a metric logged means its
@@ -214,6 +221,9 @@ class RunLogger:
             local, path = self.artifacts[0]
             self.client.log_artifact(self.run_id, local, path)
             self.artifacts.pop(0)
+        if self.inputs:
+            self.client.log_inputs(self.run_id, datasets=self.inputs)
+            self.inputs = []
         for kind, size in (("params", 100), ("tags", 100), ("metrics", 1000)):
             queue = getattr(self, kind)
             while queue:

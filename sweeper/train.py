@@ -40,6 +40,10 @@ class EpochMetrics:
     lr: float
     epoch_seconds: float
     images_per_s: float  # training images per second of training (evaluation excluded)
+    # On the held-out validation slice (recipe.val_fraction > 0), else None.
+    val_loss: float | None = None
+    val_top1_error: float | None = None
+    val_top5_error: float | None = None
 
 
 @dataclass
@@ -219,6 +223,8 @@ def fit(
     training continues from the epoch after it, with exactly the metrics of an unbroken run.
     """
     recipe.validate()
+    if recipe.val_fraction and data.val_x is None:
+        data = data.split_validation(recipe.val_fraction)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     bf16 = prec == "bf16"
@@ -244,6 +250,7 @@ def fit(
 
     train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
     test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
+    val = (data.val_x.to(dev), data.val_y.to(dev)) if data.val_x is not None else None
     batches = BatchLoader(
         train_x,
         train_y,
@@ -300,6 +307,9 @@ def fit(
         train_seconds = time.perf_counter() - started
         train_loss = (torch.stack(losses) * torch.tensor(sizes, device=dev)).sum().item() / sum(sizes)
         test_loss, top1, top5 = evaluate(model, test_x, test_y, recipe.eval_batch_size, autocast, memory_format)
+        val_loss = val_top1 = val_top5 = None
+        if val is not None:
+            val_loss, val_top1, val_top5 = evaluate(model, *val, recipe.eval_batch_size, autocast, memory_format)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics = EpochMetrics(
@@ -311,6 +321,9 @@ def fit(
             lr=lr,
             epoch_seconds=time.perf_counter() - started,
             images_per_s=sum(sizes) / train_seconds,
+            val_loss=val_loss,
+            val_top1_error=val_top1,
+            val_top5_error=val_top5,
         )
         result.history.append(metrics)
         if on_epoch is not None and on_epoch(metrics, state):

@@ -6,7 +6,6 @@ on any machine resumes), logs the epoch's metrics with ``step`` = epoch, and rep
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
@@ -22,16 +21,17 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from sweeper import __version__, checkpoint, device, settings, system_metrics, tracking
+from sweeper import __version__, checkpoint, device, lineage, settings, system_metrics, tracking
 from sweeper import study as studies
 from sweeper.device import Engine
 from sweeper.errors import SweeperError, redact
-from sweeper.spec import SpecError, check_stored
+from sweeper.spec import SpecError, check_stored, decision_metric
 from sweeper.train import EpochMetrics, Interrupted, NonFiniteLoss, Recipe, cpu_copy, fit, seed_everything
 
 log = logging.getLogger("sweeper.worker")
 
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
+VAL_EPOCH_METRICS = ("val_loss", "val_top1_error", "val_top5_error")  # when the recipe holds out a slice
 CHECKPOINT_ARTIFACT = "checkpoint"
 TRACKING_CHECK_EVERY = 30.0  # seconds between looks at MLflow before claiming, after a success
 
@@ -177,6 +177,12 @@ def _wait_for_tracking(mlflow_client, config: WorkerConfig, stop: StopSignal) ->
     return False
 
 
+def epoch_metrics(m: EpochMetrics) -> dict[str, float]:
+    """An epoch's metrics for MLflow: the validation ones only when the recipe holds out a slice."""
+    names = EPOCH_METRICS + (VAL_EPOCH_METRICS if m.val_top1_error is not None else ())
+    return {k: getattr(m, k) for k in names}
+
+
 def _claim_next(storage, names: tuple[str, ...]):
     for name in names or studies.study_names(storage):
         try:
@@ -231,20 +237,6 @@ class TrialLost(Exception):
     database outage), the trial was failed and its retry enqueued. Stand down, touch nothing."""
 
 
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    """The commit of the sweeper checkout this worker runs from, when it runs from one."""
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 class TrialRun:
     """One claimed trial, from the cell's attributes to a told result."""
 
@@ -258,7 +250,9 @@ class TrialRun:
         self.attrs = attrs
         self.key = attrs[studies.KEY_ATTR]
         self.variant, self.dataset, self.seed = attrs["variant"], attrs["dataset"], int(attrs["seed"])
-        self.checkpoint_path = checkpoint.cell_path(settings.home() / "checkpoints", study.study_name, self.key)
+        self.recipe_digest = attrs.get(studies.RECIPE_DIGEST_ATTR)
+        cell = self.key + (f"@{self.recipe_digest}" if self.recipe_digest else "")  # one folder per recipe
+        self.checkpoint_path = checkpoint.cell_path(settings.home() / "checkpoints", study.study_name, cell)
         self.logger: tracking.RunLogger | None = None
         self.run_id: str | None = None
         self.model = None
@@ -327,10 +321,12 @@ class TrialRun:
         from sweeper.models import build_model, count_macs, count_params
 
         check_stored(self.spec, self.study.study_name)  # stored by an older sweeper, or by hand
-        values = dict(self.spec["train"], seed=self.seed)
+        # The recipe stored on the trial at enqueue time: a spec updated meanwhile never changes it.
+        values = dict(self.attrs.get(studies.RECIPE_ATTR) or self.spec["train"], seed=self.seed)
         for name, dist in ((self.spec.get("search") or {}).get("space") or {}).items():
             values[name] = self._db(suggest, self.trial, name, dist)
         self.recipe = recipe = Recipe.from_dict(values)
+        decide_on = decision_metric(self.spec["metric"], recipe.val_fraction)
         self._db(self.trial.set_user_attr, "sweeper.host", socket.gethostname())
         self._db(self.trial.set_user_attr, "sweeper.epochs", recipe.epochs)
 
@@ -342,6 +338,8 @@ class TrialRun:
         already_logged = set() if fresh_run else tracking.logged_steps(self.client, self.run_id)
         resume = self._fetch_checkpoint(recipe)
         splits = load_data(self.dataset, self.config.data_dir).limit(recipe.limit_train, recipe.limit_test)
+        splits = splits.split_validation(recipe.val_fraction)
+        data_digest = lineage.dataset_digest(splits)
         seed_everything(self.seed)
         self.model = build_model(self.variant, splits.num_classes, splits.in_channels)
         num_params, macs = count_params(self.model), count_macs(self.model, splits.info.shape)
@@ -353,16 +351,20 @@ class TrialRun:
                 "sweeper.host": socket.gethostname(),
                 "sweeper.version": __version__,
                 "torch.version": torch.__version__,
-                **({"mlflow.source.git.commit": git_commit()} if git_commit() else {}),
+                tracking.CODE_DIGEST_TAG: lineage.code_digest(),
+                tracking.DATASET_DIGEST_TAG: data_digest,
+                **({"mlflow.source.git.commit": lineage.git_commit()} if lineage.git_commit() else {}),
             }
         )
+        if fresh_run or not self.client.get_run(self.run_id).inputs.dataset_inputs:
+            self.logger.log_input(lineage.dataset_input(splits, recipe.val_fraction, data_digest))
         if resume:
             self.logger.set_tags({"sweeper.resumed_from_epoch": resume["epoch"]})
             for m in resume["history"]:
                 if m["epoch"] not in already_logged:  # died after the checkpoint, before the metrics
-                    self.logger.log_metrics({k: m[k] for k in EPOCH_METRICS}, step=m["epoch"])
+                    self.logger.log_metrics(epoch_metrics(EpochMetrics(**m)), step=m["epoch"])
                     already_logged.add(m["epoch"])
-                self._db(self.trial.report, m[self.spec["metric"]], m["epoch"])
+                self._db(self.trial.report, m[decide_on], m["epoch"])
         self.logger.flush()
 
         pruned_at: list[int] = []
@@ -373,14 +375,14 @@ class TrialRun:
             if self._save_checkpoint(state):
                 self.logger.log_artifact(self.checkpoint_path, CHECKPOINT_ARTIFACT)
             if m.epoch not in already_logged:
-                self.logger.log_metrics({k: getattr(m, k) for k in EPOCH_METRICS}, step=m.epoch)
+                self.logger.log_metrics(epoch_metrics(m), step=m.epoch)
                 already_logged.add(m.epoch)
             if (
                 not self.logger.flush()
                 and time.monotonic() - self.logger.down_since > self.config.tracking_outage_limit
             ):
                 raise SweeperError(self._outage_reason(m.epoch))
-            value = getattr(m, self.spec["metric"])
+            value = getattr(m, decide_on)
             self._db(self.trial.set_user_attr, "sweeper.epoch", m.epoch)
             self._db(self.trial.set_user_attr, "sweeper.top1_error", m.top1_error)
             log.info(
@@ -389,7 +391,7 @@ class TrialRun:
                 self.key,
                 m.epoch,
                 recipe.epochs,
-                self.spec["metric"],
+                decide_on,
                 value,
             )
             self._db(self.trial.report, value, m.epoch)
@@ -408,7 +410,7 @@ class TrialRun:
             should_stop=self.stop.is_set,
         )
         final = result.final
-        value = getattr(final, self.spec["metric"])
+        value = getattr(final, decide_on)
         # Recorded in Optuna before MLflow is waited for: an outage past the limit cannot lose it.
         self._db(self.trial.set_user_attr, "sweeper.final_value", value)
         self.logger.log_metrics({"num_params": num_params, "macs": macs, "train_seconds": result.train_seconds})
@@ -432,7 +434,7 @@ class TrialRun:
         else:
             self._end_run("FINISHED")
             self._tell_complete(value)
-            log.info("trial %d: %s complete, %s %.4f", self.trial.number, self.key, self.spec["metric"], value)
+            log.info("trial %d: %s complete, %s %.4f", self.trial.number, self.key, decide_on, value)
 
     def _tell_complete(self, value: float) -> None:
         try:
@@ -468,9 +470,10 @@ class TrialRun:
         parent_id = tracking.ensure_study_run(self.client, experiment_id, self.spec)
         run_id = self.attrs.get("mlflow_run_id")
         if run_id is None:
-            found = tracking.find_run(
-                self.client, experiment_id, {tracking.KEY_TAG: self.key, tracking.ROLE_TAG: "cell"}
-            )
+            identity = {tracking.KEY_TAG: self.key, tracking.ROLE_TAG: "cell"}
+            if self.recipe_digest:
+                identity[tracking.RECIPE_TAG] = self.recipe_digest
+            found = tracking.find_run(self.client, experiment_id, identity)
             run_id = found.info.run_id if found else None
         tags = {"optuna.study": self.study.study_name, "optuna.trial_number": str(self.trial.number)}
         fresh = run_id is None
@@ -482,6 +485,7 @@ class TrialRun:
                     tracking.PARENT_TAG: parent_id,
                     tracking.ROLE_TAG: "cell",
                     tracking.KEY_TAG: self.key,
+                    **({tracking.RECIPE_TAG: self.recipe_digest} if self.recipe_digest else {}),
                     "mlflow.note.content": f"GoogLeNet {self.variant} on {self.dataset}, seed {self.seed} "
                     f"(study {self.study.study_name}, cell {self.key})",
                     **tags,

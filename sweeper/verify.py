@@ -1,0 +1,192 @@
+"""`sweeper verify`: does what MLflow holds match what Optuna says happened?
+
+For every finished (COMPLETE) trial: its run exists, is active and FINISHED, is the only
+finished run of its cell and recipe, logged each epoch's metrics exactly once, has params
+equal to the trial's recipe, and holds the model artifact. And no cell run lacks a trial.
+Each problem names the cell, the trial and the run, and the command that repairs it when
+one exists.
+
+    >>> result = verify("quickstart")            # doctest: +SKIP
+    >>> result["ok"], [p["check"] for p in result["problems"]]    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from sweeper import study as studies
+from sweeper import tracking
+from sweeper.errors import redact
+from sweeper.spec import VAL_METRICS
+
+EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error")
+MODEL_ARTIFACT = "model"
+
+
+def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.configure_http()
+    study = studies.load_study(studies.open_storage(storage_url), study_name)
+    client = tracking.client(uri)
+    tracking.check_reachable(client)
+    env = f"MLFLOW_TRACKING_URI={redact(uri)}"
+    problems: list[dict[str, Any]] = []
+
+    def problem(check: str, message: str, trial=None, run_id=None, repair=None) -> None:
+        problems.append(
+            {
+                "check": check,
+                "cell": trial.user_attrs.get(studies.KEY_ATTR) if trial is not None else None,
+                "trial": trial.number if trial is not None else None,
+                "run_id": run_id,
+                "message": message,
+                "repair": repair,
+            }
+        )
+
+    trials = study.get_trials(deepcopy=False)
+    experiment = client.get_experiment_by_name(study_name)
+    runs = []
+    if experiment is not None:
+        token = None
+        while True:
+            page = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`{tracking.ROLE_TAG}` = 'cell'",
+                run_view_type=ViewType.ALL,
+                max_results=1000,
+                page_token=token,
+            )
+            runs += page
+            token = page.token
+            if not token:
+                break
+    active = [r for r in runs if r.info.lifecycle_stage == "active"]
+    by_id = {r.info.run_id: r for r in runs}
+    claimed = {t.user_attrs.get("mlflow_run_id") for t in trials} - {None}
+
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    for t in complete:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        run = by_id.get(run_id)
+        if run is None and run_id is not None:
+            try:
+                run = client.get_run(run_id)
+            except MlflowException:
+                run = None
+        if run is None:
+            problem(
+                "run_missing",
+                f"trial {t.number} finished but its MLflow run {run_id or '(none recorded)'} does not exist "
+                "(deleted for good, or logged to another tracking store)",
+                t,
+                run_id,
+            )
+            continue
+        if run.info.lifecycle_stage != "active":
+            problem(
+                "run_deleted",
+                f"the run of trial {t.number} was deleted in MLflow",
+                t,
+                run_id,
+                f"{env} mlflow runs restore --run-id {run_id}",
+            )
+        if run.info.status != "FINISHED":
+            problem("run_not_finished", f"trial {t.number} is COMPLETE but its run is {run.info.status}", t, run_id)
+        _check_epochs(client, t, run, problem)
+        _check_params(t, run, problem)
+        if not client.list_artifacts(run_id, MODEL_ARTIFACT):
+            problem("model_missing", f"the run of trial {t.number} has no '{MODEL_ARTIFACT}' artifact", t, run_id)
+
+    identity = Counter(
+        (r.data.tags.get(tracking.KEY_TAG), r.data.tags.get(tracking.RECIPE_TAG))
+        for r in active
+        if r.info.status == "FINISHED"
+    )
+    for (key, digest), n in identity.items():
+        if n > 1:
+            extra = [
+                r.info.run_id
+                for r in active
+                if (r.data.tags.get(tracking.KEY_TAG), r.data.tags.get(tracking.RECIPE_TAG)) == (key, digest)
+                and r.info.status == "FINISHED"
+                and r.info.run_id not in claimed
+            ]
+            problems.append(
+                {
+                    "check": "duplicate_runs",
+                    "cell": key,
+                    "trial": None,
+                    "run_id": None,
+                    "message": f"cell {key} (recipe {digest}) has {n} FINISHED runs, not one",
+                    "repair": " && ".join(f"{env} mlflow runs delete --run-id {r}" for r in extra) or None,
+                }
+            )
+    for r in active:
+        if r.info.run_id not in claimed:
+            problems.append(
+                {
+                    "check": "run_without_trial",
+                    "cell": r.data.tags.get(tracking.KEY_TAG),
+                    "trial": None,
+                    "run_id": r.info.run_id,
+                    "message": f"run {r.info.run_id} ({r.info.run_name}) belongs to no trial of study {study_name}",
+                    "repair": f"{env} mlflow runs delete --run-id {r.info.run_id}",
+                }
+            )
+    return {
+        "study": study_name,
+        "tracking_uri": redact(uri),
+        "ok": not problems,
+        "trials_checked": len(complete),
+        "runs_checked": len(runs),
+        "problems": problems,
+    }
+
+
+def _recipe(trial) -> dict[str, Any]:
+    return {**(trial.user_attrs.get(studies.RECIPE_ATTR) or {}), **trial.params}
+
+
+def _check_epochs(client, trial, run, problem) -> None:
+    recipe = _recipe(trial)
+    epochs = int(recipe.get("epochs") or trial.user_attrs.get("sweeper.epochs") or 0)
+    metrics = EPOCH_METRICS + (tuple(VAL_METRICS.values()) if recipe.get("val_fraction") else ())
+    for name in metrics:
+        steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, name))
+        twice = sorted(s for s, n in steps.items() if n > 1)
+        missing = sorted(set(range(1, epochs + 1)) - set(steps)) if epochs else []
+        if twice:
+            problem(
+                "metric_duplicated",
+                f"{name} is logged more than once for epoch(s) {', '.join(map(str, twice))}; the report and "
+                "plots keep the latest value, MLflow's charts show both",
+                trial,
+                run.info.run_id,
+            )
+        if missing:
+            problem(
+                "metric_missing",
+                f"{name} is missing for epoch(s) {', '.join(map(str, missing))}",
+                trial,
+                run.info.run_id,
+            )
+
+
+def _check_params(trial, run, problem) -> None:
+    ua = trial.user_attrs
+    want = {k: str(v) for k, v in _recipe(trial).items()}
+    want.update(variant=str(ua.get("variant")), dataset=str(ua.get("dataset")), seed=str(ua.get("seed")))
+    have = run.data.params
+    wrong = [f"{k}={have.get(k)!r} (trial: {v!r})" for k, v in sorted(want.items()) if have.get(k) != v]
+    if wrong:
+        problem(
+            "params_differ",
+            f"the run's params differ from trial {trial.number}'s recipe: {'; '.join(wrong)}",
+            trial,
+            run.info.run_id,
+        )
