@@ -155,19 +155,28 @@ def cli():
 
 @cli.command()
 @click.option("--dataset", callback=check_dataset, help="Only this dataset (default: all).")
+@click.option(
+    "--study",
+    metavar="NAME|PATH.toml",
+    help="Also the variants this study spec declares in [variants.NAME]; only its grid's datasets.",
+)
 @format_option()
-def models(dataset, fmt):
+def models(dataset, study, fmt):
     """Parameters, MACs per image and Inception modules of every variant."""
     import torch
 
     from sweeper.models import build_model, count_macs, count_params
+    from sweeper.spec import variant_cfgs
 
+    spec = load_spec(study) if study else None
+    table = variant_cfgs(spec) if spec else VARIANTS
+    datasets = [dataset] if dataset else (spec.grid["dataset"] if spec else list(DATASETS))
     rows = []
-    for name in [dataset] if dataset else list(DATASETS):
+    for name in datasets:
         info = DATASETS[name]
-        for variant, cfg in VARIANTS.items():
+        for variant, cfg in table.items():
             with torch.device("meta"):  # shapes only: counting needs no real weights
-                model = build_model(variant, info.num_classes, info.shape[0])
+                model = build_model(variant, info.num_classes, info.shape[0], table)
             rows.append(
                 {
                     "variant": variant,
@@ -176,6 +185,7 @@ def models(dataset, fmt):
                     "params": count_params(model),
                     "macs": count_macs(model, info.shape),
                     "inception_modules": cfg.inception_modules,
+                    **({"declared_in": "spec" if variant in spec.variants else "built-in"} if spec else {}),
                 }
             )
     if fmt == "json":

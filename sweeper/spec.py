@@ -63,7 +63,9 @@ SEARCH_RULES = {
     "pruner": Rule(str, choices=PRUNERS),
 }
 SEARCH_DEFAULTS = {"trials_per_cell": 10, "sampler": "tpe", "pruner": "none"}
-TOP_KEYS = (*TOP_RULES, "grid", "train", "search")
+TOP_KEYS = (*TOP_RULES, "grid", "train", "search", "variants")
+VARIANT_KEYS = ("stages", "block", "description")
+BLOCKS = ("bottleneck", "naive")
 SEARCH_KEYS = (*SEARCH_RULES, "space")
 
 
@@ -96,6 +98,7 @@ class StudySpec:
     train: dict[str, Any]
     search: dict[str, Any] | None = None
     cells: tuple[Cell, ...] = field(default=())
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # declared in [variants.NAME]
 
     @property
     def trials_per_cell(self) -> int:
@@ -125,6 +128,7 @@ class StudySpec:
             "grid": self.grid,
             "train": self.train,
             "search": self.search,
+            **({"variants": self.variants} if self.variants else {}),
         }
 
     @property
@@ -218,7 +222,8 @@ def parse(raw: dict[str, Any], name: str, path: str = "<spec>") -> StudySpec:
     if not isinstance(grid, dict):
         raise fail("[grid]", 'missing; it lists variant, dataset and seed values, e.g. variant = ["standard"]')
     _check_keys(grid, GRID_KEYS, "[grid]", fail)
-    allowed = {"variant": list(VARIANTS), "dataset": list(DATASETS)}
+    variants = _parse_variants(raw.get("variants", {}), fail)
+    allowed = {"variant": [*VARIANTS, *variants], "dataset": list(DATASETS)}
     for key in GRID_KEYS:
         values = grid.get(key, [1] if key == "seed" else None)
         if not isinstance(values, list) or not values:
@@ -252,7 +257,62 @@ def parse(raw: dict[str, Any], name: str, path: str = "<spec>") -> StudySpec:
         train = {**train, "val_fraction": train.get("val_fraction", DEFAULT_SEARCH_VAL_FRACTION)}
 
     cells = tuple(Cell(v, d, s) for v, d, s in itertools.product(grid["variant"], grid["dataset"], grid["seed"]))
-    return StudySpec(name, path, top["description"], top["metric"], top["direction"], grid, dict(train), search, cells)
+    return StudySpec(
+        name, path, top["description"], top["metric"], top["direction"], grid, dict(train), search, cells, variants
+    )
+
+
+def _parse_variants(table: Any, fail) -> dict[str, dict[str, Any]]:
+    """[variants.NAME] tables: Inception modules by stage, as the built-in variants are declared."""
+    from sweeper.contract import MODULES
+
+    if not isinstance(table, dict):
+        raise fail("[variants]", 'must hold tables like [variants.mine] with stages = [["a3"], ["c4"], ["b5"]]')
+    out = {}
+    for name, raw in table.items():
+        where = f"variants.{name}"
+        if name in VARIANTS:
+            raise fail(where, f"{name!r} is a built-in variant; give yours another name")
+        if not NAME_PATTERN.fullmatch(name):
+            raise fail(where, "a variant name may hold only letters, digits, '.', '_' and '-'")
+        if not isinstance(raw, dict):
+            raise fail(where, "must be a table with stages = [[...], ...] and optionally block")
+        _check_keys(raw, VARIANT_KEYS, f"[{where}]", fail)
+        stages = raw.get("stages")
+        example = '[["a3"], ["c4"], ["b5"]]'
+        if not isinstance(stages, list) or not stages or not all(isinstance(st, list) and st for st in stages):
+            raise fail(f"{where}.stages", f"must be a non-empty list of non-empty lists of modules, e.g. {example}")
+        for stage in stages:
+            for module in stage:
+                if module not in MODULES:
+                    raise fail(f"{where}.stages", f"unknown module {module!r}; allowed: {', '.join(MODULES)}")
+        block = raw.get("block", "bottleneck")
+        if block not in BLOCKS:
+            raise fail(f"{where}.block", f"must be one of: {', '.join(BLOCKS)}, got {block!r}")
+        description = raw.get("description", f"declared in the study spec: {len(sum(stages, []))} modules")
+        if not isinstance(description, str):
+            raise fail(f"{where}.description", "must be a string")
+        out[name] = {"stages": [list(st) for st in stages], "block": block, "description": description}
+    return out
+
+
+def variant_cfgs(spec: StudySpec | dict[str, Any]) -> dict[str, Any]:
+    """Every variant a study can build: the built-in ones and those its spec declares.
+
+    >>> cfgs = variant_cfgs({"variants": {"mine": {"stages": [["a3"], ["b5"]], "block": "bottleneck"}}})
+    >>> cfgs["mine"].inception_modules, "standard" in cfgs
+    (2, True)
+    """
+    from sweeper.contract import VariantCfg
+
+    declared = spec.variants if isinstance(spec, StudySpec) else (spec.get("variants") or {})
+    return {
+        **VARIANTS,
+        **{
+            name: VariantCfg(tuple(tuple(st) for st in v["stages"]), v["block"], v.get("description", ""))
+            for name, v in declared.items()
+        },
+    }
 
 
 def check_name(name: str, path: str = "<spec>") -> None:

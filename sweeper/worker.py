@@ -25,7 +25,7 @@ from sweeper import __version__, checkpoint, device, lineage, settings, system_m
 from sweeper import study as studies
 from sweeper.device import Engine
 from sweeper.errors import SweeperError, redact
-from sweeper.spec import SpecError, check_stored, decision_metric
+from sweeper.spec import SpecError, check_stored, decision_metric, variant_cfgs
 from sweeper.train import EpochMetrics, Interrupted, NonFiniteLoss, Recipe, cpu_copy, fit, seed_everything
 
 log = logging.getLogger("sweeper.worker")
@@ -341,7 +341,7 @@ class TrialRun:
         splits = splits.split_validation(recipe.val_fraction)
         data_digest = lineage.dataset_digest(splits)
         seed_everything(self.seed)
-        self.model = build_model(self.variant, splits.num_classes, splits.in_channels)
+        self.model = build_model(self.variant, splits.num_classes, splits.in_channels, variant_cfgs(self.spec))
         num_params, macs = count_params(self.model), count_macs(self.model, splits.info.shape)
         if fresh_run or not self.client.get_run(self.run_id).data.params:  # params are immutable in MLflow
             self.logger.log_params({"variant": self.variant, "dataset": self.dataset, **recipe.to_dict()})

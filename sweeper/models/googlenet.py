@@ -92,10 +92,15 @@ class UnknownVariant(ValueError):
     pass
 
 
-def build_model(variant: str, num_classes: int, in_channels: int = 3) -> GoogLeNet:
-    if variant not in VARIANTS:
-        raise UnknownVariant(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-    return GoogLeNet(VARIANTS[variant], num_classes=num_classes, in_channels=in_channels)
+def build_model(
+    variant: str, num_classes: int, in_channels: int = 3, variants: dict[str, VariantCfg] | None = None
+) -> GoogLeNet:
+    """``variants``: the table to look the name up in (default the built-in ones; a study passes
+    its own, see sweeper.spec.variant_cfgs)."""
+    table = VARIANTS if variants is None else variants
+    if variant not in table:
+        raise UnknownVariant(f"unknown variant {variant!r}; choose one of: {', '.join(table)}")
+    return GoogLeNet(table[variant], num_classes=num_classes, in_channels=in_channels)
 
 
 def count_params(model: nn.Module) -> int:
