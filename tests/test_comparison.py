@@ -4,6 +4,8 @@ lineage, seed statistics and `sweeper verify`, each with real workers on digits.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -109,3 +111,177 @@ def test_pruning_compares_a_trial_with_its_own_cell_only(tmp_path):
     assert {t.user_attrs[studies.KEY_ATTR] for t in view.get_trials()} == {
         *(f"long/cifar100/s1#{k}" for k in range(1, 7))
     }, "the sampler's and pruner's view: this cell and recipe only"
+
+
+def test_changed_recipe_is_new_rows_and_each_trial_keeps_its_own(sweeper_env, tmp_path):
+    spec = write_spec(tmp_path / "recipes.toml", epochs=1, limit_train=128, limit_test=64)
+    sweeper("launch", "--study", str(spec), env=sweeper_env)  # enqueued, not run yet
+    write_spec(spec, epochs=1, limit_train=128, limit_test=64, extra="lr = 0.5\n")
+    done = sweeper("launch", "--study", str(spec), "--force-update", "--workers", "1", env=sweeper_env, timeout=900)
+    assert "enqueued 1 trial" in done.stderr
+    storage, client = stores(sweeper_env)
+    trials = optuna.load_study(study_name="recipes", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert trials[0].user_attrs[studies.RECIPE_DIGEST_ATTR] != trials[1].user_attrs[studies.RECIPE_DIGEST_ATTR]
+    runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials]
+    assert runs[0].info.run_id != runs[1].info.run_id, "a new recipe is a new run, not the old cell's"
+    assert [r.data.params["lr"] for r in runs] == ["1.0", "0.5"], (
+        "the waiting trial kept the recipe it was enqueued with"
+    )
+
+    current = sweeper("report", "--study", "recipes", "--format", "json", env=sweeper_env)
+    rows = json.loads(current.stdout)
+    assert [r["mlflow_run_id"] for r in rows] == [runs[1].info.run_id]
+    assert "1 row(s) of 1 earlier recipe(s) not shown" in current.stderr
+    every = json.loads(
+        sweeper("report", "--study", "recipes", "--recipe", "all", "--format", "json", env=sweeper_env).stdout
+    )
+    assert sorted(r["mlflow_run_id"] for r in every) == sorted(r.info.run_id for r in runs)
+    assert len({r["recipe"] for r in every}) == 2
+    table = sweeper("report", "--study", "recipes", "--recipe", "all", "--format", "markdown", env=sweeper_env).stdout
+    assert table.count("short4 (recipe ") == 2
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """A finished grid study: short3 and short4 on digits, three seeds each, one epoch."""
+    import os
+
+    root = tmp_path_factory.mktemp("seeded")
+    env = {k: v for k, v in os.environ.items() if k not in ("SWEEPER_STORAGE", "MLFLOW_TRACKING_URI")}
+    env.update(SWEEPER_HOME=str(root / "home"), OMP_NUM_THREADS="1")
+    spec = write_spec(
+        root / "seeded.toml", variants=("short4", "short3"), seeds=(1, 2, 3), epochs=1, limit_train=128, limit_test=64
+    )
+    sweeper("launch", "--study", str(spec), "--workers", "2", env=env, timeout=1500)
+    return env
+
+
+def test_every_run_carries_code_and_dataset_lineage(seeded):
+    from sweeper import lineage
+
+    storage, client = stores(seeded)
+    for t in optuna.load_study(study_name="seeded", storage=storage).trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["sweeper.code_digest"] == lineage.code_digest()
+        assert run.data.tags.get("mlflow.source.git.commit") == lineage.git_commit()
+        (logged,) = run.inputs.dataset_inputs
+        assert logged.dataset.name == "digits" and logged.dataset.digest == run.data.tags["sweeper.dataset_digest"]
+        profile = json.loads(logged.dataset.profile)
+        assert profile["train"] == 128 and profile["test"] == 64 and profile["val_fraction"] == 0.0
+    digests = {
+        client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["sweeper.dataset_digest"]
+        for t in optuna.load_study(study_name="seeded", storage=storage).trials
+    }
+    assert len(digests) == 1, "every cell saw the same arrays"
+
+
+def test_seed_statistics_and_paired_compare(seeded):
+    rows = json.loads(sweeper("report", "--study", "seeded", "--format", "json", env=seeded).stdout)
+    errors = {(r["variant"], r["seed"]): r["top1_error"] for r in rows}
+    for r in rows:
+        mine = [errors[(r["variant"], s)] for s in (1, 2, 3)]
+        assert r["n_seeds"] == 3
+        assert r["top1_error_mean"] == pytest.approx(sum(mine) / 3)
+        assert r["top1_error_std"] == pytest.approx(float(torch.tensor(mine, dtype=torch.float64).std()))
+    (result,) = json.loads(
+        sweeper("report", "--study", "seeded", "--compare", "short3,short4", "--format", "json", env=seeded).stdout
+    )
+    diffs = [errors[("short3", s)] - errors[("short4", s)] for s in (1, 2, 3)]
+    assert result["n_pairs"] == 3 and result["diff_mean"] == pytest.approx(sum(diffs) / 3)
+    assert result["ci_low"] <= result["diff_mean"] <= result["ci_high"]
+    covers = result["ci_low"] <= 0 <= result["ci_high"]
+    assert result["verdict"] == ("indistinguishable" if covers else result["verdict"]) and result["verdict"]
+    if not covers:
+        assert "lower top1_error" in result["verdict"]
+    table = sweeper("report", "--study", "seeded", "--compare", "short3,short4", env=seeded).stdout
+    assert "95% CI" in table and result["verdict"] in table
+    bad = sweeper("report", "--study", "seeded", "--compare", "short3,naive", env=seeded, check=False)
+    assert bad.returncode == 1 and "'naive' is not in this study" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_verify_passes_clean_and_names_each_drift(seeded):
+    import os
+
+    ok = sweeper("verify", "--study", "seeded", "--format", "json", env=seeded)
+    assert json.loads(ok.stdout)["ok"] is True and json.loads(ok.stdout)["trials_checked"] == 6
+    storage, client = stores(seeded)
+    trials = {t.user_attrs["sweeper.key"]: t for t in optuna.load_study(study_name="seeded", storage=storage).trials}
+    doubled, deleted = (
+        trials["short4/digits/s1"].user_attrs["mlflow_run_id"],
+        trials["short3/digits/s2"].user_attrs["mlflow_run_id"],
+    )
+    client.log_metric(doubled, "top1_error", 0.5, step=1)
+    client.delete_run(deleted)
+    client.set_tag(trials["short3/digits/s3"].user_attrs["mlflow_run_id"], "sweeper.code_digest", "0123456789abcdef")
+
+    drift = sweeper("verify", "--study", "seeded", "--format", "json", env=seeded, check=False)
+    assert drift.returncode == 1
+    problems = {(p["check"], p["cell"]): p for p in json.loads(drift.stdout)["problems"]}
+    assert set(problems) == {("metric_duplicated", "short4/digits/s1"), ("run_deleted", "short3/digits/s2")}
+    assert "top1_error" in problems[("metric_duplicated", "short4/digits/s1")]["message"]
+    repair = problems[("run_deleted", "short3/digits/s2")]["repair"]
+    assert f"mlflow runs restore --run-id {deleted}" in repair
+    text = sweeper("verify", "--study", "seeded", env=seeded, check=False)
+    assert text.returncode == 1 and "run_deleted" in text.stdout and "repair:" in text.stdout
+
+    bin_dir = os.path.dirname(sys.executable)
+    fixed = subprocess.run(
+        repair,
+        shell=True,
+        env={**seeded, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    after = json.loads(sweeper("verify", "--study", "seeded", "--format", "json", env=seeded, check=False).stdout)
+    assert [p["check"] for p in after["problems"]] == ["metric_duplicated"], "the printed repair worked"
+
+    warned = sweeper("report", "--study", "seeded", env=seeded)
+    assert "warning: the digits rows were trained with 2 different sweeper code" in warned.stderr
+
+
+TINY = """
+[variants.tiny]
+stages = [["a3"], ["b5"]]
+description = "two modules, declared in the spec"
+"""
+
+
+def test_spec_declared_variant_is_validated_listed_hashed_and_trained(sweeper_env, tmp_path):
+    from sweeper import spec as specs
+
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        '[grid]\nvariant = ["tiny"]\ndataset = ["digits"]\n[train]\nepochs = 1\nlimit_train = 128\nlimit_test = 64\n'
+        + TINY
+    )
+    listed = json.loads(sweeper("models", "--study", str(path), "--format", "json", env=sweeper_env).stdout)
+    tiny = next(r for r in listed if r["variant"] == "tiny")
+    assert tiny["declared_in"] == "spec" and tiny["inception_modules"] == 2 and tiny["dataset"] == "digits"
+    assert {r["dataset"] for r in listed} == {"digits"} and "standard" in {r["variant"] for r in listed}
+
+    changed = specs.parse(specs.tomllib.loads(path.read_text().replace('["b5"]', '["b4"]')), name="mine")
+    assert changed.hash != specs.load(str(path)).hash, "the variant's modules are part of the spec digest"
+    for bad, message in (
+        ('stages = [["a3"], ["zz"]]', "unknown module 'zz'"),
+        ("stages = []", "non-empty list"),
+        ('stages = [["a3"]]\nblock = "wide"', "must be one of: bottleneck, naive"),
+    ):
+        broken = tmp_path / "broken.toml"
+        broken.write_text(path.read_text().replace('stages = [["a3"], ["b5"]]', bad))
+        proc = sweeper("models", "--study", str(broken), env=sweeper_env, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "variants.tiny" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    clash = tmp_path / "clash.toml"
+    clash.write_text(path.read_text().replace("[variants.tiny]", "[variants.standard]"))
+    proc = sweeper("models", "--study", str(clash), env=sweeper_env, check=False)
+    assert proc.returncode == 2 and "built-in variant" in proc.stderr
+
+    sweeper("launch", "--study", str(path), "--workers", "1", env=sweeper_env, timeout=900)
+    storage, client = stores(sweeper_env)
+    (trial,) = optuna.load_study(study_name="mine", storage=storage).trials
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert trial.state.name == "COMPLETE" and run.data.params["variant"] == "tiny"
+    assert run.data.metrics["num_params"] == tiny["params"]
