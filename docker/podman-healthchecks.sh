@@ -19,18 +19,18 @@ fi
 
 while true; do
     now=$(date +%s)
-    # ID and healthcheck interval (nanoseconds; 0 or empty: podman's default of 30 s) of every
-    # running container that has a healthcheck.
+    # ID and healthcheck interval (seconds, maybe fractional; 0: podman's default of 30 s) of
+    # every running container that has a healthcheck.
     while read -r id interval; do
         [ -n "$id" ] || continue
-        interval=$((${interval:-0} / 1000000000))
-        [ "$interval" -gt 0 ] || interval=30
+        interval="${interval%%.*}"
+        [[ "$interval" =~ ^[0-9]+$ ]] && [ "$interval" -gt 0 ] || interval=30
         if [ $((now - ${last_run[$id]:-0})) -ge "$interval" ]; then
             last_run[$id]=$now
             podman healthcheck run "$id" > /dev/null 2>&1 &
         fi
     done < <(podman ps --quiet "${filter[@]}" 2> /dev/null \
-        | xargs -r podman inspect --format '{{if .Config.Healthcheck}}{{.ID}} {{.Config.Healthcheck.Interval}}{{end}}' 2> /dev/null)
+        | xargs -r podman inspect --format '{{if .Config.Healthcheck}}{{.ID}} {{.Config.Healthcheck.Interval.Seconds}}{{end}}' 2> /dev/null)
     wait
     sleep 2
 done
