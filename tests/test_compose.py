@@ -180,6 +180,8 @@ def test_long_running_services_have_healthchecks(services):
         assert check, f"{name} has no healthcheck"
         assert not check.get("disable"), f"{name}'s healthcheck is disabled"
         assert check.get("test") and check["test"] != ["NONE"], name
+        if check["test"][0] == "CMD":  # podman's Docker API splits CMD arguments at spaces
+            assert not any(" " in arg for arg in check["test"][1:]), f"{name}: use CMD-SHELL for {check['test']}"
 
 
 def test_worker_healthcheck_is_sweeper_doctor(services):
