@@ -38,7 +38,8 @@ LABEL = f"label=com.docker.compose.project={PROJECT}"
 STOP_GRACE = 60  # SWEEPER_STOP_GRACE_PERIOD in the test's .env, seconds
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+# A step waits on container starts, which a loaded 2-core machine can stretch a lot.
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 
 def spec_text(description: str, variants, datasets, epochs: int, limit_train: int, limit_test: int = 64) -> str:
@@ -61,10 +62,10 @@ GRID = (
     spec_text("e2e: 3 variants x 2 datasets", ["short4", "short3", "short2"], ["digits", "synthetic"], 2, 128),
 )
 # Step 3: one cell long enough to be killed in the middle; then three cells for the scale-down.
-RESUME = ("e2e-resume", spec_text("e2e: kill -9 in the middle", ["short4"], ["digits"], 6, 1024))
+RESUME = ("e2e-resume", spec_text("e2e: kill -9 in the middle", ["short4"], ["digits"], 5, 512))
 HANDBACK = (
     "e2e-handback",
-    spec_text("e2e: scale down hands back", ["short4", "short3", "short2"], ["digits"], 5, 1024),
+    spec_text("e2e: scale down hands back", ["short4", "short3", "short2"], ["digits"], 5, 512),
 )
 
 
@@ -133,7 +134,7 @@ class Stack:
         self.log.append(f"{time.monotonic() - started:6.1f}s docker-compose {' '.join(args)}")
         return proc
 
-    def sweeper(self, service: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def sweeper(self, service: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """`docker-compose run --rm SERVICE ARGS...` with the test's specs at /specs."""
         return self.compose("run", "--rm", "-T", "-v", f"{self.specs}:/specs:ro", service, *args, timeout=timeout)
 
@@ -153,7 +154,7 @@ class Stack:
     def inspect(self, container: str, template: str) -> str:
         return podman("inspect", "--format", template, container).stdout.strip()
 
-    def wait_healthy(self, service: str, timeout: float = 300) -> None:
+    def wait_healthy(self, service: str, timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
         while True:
             ids = self.containers(service)
@@ -351,7 +352,7 @@ def test_2_launch_a_study_all_cells_complete(stack):
         stack.sweeper("launcher", "launch", "--study", f"/specs/{study}.toml", "--format", "json").stdout
     )
     assert launched["enqueued"] == 6 and launched["already_enqueued"] == 0, launched
-    runs = stack.wait_finished(study, 6, timeout=600)
+    runs = stack.wait_finished(study, 6, timeout=900)
     keys = sorted(tags(r)["sweeper.key"] for r in runs)
     assert keys == sorted(f"{v}/{d}/s1" for v in ("short4", "short3", "short2") for d in ("digits", "synthetic"))
     for r in runs:
@@ -366,12 +367,12 @@ def test_2_launch_a_study_all_cells_complete(stack):
 def test_3a_kill_9_a_worker_the_trial_resumes_elsewhere(stack):
     study, _ = RESUME
     stack.sweeper("launcher", "launch", "--study", f"/specs/{study}.toml")
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while True:  # until the cell's run has logged two epochs
         runs = stack.cell_runs(study)
         if runs and len(stack.steps(runs[0]["info"]["run_id"], "train_loss")) >= 2:
             break
-        assert time.monotonic() < deadline, f"no two epochs after 300s\n{stack.worker_logs()}"
+        assert time.monotonic() < deadline, f"no two epochs after 600s\n{stack.worker_logs()}"
         time.sleep(1)
     (run,) = runs
     victim = tags(run)["sweeper.host"]
@@ -379,12 +380,12 @@ def test_3a_kill_9_a_worker_the_trial_resumes_elsewhere(stack):
     podman("kill", "--signal", "KILL", container)
     killed_at = time.monotonic()
 
-    (run,) = stack.wait_finished(study, 1, timeout=420)
+    (run,) = stack.wait_finished(study, 1, timeout=900)
     resumed = tags(run)
     assert run["info"]["run_id"] == runs[0]["info"]["run_id"], "the same MLflow run goes on"
     assert int(resumed["sweeper.resumed_from_epoch"]) >= 2, resumed
     for metric in EPOCH_METRICS:
-        assert stack.steps(run["info"]["run_id"], metric) == [1, 2, 3, 4, 5, 6], metric
+        assert stack.steps(run["info"]["run_id"], metric) == [1, 2, 3, 4, 5], metric
     stack.log.append(
         f"kill -9 -> FINISHED in {time.monotonic() - killed_at:.0f}s (resumed on {resumed['sweeper.host']})"
     )
@@ -395,12 +396,12 @@ def test_3b_scale_down_hands_trials_back(stack):
     stack.compose("up", "-d", "--scale", "worker-cpu=3")  # the killed one back, if it was not restarted
     assert len(stack.containers("worker-cpu")) == 3
     stack.sweeper("launcher", "launch", "--study", f"/specs/{study}.toml")
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while True:  # every worker in the middle of a trial
         runs = stack.cell_runs(study)
         if len(runs) == 3 and all(stack.steps(r["info"]["run_id"], "train_loss") for r in runs):
             break
-        assert time.monotonic() < deadline, f"three trials not started after 300s\n{stack.worker_logs()}"
+        assert time.monotonic() < deadline, f"three trials not started after 600s\n{stack.worker_logs()}"
         time.sleep(1)
     before = set(stack.containers("worker-cpu"))
     since = str(int(time.time()) - 1)
@@ -424,7 +425,7 @@ def test_3b_scale_down_hands_trials_back(stack):
         )
     assert took < STOP_GRACE, f"scaling down took {took:.0f}s, the stop grace period is {STOP_GRACE}s"
 
-    runs = stack.wait_finished(study, 3, timeout=600)
+    runs = stack.wait_finished(study, 3, timeout=900)
     handed_back = [r for r in runs if "sweeper.resumed_from_epoch" in tags(r)]
     assert len(handed_back) >= 2, [tags(r) for r in runs]
     for r in runs:
@@ -452,7 +453,7 @@ def test_4_down_and_up_keeps_everything(stack):
 
 
 def test_5_auth_profile_non_root_loopback_only(stack):
-    stack.compose("--profile", "auth", "up", "-d", "mlflow-auth", timeout=600)
+    stack.compose("--profile", "auth", "up", "-d", "mlflow-auth", timeout=900)
     stack.wait_healthy("mlflow-auth")
     auth_base = f"http://127.0.0.1:{stack.values['MLFLOW_AUTH_PORT']}"
     with pytest.raises(urllib.error.HTTPError) as refused:
