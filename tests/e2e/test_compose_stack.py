@@ -175,7 +175,7 @@ class Stack:
         )
         if auth:
             request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read() or b"{}")
 
     def cell_runs(self, study: str) -> list[dict]:
@@ -341,7 +341,7 @@ def test_1_up_scaled(stack):
     workers = stack.containers("worker-cpu")
     assert len(workers) == 3, workers
     # The dashboard and MLflow answer on 127.0.0.1.
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.values['DASHBOARD_PORT']}/api/meta", timeout=30) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.values['DASHBOARD_PORT']}/api/meta", timeout=120) as r:
         assert r.status == 200
     assert stack.api("experiments/search", {"max_results": 10})["experiments"]
 
