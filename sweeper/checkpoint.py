@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from sweeper.errors import first_line
+
 FORMAT_VERSION = 1
 
 
@@ -57,7 +59,7 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
             os.close(dir_fd)
     except Exception as e:  # OSError, or torch's RuntimeError ("unexpected pos") on a full disk
         tmp.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         try:
             free = shutil.disk_usage(path.parent).free
             reason += f"; {free:,} bytes free on that disk"

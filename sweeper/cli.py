@@ -713,6 +713,7 @@ def status(study, storage, tracking_uri, fmt):
     """Trial counts by state and one row per trial: cell, epoch, latest error, host, retries."""
     from sweeper import study as st
     from sweeper import tracking
+    from sweeper.errors import redact_url
 
     url = st.resolve_storage_url(storage)
     loaded = st.load_study(st.open_storage(url), study_name(study))
@@ -797,7 +798,7 @@ def doctor(storage, tracking_uri, quiet, fmt):
     """Check that the Optuna storage and the MLflow tracking store are reachable."""
     from sweeper import study as st
     from sweeper import tracking
-    from sweeper.errors import SweeperError
+    from sweeper.errors import SweeperError, redact_url
 
     url, uri = st.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
     checks = {}
@@ -869,19 +870,14 @@ def ui(study, storage, tracking_uri, port, dashboard_port):
     uis.serve(study_name(study), storage, tracking_uri, port=port, dashboard_port=dashboard_port)
 
 
-def redact_url(url: str) -> str:
-    from sweeper.errors import redact
-
-    return redact(url)
-
-
 # --- entry point ---------------------------------------------------------------------------
 
 
 def main() -> None:
     """Run the CLI; known failures become one clear message and exit code 1, never a traceback."""
-    from sweeper.errors import friendly_errors
+    from sweeper.errors import friendly_errors, install_redaction
 
+    install_redaction()
     with friendly_errors():
         cli(standalone_mode=True)
 

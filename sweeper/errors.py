@@ -1,19 +1,143 @@
-"""Turning known failures into one clear message (exit 1) instead of a traceback."""
+"""Turning known failures into one clear message (exit 1) instead of a traceback, and keeping
+passwords out of every message, log record and traceback sweeper prints.
+
+    >>> redact("cannot open postgresql://me:pa/ss123@db:5432/x: refused")
+    'cannot open postgresql://me:***@db:5432/x: refused'
+    >>> redact_url("postgresql://me:pa ss@db:5432/x")
+    'postgresql://me:***@db:5432/x'
+    >>> strip_credentials("https://me:secret@mlflow.example:5000/")
+    'https://mlflow.example:5000/'
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import sys
+import threading
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import click
 
-SECRET_IN_URL = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@")
+# scheme://user:password@ in free text: the password runs to the last "@" of the URL, so a "/"
+# (base64 passwords) or an "@" inside it stays hidden. A space inside it is covered by remember().
+SECRET_IN_URL = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]*):(?P<password>\S*)@")
+MIN_REMEMBERED = 6  # shorter passwords are hidden only where they appear inside a URL
+_secrets: set[str] = set()  # passwords of the URLs this process was given (see remember)
 
 
-def redact(text: str) -> str:
-    """Hide passwords in URLs (postgresql://user:secret@host -> postgresql://user:***@host)."""
-    return SECRET_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+def remember(url: str | None) -> str | None:
+    """Note the password of a URL this process uses, so that it is hidden wherever it shows up
+    later (decoded in a driver's message, in a library's log line); returns ``url``."""
+    if url and "://" in url:
+        userinfo = url.split("://", 1)[1].rpartition("@")[0]
+        if ":" in userinfo:
+            password = userinfo.split(":", 1)[1]
+            _secrets.update(s for s in (password, unquote(password)) if len(s) >= MIN_REMEMBERED)
+    return url
+
+
+def redact(text: object) -> str:
+    """Hide the password of every URL in ``text`` (postgresql://user:secret@host -> user:***@host)
+    and every password remembered from this process's URLs."""
+    text = str(text)
+    for secret in sorted(_secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return SECRET_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+def redact_url(url: str) -> str:
+    """One URL to show, password hidden: a database URL as SQLAlchemy parses it; an http URL, or
+    one SQLAlchemy cannot parse, with everything between "user:" and the last "@" masked."""
+    if not url.startswith(("http://", "https://")):
+        try:
+            from sqlalchemy.engine import make_url
+
+            return make_url(url).render_as_string(hide_password=True)
+        except Exception:
+            pass
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not (sep and at):
+        return redact(url)
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
+
+
+def strip_credentials(url: str) -> str:
+    """http://user:secret@host:5000 -> http://host:5000 (a URL to print and click, not to log in with)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception in the chain that says something (a driver's message)."""
+    chain = []
+    while e is not None and len(chain) < 20:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for err in reversed(chain):
+        text = str(err).strip()
+        if text and text not in ("()", "None"):
+            return text.splitlines()[0]
+    return type(chain[-1]).__name__
+
+
+# --- every log record, traceback and thread crash of the process, redacted ---------------------
+
+
+def install_redaction() -> None:
+    """Redact every log record (message, arguments, exception and stack text) of sweeper and of
+    the libraries it calls (MLflow's system-metrics thread, urllib3, SQLAlchemy), and the
+    tracebacks of uncaught exceptions in any thread. Called once by each entry point."""
+    import os
+
+    remember(f"x://u:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}@")
+    if getattr(logging.getLogRecordFactory(), "_sweeper_redacts", False):
+        return
+    make_record = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: logging reports it later, as it would
+            return record
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return record
+
+    factory._sweeper_redacts = True
+    logging.setLogRecordFactory(factory)
+
+    def excepthook(kind, value, tb) -> None:
+        import traceback
+
+        sys.stderr.write(redact("".join(traceback.format_exception(kind, value, tb))))
+
+    def thread_excepthook(args) -> None:
+        import traceback
+
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread else "?"
+        text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+        sys.stderr.write(redact(f"Exception in thread {name}:\n{text}"))
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
 
 
 class SweeperError(Exception):

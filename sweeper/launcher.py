@@ -12,7 +12,7 @@ import click
 
 from sweeper import settings, tracking
 from sweeper import study as studies
-from sweeper.errors import redact
+from sweeper.errors import redact_url
 from sweeper.spec import StudySpec
 
 SHOW_TOTAL_ABOVE = 5_000  # trials: launch says how many before it enqueues more
@@ -41,7 +41,7 @@ def launch(
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if url == studies.default_storage_url() or uri == tracking.default_tracking_uri():
         console.print(f"embedded stores in [bold]{escape(str(settings.home()))}[/] (set SWEEPER_HOME to move them)")
-    console.print(f"storage {redact(url)}\ntracking {redact(uri)}", markup=False)
+    console.print(f"storage {redact_url(url)}\ntracking {redact_url(uri)}", markup=False)
 
     tracking.configure_http()
     if tracking.is_server(uri):  # probed first: a bad URL or password leaves nothing behind
@@ -103,8 +103,8 @@ def _summary_json(spec: StudySpec, url: str, uri: str, result) -> str:
     return json.dumps(
         {
             "study": spec.name,
-            "storage": redact(url),
-            "tracking_uri": redact(uri),
+            "storage": redact_url(url),
+            "tracking_uri": redact_url(uri),
             "enqueued": result.added,
             "already_enqueued": result.existing,
             "spec_hash": spec.hash,
@@ -130,7 +130,14 @@ def start_workers(
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for i in range(n):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), settings.ENV_HOME: str(settings.home())}
+        # The URLs go through the environment: a command line (with its password) is public in `ps`.
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads),
+            settings.ENV_HOME: str(settings.home()),
+            settings.ENV_STORAGE: url,
+            settings.ENV_TRACKING_URI: uri,
+        }
         cmd = [
             sys.executable,
             "-m",
@@ -138,10 +145,6 @@ def start_workers(
             "worker",
             "--study",
             name,
-            "--storage",
-            url,
-            "--tracking-uri",
-            uri,
             "--device",
             device,
             "--precision",

@@ -31,7 +31,7 @@ import pandas as pd
 
 from sweeper import seed_results, tracking
 from sweeper import study as studies
-from sweeper.errors import SweeperError, redact
+from sweeper.errors import SweeperError, redact, redact_url
 from sweeper.spec import decision_metric
 
 VARIANT_ORDER = ("naive", "standard", "long", "short", "short2", "short3", "short4")  # the seed's row order
@@ -144,7 +144,7 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None,
         parent = tracking.find_run(client, experiment.experiment_id, {tracking.ROLE_TAG: "study"})
         parent_run_id = parent.info.run_id if parent else None
     elif trials:
-        _note(f"no MLflow experiment named {study_name!r} in {redact(uri)}: no cell has logged anything yet")
+        _note(f"no MLflow experiment named {study_name!r} in {redact_url(uri)}: no cell has logged anything yet")
 
     rows = []
     for trial in trials:
@@ -220,7 +220,7 @@ def _experiment(client, name: str, uri: str):
         return client.get_experiment_by_name(name)
     except Exception as e:  # a down server or bad credentials: say which store
         tracking.check_reachable(client)  # raises the clear message when the store is the problem
-        raise SweeperError(f"cannot read the MLflow experiment {name!r} from {redact(uri)}: {redact(e)}") from None
+        raise SweeperError(f"cannot read the MLflow experiment {name!r} from {redact_url(uri)}: {redact(e)}") from None
 
 
 def _of_recipe(trials: list, recipe: str, current: str | None) -> list:
@@ -884,7 +884,9 @@ def print_report(
     if fmt not in FORMATS:
         raise SweeperError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
     started = time.monotonic()
-    collected = collect(study_name, storage, tracking_uri, recipe)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    with tracking.read_errors(uri, f"the runs of study {study_name!r}"):
+        collected = collect(study_name, storage, tracking_uri, recipe)
     frame = collected.frame
     _note(
         f"report: {len(frame)} cell(s) of study {study_name!r}, "
@@ -902,9 +904,10 @@ def print_report(
         return
     plots: dict[str, Path] = {}
     if plots_dir:
-        plots = write_plots(collected, plots_dir, against_seed)
-        markdown = render(frame, "markdown", collected.epochs, study_name, against_seed)
-        log_to_parent(collected, plots, markdown)
+        with tracking.read_errors(uri, f"the metric history of study {study_name!r}"):
+            plots = write_plots(collected, plots_dir, against_seed)
+            markdown = render(frame, "markdown", collected.epochs, study_name, against_seed)
+            log_to_parent(collected, plots, markdown)
         _note(
             f"plots in {plots_dir}: {', '.join(p.name for p in plots.values())}"
             + (

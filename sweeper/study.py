@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from sweeper import settings
 from sweeper.contract import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL
-from sweeper.errors import SweeperError, redact
+from sweeper.errors import SweeperError, redact, redact_url, remember, root_cause
 from sweeper.spec import Cell, StudySpec
 
 log = logging.getLogger("sweeper.study")
@@ -53,7 +53,7 @@ def default_storage_url() -> str:
 
 
 def resolve_storage_url(url: str | None) -> str:
-    return url or settings.storage_url() or default_storage_url()
+    return remember(url or settings.storage_url() or default_storage_url())
 
 
 def open_storage(
@@ -91,12 +91,12 @@ def open_storage(
             )
     except RuntimeError as e:  # Optuna's message for an old schema names the upgrade command
         raise SweeperError(
-            f"the Optuna storage {redact(url)} cannot be used: {redact(e)} Stop every worker, back up the "
+            f"the Optuna storage {redact_url(url)} cannot be used: {redact(e)} Stop every worker, back up the "
             f"database, then run `optuna storage upgrade --storage URL` with this storage's URL."
         ) from None
     except Exception as e:
         raise SweeperError(
-            f"cannot open the Optuna storage {redact(url)}: {redact(_root_cause(e))}. "
+            f"cannot open the Optuna storage {redact_url(url)}: {redact(root_cause(e))}. "
             "Check that the database server is running and the URL (--storage / SWEEPER_STORAGE) is right."
         ) from None
     if sqlite:
@@ -127,19 +127,6 @@ def _schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
                 conn.commit()
     finally:
         engine.dispose()
-
-
-def _root_cause(e: BaseException) -> str:
-    """The first line of the innermost exception that says something (a driver's message)."""
-    chain = []
-    while e is not None and len(chain) < 20:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    for err in reversed(chain):
-        text = str(err).strip()
-        if text and text not in ("()", "None"):
-            return text.splitlines()[0]
-    return type(chain[-1]).__name__
 
 
 def _serialize_sqlite_writes(storage: RDBStorage) -> None:
@@ -507,7 +494,7 @@ def retry_db(fn, *args, within: float, what: str = "database call", **kwargs):
             if not is_db_error(e) or time.monotonic() + delay > deadline:
                 raise
             if not warned:
-                log.warning("%s failed (%s); retrying for up to %.0fs", what, redact(_root_cause(e)), within)
+                log.warning("%s failed (%s); retrying for up to %.0fs", what, redact(root_cause(e)), within)
                 warned = True
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -545,7 +532,7 @@ class Heartbeat:
         try:
             self.storage.record_heartbeat(self.trial_id)
         except Exception as e:
-            log.warning("heartbeat for %s failed (%s); retrying", self.label, redact(_root_cause(e)))
+            log.warning("heartbeat for %s failed (%s); retrying", self.label, redact(root_cause(e)))
 
 
 # --- queue queries ---------------------------------------------------------------------------

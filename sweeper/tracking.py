@@ -6,14 +6,16 @@ global active run per process, which breaks as soon as two things log at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sweeper import settings
-from sweeper.errors import SweeperError, redact
+from sweeper.errors import SweeperError, first_line, redact, redact_url, remember
 
 log = logging.getLogger("sweeper.tracking")
 
@@ -30,7 +32,7 @@ def default_tracking_uri() -> str:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    return uri or settings.tracking_uri() or default_tracking_uri()
+    return remember(uri or settings.tracking_uri() or default_tracking_uri())
 
 
 def is_server(uri: str) -> bool:
@@ -79,16 +81,33 @@ def check_reachable(mlflow_client) -> None:
             code = next((c for c in (401, 403) if f"error code {c}" in text or f" {c} " in text), None)
         if code is not None:
             raise TrackingAuthError(
-                f"the MLflow tracking server {redact(uri)} refused the credentials (HTTP {code}); "
+                f"the MLflow tracking server {redact_url(uri)} refused the credentials (HTTP {code}); "
                 "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a valid account "
                 "(MLFLOW_TRACKING_TOKEN for a bearer token)"
             ) from None
         raise TrackingUnreachable(
-            f"cannot reach the MLflow tracking store {redact(uri)}: {redact(_first_line(e))}"
+            f"cannot reach the MLflow tracking store {redact_url(uri)}: {redact(first_line(e))}"
         ) from None
     except Exception as e:
         raise TrackingUnreachable(
-            f"cannot reach the MLflow tracking store {redact(uri)}: {redact(_first_line(e))}"
+            f"cannot reach the MLflow tracking store {redact_url(uri)}: {redact(first_line(e))}"
+        ) from None
+
+
+@contextlib.contextmanager
+def read_errors(uri: str, what: str) -> Iterator[None]:
+    """MLflow failing in the middle of a command's reads (a server that went away, a dropped
+    connection) becomes one clear TrackingUnreachable, never a traceback with the URL in it."""
+    try:
+        yield
+    except SweeperError:
+        raise
+    except Exception as e:
+        module = type(e).__module__.split(".")[0]
+        if module not in ("mlflow", "requests", "urllib3") and not isinstance(e, OSError):
+            raise
+        raise TrackingUnreachable(
+            f"cannot reach the MLflow tracking store {redact_url(uri)} while reading {what}: {redact(first_line(e))}"
         ) from None
 
 
@@ -203,11 +222,11 @@ class RunLogger:
             except Exception as e:
                 if self.down_since is None:
                     self.down_since = time.monotonic()
-                    log.warning("MLflow is unreachable (%s); buffering and retrying", redact(_first_line(e)))
+                    log.warning("MLflow is unreachable (%s); buffering and retrying", redact(first_line(e)))
                 if deadline is None:
                     return False
                 if time.monotonic() >= deadline or (should_stop is not None and should_stop()):
-                    raise TrackingUnreachable(f"MLflow stayed unreachable: {redact(_first_line(e))}") from None
+                    raise TrackingUnreachable(f"MLflow stayed unreachable: {redact(first_line(e))}") from None
                 time.sleep(2)
 
     def pending(self) -> int:
@@ -229,11 +248,6 @@ class RunLogger:
             while queue:
                 self.client.log_batch(self.run_id, **{kind: queue[:size]})
                 del queue[:size]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def logged_steps(mlflow_client, run_id: str, metric: str = "top1_error") -> set[int]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sweeper import settings, tracking
 from sweeper import study as studies
-from sweeper.errors import SweeperError, redact
+from sweeper.errors import SweeperError, redact_url, strip_credentials
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 120.0  # seconds for both servers to answer (MLflow alone takes 10-60 s to start on 2 busy CPUs)
@@ -46,6 +46,7 @@ class Server:
     cmd: list[str]
     url: str  # what to poll for readiness
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # secrets go here, never into cmd (`ps` shows it)
     proc: subprocess.Popen | None = None
     _log: object = field(default=None, repr=False)
 
@@ -57,7 +58,7 @@ class Server:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**(os.environ if env is None else env), **self.env},
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -209,12 +210,11 @@ def _executable(name: str) -> list[str]:
     raise SweeperError(f"`{name}` is not installed; pip install {name}")
 
 
-def mlflow_command(uri: str, port: int, artifact_root: str | None) -> list[str]:
+def mlflow_command(port: int, artifact_root: str | None) -> list[str]:
+    """The backend store URI goes in MLFLOW_BACKEND_STORE_URI (see serve), not on the command line."""
     cmd = [
         *_executable("mlflow"),
         "server",
-        "--backend-store-uri",
-        uri,
         "--host",
         HOST,
         "--port",
@@ -229,16 +229,21 @@ def mlflow_command(uri: str, port: int, artifact_root: str | None) -> list[str]:
     return cmd
 
 
-def dashboard_command(storage_url: str, port: int) -> list[str]:
-    return [*_executable("optuna-dashboard"), storage_url, "--host", HOST, "--port", str(port)]
+def dashboard_command(config_path: Path, port: int) -> list[str]:
+    """optuna-dashboard reads the storage URL from ``config_path`` (see dashboard_config)."""
+    return [*_executable("optuna-dashboard"), "--from-config", str(config_path), "--host", HOST, "--port", str(port)]
 
 
-def _without_credentials(url: str) -> str:
-    """http://user:secret@host:5000 -> http://host:5000 (a URL to print, not to log in with)."""
-    from urllib.parse import urlsplit, urlunsplit
+def dashboard_config(storage_url: str) -> Path:
+    """A TOML file readable by this user alone that gives optuna-dashboard the storage URL (it
+    takes no environment variable, and an argument is public in `ps`). The caller deletes it."""
+    import json
+    import tempfile
 
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    fd, path = tempfile.mkstemp(prefix="sweeper-dashboard-", suffix=".toml")  # mode 0600
+    with os.fdopen(fd, "w") as f:
+        f.write(f"[optuna_dashboard]\nstorage = {json.dumps(storage_url)}\n")
+    return Path(path)
 
 
 def _artifact_root(experiment, uri: str) -> str | None:
@@ -287,7 +292,7 @@ def serve(
     if not remote and port == dashboard_port:
         raise SweeperError("--port and --dashboard-port must differ")
 
-    base = _without_credentials(uri).rstrip("/") if remote else f"http://{HOST}:{port}"
+    base = strip_credentials(uri).rstrip("/") if remote else f"http://{HOST}:{port}"
     # The runs table in the "Model training" view (MLflow 3 opens new experiments on a GenAI overview).
     mlflow_url = (
         f"{base}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
@@ -301,15 +306,17 @@ def serve(
         servers.append(
             Server(
                 "MLflow UI",
-                mlflow_command(uri, port, _artifact_root(experiment, uri)),
+                mlflow_command(port, _artifact_root(experiment, uri)),
                 f"http://{HOST}:{port}/health",
                 log_dir / "ui-mlflow.log",
+                env={"MLFLOW_BACKEND_STORE_URI": uri},
             )
         )
+    config = dashboard_config(url)
     servers.append(
         Server(
             "optuna-dashboard",
-            dashboard_command(url, dashboard_port),
+            dashboard_command(config, dashboard_port),
             f"http://{HOST}:{dashboard_port}/api/meta",
             log_dir / "ui-optuna-dashboard.log",
         )
@@ -324,8 +331,9 @@ def serve(
             server.start(env)
         _note(f"starting {', '.join(s.name for s in servers)} (logs in {log_dir}) ...")
         wait_ready(servers, ready_timeout, stop)
+        config.unlink(missing_ok=True)  # read at start-up; a password waits on no disk
         if experiment is None:
-            _note(f"no MLflow experiment named {study_name!r} yet in {redact(uri)}; the UI opens on the list")
+            _note(f"no MLflow experiment named {study_name!r} yet in {redact_url(uri)}; the UI opens on the list")
         print(f"MLflow UI         {mlflow_url}", flush=True)
         print(f"optuna-dashboard  {dashboard_url}", flush=True)
         _note("press Ctrl-C to stop both")
@@ -342,6 +350,7 @@ def serve(
         pass
     finally:
         stop_all(servers)
+        config.unlink(missing_ok=True)
         _restore_signal_handlers(previous)
     _note("stopped")
 

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from sweeper import __version__, checkpoint, device, lineage, settings, system_metrics, tracking
 from sweeper import study as studies
 from sweeper.device import Engine
-from sweeper.errors import SweeperError, redact
+from sweeper.errors import SweeperError, first_line, redact, redact_url, root_cause
 from sweeper.spec import SpecError, check_stored, decision_metric, variant_cfgs
 from sweeper.train import EpochMetrics, Interrupted, NonFiniteLoss, Recipe, cpu_copy, fit, seed_everything
 
@@ -110,8 +110,8 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
         "worker %s on %s: storage %s, tracking %s",
         os.getpid(),
         socket.gethostname(),
-        redact(config.storage_url),
-        redact(config.tracking_uri),
+        redact_url(config.storage_url),
+        redact_url(config.tracking_uri),
     )
     # Everything imported so far lives as long as the worker: keep it out of every later
     # collection (the per-trial gc.collect() below then costs a fraction, ~45% of a trial's
@@ -133,8 +133,8 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
             if not studies.is_db_error(e):
                 raise
             raise SweeperError(
-                f"the Optuna storage {redact(config.storage_url)} stayed unreachable for over "
-                f"{config.grace_period}s: {redact(studies._root_cause(e))}"
+                f"the Optuna storage {redact_url(config.storage_url)} stayed unreachable for over "
+                f"{config.grace_period}s: {redact(root_cause(e))}"
             ) from None
         if claimed is None:
             if not config.forever:
@@ -298,7 +298,7 @@ class TrialRun:
                 self.model = None  # before the reason is recorded: free what can be freed now
                 self._fail(
                     f"out of memory on {self.engine.device} at batch size "
-                    f"{self.recipe.batch_size}: {str(e).splitlines()[0] if str(e) else 'OutOfMemoryError'}; "
+                    f"{self.recipe.batch_size}: {first_line(e)}; "
                     "lower batch_size in the spec's [train] or use a larger GPU",
                     retry=False,
                 )
@@ -447,7 +447,7 @@ class TrialRun:
 
     def _outage_reason(self, epoch: int) -> str:
         return (
-            f"MLflow at {redact(self.config.tracking_uri)} was unreachable for over "
+            f"MLflow at {redact_url(self.config.tracking_uri)} was unreachable for over "
             f"{self.config.tracking_outage_limit:.0f}s (--tracking-outage-limit) after epoch {epoch}; "
             "the trial was re-queued and resumes from its latest checkpoint, logging what MLflow missed"
         )

@@ -35,6 +35,7 @@ import torch
 
 from sweeper.contract import DATASETS
 from sweeper.data.base import DatasetError, Splits
+from sweeper.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -559,7 +560,7 @@ def _md5(path: Path) -> str:
 def _reason(e: BaseException) -> str:
     if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
         e = e.reason if isinstance(e.reason, BaseException) else e
-    text = str(e).strip() or type(e).__name__
+    text = first_line(e)
     return text if len(text) < 200 else text[:200] + "..."
 
 

@@ -19,6 +19,8 @@ import torch
 SECRET = "s3cret"
 BAD_PG = f"postgresql://user:{SECRET}@127.0.0.1:1/db"
 BAD_HTTP = f"http://user:{SECRET}@127.0.0.1:1"
+SLASHED_PG = f"postgresql://user:x/{SECRET}@127.0.0.1:1/db"  # "/" in a password: base64 ones have it
+SLASHED_HTTP = f"http://user:x/{SECRET}@127.0.0.1:1"
 
 
 @dataclass
@@ -293,6 +295,19 @@ def cases(tmp_path: Path) -> list[Case]:
         Case(
             "unreachable stores: doctor",
             ["doctor", "--storage", BAD_PG, "--tracking-uri", BAD_HTTP],
+            1,
+            r"cannot reach the MLflow tracking store http://user:\*\*\*@127\.0\.0\.1:1",
+        ),
+        Case(
+            "password with a slash: launch",
+            ["launch", "--study", spec_file(tmp_path, "good", GOOD), "--storage", SLASHED_PG],
+            1,
+            r"cannot open the Optuna storage postgresql://user:\*\*\*@127\.0\.0\.1:1/db: .*Connection refused",
+            process=True,
+        ),
+        Case(
+            "password with a slash: doctor",
+            ["doctor", "--storage", SLASHED_PG, "--tracking-uri", SLASHED_HTTP],
             1,
             r"cannot reach the MLflow tracking store http://user:\*\*\*@127\.0\.0\.1:1",
         ),
