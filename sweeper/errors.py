@@ -48,20 +48,16 @@ def redact(text: object) -> str:
 
 
 def redact_url(url: str) -> str:
-    """One URL to show, password hidden: a database URL as SQLAlchemy parses it; an http URL, or
-    one SQLAlchemy cannot parse, with everything between "user:" and the last "@" masked."""
-    if not url.startswith(("http://", "https://")):
-        try:
-            from sqlalchemy.engine import make_url
-
-            return make_url(url).render_as_string(hide_password=True)
-        except Exception:
-            pass
+    """One URL to show, with everything between "user:" and its last "@" masked: SQLAlchemy and
+    urllib would end the password at the first "@" or "/", showing the rest of a password that
+    holds one."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     if not (sep and at):
         return redact(url)
     user, colon, _ = userinfo.partition(":")
+    if "/" in user:  # no credentials: an "@" in a path (sqlite:////data/a@b.db)
+        return url
     return f"{scheme}://{user}:***@{host}" if colon else f"{scheme}://***@{host}"
 
 
