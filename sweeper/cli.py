@@ -716,7 +716,7 @@ def status(study, storage, tracking_uri, fmt):
     from sweeper.errors import redact_url
 
     url = st.resolve_storage_url(storage)
-    loaded = st.load_study(st.open_storage(url), study_name(study))
+    loaded = st.load_study(st.open_storage(url, create=False), study_name(study))
     trials = loaded.get_trials(deepcopy=False)
     document = {
         "study": loaded.study_name,
@@ -755,7 +755,7 @@ def retry(study, storage, failed):
     """Re-enqueue failed cells on purpose (e.g. after fixing the cause of a NaN or out of memory)."""
     from sweeper import study as st
 
-    loaded = st.load_study(st.open_storage(storage), study_name(study))
+    loaded = st.load_study(st.open_storage(storage, create=False), study_name(study))
     n = st.retry_failed(loaded)
     click.echo(f"{n} failed cell(s) of {loaded.study_name} re-enqueued" if n else "no failed cell to retry", err=True)
 
@@ -803,8 +803,8 @@ def doctor(storage, tracking_uri, quiet, fmt):
     url, uri = st.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
     checks = {}
     for name, probe in (
-        ("storage", lambda: st.open_storage(url)),
-        ("tracking", lambda: tracking.check_reachable(tracking.client(uri))),
+        ("storage", lambda: st.open_storage(url, create=False)),
+        ("tracking", lambda: tracking.check_reachable(tracking.client(uri, create=False))),
     ):
         try:
             probe()

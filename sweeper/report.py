@@ -125,13 +125,13 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None,
     url = studies.resolve_storage_url(storage_url)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()
-    study = studies.load_study(studies.open_storage(url), study_name)
+    study = studies.load_study(studies.open_storage(url, create=False), study_name)
     spec = study.user_attrs.get(studies.SPEC_ATTR) or {}
     epochs = int((spec.get("train") or {}).get("epochs") or DEFAULT_EPOCHS)
     trials = _cell_trials(study.get_trials(deepcopy=False), spec)
     trials = _of_recipe(trials, recipe, study.user_attrs.get(studies.RECIPE_DIGEST_ATTR))
 
-    client = tracking.client(uri)
+    client = tracking.client(uri, create=False)
     experiment = _experiment(client, study_name, uri)
     runs_by_id: dict[str, Any] = {}
     runs_by_key: dict[str, Any] = {}

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import fcntl
 import logging
+import os
 import threading
 import time
 import warnings
@@ -62,9 +63,13 @@ def open_storage(
     grace_period: int = DEFAULT_GRACE_PERIOD,
     max_retry: int = MAX_RETRY,
     stall_timeout: float | None = None,
+    create: bool = True,
 ) -> RDBStorage:
     """An RDBStorage with heartbeats, retries of dead workers' trials, and SQLite made safe for
     several processes (write transactions take the lock up front and wait for it).
+
+    ``create=False`` (commands that only read): a SQLite file that does not exist is an error
+    naming where it was looked for, instead of a new empty store.
 
     ``stall_timeout`` (workers pass their grace period): on PostgreSQL, the server ends a session
     of this process that sits idle inside a transaction that long, so a frozen worker (a paused
@@ -72,7 +77,7 @@ def open_storage(
     url = resolve_storage_url(url)
     sqlite = url.startswith("sqlite")
     if sqlite:
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite_file(sqlite_path(url), "Optuna storage", "--storage / SWEEPER_STORAGE", create)
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
@@ -81,7 +86,7 @@ def open_storage(
         options = f"-c idle_in_transaction_session_timeout={int(stall_timeout * 1000)}"
         storage_kwargs = {**engine_kwargs, "connect_args": {**engine_kwargs["connect_args"], "options": options}}
     try:
-        with _schema_lock(url, engine_kwargs):
+        with _schema_lock(url, engine_kwargs, create):
             storage = RDBStorage(
                 url,
                 engine_kwargs=storage_kwargs,
@@ -104,13 +109,54 @@ def open_storage(
     return storage
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a sqlite:/// URL (None for an in-memory database)."""
+    path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_sqlite_file(path: Path | None, what: str, option: str, create: bool) -> None:
+    """A missing file is created only by commands that write; a read-only one is refused up front
+    (SQLite would fail at the first write, inside Optuna or MLflow, with a traceback)."""
+    if path is None:
+        return
+    if not path.exists():
+        if not create:
+            raise SweeperError(
+                f"no {what} at {path}; run from the folder you launched in, set SWEEPER_HOME to that "
+                f"launch's home (now {settings.home()}), or pass {option}"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for target in (path, path.parent):  # SQLite writes its journal beside the file
+        if target.exists() and not os.access(target, os.W_OK):
+            raise SweeperError(
+                f"the {what} {path} is read-only ({'file' if target == path else 'its folder'} {target} cannot be "
+                f"written); make it writable (chmod u+w {target}, or remount it read-write), or set SWEEPER_HOME "
+                f"to a writable copy of {path.parent}"
+            )
+
+
 @contextlib.contextmanager
-def _schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
-    """On PostgreSQL, one process at a time creates or checks the schema: RDBStorage's
-    create_all and alembic stamp are not safe when two processes start on a fresh database
-    (two `sweeper launch` at once would both stamp alembic_version)."""
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if missing), held across processes of one machine."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str, engine_kwargs: dict[str, Any], create: bool = True) -> Iterator[None]:
+    """One process at a time creates or checks the schema: RDBStorage's create_all and alembic
+    stamp are not safe when two processes start on a fresh database (two `sweeper launch` at
+    once would both stamp alembic_version). PostgreSQL: an advisory lock; SQLite: a file lock
+    next to the database."""
     if not url.startswith("postgresql"):
-        yield
+        path = sqlite_path(url) if url.startswith("sqlite") and create else None  # a reader writes no lock file
+        with file_lock(Path(f"{path}.lock")) if path else contextlib.nullcontext():
+            yield
         return
     import sqlalchemy
 
@@ -197,8 +243,7 @@ def study_lock(storage: RDBStorage, name: str) -> Iterator[None]:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 conn.commit()
     elif url.get_backend_name() == "sqlite" and url.database:
-        with open(f"{url.database}.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with file_lock(Path(f"{url.database}.lock")):
             yield
     else:
         yield
@@ -572,7 +617,15 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
 
 
 def retry_failed(study: optuna.Study) -> int:
-    """Re-enqueue every cell whose latest trial FAILED and that has nothing waiting or done."""
+    """Re-enqueue every cell whose latest trial FAILED and that has nothing waiting or done.
+
+    Under the study's launch lock, reading the trials afresh: two `sweeper retry` at once would
+    otherwise both see a cell FAILED and both enqueue a retry of it (one MLflow run, two trials)."""
+    with study_lock(getattr(study._storage, "_backend", study._storage), study.study_name):
+        return _retry_failed(study)
+
+
+def _retry_failed(study: optuna.Study) -> int:
     latest: dict[str, optuna.trial.FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False):
         key = t.user_attrs.get(KEY_ATTR)

@@ -47,12 +47,25 @@ def configure_http(request_timeout: int = 20, max_retries: int = 2) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
-def client(uri: str | None = None):
-    """An MlflowClient whose HTTP calls give up in seconds (every command gets bounded waits)."""
+def client(uri: str | None = None, create: bool = True):
+    """An MlflowClient whose HTTP calls give up in seconds (every command gets bounded waits).
+
+    An embedded (SQLite) store is created here, one process at a time (a file lock next to the
+    database: MLflow's schema creation fails when two processes run it at once), or, with
+    ``create=False`` (commands that only read), refused when its file does not exist."""
     from mlflow.tracking import MlflowClient
 
+    from sweeper.study import check_sqlite_file, file_lock, sqlite_path
+
     configure_http()
-    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    uri = resolve_tracking_uri(uri)
+    path = sqlite_path(uri) if uri.startswith("sqlite") else None
+    check_sqlite_file(path, "MLflow tracking store", "--tracking-uri / MLFLOW_TRACKING_URI", create)
+    mlflow_client = MlflowClient(tracking_uri=uri)
+    if path is not None and create:
+        with file_lock(Path(f"{path}.lock")):
+            mlflow_client.search_experiments(max_results=1)  # creates or checks the schema
+    return mlflow_client
 
 
 class TrackingUnreachable(SweeperError):

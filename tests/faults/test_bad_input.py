@@ -244,6 +244,15 @@ def cases(tmp_path: Path) -> list[Case]:
             r"--grace-period 15 must be at least twice --heartbeat-interval \(10\)",
             env={"SWEEPER_GRACE_PERIOD": "15"},
         ),
+        *(
+            Case(
+                f"empty home: {command}",
+                [command, *(["--study", "good"] if command != "doctor" else [])],
+                1,
+                r"no Optuna storage at .*home-\d+/optuna\.db; run from the folder you launched in, set SWEEPER_HOME",
+            )
+            for command in ("status", "retry", "report", "doctor")
+        ),
         Case(
             "unknown study",
             ["launch", "--study", "no-such-study"],
@@ -413,6 +422,35 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, sweeper_
         if case.empty_home and any(case.home.iterdir()):
             problems.append(f"wrote {sorted(p.name for p in case.home.iterdir())}: {said}")
     assert not problems, "\n\n".join(problems)
+
+
+def test_read_only_storage_is_one_clear_line_at_launch(tmp_path, sweeper_env):
+    """A real read-only filesystem (a read-only bind mount: root ignores file modes)."""
+    from sweeper import study as studies
+
+    home = Path(sweeper_env["SWEEPER_HOME"])
+    studies.open_storage(f"sqlite:///{home / 'optuna.db'}").engine.dispose()
+    spec = spec_file(tmp_path, "readonly", GOOD)
+    if subprocess.run(["mount", "--bind", str(home), str(home)]).returncode != 0:
+        pytest.skip("cannot bind-mount here (not root?)")
+    try:
+        assert subprocess.run(["mount", "-o", "remount,bind,ro", str(home)]).returncode == 0
+        proc = subprocess.run(
+            [sys.executable, "-m", "sweeper", "launch", "--study", spec],
+            env=sweeper_env,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        subprocess.run(["umount", str(home)], check=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("Error")]
+    assert re.fullmatch(
+        rf"Error: the Optuna storage {re.escape(str(home))}/optuna\.db is read-only \(.*\); make it writable "
+        r"\(chmod u\+w .*, or remount it read-write\), or set SWEEPER_HOME to a writable copy of .*",
+        line,
+    ), line
 
 
 def test_unreachable_stores_are_given_up_on_in_seconds(monkeypatch):
