@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from typing import Any
 
 import click
 
@@ -75,12 +77,13 @@ def launch(
         )
         return
 
-    procs = start_workers(
-        spec.name, url, uri, workers, device, precision, heartbeat_interval, grace_period, data_dir, workers_per_gpu
-    )
-    log_dir = settings.home() / "logs"
-    console.print(f"{workers} worker(s) started; their logs are in {log_dir}", markup=False)
-    interrupted = watch(result.study, procs, console)
+    with StopFlag() as stop:  # before the workers start: no Ctrl-C from here on is lost
+        procs = start_workers(
+            spec.name, url, uri, workers, device, precision, heartbeat_interval, grace_period, data_dir, workers_per_gpu
+        )
+        log_dir = settings.home() / "logs"
+        console.print(f"{workers} worker(s) started; their logs are in {log_dir}", markup=False)
+        interrupted = watch(result.study, procs, console, stop)
     if interrupted:
         console.print(
             f"stopped. Finished epochs are checkpointed; resume with:\n"
@@ -166,34 +169,59 @@ def start_workers(
     return procs
 
 
-def watch(study, procs: list[subprocess.Popen], console) -> bool:
-    """A live board until every worker exits; True when the user interrupted."""
+class StopFlag:
+    """SIGINT/SIGTERM set a flag that the watch loop checks, as the worker's StopSignal does. A
+    KeyboardInterrupt raised wherever the main thread happens to be (a storage query, rich's
+    refresh, a finalizer) can be swallowed as "Exception ignored"; a flag cannot be lost."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.count = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, _signum, _frame) -> None:
+        self.count += 1
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+def watch(study, procs: list[subprocess.Popen], console, stop: StopFlag) -> bool:
+    """A live board until every worker exits; True when the user interrupted (the workers are
+    then stopped in order: SIGTERM, each checkpoints and re-queues its trial; a second Ctrl-C
+    kills them)."""
     from rich.live import Live
 
-    def stop_workers(*_):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop_workers)
-    try:
-        with Live(board(study), console=console, refresh_per_second=1, transient=False) as live:
-            while any(p.poll() is None for p in procs):
-                time.sleep(1.0)
+    with Live(board(study), console=console, refresh_per_second=1, transient=False) as live:
+        while not stop.is_set() and any(p.poll() is None for p in procs):
+            stop.event.wait(1.0)
+            if not stop.is_set():
                 live.update(board(study))
+        if not stop.is_set():
             live.update(board(study))
+    if not stop.is_set():
         return False
-    except KeyboardInterrupt:
-        console.print("stopping workers (they checkpoint and re-queue their trial)...")
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        return True
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    console.print("stopping workers (they checkpoint and re-queue their trial; Ctrl-C again kills them)...")
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline and stop.count < 2:
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return True
 
 
 def board(study):

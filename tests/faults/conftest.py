@@ -166,6 +166,49 @@ def reference():
     return get
 
 
+READY_THEN_RUN = """
+import os, sys, time
+import mlflow.tracking, optuna, psycopg2, sqlalchemy, torch  # the slow imports, before the start line
+from sweeper import cli, launcher, spec, study, tracking
+ready, go = sys.argv[1:3]
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+sys.argv = ["sweeper", *sys.argv[3:]]
+cli.main()
+"""
+
+
+def run_together(tmp_path: Path, env: dict[str, str], *commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Real `sweeper ...` processes that import everything first, then start at the same instant
+    (all wait on one start file), for races; returns each finished process with its output."""
+    go = tmp_path / f"go-{time.monotonic_ns()}"
+    procs = []
+    for i, args in enumerate(commands):
+        ready = go.with_name(f"{go.name}-ready-{i}")
+        popen = subprocess.Popen(
+            [sys.executable, "-c", READY_THEN_RUN, str(ready), str(go), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append((ready, popen))
+    deadline = time.monotonic() + 600  # the imports take minutes on a busy 2-core machine
+    while not all(ready.exists() for ready, _ in procs):
+        if time.monotonic() > deadline or any(p.poll() is not None for _, p in procs):
+            for _, p in procs:
+                p.kill()
+            raise AssertionError([p.communicate() for _, p in procs])
+        time.sleep(0.01)
+    go.touch()
+    done = []
+    for (_, p), args in zip(procs, commands):
+        out, err = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(args, p.returncode, out, err))
+    return done
+
+
 def enqueue(spec_path: Path, storage_url: str | None = None) -> None:
     """What `sweeper launch` does to the queue (the launch race test runs the real command)."""
     from sweeper import spec

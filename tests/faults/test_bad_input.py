@@ -424,6 +424,70 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, sweeper_
     assert not problems, "\n\n".join(problems)
 
 
+@pytest.mark.slow
+def test_stored_bad_values_and_path_like_names_fail_their_cell_without_a_traceback(tmp_path, sweeper_env):
+    """A storage written by hand (or by an older sweeper): a study named ../../../escaped made a
+    worker write checkpoints outside SWEEPER_HOME, limit_train = -1 trained on all but one image."""
+    import dataclasses
+
+    import optuna
+
+    from sweeper import spec as specs
+    from sweeper import study as studies
+
+    home = Path(sweeper_env["SWEEPER_HOME"])
+    storage = studies.open_storage(f"sqlite:///{home / 'optuna.db'}")
+    good = specs.load(spec_file(tmp_path, "good", GOOD + "limit_train = 64\nlimit_test = 32\n"))
+    escaped = dataclasses.replace(good, name="../../../escaped")
+    negative = dataclasses.replace(good, name="negative", train={**good.train, "limit_train": -1})
+    for spec in (escaped, negative):
+        studies.launch(storage, spec)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeper", "worker", "--device", "cpu", "--no-system-metrics"],
+        env=sweeper_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    reasons = {}
+    for name in ("../../../escaped", "negative"):
+        (trial,) = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        assert trial.state == optuna.trial.TrialState.FAIL, (name, trial.state)
+        reasons[name] = trial.system_attrs["sweeper.fail_reason"]
+    assert re.search(r"the study name '\.\./\.\./\.\./escaped' .* may hold only letters", reasons["../../../escaped"])
+    assert (
+        "the spec stored in study 'negative': train.limit_train: must be an integer >= 1, got -1" in reasons["negative"]
+    )
+    outside = [p for p in tmp_path.parent.rglob("escaped*") if home not in p.parents]
+    assert outside == [], outside
+
+
+def test_user_text_is_shown_as_written_never_as_markup(tmp_path, sweeper_env, monkeypatch):
+    """A description or fail reason holding "[/x]" crashed `studies` and `status` (rich markup)."""
+    import optuna
+    from conftest import cli
+
+    from sweeper import spec as specs
+    from sweeper import study as studies
+
+    nasty = "[/x] [bold]not bold[/bold] [red"
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "nasty.toml").write_text(f"description = {nasty!r}\n" + GOOD)
+    monkeypatch.chdir(tmp_path)
+    result = cli("studies", env=sweeper_env)
+    assert nasty in result.output.replace("\n", ""), result.output
+
+    storage = studies.open_storage(f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db")
+    studies.launch(storage, specs.load("nasty"))
+    (trial,) = optuna.load_study(study_name="nasty", storage=storage).get_trials(deepcopy=False)
+    storage.set_trial_system_attr(trial._trial_id, "sweeper.fail_reason", nasty)
+    result = cli("status", "--study", "nasty", env=sweeper_env)
+    assert "[/x] [bold]not bold[/bold]" in result.output, result.output
+
+
 def test_read_only_storage_is_one_clear_line_at_launch(tmp_path, sweeper_env):
     """A real read-only filesystem (a read-only bind mount: root ignores file modes)."""
     from sweeper import study as studies

@@ -4,14 +4,12 @@ workers racing to retry a dead worker's trial, and two `sweeper launch` at the s
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
 import time
 
 import optuna
 import sqlalchemy
-from conftest import EPOCHS, FAST, assert_cell_run, enqueue, storage_of, trials_of, write_spec
+from conftest import EPOCHS, FAST, assert_cell_run, enqueue, run_together, storage_of, trials_of, write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -103,52 +101,16 @@ def test_a_dead_workers_trial_is_retried_once_by_racing_workers_and_at_most_max_
     assert all("no heartbeat for over 5s" in t.system_attrs["sweeper.fail_reason"] for t in trials)
 
 
-READY_THEN_RUN = """
-import os, sys, time
-import mlflow.tracking, optuna, psycopg2, sqlalchemy, torch  # the slow imports, before the start line
-from sweeper import cli, launcher, spec, study, tracking
-ready, go = sys.argv[1:3]
-open(ready, "w").close()
-while not os.path.exists(go):
-    time.sleep(0.001)
-sys.argv = ["sweeper", *sys.argv[3:]]
-cli.main()
-"""
-
-
 def test_two_launches_at_the_same_moment_enqueue_each_cell_once(tmp_path, sweeper_env, tracking, pg_database):
     """Two real `sweeper launch` processes, released at the same instant, on a fresh database."""
     url = pg_database()
     env = {**sweeper_env, "SWEEPER_STORAGE": url, "MLFLOW_TRACKING_URI": tracking.url}
     spec = write_spec(tmp_path / "race.toml", variants=("short4", "short3"), seeds=(1, 2, 3))
-    go = tmp_path / "go"
-    procs = []
-    for i in range(2):
-        ready = tmp_path / f"ready-{i}"
-        procs.append(
-            (
-                ready,
-                subprocess.Popen(
-                    [sys.executable, "-c", READY_THEN_RUN, str(ready), str(go), "launch", "--study", str(spec)],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                ),
-            )
-        )
-    deadline = time.monotonic() + 180
-    while not all(ready.exists() for ready, _ in procs):
-        assert time.monotonic() < deadline and all(p.poll() is None for _, p in procs), [
-            p.communicate() for _, p in procs if p.poll() is not None
-        ]
-        time.sleep(0.01)
-    go.touch()
-    outputs = [p.communicate(timeout=180) for _, p in procs]
-    for (_, p), (_out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err
-    added = sorted(int(m[1]) if m else 0 for m in (re.search(r"enqueued (\d+) trial", err) for _, err in outputs))
-    assert added == [0, 6], [err for _, err in outputs]
+    done = run_together(tmp_path, env, ["launch", "--study", str(spec)], ["launch", "--study", str(spec)])
+    for proc in done:
+        assert proc.returncode == 0, proc.stderr
+    added = sorted(int(m[1]) if m else 0 for m in (re.search(r"enqueued (\d+) trial", p.stderr) for p in done))
+    assert added == [0, 6], [p.stderr for p in done]
 
     trials = trials_of(url, "race")
     keys = [t.user_attrs["sweeper.key"] for t in trials]

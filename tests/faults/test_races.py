@@ -1,0 +1,57 @@
+"""Commands racing each other on one study (issue #15, items 5 and 6): real processes released
+at the same instant (`run_together`), on PostgreSQL and on a fresh SQLite home."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import optuna
+import pytest
+from conftest import enqueue, run_together, storage_of, trials_of, write_spec
+from optuna.trial import TrialState
+
+from sweeper import study as studies
+
+
+@pytest.mark.slow
+def test_two_retries_at_once_re_enqueue_each_failed_cell_once(tmp_path, sweeper_env, pg_database):
+    """Item 5: two `sweeper retry` at once re-enqueued 12-16 of 30 failed cells twice, both
+    copies with the cell's mlflow_run_id (two workers would then train one cell into one run)."""
+    url = pg_database()
+    enqueue(write_spec(tmp_path / "again.toml", seeds=tuple(range(1, 31))), url)
+    study = optuna.load_study(study_name="again", storage=storage_of(url))
+    for trial in study.get_trials(deepcopy=False):  # every cell failed once, with its MLflow run
+        study._storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", f"run-{trial.number}")
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING)
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+
+    env = {**sweeper_env, "SWEEPER_STORAGE": url}
+    done = run_together(tmp_path, env, ["retry", "--study", "again"], ["retry", "--study", "again"])
+    for proc in done:
+        assert proc.returncode == 0, proc.stderr
+    said = sorted(int(m[1]) if m else 0 for m in (re.search(r"(\d+) failed cell", p.stderr) for p in done))
+    assert said == [0, 30], [p.stderr for p in done]
+
+    trials = trials_of(url, "again")
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    keys = Counter(t.user_attrs[studies.KEY_ATTR] for t in waiting)
+    assert len(keys) == 30 and set(keys.values()) == {1}, [k for k, n in keys.items() if n > 1]
+    runs = Counter(t.user_attrs["mlflow_run_id"] for t in waiting)
+    assert set(runs.values()) == {1}
+
+
+@pytest.mark.slow
+def test_two_launches_at_once_on_a_fresh_sqlite_home_both_succeed(tmp_path, sweeper_env):
+    """Item 6: on a fresh embedded home, one of two launches failed (3 of 3 tries), with a
+    misleading "cannot open the Optuna storage ... UNIQUE constraint failed: alembic_version" or
+    MLflow's alembic traceback: both stores' schemas were created by both processes at once."""
+    spec = write_spec(tmp_path / "fresh.toml", variants=("short4", "short3"), seeds=(1, 2, 3))
+    done = run_together(tmp_path, sweeper_env, ["launch", "--study", str(spec)], ["launch", "--study", str(spec)])
+    for proc in done:
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+    added = sorted(int(m[1]) if m else 0 for m in (re.search(r"enqueued (\d+) trial", p.stderr) for p in done))
+    assert added == [0, 6], [p.stderr for p in done]
+    keys = [t.user_attrs[studies.KEY_ATTR] for t in trials_of(f"sqlite:///{tmp_path}/home/optuna.db", "fresh")]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 6
