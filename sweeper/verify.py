@@ -17,7 +17,7 @@ from typing import Any
 
 from sweeper import study as studies
 from sweeper import tracking
-from sweeper.errors import redact
+from sweeper.errors import redact_url
 from sweeper.spec import VAL_METRICS
 
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error")
@@ -30,10 +30,10 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()
-    study = studies.load_study(studies.open_storage(storage_url), study_name)
-    client = tracking.client(uri)
+    study = studies.load_study(studies.open_storage(storage_url, create=False), study_name)
+    client = tracking.client(uri, create=False)
     tracking.check_reachable(client)
-    env = f"MLFLOW_TRACKING_URI={redact(uri)}"
+    env = f"MLFLOW_TRACKING_URI={redact_url(uri)}"
     problems: list[dict[str, Any]] = []
 
     def problem(check: str, message: str, trial=None, run_id=None, repair=None) -> None:
@@ -140,7 +140,7 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
             )
     return {
         "study": study_name,
-        "tracking_uri": redact(uri),
+        "tracking_uri": redact_url(uri),
         "ok": not problems,
         "trials_checked": len(complete),
         "runs_checked": len(runs),
