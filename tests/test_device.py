@@ -188,8 +188,8 @@ def test_each_compiling_worker_gets_its_share_of_the_hosts_cores(monkeypatch, pr
     import torch._inductor.config as inductor
 
     monkeypatch.setattr(device.os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(inductor, "compile_threads", inductor.compile_threads)
     monkeypatch.setenv("CC", "cc")
-    engine = device.prepare("cpu", "fp32", "on", processes_per_host=processes)
-    assert engine.compile and inductor.compile_threads == threads
+    with inductor.patch(compile_threads=inductor.compile_threads):  # restored afterwards
+        engine = device.prepare("cpu", "fp32", "on", processes_per_host=processes)
+        assert engine.compile and inductor.compile_threads == threads
     assert engine.fit_options() == {"device": "cpu", "precision": "fp32", "compile": True}
