@@ -593,7 +593,13 @@ def launch(
     show_default=True,
     help="Seconds between looks at an empty queue with --forever.",
 )
-@click.option("--threads", type=click.IntRange(1), envvar="SWEEPER_THREADS", help="CPU threads for PyTorch.")
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    envvar="SWEEPER_THREADS",
+    help="CPU threads per trial. Default: $OMP_NUM_THREADS if set, else the host's cores split "
+    "between the trials running on it, re-counted as trials start and finish.",
+)
 @click.option(
     "--tracking-outage-limit",
     type=click.FloatRange(1),
@@ -653,10 +659,6 @@ def worker(
     from sweeper import device as devices
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s", stream=sys.stderr)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     gpu_list: list[str] = []
     if device in ("auto", "cuda"):
         from sweeper import slots
@@ -700,6 +702,8 @@ def worker(
         grace_period=grace_period,
         tracking_outage_limit=tracking_outage_limit,
         system_metrics=system_metrics,
+        # OMP_NUM_THREADS set by the user fixes the count too (as it does for torch itself).
+        threads=threads or settings.env_int("OMP_NUM_THREADS", 0) or None,
     )
     run(config, stop)
 

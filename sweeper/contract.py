@@ -42,13 +42,21 @@ class Recipe:
     limit_train: int | None = None  # images; None = the whole split
     limit_test: int | None = None
     val_fraction: float = 0.0  # of the training images, held out; > 0 makes every decision use it
+    # For the worker, not fit(): seconds of training between checkpoints (taken at the first epoch
+    # end after that long; the last epoch needs none: the trial ends with its model), or "epoch".
+    checkpoint_every: float | str = 60.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Recipe:
         """Build from plain values; raises ValueError (BadValue) naming a refused key or value."""
         check_table(values, RECIPE_RULES, "recipe key")
         kinds = {f.name: f.type for f in fields(cls)}
-        return cls(**{k: (float(v) if kinds[k] == "float" else v) for k, v in values.items()})
+        return cls(
+            **{
+                k: (float(v) if kinds[k] == "float" or kinds[k] == "float | str" and v != "epoch" else v)
+                for k, v in values.items()
+            }
+        )
 
     def validate(self) -> None:
         check_table(self.to_dict(), RECIPE_RULES, "recipe key")
@@ -74,6 +82,7 @@ RECIPE_RULES: dict[str, Rule] = {
     "limit_train": Rule(int, ge=1, optional=True),
     "limit_test": Rule(int, ge=1, optional=True),
     "val_fraction": Rule(float, ge=0, lt=1),
+    "checkpoint_every": Rule(float, gt=0, also=("epoch",)),
 }
 
 
@@ -140,15 +149,16 @@ class DatasetInfo:
     shape: tuple[int, int, int]  # (channels, height, width)
     hflip: bool  # whether a horizontal flip keeps the label (not so for digits)
     description: str
+    num_train: int = 0  # images in the training split (synthetic: its default size)
 
 
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        DatasetInfo("cifar10", 10, (3, 32, 32), hflip=True, description="CIFAR-10 (downloaded on first use)"),
-        DatasetInfo("cifar100", 100, (3, 32, 32), hflip=True, description="CIFAR-100 (downloaded on first use)"),
-        DatasetInfo("digits", 10, (1, 8, 8), hflip=False, description="UCI handwritten digits (scikit-learn, offline)"),
-        DatasetInfo("synthetic", 10, (3, 32, 32), hflip=True, description="CIFAR-shaped synthetic classes"),
+        DatasetInfo("cifar10", 10, (3, 32, 32), True, "CIFAR-10 (downloaded on first use)", num_train=50_000),
+        DatasetInfo("cifar100", 100, (3, 32, 32), True, "CIFAR-100 (downloaded on first use)", num_train=50_000),
+        DatasetInfo("digits", 10, (1, 8, 8), False, "UCI handwritten digits (scikit-learn, offline)", num_train=1438),
+        DatasetInfo("synthetic", 10, (3, 32, 32), True, "CIFAR-shaped synthetic classes", num_train=2000),
     )
 }
 

@@ -37,7 +37,7 @@ class Engine:
     """How this process trains: what ``sweeper worker`` passes to every fit()."""
 
     device: torch.device
-    precision: str  # resolved: fp32 or bf16
+    precision: str  # fp32 or bf16, or auto: fit() measures the fastest mode per model and shape
     compile: bool
     gpu_uuid: str | None = None  # the bound GPU's, to find it in NVML (system metrics)
 
@@ -58,9 +58,11 @@ def prepare(
         raise BadDevice(f"--compile {compile!r} is not one of {', '.join(COMPILE_CHOICES)}")
     dev = bind(device, expect_gpu=expect_gpu)
     try:
-        prec = resolve_precision(precision, dev)
+        prec = resolve_precision(precision, dev)  # checks an explicit one on this device
     except ValueError as e:
         raise BadDevice(str(e)) from None
+    if precision == "auto":
+        prec = "auto"  # measured per trial (sweeper.precision): the fastest mode depends on the shapes
     compiled = resolve_compile(compile, dev)
     if compiled:
         import torch._inductor.config as inductor

@@ -127,8 +127,8 @@ def start_workers(
     data_dir: str | None,
     workers_per_gpu: int = 1,
 ) -> list[subprocess.Popen]:
-    """N worker processes with the CPU threads split between them; on GPUs each claims a slot."""
-    threads = max(1, (os.cpu_count() or 1) // n)
+    """N worker processes; on the CPU each trial takes the cores left to it by the trials running
+    (sweeper.cores), on GPUs each worker claims a slot."""
     log_dir = settings.home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -136,7 +136,6 @@ def start_workers(
         # The URLs go through the environment: a command line (with its password) is public in `ps`.
         env = {
             **os.environ,
-            "OMP_NUM_THREADS": str(threads),
             settings.ENV_HOME: str(settings.home()),
             settings.ENV_STORAGE: url,
             settings.ENV_TRACKING_URI: uri,
@@ -152,8 +151,6 @@ def start_workers(
             device,
             "--precision",
             precision,
-            "--threads",
-            str(threads),
             "--heartbeat-interval",
             str(heartbeat_interval),
             "--grace-period",

@@ -39,6 +39,7 @@ class Rule:
     lt: float | None = None
     choices: tuple[Any, ...] = ()
     optional: bool = False  # None (or leaving the key out) means "no limit"
+    also: tuple[str, ...] = ()  # words accepted besides values of ``kind`` (checkpoint_every = "epoch")
 
     def describe(self) -> str:
         what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.kind]
@@ -49,11 +50,13 @@ class Rule:
             for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
             if v is not None
         ]
-        return " ".join([what, " and ".join(bounds)]).strip()
+        return " ".join([what, " and ".join(bounds)]).strip() + "".join(f' or "{w}"' for w in self.also)
 
     def problem(self, value: Any) -> str | None:
         """None when the value is acceptable, else what is wrong with it."""
         if value is None and self.optional:
+            return None
+        if isinstance(value, str) and value in self.also:
             return None
         if self.choices:
             return (

@@ -6,6 +6,7 @@ on any machine resumes), logs the epoch's metrics with ``step`` = epoch, and rep
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -21,7 +22,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from sweeper import __version__, checkpoint, device, lineage, settings, system_metrics, tracking
+from sweeper import __version__, checkpoint, cores, device, lineage, settings, system_metrics, tracking
 from sweeper import study as studies
 from sweeper.device import Engine
 from sweeper.errors import SweeperError, first_line, redact, redact_url, root_cause
@@ -55,6 +56,7 @@ class WorkerConfig:
     grace_period: int = studies.DEFAULT_GRACE_PERIOD
     tracking_outage_limit: float = 300.0  # seconds MLflow may stay down before a trial fails
     system_metrics: bool = True
+    threads: int | None = None  # CPU threads per trial; None: share the host's cores by running trials
 
 
 class StopSignal:
@@ -257,6 +259,7 @@ class TrialRun:
         self.run_id: str | None = None
         self.model = None
         self.system_metrics = None
+        self.core_share: cores.CoreShare | None = None
         self.failed = False
 
     @property
@@ -278,7 +281,10 @@ class TrialRun:
     def run(self) -> None:
         number = self.trial.number
         log.info("trial %d: %s claimed", number, self.key)
-        with studies.Heartbeat(self.storage, self.trial_id, self.config.heartbeat_interval, label=f"trial {number}"):
+        with (
+            studies.Heartbeat(self.storage, self.trial_id, self.config.heartbeat_interval, label=f"trial {number}"),
+            self._core_share(),
+        ):
             try:
                 self._run()
             except TrialLost as e:
@@ -316,6 +322,27 @@ class TrialRun:
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def _core_share(self):
+        """Train on the host's cores split between the trials running on it now, re-counted as
+        they come and go (unless --threads fixed the count)."""
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+            yield
+            return
+        with cores.CoreShare(settings.home() / "cores") as share:
+            self.core_share = share
+            self._set_threads()
+            try:
+                yield
+            finally:
+                self.core_share = None
+
+    def _set_threads(self, *_step) -> None:
+        if self.core_share is not None and (n := self.core_share.threads()) != torch.get_num_threads():
+            log.info("trial %d: training on %d CPU thread(s)", self.trial.number, n)
+            torch.set_num_threads(n)
 
     def _run(self) -> None:
         from sweeper.models import build_model, count_macs, count_params
@@ -408,6 +435,7 @@ class TrialRun:
             resume=resume,
             on_epoch=on_epoch,
             should_stop=self.stop.is_set,
+            on_step=self._set_threads,
         )
         final = result.final
         value = getattr(final, decide_on)

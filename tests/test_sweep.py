@@ -156,3 +156,12 @@ def test_ctrl_c_stops_local_workers_and_says_how_to_resume(sweeper_env, tmp_path
     trials = optuna.load_study(study_name="stop", storage=f"sqlite:///{tmp_path / 'home' / 'optuna.db'}").trials
     assert [t.state.name for t in trials] == ["FAIL", "WAITING"], "the stopped trial is re-queued at once"
     assert trials[1].system_attrs["retry_history"] == [0]
+
+
+def test_longest_cells_are_claimed_first(sweeper_env, tmp_path):
+    spec = write_spec(tmp_path / "order.toml", variants=("short4", "standard", "naive", "short3"), seeds=(1, 2))
+    sweeper("launch", "--study", str(spec), env=sweeper_env)
+    study = optuna.load_study(study_name="order", storage=f"sqlite:///{tmp_path / 'home' / 'optuna.db'}")
+    keys = [t.user_attrs["sweeper.key"] for t in sorted(study.trials, key=lambda t: t.number)]
+    # MACs per image x images x epochs: naive > standard > short4 > short3; seeds keep their order.
+    assert keys == [f"{v}/digits/s{s}" for v in ("naive", "standard", "short4", "short3") for s in (1, 2)]
