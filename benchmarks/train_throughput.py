@@ -21,6 +21,12 @@ OMP_NUM_THREADS for both. The seed's ``num_workers=2`` is kept even on a 2-core 
 the workers compete with the training threads (their PIL work is small next to a training step).
 Results are recorded in docs/BENCHMARKS.md ("Training throughput (engine)").
 
+``--precision-table [--datasets digits,synthetic] [--variants ...]``: for each variant and
+dataset shape (digits 1x8x8; synthetic is CIFAR's 3x32x32), the warm images/s of every precision
+and layout mode sweeper.precision can pick (the fastest of ``--steps`` steps after the first),
+the cold cost of the first step of each (each row runs in a fresh process), and the mode
+``precision="auto"`` chose with its own short probe, as a share of the fastest mode's rate.
+
 Imports neither optuna nor mlflow.
 """
 
@@ -35,6 +41,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from seed_loop import cpu_seconds, measure_seed  # benchmarks/seed_loop.py: the baseline, shared
 
@@ -99,6 +106,98 @@ def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, comp
 # --------------------------------------------------------------------------- driver
 
 
+def measure_modes(variant: str, dataset: str, batch_size: int, steps: int) -> dict:
+    """One row of the precision table, in a fresh process: cold first step and warm rate per mode."""
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+
+    from sweeper import precision
+    from sweeper.data import DATASETS
+    from sweeper.models import build_model
+
+    info = DATASETS[dataset]
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(1)
+    model = build_model(variant, info.num_classes, info.shape[0])
+    x = torch.randn(batch_size, *info.shape, device=device)
+    y = torch.randint(info.num_classes, (batch_size,), device=device)
+    modes = {}
+    for mode in precision.candidates(device):
+        fmt = torch.channels_last if mode.channels_last else torch.contiguous_format
+        net = build_model(variant, info.num_classes, info.shape[0]).to(device, memory_format=fmt).train()
+        optimizer = torch.optim.Adadelta(net.parameters(), lr=1.0)
+        xb = x.contiguous(memory_format=fmt)
+        times = []
+        with precision.tf32(device, mode.precision == "tf32"):
+            for _ in range(1 + steps):
+                started = time.perf_counter()
+                with precision.autocast(device, mode.precision):
+                    loss = F.cross_entropy(net(xb).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss.item()
+                times.append(time.perf_counter() - started)
+        warm = min(times[1:])
+        modes[mode.label] = {"cold_first_step_s": times[0], "warm_step_s": warm, "images_per_s": batch_size / warm}
+    # What auto picks with its own short probe (a fresh cache: it measures), in a new process state.
+    with tempfile.TemporaryDirectory() as cache:
+        started = time.perf_counter()
+        auto = precision.choose(model, info.shape, batch_size, device, cache=Path(cache) / "c.json")
+        probe_s = time.perf_counter() - started
+    best = max(modes.values(), key=lambda m: m["images_per_s"])["images_per_s"]
+    return {
+        "variant": variant,
+        "dataset": dataset,
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "modes": modes,
+        "auto": auto.label,
+        "auto_vs_fastest": modes[auto.label]["images_per_s"] / best,
+        "rule": precision.rule(device).label,
+        "rule_vs_fastest": modes[precision.rule(device).label]["images_per_s"] / best,
+        "auto_probe_s": probe_s,
+        "load_average": os.getloadavg(),
+    }
+
+
+def precision_table(args: argparse.Namespace) -> None:
+    from sweeper.models import VARIANTS
+
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    rows = []
+    for dataset in args.datasets.split(","):
+        for variant in variants:
+            cmd = [sys.executable, os.path.abspath(__file__), "--_row", variant, dataset]
+            cmd += ["--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+            print(f"measuring {variant} on {dataset} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                raise SystemExit(f"the {variant}/{dataset} row failed (exit {proc.returncode})")
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"  auto {r['auto']}: {r['auto_vs_fastest']:.2f} of the fastest", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"machine": _cpu_name(), "cpus": os.cpu_count(), "rows": rows}, indent=2))
+        return
+    labels = list(rows[0]["modes"])
+    print(f"batch {args.batch_size}, {_cpu_name()} ({os.cpu_count()} CPUs, {rows[0]['threads']} threads)")
+    print(
+        "| variant | dataset | " + " | ".join(f"{m} img/s (cold s)" for m in labels) + " | auto | auto/fastest | load |"
+    )
+    print("|---|---|" + "---|" * len(labels) + "---|---|---|")
+    for r in rows:
+        cells = [f"{r['modes'][m]['images_per_s']:.0f} ({r['modes'][m]['cold_first_step_s']:.1f})" for m in labels]
+        print(
+            f"| {r['variant']} | {r['dataset']} | "
+            + " | ".join(cells)
+            + f" | {r['auto']} | {r['auto_vs_fastest']:.2f} | {r['load_average'][0]:.1f} |"
+        )
+
+
 def run_one(kind: str, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable,
@@ -142,9 +241,19 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure fit(..., compile=True)")
     parser.add_argument("--threads", type=int, help="torch threads of both (OMP_NUM_THREADS); default: torch's")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--precision-table", action="store_true", help="every precision/layout mode, per variant")
+    parser.add_argument("--datasets", default="digits,synthetic", help="--precision-table: these shapes")
+    parser.add_argument("--variants", help="--precision-table: comma-separated (default: all seven)")
     parser.add_argument("--_measure", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--_row", nargs=2, metavar=("VARIANT", "DATASET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args._row:
+        print(json.dumps(measure_modes(*args._row, args.batch_size, args.steps)))
+        return
+    if args.precision_table:
+        precision_table(args)
+        return
     if args._measure:
         if args._measure == "seed":
             out = measure_seed(args.variant, args.batch_size, args.steps, args.warmup, args.num_workers)

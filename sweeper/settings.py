@@ -20,6 +20,7 @@ ENV_COMPILE = "SWEEPER_COMPILE"
 # Set by a deployment that gives the worker a GPU (the compose GPU service, the k8s job): with
 # --device auto, a worker that finds no usable GPU then says so loudly instead of quietly using the CPU.
 ENV_EXPECT_GPU = "SWEEPER_EXPECT_GPU"
+ENV_CACHE_DIR = "SWEEPER_CACHE_DIR"
 
 
 def home() -> Path:
@@ -30,6 +31,14 @@ def home() -> Path:
 def data_dir() -> Path:
     value = os.environ.get(ENV_DATA_DIR)
     return Path(value).expanduser().absolute() if value else home() / "data"
+
+
+def cache_dir() -> Path:
+    """Per-machine caches (measured precision choices): ``$SWEEPER_CACHE_DIR``, else the XDG cache."""
+    value = os.environ.get(ENV_CACHE_DIR)
+    if value:
+        return Path(value).expanduser().absolute()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "sweeper"
 
 
 def storage_url() -> str | None:

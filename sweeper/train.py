@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from sweeper.contract import PRECISIONS, Recipe
 from sweeper.data import BatchLoader, Splits
 from sweeper.data.loader import normalize
+from sweeper.precision import Mode, choose, cpu_has_fast_bf16, cuda_has_native_bf16, rule  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class FitResult:
     history: list[EpochMetrics] = field(default_factory=list)
     device: str = "cpu"
     precision: str = "fp32"
+    channels_last: bool = False
 
     @property
     def final(self) -> EpochMetrics:
@@ -91,23 +92,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-@lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls run several times faster than fp32 on such CPUs."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def cuda_has_native_bf16(device: torch.device) -> bool:
-    """bf16 tensor cores on this very GPU (compute capability 8.0+). torch's is_bf16_supported()
-    looks at the current device and also accepts the emulated bf16 of older GPUs (V100, T4)."""
-    return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
@@ -118,13 +102,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             f"{major}.{minor}) would be emulated, slower than fp32; bf16 needs compute capability 8.0 "
             "(Ampere) or newer. Use --precision auto or fp32."
         )
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if cuda_has_native_bf16(device) else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
+    return rule(device).precision if precision == "auto" else precision
+
+
+def resolve_mode(
+    precision: str, device: torch.device, model: nn.Module, shape: tuple[int, ...], batch_size: int
+) -> Mode:
+    """The precision and memory layout to train in: ``auto`` measures (sweeper.precision)."""
+    if precision == "auto":
+        return choose(model, shape, batch_size, device)
+    prec = resolve_precision(precision, device)
+    return Mode(prec, prec == "bf16" or device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:
@@ -226,18 +214,23 @@ def fit(
     if recipe.val_fraction and data.val_x is None:
         data = data.split_validation(recipe.val_fraction)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    if precision == "auto" and resume is not None and "mode" in resume:
+        mode_ = Mode(**resume["mode"])  # the attempt that wrote the checkpoint measured it: same numbers
+    else:
+        mode_ = resolve_mode(precision, dev, model, data.info.shape, recipe.batch_size)
+    prec = mode_.precision
     bf16 = prec == "bf16"
-    memory_format = torch.channels_last if bf16 or dev.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last if mode_.channels_last else torch.contiguous_format
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"  # set each fit: a worker's trials differ
 
     model = model.to(dev, memory_format=memory_format)
     optimizer = make_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
     loader_rng = torch.Generator().manual_seed(recipe.seed)
     seed_everything(recipe.seed)  # dropout draws from the global generator
-    result = FitResult(device=str(dev), precision=prec)
+    result = FitResult(device=str(dev), precision=prec, channels_last=mode_.channels_last)
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -278,6 +271,7 @@ def fit(
             "rng": rng,
             "epoch": len(result.history),
             "recipe": recipe.to_dict(),
+            "mode": asdict(mode_),
             "history": [asdict(m) for m in result.history],
         }
 

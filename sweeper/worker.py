@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -395,20 +396,26 @@ class TrialRun:
         self.logger.flush()
 
         pruned_at: list[int] = []
+        # Checkpoints are written and uploaded in the background (one at a time) while the next
+        # epoch trains; an epoch's metrics go to MLflow only after the checkpoint that covers it.
+        held: list[EpochMetrics] = []  # not logged yet: waiting for a checkpoint or the trial's end
+        last_checkpoint = [time.monotonic()]
+        background = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        in_flight: list[Future] = []
+
+        def wait_background() -> None:
+            while in_flight:
+                in_flight.pop().result()
 
         def on_epoch(m: EpochMetrics, state) -> bool:
             if self._db(studies.trial_state, self.storage, self.trial_id) != TrialState.RUNNING:
                 raise TrialLost(f"the trial is no longer RUNNING after epoch {m.epoch}")
-            if self._save_checkpoint(state):
-                self.logger.log_artifact(self.checkpoint_path, CHECKPOINT_ARTIFACT)
-            if m.epoch not in already_logged:
-                self.logger.log_metrics(epoch_metrics(m), step=m.epoch)
-                already_logged.add(m.epoch)
-            if (
-                not self.logger.flush()
-                and time.monotonic() - self.logger.down_since > self.config.tracking_outage_limit
-            ):
+            down_since = self.logger.down_since  # set by a background flush that failed
+            if down_since is not None and time.monotonic() - down_since > self.config.tracking_outage_limit:
                 raise SweeperError(self._outage_reason(m.epoch))
+            if m.epoch not in already_logged:
+                held.append(m)
+                already_logged.add(m.epoch)
             value = getattr(m, decide_on)
             self._db(self.trial.set_user_attr, "sweeper.epoch", m.epoch)
             self._db(self.trial.set_user_attr, "sweeper.top1_error", m.top1_error)
@@ -422,21 +429,36 @@ class TrialRun:
                 value,
             )
             self._db(self.trial.report, value, m.epoch)
-            if self._db(self.trial.should_prune):
+            pruned = self._db(self.trial.should_prune)
+            last = pruned or m.epoch == recipe.epochs  # the trial ends with its model: no checkpoint needed
+            every = recipe.checkpoint_every
+            if every == "epoch" or (not last and time.monotonic() - last_checkpoint[0] >= every):
+                snapshot = {**state(), "variant": self.variant, "dataset": self.dataset, "seed": self.seed}
+                wait_background()  # at most one checkpoint in flight
+                in_flight.append(background.submit(self._persist, snapshot, held[:]))
+                held.clear()
+                last_checkpoint[0] = time.monotonic()
+            if pruned:
                 pruned_at.append(m.epoch)
                 return True
             return False
 
-        result = fit(
-            self.model,
-            splits,
-            recipe,
-            **self.engine.fit_options(),
-            resume=resume,
-            on_epoch=on_epoch,
-            should_stop=self.stop.is_set,
-            on_step=self._set_threads,
-        )
+        try:
+            result = fit(
+                self.model,
+                splits,
+                recipe,
+                **self.engine.fit_options(),
+                resume=resume,
+                on_epoch=on_epoch,
+                should_stop=self.stop.is_set,
+                on_step=self._set_threads,
+            )
+        finally:
+            background.shutdown(wait=True)  # the logger is this thread's again from here
+        wait_background()
+        for m in held:
+            self.logger.log_metrics(epoch_metrics(m), step=m.epoch)
         final = result.final
         value = getattr(final, decide_on)
         # Recorded in Optuna before MLflow is waited for: an outage past the limit cannot lose it.
@@ -480,17 +502,17 @@ class TrialRun:
             "the trial was re-queued and resumes from its latest checkpoint, logging what MLflow missed"
         )
 
-    def _save_checkpoint(self, state) -> bool:
-        """Write this epoch's checkpoint; a full disk keeps the previous one and training goes on."""
+    def _persist(self, snapshot: dict[str, Any], metrics: list[EpochMetrics]) -> None:
+        """(Background thread.) Write the checkpoint, then send it and the epochs it covers to
+        MLflow; a full disk keeps the previous checkpoint and training goes on."""
         try:
-            checkpoint.save(
-                self.checkpoint_path,
-                {**state(), "variant": self.variant, "dataset": self.dataset, "seed": self.seed, "run_id": self.run_id},
-            )
-            return True
+            checkpoint.save(self.checkpoint_path, {**snapshot, "run_id": self.run_id})
+            self.logger.log_artifact(self.checkpoint_path, CHECKPOINT_ARTIFACT)
         except checkpoint.CheckpointError as e:
             log.warning("trial %d: %s", self.trial.number, e)
-            return False
+        for m in metrics:
+            self.logger.log_metrics(epoch_metrics(m), step=m.epoch)
+        self.logger.flush()
 
     def _open_run(self) -> bool:
         """Open (or reopen) the cell's MLflow run; True when it was created just now."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -63,6 +64,14 @@ def pg_database(postgres_available):
     conn.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory) -> Path:
+    """precision=auto's measured choices go to a cache of the test session, not the user's."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["SWEEPER_CACHE_DIR"] = str(path)  # subprocesses inherit it
+    return path
+
+
 @pytest.fixture
 def sweeper_env(tmp_path, monkeypatch) -> dict[str, str]:
     """An environment whose embedded stores live in this test's temp folder."""
@@ -99,9 +108,12 @@ def write_spec(
     limit_train: int | None = 256,
     limit_test: int | None = 128,
     extra: str = "",
+    checkpoint_every: str | float = "epoch",
 ) -> Path:
-    """A small study spec for tests; the study's name is the file's stem."""
+    """A small study spec for tests; the study's name is the file's stem. Tests checkpoint every
+    epoch (the default is every 60 s, which a test's trial never reaches)."""
     limits = "".join(f"{k} = {v}\n" for k, v in (("limit_train", limit_train), ("limit_test", limit_test)) if v)
+    limits += f"checkpoint_every = {json.dumps(checkpoint_every)}\n"
     path.write_text(
         textwrap.dedent(f"""\
         description = "test study"

@@ -167,3 +167,20 @@ def test_sweep_scale_fit_quadratic_recovers_the_coefficients():
     sweep_scale = _load("sweep_scale")
     a, b = sweep_scale.fit_quadratic([(n, 0.02 * n + 0.0001 * n * n) for n in (50, 100, 150, 200, 250, 300)])
     assert a == pytest.approx(0.02, rel=1e-6) and b == pytest.approx(0.0001, rel=1e-6)
+
+
+def test_train_throughput_precision_table_row(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "train_throughput.py"), "--precision-table", "--variants", "short4"]
+        + ["--datasets", "digits", "--batch-size", "8", "--steps", "1", "--json"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)["rows"]
+    assert (row["variant"], row["dataset"], row["batch_size"]) == ("short4", "digits", 8)
+    assert row["auto"] in row["modes"] and 0 < row["auto_vs_fastest"] <= 1
+    for mode in row["modes"].values():
+        assert mode["cold_first_step_s"] > 0 and mode["images_per_s"] > 0

@@ -165,3 +165,31 @@ def test_longest_cells_are_claimed_first(sweeper_env, tmp_path):
     keys = [t.user_attrs["sweeper.key"] for t in sorted(study.trials, key=lambda t: t.number)]
     # MACs per image x images x epochs: naive > standard > short4 > short3; seeds keep their order.
     assert keys == [f"{v}/digits/s{s}" for v in ("naive", "standard", "short4", "short3") for s in (1, 2)]
+
+
+def test_checkpoint_cadence_in_seconds(sweeper_env, tmp_path):
+    """checkpoint_every in seconds: a trial shorter than that writes none (it ends with its
+    model); a tiny one checkpoints after every epoch but the last. Every epoch is logged once."""
+    import torch
+
+    home = tmp_path / "home"
+    sweeper(
+        "launch", "--study", str(write_spec(tmp_path / "rare.toml", epochs=3, checkpoint_every=3600)), env=sweeper_env
+    )
+    sweeper(
+        "launch", "--study", str(write_spec(tmp_path / "often.toml", epochs=3, checkpoint_every=1e-3)), env=sweeper_env
+    )
+    sweeper("worker", "--device", "cpu", "--precision", "fp32", "--no-system-metrics", env=sweeper_env)
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    checkpoints = {}
+    for study in ("rare", "often"):
+        _, (run,) = cell_runs(client, study)
+        assert run.info.status == "FINISHED"
+        for name in METRICS:
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == [1, 2, 3]
+        listed = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
+        checkpoints[study] = listed
+        if listed:
+            path = client.download_artifacts(run.info.run_id, "checkpoint/last.pt", str(tmp_path / study))
+            assert torch.load(path, weights_only=True)["epoch"] == 2  # the last epoch needs none
+    assert checkpoints == {"rare": [], "often": ["checkpoint/last.pt"]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -35,7 +36,6 @@ from sweeper.train import (
     NonFiniteLoss,
     Recipe,
     cpu_copy,
-    cpu_has_fast_bf16,
     fit,
     resolve_precision,
     seed_everything,
@@ -418,13 +418,32 @@ def test_fit_flips_only_training_images_and_only_where_the_dataset_allows(hflip)
     assert torch.equal(test, torch.cat([normalize(data.test_x)] * 2))
 
 
+def test_precision_auto_measures_the_modes_and_caches_the_fastest(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path))
+    data = load("digits").limit(64, 32)
+    seed_everything(1)
+    result = fit(build_model("short4", 10, 1), data, Recipe(epochs=1, batch_size=16), device="cpu")
+    (cache,) = tmp_path.glob("precision-torch*.json")
+    (entry,) = json.loads(cache.read_text()).values()
+    timings = entry["seconds_per_step"]
+    precisions = ("fp32", "bf16") if HAS_FAST_BF16 else ("fp32",)
+    assert set(timings) == {f"{p}/{f}" for p in precisions for f in ("contiguous", "channels_last")}
+    chosen = f"{entry['precision']}/{'channels_last' if entry['channels_last'] else 'contiguous'}"
+    assert timings[chosen] == min(timings.values())
+    assert (result.precision, result.channels_last) == (entry["precision"], entry["channels_last"])
+
+    # From now on the cache decides (no probe): an entry edited by hand is obeyed.
+    entry.update(precision="fp32", channels_last=not entry["channels_last"])
+    cache.write_text(json.dumps({next(iter(json.loads(cache.read_text()))): entry}))
+    again = fit(build_model("short4", 10, 1), data, Recipe(epochs=1, batch_size=16), device="cpu")
+    assert (again.precision, again.channels_last) == ("fp32", entry["channels_last"])
+
+
 @pytest.mark.skipif(not HAS_FAST_BF16, reason="this CPU has neither amx_bf16 nor avx512_bf16 in /proc/cpuinfo")
-def test_precision_auto_is_bf16_with_channels_last_on_this_cpu(digits_run):
-    assert cpu_has_fast_bf16()
-    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
-    assert digits_run.precision == "bf16" and digits_run.device == "cpu"
+def test_bf16_trains_channels_last_on_this_cpu():
     model = Recorder(3, 10)
-    fit(model, asymmetric_splits(True), Recipe(epochs=1, batch_size=16), device="cpu")
+    result = fit(model, asymmetric_splits(True), Recipe(epochs=1, batch_size=16), device="cpu", precision="bf16")
+    assert (result.precision, result.channels_last) == ("bf16", True)
     assert all(x.is_contiguous(memory_format=torch.channels_last) for _, x in model.seen)
 
 

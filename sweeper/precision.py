@@ -1,0 +1,211 @@
+"""``precision="auto"``: the fastest mode for this model, input and batch size, measured once.
+
+A mode is a precision (fp32, bf16, and TF32 on CUDA) and a memory layout (contiguous NCHW or
+channels_last). Which is fastest depends on the shapes, not only on the hardware: on a CPU with
+AMX, bf16 wins by a wide margin for CIFAR-sized images and loses to fp32 for 8x8 digits, where
+each convolution is too small to amortize the conversions. So ``choose()`` times a few training
+steps of each mode on a copy of the model and keeps the fastest; the answer is cached on disk
+per machine, torch version and thread count, so each shape is probed once per machine. The
+probe's warm-up also builds the kernels the trial then reuses.
+
+>>> from sweeper.models import build_model
+>>> import torch
+>>> choose(build_model("short4", 10, 1), (1, 8, 8), 4, torch.device("cpu"), cache=None).precision in KINDS
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("fp32", "tf32", "bf16")
+WARMUP_STEPS = 1  # untimed: builds the kernels (oneDNN primitives, cuDNN plans) for the shapes
+TIMED_STEPS = 2  # the fastest of these counts: robust to a neighbour's burst of load
+
+
+@dataclass(frozen=True)
+class Mode:
+    precision: str  # fp32 | tf32 (CUDA) | bf16 (autocast)
+    channels_last: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.precision}/{'channels_last' if self.channels_last else 'contiguous'}"
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls run several times faster than fp32 on such CPUs."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores on this very GPU (compute capability 8.0+). torch's is_bf16_supported()
+    looks at the current device and also accepts the emulated bf16 of older GPUs (V100, T4)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def candidates(device: torch.device) -> list[Mode]:
+    """The modes worth timing on this device."""
+    if device.type == "cuda":
+        precisions = ["fp32", "tf32"] + (["bf16"] if cuda_has_native_bf16(device) else [])
+    elif device.type == "cpu":
+        precisions = ["fp32"] + (["bf16"] if cpu_has_fast_bf16() else [])
+    else:
+        return [Mode("fp32", False)]
+    return [Mode(p, cl) for p in precisions for cl in (False, True)]
+
+
+def rule(device: torch.device) -> Mode:
+    """The mode without measuring: what fit() used before ``auto`` measured."""
+    if device.type == "cuda":
+        return Mode("bf16" if cuda_has_native_bf16(device) else "fp32", True)
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return Mode("bf16", True)
+    return Mode("fp32", False)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def cache_path() -> Path:
+    from sweeper import settings
+
+    return settings.cache_dir() / f"precision-torch{torch.__version__}.json"
+
+
+def cache_key(model: nn.Module, shape: tuple[int, ...], batch_size: int, device: torch.device) -> str:
+    arch = hashlib.sha256(repr(model).encode()).hexdigest()[:16]
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    return f"{machine()}|{device.type}|threads={threads}|{arch}|{tuple(shape)}|batch={batch_size}"
+
+
+def choose(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    batch_size: int,
+    device: torch.device,
+    cache: Path | None | str = "default",
+) -> Mode:
+    """The fastest mode for training ``model`` on ``batch_size`` images of ``shape`` on ``device``."""
+    modes = candidates(device)
+    if len(modes) == 1:
+        return modes[0]
+    path = cache_path() if cache == "default" else cache
+    key = cache_key(model, shape, batch_size, device)
+    if path is not None and (hit := _read(path).get(key)) is not None:
+        return Mode(hit["precision"], hit["channels_last"])
+    timings = probe(model, shape, batch_size, device, modes)
+    best = min(timings, key=timings.get)
+    if path is not None:
+        _write(path, key, {**asdict(best), "seconds_per_step": {m.label: t for m, t in timings.items()}})
+    return best
+
+
+def probe(
+    model: nn.Module, shape: tuple[int, ...], batch_size: int, device: torch.device, modes: list[Mode]
+) -> dict[Mode, float]:
+    """Seconds per training step of each mode: the fastest of a few, after a warm-up. The modes
+    take turns step by step, so a burst of load from other jobs falls on all of them alike."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        x = torch.randn(batch_size, *shape, device=device)
+        classes = model.linear.out_features if hasattr(model, "linear") else 10
+        y = torch.randint(classes, (batch_size,), device=device)
+        runs = [_Stepper(model, x, y, device, mode) for mode in modes]
+        for _ in range(WARMUP_STEPS):
+            for run in runs:
+                run.step()
+        best = {mode: float("inf") for mode in modes}
+        for _ in range(TIMED_STEPS):
+            for run in runs:
+                best[run.mode] = min(best[run.mode], run.step())
+    return best
+
+
+class _Stepper:
+    """A copy of the model training in one mode, a step at a time."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, mode: Mode):
+        fmt = torch.channels_last if mode.channels_last else torch.contiguous_format
+        self.net = copy.deepcopy(model).to(device, memory_format=fmt).train()
+        self.x, self.y, self.device, self.mode = x.contiguous(memory_format=fmt), y, device, mode
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=1e-3)
+
+    def step(self) -> float:
+        started = time.perf_counter()
+        with tf32(self.device, self.mode.precision == "tf32"), autocast(self.device, self.mode.precision):
+            loss = F.cross_entropy(self.net(self.x).float(), self.y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        loss.item()  # waits for the device
+        return time.perf_counter() - started
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+class tf32:
+    """TF32 matmuls and convolutions on CUDA while the block runs (restored after)."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.enabled = enabled and device.type == "cuda"
+
+    def __enter__(self):
+        if self.enabled:
+            self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path: Path, key: str, value: dict) -> None:
+    """Merge one entry into the cache file under a lock; a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = _read(path)
+            entries[key] = value
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+    except OSError:
+        pass
