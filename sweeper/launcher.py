@@ -45,14 +45,12 @@ def launch(
         console.print(f"embedded stores in [bold]{escape(str(settings.home()))}[/] (set SWEEPER_HOME to move them)")
     console.print(f"storage {redact_url(url)}\ntracking {redact_url(uri)}", markup=False)
 
-    tracking.configure_http()
-    if tracking.is_server(uri):  # probed first: a bad URL or password leaves nothing behind
+    # Enqueueing writes only the Optuna queue: the first worker creates the study's MLflow
+    # experiment and parent run (so launch never imports MLflow for an embedded store). A server
+    # is probed first, so a bad URL or password is refused before anything is written.
+    if tracking.is_server(uri):
         tracking.check_reachable(tracking.client(uri))
     storage = studies.open_storage(url, heartbeat_interval, grace_period)
-    mlflow_client = tracking.client(uri)  # an embedded store is created here, after the storage opened
-    with studies.study_lock(storage, spec.name):
-        experiment_id = tracking.ensure_experiment(mlflow_client, spec.name)
-        tracking.ensure_study_run(mlflow_client, experiment_id, spec.to_dict())
     total = len(spec.cells) * spec.trials_per_cell
     if total > SHOW_TOTAL_ABOVE:
         console.print(f"study {spec.name}: {len(spec.cells):,} cell(s) x {spec.trials_per_cell:,} = {total:,} trials")

@@ -95,8 +95,6 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
         )
         config = replace(config, engine=engine)
     tracking.configure_http()
-    # urllib3 logs each HTTP retry during an MLflow outage; sweeper logs the outage once itself.
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # A server is checked before an embedded store is opened (which creates its file), so an
     # unreachable URL or a refused password leaves nothing behind.
     server = tracking.is_server(config.tracking_uri)
@@ -116,11 +114,6 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
         redact_url(config.storage_url),
         redact_url(config.tracking_uri),
     )
-    # Everything imported so far lives as long as the worker: keep it out of every later
-    # collection (the per-trial gc.collect() below then costs a fraction, ~45% of a trial's
-    # orchestration time before this in benchmarks/sweep_scale.py --part c).
-    gc.collect()
-    gc.freeze()
     done = 0
     tracking_ok_at = time.monotonic()  # checked just now
     while not stop.is_set() and (config.max_trials is None or done < config.max_trials):
@@ -516,8 +509,9 @@ class TrialRun:
 
     def _open_run(self) -> bool:
         """Open (or reopen) the cell's MLflow run; True when it was created just now."""
-        experiment_id = tracking.ensure_experiment(self.client, self.study.study_name)
-        parent_id = tracking.ensure_study_run(self.client, experiment_id, self.spec)
+        with studies.study_lock(self.storage, self.study.study_name):  # one parent run, however many workers start
+            experiment_id = tracking.ensure_experiment(self.client, self.study.study_name)
+            parent_id = tracking.ensure_study_run(self.client, experiment_id, self.spec)
         run_id = self.attrs.get("mlflow_run_id")
         if run_id is None:
             identity = {tracking.KEY_TAG: self.key, tracking.ROLE_TAG: "cell"}

@@ -115,7 +115,5 @@ def test_two_launches_at_the_same_moment_enqueue_each_cell_once(tmp_path, sweepe
     trials = trials_of(url, "race")
     keys = [t.user_attrs["sweeper.key"] for t in trials]
     assert len(keys) == 6 and len(set(keys)) == 6, keys
-    client = MlflowClient(tracking.url)
-    experiment = client.get_experiment_by_name("race")
-    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`sweeper.role` = 'study'")
-    assert len(parents) == 1
+    # Launching writes only the queue; the first worker creates the MLflow experiment and parent run.
+    assert MlflowClient(tracking.url).get_experiment_by_name("race") is None
