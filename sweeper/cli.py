@@ -444,6 +444,21 @@ def check_grace(heartbeat_interval: int, grace_period: int) -> None:
         )
 
 
+def study_layer():
+    """sweeper.study, with Optuna set up for the whole process as every command wants it: its log
+    at WARNING (not a line per trial), and quiet about the experimental heartbeat API that sweeper
+    relies on knowingly. Library modules leave such process-wide settings to the commands."""
+    import warnings
+
+    import optuna
+
+    from sweeper import study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return study
+
+
 def load_spec(study: str):
     from sweeper.spec import SpecError, load
 
@@ -544,6 +559,7 @@ def launch(
             f"({len(spec.cells) * spec.trials_per_cell:,} trials in all); lower it, or pass --yes to enqueue them anyway"
         )
 
+    study_layer()
     from sweeper import launcher
 
     launcher.launch(
@@ -651,14 +667,19 @@ def worker(
     data_dir,
 ):
     """Claim waiting trials, train them and log to MLflow until the queue is empty."""
+    import gc
     import logging
 
     check_grace(heartbeat_interval, grace_period)
     from pathlib import Path
 
     from sweeper import device as devices
+    from sweeper import tracking
+    from sweeper.worker import StopSignal, WorkerConfig, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s", stream=sys.stderr)
+    # urllib3 logs each HTTP retry during an MLflow outage; the worker logs the outage once itself.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     gpu_list: list[str] = []
     if device in ("auto", "cuda"):
         from sweeper import slots
@@ -680,10 +701,7 @@ def worker(
     except devices.BadDevice as e:
         raise click.UsageError(str(e)) from None
 
-    from sweeper import study as st
-    from sweeper import tracking
-    from sweeper.worker import StopSignal, WorkerConfig, run
-
+    st = study_layer()
     stop = StopSignal()
     stop.install()
     config = WorkerConfig(
@@ -705,6 +723,11 @@ def worker(
         # OMP_NUM_THREADS set by the user fixes the count too (as it does for torch itself).
         threads=threads or settings.env_int("OMP_NUM_THREADS", 0) or None,
     )
+    # What is imported by now lives as long as the worker: keep it out of every later collection
+    # (the worker's per-trial gc.collect() then costs a fraction: ~45% of a trial's orchestration
+    # time before this, in benchmarks/sweep_scale.py --part c).
+    gc.collect()
+    gc.freeze()
     run(config, stop)
 
 
@@ -715,7 +738,7 @@ def worker(
 @format_option()
 def status(study, storage, tracking_uri, fmt):
     """Trial counts by state and one row per trial: cell, epoch, latest error, host, retries."""
-    from sweeper import study as st
+    st = study_layer()
     from sweeper import tracking
     from sweeper.errors import redact_url
 
@@ -757,7 +780,7 @@ def status(study, storage, tracking_uri, fmt):
 )
 def retry(study, storage, failed):
     """Re-enqueue failed cells on purpose (e.g. after fixing the cause of a NaN or out of memory)."""
-    from sweeper import study as st
+    st = study_layer()
 
     loaded = st.load_study(st.open_storage(storage, create=False), study_name(study))
     n = st.retry_failed(loaded)
@@ -800,7 +823,7 @@ def verify(study, storage, tracking_uri, fmt):
 @format_option()
 def doctor(storage, tracking_uri, quiet, fmt):
     """Check that the Optuna storage and the MLflow tracking store are reachable."""
-    from sweeper import study as st
+    st = study_layer()
     from sweeper import tracking
     from sweeper.errors import SweeperError, redact_url
 
@@ -844,6 +867,7 @@ def doctor(storage, tracking_uri, quiet, fmt):
 )
 def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed, recipe, compare_variants):
     """The seed post's tables (Top-1/Top-5 error, parameters, time) from what the study logged."""
+    study_layer()
     from sweeper import report as reporting
 
     reporting.print_report(
@@ -869,6 +893,7 @@ def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed, r
 )
 def ui(study, storage, tracking_uri, port, dashboard_port):
     """Serve the MLflow UI and optuna-dashboard for a study on 127.0.0.1 until Ctrl-C."""
+    study_layer()
     from sweeper import ui as uis
 
     uis.serve(study_name(study), storage, tracking_uri, port=port, dashboard_port=dashboard_port)

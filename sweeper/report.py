@@ -694,10 +694,9 @@ MARKERS = {"naive": "s", "standard": "o", "long": "D", "short": "^", "short2": "
 
 def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool = False) -> dict[str, Path]:
     """The three PNGs in ``plots_dir``: {"params": path, "time": path, "epochs": path}."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    # Figures made without pyplot need no backend and leave matplotlib's global state alone.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     out_dir = Path(plots_dir)
@@ -719,14 +718,15 @@ def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool 
         else pd.DataFrame(columns=["dataset", "variant", "top1_error", "params", "train_seconds", "n"])
     )
     datasets = list(dict.fromkeys(frame["dataset"])) or ["(none)"]
-    colors = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(datasets)}
+    colors = {d: colormaps["tab10"](i % 10) for i, d in enumerate(datasets)}
     paths = {}
 
     for name, x_col, x_label, log_x in (
         ("params", "params", "parameters", True),
         ("time", "train_seconds", f"training time, {collected.epochs} epochs (s)", False),
     ):
-        fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+        fig = Figure(figsize=(8, 5.5), dpi=110)
+        ax = fig.subplots()
         xs = []
         points = summary.assign(_x=summary[x_col].astype(float)).sort_values("_x") if not summary.empty else summary
         for i, (_, row) in enumerate(points.iterrows()):
@@ -790,10 +790,10 @@ def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool 
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         paths[name] = _save(fig, out_dir / PLOT_FILES[name])
-        plt.close(fig)
 
     histories = epoch_histories(collected.client, frame)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 5), dpi=110, squeeze=False)
+    fig = Figure(figsize=(6.5 * len(datasets), 5), dpi=110)
+    axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         rows = frame[frame["dataset"] == dataset]
         for variant, group in rows.groupby("variant", sort=False):
@@ -818,7 +818,6 @@ def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool 
     fig.suptitle(f"{PLOT_TITLES['epochs']} (mean over seeds) — study {collected.study}")
     fig.tight_layout()
     paths["epochs"] = _save(fig, out_dir / PLOT_FILES["epochs"])
-    plt.close(fig)
     return paths
 
 

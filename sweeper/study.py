@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -43,10 +42,6 @@ IDENTITY_ATTRS = (KEY_ATTR, RECIPE_ATTR, RECIPE_DIGEST_ATTR)
 FAIL_REASON_ATTR = "sweeper.fail_reason"
 SCHEMA_LOCK_KEY = zlib.crc32(b"sweeper.optuna-schema")
 STATES = ("WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL")
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-# Heartbeats and the retry callback are marked experimental in Optuna; we rely on them knowingly.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def default_storage_url() -> str:
@@ -229,7 +224,9 @@ class EnqueueResult:
 
 @contextlib.contextmanager
 def study_lock(storage: RDBStorage, name: str) -> Iterator[None]:
-    """One launcher at a time per study: a PostgreSQL advisory lock, or a file lock on SQLite."""
+    """One launcher (or one worker creating the study's MLflow runs) at a time per study: a
+    PostgreSQL advisory lock, or a file lock on SQLite."""
+    storage = getattr(storage, "_backend", storage)  # under Optuna's trial cache
     url = storage.engine.url
     if url.get_backend_name() == "postgresql":
         from sqlalchemy import text
@@ -275,10 +272,7 @@ def launch(storage: RDBStorage, spec: StudySpec, force_update: bool = False) -> 
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
             study.set_user_attr(SPEC_HASH_ATTR, spec.hash)
             study.set_user_attr(RECIPE_DIGEST_ATTR, spec.recipe_digest)
-        existing = {
-            (t.user_attrs.get(KEY_ATTR), t.user_attrs.get(RECIPE_DIGEST_ATTR))
-            for t in storage.get_all_trials(study._study_id, deepcopy=False)
-        }
+        existing = trial_keys(study)
         digest = spec.recipe_digest
         missing = [(cell, key) for cell, key in spec.trial_keys() if (key, digest) not in existing]
         # Workers claim in trial order: the longest cells first, so the long pole starts at once.
@@ -309,28 +303,66 @@ def cell_costs(cells, train: dict[str, Any]) -> dict[Cell, int]:
     return costs
 
 
+def _rdb(study: optuna.Study):
+    """Optuna's RDB table models and the storage's session factory, or None where a future
+    Optuna moved them (callers then take the public API)."""
+    try:
+        from optuna.storages._rdb import models
+
+        storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's trial cache
+        return models, storage.scoped_session
+    except (ImportError, AttributeError):  # pragma: no cover - other Optuna versions
+        return None
+
+
+def trial_keys(study: optuna.Study) -> set[tuple[str | None, str | None]]:
+    """(``sweeper.key``, recipe digest) of every trial in the study, in one query
+    (``get_all_trials`` builds every trial with all its rows: over a second for 1,000 trials)."""
+    import json
+
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        return {
+            (t.user_attrs.get(KEY_ATTR), t.user_attrs.get(RECIPE_DIGEST_ATTR)) for t in study.get_trials(deepcopy=False)
+        }
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import select
+
+    attrs, trials = models.TrialUserAttributeModel, models.TrialModel
+    query = (
+        select(attrs.trial_id, attrs.key, attrs.value_json)
+        .join(trials, attrs.trial_id == trials.trial_id)
+        .where(trials.study_id == study._study_id, attrs.key.in_((KEY_ATTR, RECIPE_DIGEST_ATTR)))
+    )
+    by_trial: dict[int, dict[str, Any]] = {}
+    with _create_scoped_session(scoped_session) as session:
+        for trial_id, key, value in session.execute(query):
+            by_trial.setdefault(trial_id, {})[key] = json.loads(value)
+    return {(a.get(KEY_ATTR), a.get(RECIPE_DIGEST_ATTR)) for a in by_trial.values()}
+
+
 def enqueue_many(study: optuna.Study, user_attrs: list[dict[str, Any]]) -> None:
     """Enqueue one WAITING trial per entry, as a few bulk INSERTs in one transaction.
 
     ``Study.enqueue_trial`` commits each trial on its own and looks up every attribute row
     (~14 statements a trial: 23 s for 1,000 cells on PostgreSQL here). This writes the same rows
     through Optuna's own table models, holding the study row lock that Optuna's trial creation
-    takes, and numbers the trials as Optuna does. If a future Optuna moves those internals, it
-    falls back to the public API.
+    takes, and numbers the trials as Optuna does; tests/test_layers.py checks that the trials are
+    the ones ``enqueue_trial`` makes. If a future Optuna moves those internals, it falls back to
+    the public API.
     """
     import json
 
-    try:
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-        from sqlalchemy import func, insert, select
-
-        storage = getattr(study._storage, "_backend", study._storage)  # under Optuna's trial cache
-        scoped_session = storage.scoped_session
-    except (ImportError, AttributeError):  # pragma: no cover - other Optuna versions
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
         for attrs in user_attrs:
             study.enqueue_trial({}, user_attrs=attrs)
         return
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func, insert, select
+
     trials, study_id = models.TrialModel, study._study_id
     for start in range(0, len(user_attrs), 1000):  # bounded transactions
         chunk = user_attrs[start : start + 1000]
@@ -348,6 +380,11 @@ def enqueue_many(study: optuna.Study, user_attrs: list[dict[str, Any]]) -> None:
                     for trial_id, attrs in zip(ids, chunk)
                     for key, value in attrs.items()
                 ],
+            )
+            # What enqueue_trial({}) records: the (empty) parameters a claimed trial must take.
+            session.execute(
+                insert(models.TrialSystemAttributeModel),
+                [{"trial_id": trial_id, "key": "fixed_params", "value_json": json.dumps({})} for trial_id in ids],
             )
 
 

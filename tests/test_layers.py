@@ -1,0 +1,84 @@
+"""Layering contracts: library modules leave process-wide settings alone; the bulk enqueue
+path makes the same trials as Optuna's public API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_library_modules_leave_process_wide_settings_to_the_commands(tmp_path):
+    """Importing sweeper's modules and calling them changes no logging level, warning filter,
+    garbage-collector state or matplotlib backend of the program that uses them."""
+    code = textwrap.dedent(f"""
+        import gc, logging, sys, warnings
+        import optuna, matplotlib
+
+        def quiet_about_experimental():
+            return any(f[2] is optuna.exceptions.ExperimentalWarning for f in warnings.filters)
+
+        before = (
+            optuna.logging.get_verbosity(), quiet_about_experimental(), gc.get_freeze_count(),
+            logging.getLogger("urllib3.connectionpool").level, matplotlib.get_backend(),
+        )
+        from sweeper import launcher, report, spec, study, worker
+        url, uri = "sqlite:///{tmp_path}/optuna.db", "sqlite:///{tmp_path}/mlflow.db"
+        study.launch(study.open_storage(url), spec.load("quickstart"))
+        worker.run(worker.WorkerConfig(url, uri, max_trials=0, system_metrics=False))
+        report.print_report("quickstart", url, uri, fmt="json", plots_dir="{tmp_path}/plots")
+        after = (
+            optuna.logging.get_verbosity(), quiet_about_experimental(), gc.get_freeze_count(),
+            logging.getLogger("urllib3.connectionpool").level, matplotlib.get_backend(),
+        )
+        names = ("optuna verbosity", "filter of ExperimentalWarning", "gc freeze count", "urllib3 level", "matplotlib backend")
+        changed = [name for name, b, a in zip(names, before, after) if b != a]
+        print(changed)
+        sys.exit(1 if changed else 0)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+def test_bulk_enqueue_makes_the_trials_optunas_public_api_makes(tmp_path):
+    """``enqueue_many`` writes rows through Optuna's internal table models; an Optuna upgrade that
+    moves them must fail here, not in a user's launch."""
+    import optuna
+
+    from sweeper import study as studies
+
+    storage = studies.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    attrs = [{"sweeper.key": f"short4/digits/s{seed}", "variant": "short4", "seed": seed} for seed in (1, 2, 3)]
+    public = optuna.create_study(study_name="public", storage=storage)
+    public.enqueue_trial({}, user_attrs=attrs[0])
+    bulk = optuna.create_study(study_name="bulk", storage=storage)
+    studies.enqueue_many(bulk, attrs[:1])
+    studies.enqueue_many(bulk, attrs[1:])  # numbering continues across calls
+    for attr in attrs[1:]:
+        public.enqueue_trial({}, user_attrs=attr)
+
+    def seen(study: optuna.Study) -> list[tuple]:
+        return [
+            (
+                t.number,
+                t.state,
+                t.params,
+                t.distributions,
+                t.user_attrs,
+                t.system_attrs,
+                t.values,
+                t.intermediate_values,
+                t.datetime_start,
+                t.datetime_complete,
+            )
+            for t in study.get_trials(deepcopy=False)
+        ]
+
+    assert seen(bulk) == seen(public)
+    assert studies.trial_keys(bulk) == {(a["sweeper.key"], None) for a in attrs}
+    # A claimed bulk trial is an ordinary trial to Optuna: asked, suggested, told.
+    trial = bulk.ask()
+    assert trial.number == 0 and trial.user_attrs == attrs[0]
+    assert trial.suggest_float("lr", 0.1, 1.0) > 0
+    bulk.tell(trial, 0.5)
+    assert bulk.best_trial.number == 0
