@@ -53,6 +53,7 @@ def spec_text(description: str, variants, datasets, epochs: int, limit_train: in
         epochs = {epochs}
         limit_train = {limit_train}
         limit_test = {limit_test}
+        checkpoint_every = "epoch"  # the kill -9 step resumes from a checkpoint of epoch 2 or later
         """)
 
 
