@@ -285,3 +285,17 @@ def test_spec_declared_variant_is_validated_listed_hashed_and_trained(sweeper_en
     run = client.get_run(trial.user_attrs["mlflow_run_id"])
     assert trial.state.name == "COMPLETE" and run.data.params["variant"] == "tiny"
     assert run.data.metrics["num_params"] == tiny["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_quickstart_table_converges(sweeper_env, tmp_path):
+    """The shipped quickstart, as a newcomer runs it: every variant ends at top-1 error <= 0.10."""
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
+    sweeper("launch", "--study", str(spec), "--workers", "2", env=sweeper_env, timeout=1800)
+    rows = json.loads(sweeper("report", "--study", "quickstart", "--format", "json", env=sweeper_env).stdout)
+    assert len(rows) == 7 and all(r["state"] == "COMPLETE" for r in rows)
+    errors = {r["variant"]: r["top1_error"] for r in rows}
+    assert max(errors.values()) <= 0.10, errors
