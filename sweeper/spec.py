@@ -45,6 +45,8 @@ METRICS = ("top1_error", "top5_error", "test_loss")
 # search read it, and the test split is never read for a decision.
 VAL_METRICS = {"top1_error": "val_top1_error", "top5_error": "val_top5_error", "test_loss": "val_loss"}
 DEFAULT_SEARCH_VAL_FRACTION = 0.1
+# Recipe keys that change how a trial runs, not what it computes: left out of the recipe digest.
+OPERATIONAL_KEYS = ("checkpoint_every",)
 DIRECTIONS = ("minimize", "maximize")
 SAMPLERS = ("tpe", "random", "cmaes", "qmc")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
@@ -157,7 +159,8 @@ def recipe_digest(train: dict[str, Any]) -> str:
     >>> recipe_digest({"epochs": 3}) == recipe_digest({"epochs": 3, "optimizer": "adadelta"})
     True
     """
-    return hashlib.sha256(json.dumps(resolve_recipe(train), sort_keys=True).encode()).hexdigest()[:12]
+    values = {k: v for k, v in resolve_recipe(train).items() if k not in OPERATIONAL_KEYS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def decision_metric(metric: str, val_fraction: float) -> str:

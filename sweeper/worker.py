@@ -460,6 +460,7 @@ class TrialRun:
         self.logger.set_tags({"sweeper.precision": result.precision, "sweeper.device": result.device})
         if not pruned_at:
             weights = self.checkpoint_path.with_name("model.pt")
+            weights.parent.mkdir(parents=True, exist_ok=True)  # no checkpoint may have been written yet
             torch.save(cpu_copy(self.model.state_dict()), weights)  # loads on hosts without a GPU
             self.logger.log_artifact(weights, "model")
         try:
