@@ -475,7 +475,8 @@ def test_5_auth_profile_non_root_loopback_only(stack):
         assert users and "root" not in users, f"{service} runs processes as {set(users)}"
         args = podman("top", container, "args").stdout
         assert not any(s in args for s in secrets), f"a password is on a command line in {service}:\n{args}"
-        for bindings in json.loads(stack.inspect(container, "{{json .NetworkSettings.Ports}}") or "{}").values():
+        ports = json.loads(stack.inspect(container, "{{json .NetworkSettings.Ports}}") or "null") or {}
+        for bindings in ports.values():
             for binding in bindings or []:
                 published.setdefault(service, []).append((binding["HostIp"], binding["HostPort"]))
     assert set(published) == {"mlflow", "mlflow-auth", "dashboard"}, published
@@ -509,7 +510,9 @@ def test_6_uis_open_in_a_browser(stack, tmp_path):
             for name in (GRID[0], RESUME[0], HANDBACK[0]):
                 page.get_by_text(name).first.wait_for()
             page.get_by_text(study, exact=True).first.click()
-            page.get_by_text("Trial 5").first.wait_for()  # a six-cell study
+            page.wait_for_url("**/dashboard/studies/*")
+            page.goto(page.url.rstrip("/") + "/trials")
+            page.get_by_text("6 Trials").first.wait_for()  # one per cell
             page.screenshot(path=tmp_path / "dashboard.png")
         finally:
             browser.close()
