@@ -61,11 +61,10 @@ def client(uri: str | None = None, create: bool = True):
     uri = resolve_tracking_uri(uri)
     path = sqlite_path(uri) if uri.startswith("sqlite") else None
     check_sqlite_file(path, "MLflow tracking store", "--tracking-uri / MLFLOW_TRACKING_URI", create)
-    mlflow_client = MlflowClient(tracking_uri=uri)
-    if path is not None and create:
-        with file_lock(Path(f"{path}.lock")):
-            mlflow_client.search_experiments(max_results=1)  # creates or checks the schema
-    return mlflow_client
+    if path is None or not create:
+        return MlflowClient(tracking_uri=uri)
+    with file_lock(Path(f"{path}.lock")):  # the client creates (or checks) the store's schema
+        return MlflowClient(tracking_uri=uri)
 
 
 class TrackingUnreachable(SweeperError):
