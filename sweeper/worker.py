@@ -506,7 +506,8 @@ class TrialRun:
             log.warning("trial %d: %s", self.trial.number, e)
         for m in metrics:
             self.logger.log_metrics(epoch_metrics(m), step=m.epoch)
-        self.logger.flush()
+        if self.logger.flush():
+            log.info("trial %d: %s checkpoint of epoch %d sent", self.trial.number, self.key, snapshot["epoch"])
 
     def _open_run(self) -> bool:
         """Open (or reopen) the cell's MLflow run; True when it was created just now."""

@@ -23,7 +23,7 @@ def test_sigkill_mid_trial_is_retried_from_the_checkpoint(tmp_path, sweeper_env,
     url, uri = f"sqlite:///{home}/optuna.db", f"sqlite:///{home}/mlflow.db"
 
     first = spawn("worker", "--study", "killed", *FAST, "--grace-period", "3", env=sweeper_env)
-    first.wait_for(r"epoch 1/3")
+    first.wait_for(r"checkpoint of epoch 1 sent")  # written in the background after "epoch 1/3"
     first.send(signal.SIGKILL)
     assert first.wait(30) == -signal.SIGKILL
     killed_at = time.monotonic()
