@@ -76,6 +76,14 @@ precision_option = click.option(
     show_default=True,
     help="auto: bf16 autocast + channels_last where bf16 is fast (CUDA, CPUs with AMX/AVX512-BF16).",
 )
+notify_option = click.option(
+    "--notify",
+    "notify_url",
+    envvar=settings.ENV_NOTIFY_URL,
+    metavar="URL",
+    help="POST a JSON document here when the study completes and when a cell fails for good. "
+    f"[env: {settings.ENV_NOTIFY_URL}]",
+)
 data_dir_option = click.option(
     "--data-dir",
     envvar=settings.ENV_DATA_DIR,
@@ -534,6 +542,7 @@ def studies(fmt):
     envvar="SWEEPER_YES",
     help=f"Enqueue a search of more than {SEARCH_LIMIT:,} trials per cell without refusing.",
 )
+@notify_option
 @format_option()
 def launch(
     study,
@@ -548,6 +557,7 @@ def launch(
     grace_period,
     data_dir,
     yes,
+    notify_url,
     fmt,
 ):
     """Enqueue every grid cell of a study once, and optionally run it with local workers."""
@@ -575,6 +585,7 @@ def launch(
         grace_period=grace_period,
         data_dir=data_dir,
         fmt=fmt,
+        notify_url=notify_url,
     )
 
 
@@ -647,6 +658,7 @@ def launch(
 @heartbeat_option
 @grace_option
 @data_dir_option
+@notify_option
 def worker(
     studies_,
     storage,
@@ -665,6 +677,7 @@ def worker(
     heartbeat_interval,
     grace_period,
     data_dir,
+    notify_url,
 ):
     """Claim waiting trials, train them and log to MLflow until the queue is empty."""
     import gc
@@ -722,6 +735,7 @@ def worker(
         system_metrics=system_metrics,
         # OMP_NUM_THREADS set by the user fixes the count too (as it does for torch itself).
         threads=threads or settings.env_int("OMP_NUM_THREADS", 0) or None,
+        notify_url=notify_url,
     )
     # What is imported by now lives as long as the worker: keep it out of every later collection
     # (the worker's per-trial gc.collect() then costs a fraction: ~45% of a trial's orchestration
@@ -737,28 +751,24 @@ def worker(
 @tracking_option
 @format_option()
 def status(study, storage, tracking_uri, fmt):
-    """Trial counts by state and one row per trial: cell, epoch, latest error, host, retries."""
-    st = study_layer()
-    from sweeper import tracking
-    from sweeper.errors import redact_url
+    """The study's state, trial counts, failures by cause and one row per trial."""
+    from sweeper import api
 
-    url = st.resolve_storage_url(storage)
-    loaded = st.load_study(st.open_storage(url, create=False), study_name(study))
-    trials = loaded.get_trials(deepcopy=False)
-    document = {
-        "study": loaded.study_name,
-        "storage": redact_url(url),
-        "tracking_uri": redact_url(tracking.resolve_tracking_uri(tracking_uri)),
-        "counts": st.counts(trials),
-        "trials": st.trial_rows(trials),
-    }
+    document = api.status(study_name(study), storage, tracking_uri)
     if fmt == "json":
         print_json(document)
         return
     counts = ", ".join(f"{k} {v}" for k, v in document["counts"].items())
+    state = document["state"] + (f" ({document['state_reason']})" if document["state"] != "running" else "")
     click.echo(
-        f"study {loaded.study_name}: {counts}\nstorage {document['storage']}\ntracking {document['tracking_uri']}"
+        f"study {document['study']}: {state}; {document['outcome']}\n{counts}\n"
+        f"storage {document['storage']}\ntracking {document['tracking_uri']}"
     )
+    for group in document["failures"]:
+        click.echo(
+            f"failed: {group['cause']}: {group['trials']} trial(s), {group['cells_failed_for_good']} cell(s) for good"
+            + (f"; fix: {group['fix']}" if group["fix"] else "")
+        )
     rows = [
         {
             **r,
@@ -770,6 +780,33 @@ def status(study, storage, tracking_uri, fmt):
     print_table(
         None, rows, ["number", "cell", "state", "epoch", "top1_error", "host", "elapsed_s", "retry_of", "fail_reason"]
     )
+
+
+def lifecycle_command(action: str, summary: str):
+    @cli.command(action, help=summary)
+    @study_option
+    @storage_option
+    @format_option()
+    def command(study, storage, fmt):
+        from sweeper import api
+
+        document = api.set_state(study_name(study), action, storage)
+        if fmt == "json":
+            print_json(document)
+        else:
+            click.echo(
+                f"study {document['study']}: {document['previous']} -> {document['state']}; {document['effect']}"
+            )
+
+    return command
+
+
+lifecycle_command("stop", "Stop a study: running trials finish, no new trial is claimed by any worker.")
+lifecycle_command("pause", "Pause a study: like stop, and `sweeper resume` lets workers claim again.")
+lifecycle_command("resume", "Let workers claim a stopped, paused or cancelled study's trials again.")
+lifecycle_command(
+    "cancel", "Cancel a study: running trials checkpoint and are handed back after their epoch, until `resume`."
+)
 
 
 @cli.command()

@@ -34,6 +34,7 @@ def launch(
     data_dir: str | None,
     fmt: str,
     workers_per_gpu: int = 1,
+    notify_url: str | None = None,
 ) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -45,16 +46,16 @@ def launch(
         console.print(f"embedded stores in [bold]{escape(str(settings.home()))}[/] (set SWEEPER_HOME to move them)")
     console.print(f"storage {redact_url(url)}\ntracking {redact_url(uri)}", markup=False)
 
-    # Enqueueing writes only the Optuna queue: the first worker creates the study's MLflow
-    # experiment and parent run (so launch never imports MLflow for an embedded store). A server
-    # is probed first, so a bad URL or password is refused before anything is written.
-    if tracking.is_server(uri):
-        tracking.check_reachable(tracking.client(uri))
-    storage = studies.open_storage(url, heartbeat_interval, grace_period)
     total = len(spec.cells) * spec.trials_per_cell
     if total > SHOW_TOTAL_ABOVE:
         console.print(f"study {spec.name}: {len(spec.cells):,} cell(s) x {spec.trials_per_cell:,} = {total:,} trials")
-    result = studies.launch(storage, spec, force_update=force_update)
+    result = enqueue(spec, url, uri, force_update, heartbeat_interval, grace_period)
+    state = studies.lifecycle(result.study._storage, result.study._study_id)
+    if state["state"] != "running":
+        console.print(
+            f"[yellow]study {spec.name} is {state['state']} ({escape(str(state['reason']))}): workers claim nothing "
+            f"until `sweeper resume --study {spec.name}`[/]"
+        )
     if result.added:
         console.print(
             f"study [bold]{spec.name}[/]: enqueued {result.added} trial(s)"
@@ -77,7 +78,17 @@ def launch(
 
     with StopFlag() as stop:  # before the workers start: no Ctrl-C from here on is lost
         procs = start_workers(
-            spec.name, url, uri, workers, device, precision, heartbeat_interval, grace_period, data_dir, workers_per_gpu
+            spec.name,
+            url,
+            uri,
+            workers,
+            device,
+            precision,
+            heartbeat_interval,
+            grace_period,
+            data_dir,
+            workers_per_gpu,
+            notify_url,
         )
         log_dir = settings.home() / "logs"
         console.print(f"{workers} worker(s) started; their logs are in {log_dir}", markup=False)
@@ -96,6 +107,28 @@ def launch(
     report.print_report(spec.name, url, uri, fmt=fmt)
     if failed:
         sys.exit(1)
+
+
+def enqueue(
+    spec: StudySpec,
+    url: str,
+    uri: str,
+    force_update: bool = False,
+    heartbeat_interval: int = studies.DEFAULT_HEARTBEAT_INTERVAL,
+    grace_period: int = studies.DEFAULT_GRACE_PERIOD,
+) -> studies.EnqueueResult:
+    """Enqueue the study's missing trials.
+
+    Enqueueing writes only the Optuna queue: the first worker creates the study's MLflow
+    experiment and parent run (so launch never imports MLflow for an embedded store). A server
+    is probed first, so a bad URL or password is refused before anything is written."""
+    if tracking.is_server(uri):
+        tracking.check_reachable(tracking.client(uri))
+    storage = studies.open_storage(url, heartbeat_interval, grace_period)
+    result = studies.launch(storage, spec, force_update=force_update)
+    if result.added and studies.mark_running(result.study):  # a finished study got new cells: it runs again
+        tracking.set_study_run_status(tracking.client(uri), spec.name, "running")
+    return result
 
 
 def _summary_json(spec: StudySpec, url: str, uri: str, result) -> str:
@@ -124,6 +157,7 @@ def start_workers(
     grace_period: int,
     data_dir: str | None,
     workers_per_gpu: int = 1,
+    notify_url: str | None = None,
 ) -> list[subprocess.Popen]:
     """N worker processes; on the CPU each trial takes the cores left to it by the trials running
     (sweeper.cores), on GPUs each worker claims a slot."""
@@ -138,6 +172,8 @@ def start_workers(
             settings.ENV_STORAGE: url,
             settings.ENV_TRACKING_URI: uri,
         }
+        if notify_url:  # by environment, never on a command line: a webhook URL is a secret
+            env[settings.ENV_NOTIFY_URL] = notify_url
         cmd = [
             sys.executable,
             "-m",
@@ -228,9 +264,10 @@ def board(study):
     for t in trials:
         latest[t.user_attrs.get(studies.KEY_ATTR)] = t
     counts = studies.counts(list(latest.values()))
+    state = studies.lifecycle(study._storage, study._study_id)["state"]
     table = Table(
         title=Text(
-            f"{study.study_name}: {counts['COMPLETE']} done, {counts['RUNNING']} running, "
+            f"{study.study_name} ({state}): {counts['COMPLETE']} done, {counts['RUNNING']} running, "
             f"{counts['WAITING']} waiting, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
         ),
         title_justify="left",

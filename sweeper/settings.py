@@ -21,6 +21,7 @@ ENV_COMPILE = "SWEEPER_COMPILE"
 # --device auto, a worker that finds no usable GPU then says so loudly instead of quietly using the CPU.
 ENV_EXPECT_GPU = "SWEEPER_EXPECT_GPU"
 ENV_CACHE_DIR = "SWEEPER_CACHE_DIR"
+ENV_NOTIFY_URL = "SWEEPER_NOTIFY_URL"
 
 
 def home() -> Path:
@@ -51,6 +52,10 @@ def tracking_uri() -> str | None:
 
 def expect_gpu() -> bool:
     return os.environ.get(ENV_EXPECT_GPU, "").strip().lower() in ("1", "true", "yes")
+
+
+def notify_url() -> str | None:
+    return os.environ.get(ENV_NOTIFY_URL) or None
 
 
 def env_float(name: str, default: float) -> float:

@@ -12,6 +12,11 @@ seed = [1]
 [train]           # the recipe handed to fit(); see sweeper.contract.Recipe
 epochs = 14
 
+[policy]          # optional: what to do about failures
+max_retries = 3         # retries of a cell whose trial failed (worker lost, MLflow outage...)
+max_failed_cells = 2    # the study pauses itself once this many cells failed for good
+trial_timeout = 3600    # seconds; a trial running longer is checkpointed and handed back
+
 [search]          # optional: Optuna samples these for every trial
 trials_per_cell = 20
 sampler = "tpe"
@@ -65,7 +70,12 @@ SEARCH_RULES = {
     "pruner": Rule(str, choices=PRUNERS),
 }
 SEARCH_DEFAULTS = {"trials_per_cell": 10, "sampler": "tpe", "pruner": "none"}
-TOP_KEYS = (*TOP_RULES, "grid", "train", "search", "variants")
+POLICY_RULES = {
+    "max_retries": Rule(int, ge=0),
+    "max_failed_cells": Rule(int, ge=1, optional=True),
+    "trial_timeout": Rule(float, gt=0, optional=True),
+}
+TOP_KEYS = (*TOP_RULES, "grid", "train", "search", "variants", "policy")
 VARIANT_KEYS = ("stages", "block", "description")
 BLOCKS = ("bottleneck", "naive")
 SEARCH_KEYS = (*SEARCH_RULES, "space")
@@ -101,6 +111,7 @@ class StudySpec:
     search: dict[str, Any] | None = None
     cells: tuple[Cell, ...] = field(default=())
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # declared in [variants.NAME]
+    policy: dict[str, Any] = field(default_factory=dict)
 
     @property
     def trials_per_cell(self) -> int:
@@ -131,12 +142,13 @@ class StudySpec:
             "train": self.train,
             "search": self.search,
             **({"variants": self.variants} if self.variants else {}),
+            "policy": self.policy,
         }
 
     @property
     def hash(self) -> str:
-        """Identity of what the study computes; the description is free text and left out."""
-        content = {k: v for k, v in self.to_dict().items() if k not in ("description", "name")}
+        """Identity of what the study computes; the description and the policy are left out."""
+        content = {k: v for k, v in self.to_dict().items() if k not in ("description", "name", "policy")}
         content["recipe"] = self.recipe_digest  # a changed default recipe value changes the study too
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -259,9 +271,20 @@ def parse(raw: dict[str, Any], name: str, path: str = "<spec>") -> StudySpec:
         search = _parse_search(search, fail)
         train = {**train, "val_fraction": train.get("val_fraction", DEFAULT_SEARCH_VAL_FRACTION)}
 
+    policy = _parse_policy(raw.get("policy", {}), fail)
     cells = tuple(Cell(v, d, s) for v, d, s in itertools.product(grid["variant"], grid["dataset"], grid["seed"]))
     return StudySpec(
-        name, path, top["description"], top["metric"], top["direction"], grid, dict(train), search, cells, variants
+        name,
+        path,
+        top["description"],
+        top["metric"],
+        top["direction"],
+        grid,
+        dict(train),
+        search,
+        cells,
+        variants,
+        policy,
     )
 
 
@@ -339,6 +362,13 @@ def _check_rules(values: dict[str, Any], rules: dict[str, Rule], prefix: str, fa
         check_table(values, rules)
     except BadValue as e:
         raise fail(f"{prefix}{e.key}", e.problem) from None
+
+
+def _parse_policy(policy: Any, fail) -> dict[str, Any]:
+    if not isinstance(policy, dict):
+        raise fail("[policy]", f"must be a table of: {', '.join(POLICY_RULES)}")
+    _check_rules(policy, POLICY_RULES, "policy.", fail)
+    return dict(policy)
 
 
 def _parse_search(search: Any, fail) -> dict[str, Any]:

@@ -40,6 +40,11 @@ RECIPE_ATTR = "sweeper.recipe"  # the resolved recipe the trial was enqueued wit
 RECIPE_DIGEST_ATTR = "sweeper.recipe_digest"  # with the key, the trial's identity
 IDENTITY_ATTRS = (KEY_ATTR, RECIPE_ATTR, RECIPE_DIGEST_ATTR)
 FAIL_REASON_ATTR = "sweeper.fail_reason"
+NO_RETRY_ATTR = "sweeper.no_retry"  # a trial failed for a reason retrying cannot fix
+LIFECYCLE_ATTR = "sweeper.lifecycle"  # {"state", "reason", "at"}: what every worker obeys
+FAILED_CELLS_ATTR = "sweeper.failed_cells"  # cells failed for good, already announced
+OUTCOME_ATTR = "sweeper.outcome"  # running / finished / failed, as last mirrored to MLflow
+LIFECYCLE_STATES = ("running", "paused", "stopped", "cancelled")
 SCHEMA_LOCK_KEY = zlib.crc32(b"sweeper.optuna-schema")
 STATES = ("WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL")
 
@@ -268,8 +273,9 @@ def launch(storage: RDBStorage, spec: StudySpec, force_update: bool = False) -> 
                     "new rows, when the [train] recipe changed)."
                 )
             updated = True
-        if old_hash != spec.hash:
+        if study.user_attrs.get(SPEC_ATTR) != spec.to_dict():  # a changed policy or description too
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        if old_hash != spec.hash:
             study.set_user_attr(SPEC_HASH_ATTR, spec.hash)
             study.set_user_attr(RECIPE_DIGEST_ATTR, spec.recipe_digest)
         existing = trial_keys(study)
@@ -502,9 +508,15 @@ class RetryCallback(RetryHeartbeatStaleTrialCallback):
     ``mlflow_run_id`` included, so the retry continues the cell's run), minus the failed
     attempt's own ``sweeper.*`` system attrs (its fail reason is not the retry's)."""
 
+    def __init__(self, max_retry: int = MAX_RETRY):
+        super().__init__(max_retry=max_retry)
+        self.default_max_retry = max_retry
+
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         trial = copy.deepcopy(trial)
         trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("sweeper.")}
+        # The study's own [policy] max_retries; one storage (and callback) serves many studies.
+        self._max_retry = policy(study.user_attrs.get(SPEC_ATTR) or {}, self.default_max_retry)["max_retries"]
         super().__call__(study, trial)
 
 
@@ -563,6 +575,25 @@ def requeue(study: optuna.Study, trial_id: int, reason: str) -> None:
     storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     callback = storage.get_heartbeat_stale_trial_callback()
     callback(study, storage.get_trial(trial_id))
+
+
+def hand_back(study: optuna.Study, trial_id: int, reason: str) -> None:
+    """Fail a trial and enqueue its continuation without counting a retry (the study was
+    cancelled: nothing went wrong with the trial). The copy keeps the cell's MLflow run."""
+    storage = study._storage
+    storage.set_trial_system_attr(trial_id, FAIL_REASON_ATTR, reason)
+    storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    trial = storage.get_trial(trial_id)
+    history = {k: v for k, v in trial.system_attrs.items() if k in ("failed_trial", "retry_history")}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=trial.user_attrs,
+            system_attrs=history,
+        )
+    )
 
 
 def trial_state(storage, trial_id: int) -> TrialState:
@@ -708,3 +739,160 @@ def _retry_failed(study: optuna.Study) -> int:
             )
         )
     return len(failed)
+
+
+# --- lifecycle and policy -----------------------------------------------------------------------
+
+
+def policy(spec: dict[str, Any], default_max_retries: int = MAX_RETRY) -> dict[str, Any]:
+    """The study's ``[policy]`` with defaults filled in."""
+    given = spec.get("policy") or {}
+    return {
+        "max_retries": given.get("max_retries", default_max_retries),
+        "max_failed_cells": given.get("max_failed_cells"),
+        "trial_timeout": given.get("trial_timeout"),
+    }
+
+
+def lifecycle(storage: RDBStorage, study_id: int) -> dict[str, Any]:
+    """The study's lifecycle state as the database has it now: ``{"state", "reason", "at"}``."""
+    attrs = getattr(storage, "_backend", storage).get_study_user_attrs(study_id)
+    return attrs.get(LIFECYCLE_ATTR) or {"state": "running", "reason": None, "at": None}
+
+
+def set_lifecycle(study: optuna.Study, state: str, reason: str | None = None) -> dict[str, Any]:
+    """Store the study's state (every worker on every host reads it before claiming and after
+    each epoch); returns the previous one."""
+    if state not in LIFECYCLE_STATES:
+        raise ValueError(f"unknown lifecycle state {state!r}")
+    import datetime
+
+    previous = lifecycle(study._storage, study._study_id)
+    at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    study._storage.set_study_user_attr(study._study_id, LIFECYCLE_ATTR, {"state": state, "reason": reason, "at": at})
+    return previous
+
+
+def latest_trials(trials: list[optuna.trial.FrozenTrial]) -> dict[str, optuna.trial.FrozenTrial]:
+    """The latest trial of each trial key (a retry replaces the trial it retries)."""
+    latest: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        key = t.user_attrs.get(KEY_ATTR)
+        if key is not None:
+            latest[key] = t
+    return latest
+
+
+def failed_for_good(trial: optuna.trial.FrozenTrial, max_retries: int) -> bool:
+    """A FAILed trial that no retry follows: a cause retrying cannot fix, or retries used up."""
+    if trial.state != TrialState.FAIL:
+        return False
+    return (
+        bool(trial.system_attrs.get(NO_RETRY_ATTR)) or len(trial.system_attrs.get("retry_history", [])) >= max_retries
+    )
+
+
+def outcome(latest: dict[str, optuna.trial.FrozenTrial], max_retries: int) -> str:
+    """running while any trial waits or runs (or a retry is on its way); else failed or finished."""
+    states = [t.state for t in latest.values()]
+    pending = any(s in (TrialState.WAITING, TrialState.RUNNING) for s in states) or any(
+        t.state == TrialState.FAIL and not failed_for_good(t, max_retries) for t in latest.values()
+    )
+    if pending or not states:
+        return "running"
+    return "failed" if any(s == TrialState.FAIL for s in states) else "finished"
+
+
+@dataclass
+class Settled:
+    """What changed since the study was last settled."""
+
+    outcome: str
+    outcome_changed: bool
+    new_failures: list[optuna.trial.FrozenTrial]
+    paused: str | None  # the reason, when the failure policy paused the study just now
+
+
+def settle(study: optuna.Study) -> Settled:
+    """After a trial ends: note the cells that failed for good, pause the study once
+    ``max_failed_cells`` have, and compute the study's outcome. One process at a time (the
+    study lock), so each change is reported once however many workers finish together."""
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    with study_lock(storage, study.study_name):
+        attrs = backend.get_study_user_attrs(study._study_id)
+        rules = policy(attrs.get(SPEC_ATTR) or {})
+        latest = latest_trials(backend.get_all_trials(study._study_id, deepcopy=False))
+        failed = {k: t for k, t in latest.items() if failed_for_good(t, rules["max_retries"])}
+        known = set(attrs.get(FAILED_CELLS_ATTR) or [])
+        new = [t for k, t in failed.items() if k not in known]
+        if set(failed) != known:
+            storage.set_study_user_attr(study._study_id, FAILED_CELLS_ATTR, sorted(failed))
+        paused = None
+        limit = rules["max_failed_cells"]
+        state = (attrs.get(LIFECYCLE_ATTR) or {}).get("state", "running")
+        if new and limit and len(failed) >= limit and state == "running":
+            paused = (
+                f"{len(failed)} cell(s) failed for good (policy max_failed_cells = {limit}); "
+                "fix the cause, then `sweeper retry` and `sweeper resume`"
+            )
+            set_lifecycle(study, "paused", paused)
+        now = outcome(latest, rules["max_retries"])
+        changed = now != attrs.get(OUTCOME_ATTR, "running")
+        if changed:
+            storage.set_study_user_attr(study._study_id, OUTCOME_ATTR, now)
+    return Settled(now, changed, new, paused)
+
+
+def mark_running(study: optuna.Study) -> bool:
+    """New trials were enqueued: the study runs again. True when it had been settled as done."""
+    storage = study._storage
+    was = getattr(storage, "_backend", storage).get_study_user_attrs(study._study_id).get(OUTCOME_ATTR, "running")
+    if was != "running":
+        storage.set_study_user_attr(study._study_id, OUTCOME_ATTR, "running")
+    return was != "running"
+
+
+# Known causes of failure: (pattern in the recorded reason, cause, fix).
+FAILURE_CAUSES = (
+    (r"loss became (nan|inf)", "non-finite loss", "lower [train] lr (or use another optimizer), then `sweeper retry`"),
+    (r"out of memory", "out of memory", "lower [train] batch_size or use a larger GPU, then `sweeper retry`"),
+    (
+        r"no heartbeat",
+        "worker lost",
+        "a worker was killed or lost its host (look for the OOM killer in `dmesg`); the trial is retried by itself",
+    ),
+    (r"MLflow .* unreachable", "tracking outage", "check the MLflow server (`sweeper doctor`); the trial is retried"),
+    (r"trial_timeout", "trial timeout", "raise [policy] trial_timeout or lower [train] epochs"),
+    (r"stopped by a signal", "worker stopped", None),
+    (r"study cancelled", "study cancelled", "`sweeper resume` continues the handed-back trials"),
+)
+
+
+def failure_cause(reason: str | None) -> tuple[str, str | None]:
+    """(cause, fix) of a recorded fail reason; an unknown one is named by its first words."""
+    import re
+
+    text = reason or "no reason recorded"
+    for pattern, cause, fix in FAILURE_CAUSES:
+        if re.search(pattern, text):
+            return cause, fix
+    head = re.split(r"[:;(]", text, maxsplit=1)[0].strip()
+    return re.sub(r"\d+", "N", head)[:80], None
+
+
+def failure_groups(trials: list[optuna.trial.FrozenTrial], max_retries: int) -> list[dict[str, Any]]:
+    """FAILed trials grouped by cause: how many trials, how many cells failed for good, the fix."""
+    for_good = {t.number for t in latest_trials(trials).values() if failed_for_good(t, max_retries)}
+    groups: dict[str, dict[str, Any]] = {}
+    for t in trials:
+        if t.state != TrialState.FAIL:
+            continue
+        reason = t.system_attrs.get(FAIL_REASON_ATTR)
+        cause, fix = failure_cause(reason)
+        group = groups.setdefault(
+            cause, {"cause": cause, "trials": 0, "cells_failed_for_good": 0, "fix": fix, "example": reason}
+        )
+        group["trials"] += 1
+        group["cells_failed_for_good"] += t.number in for_good
+    return sorted(groups.values(), key=lambda g: (-g["cells_failed_for_good"], -g["trials"]))

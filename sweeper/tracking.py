@@ -174,6 +174,35 @@ def ensure_study_run(mlflow_client, experiment_id: str, spec: dict[str, Any]) ->
     return run.info.run_id
 
 
+STUDY_RUN_STATUS = {"running": "RUNNING", "finished": "FINISHED", "failed": "FAILED"}
+
+
+def set_study_run_status(mlflow_client, study_name: str, outcome: str) -> None:
+    """The study's parent run follows the study: RUNNING while cells wait or run, FINISHED when
+    every cell is done, FAILED when cells failed for good. MLflow down: logged, not raised."""
+    try:
+        experiment = mlflow_client.get_experiment_by_name(study_name)
+        run = experiment and find_run(mlflow_client, experiment.experiment_id, {ROLE_TAG: "study"})
+        if not run:
+            return
+        status = STUDY_RUN_STATUS[outcome]
+        if status == "RUNNING":
+            mlflow_client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            mlflow_client.set_terminated(run.info.run_id, status)
+    except Exception as e:
+        log.warning("could not mark the MLflow run of study %s %s: %s", study_name, outcome, redact(first_line(e)))
+
+
+def run_link(uri: str | None, experiment_id: str | None, run_id: str | None) -> str | None:
+    """Where a person opens the run: the server's UI page, else the run's URI."""
+    if not run_id:
+        return None
+    if uri and is_server(uri) and experiment_id:
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
 def cell_run_name(key: str) -> str:
     return key  # "{variant}/{dataset}/s{seed}", "#k" appended for search trials
 

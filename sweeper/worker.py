@@ -58,6 +58,7 @@ class WorkerConfig:
     tracking_outage_limit: float = 300.0  # seconds MLflow may stay down before a trial fails
     system_metrics: bool = True
     threads: int | None = None  # CPU threads per trial; None: share the host's cores by running trials
+    notify_url: str | None = None  # JSON POST when a study completes or a cell fails for good
 
 
 class StopSignal:
@@ -123,7 +124,12 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
             tracking_ok_at = time.monotonic()
         try:
             claimed = studies.retry_db(
-                _claim_next, storage, config.study_names, within=config.grace_period, what="looking for a waiting trial"
+                _claim_next,
+                storage,
+                config.study_names,
+                on_stale=lambda study: settle(study, mlflow_client, config),
+                within=config.grace_period,
+                what="looking for a waiting trial",
             )
         except Exception as e:
             if not studies.is_db_error(e):
@@ -141,6 +147,7 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
         study, trial_id = claimed
         trial_run = TrialRun(study, trial_id, config, mlflow_client, stop)
         trial_run.run()
+        settle(study, mlflow_client, config)
         if trial_run.failed:  # perhaps MLflow is down: look before claiming again
             tracking_ok_at = float("-inf")
         done += 1
@@ -179,29 +186,66 @@ def epoch_metrics(m: EpochMetrics) -> dict[str, float]:
     return {k: getattr(m, k) for k in names}
 
 
-def _claim_next(storage, names: tuple[str, ...]):
+def _claim_next(storage, names: tuple[str, ...], on_stale=None):
     for name in names or studies.study_names(storage):
         try:
-            spec = _spec_of(storage, name)
+            attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
         except KeyError:
             if names:
                 raise SweeperError(f"no study named {name!r}; start it with `sweeper launch --study {name}`") from None
             continue
+        spec = attrs.get(studies.SPEC_ATTR)
         if spec is None:
             continue  # not a sweeper study
         study = optuna.load_study(
             study_name=name, storage=storage, sampler=studies.make_sampler(spec), pruner=studies.make_pruner(spec)
         )
-        studies.fail_stale_trials(study)
+        if studies.fail_stale_trials(study) and on_stale is not None:
+            on_stale(study)  # a retry may have been the last one
+        if (attrs.get(studies.LIFECYCLE_ATTR) or {}).get("state", "running") != "running":
+            continue  # stopped, paused or cancelled: claim nothing (`sweeper resume` allows it again)
         trial_id = studies.claim(study)
         if trial_id is not None:
             return study, trial_id
     return None
 
 
-def _spec_of(storage, name: str) -> dict[str, Any] | None:
-    study_id = storage.get_study_id_from_name(name)
-    return storage.get_study_user_attrs(study_id).get(studies.SPEC_ATTR)
+def settle(study: optuna.Study, mlflow_client, config: WorkerConfig | None) -> None:
+    """After a trial ended: apply the failure policy, mirror the study's outcome on its parent
+    MLflow run and send the notifications. Never fails the worker."""
+    from sweeper import notify
+
+    try:
+        settled = studies.settle(study)
+    except Exception as e:
+        log.warning("could not settle study %s: %s", study.study_name, redact(e))
+        return
+    if settled.paused:
+        log.warning("study %s paused itself: %s", study.study_name, settled.paused)
+    uri = config.tracking_uri if config else None
+    url = config.notify_url if config else settings.notify_url()
+    for trial in settled.new_failures:
+        notify.send(
+            url,
+            notify.event(
+                "cell_failed",
+                study.study_name,
+                uri,
+                cell=trial.user_attrs.get(studies.KEY_ATTR),
+                reason=trial.system_attrs.get(studies.FAIL_REASON_ATTR),
+                run_id=trial.user_attrs.get("mlflow_run_id"),
+                paused=settled.paused,
+            ),
+        )
+    if settled.outcome_changed:
+        if mlflow_client is not None:
+            tracking.set_study_run_status(mlflow_client, study.study_name, settled.outcome)
+        if settled.outcome != "running":
+            counts = studies.counts(list(studies.latest_trials(study.get_trials(deepcopy=False)).values()))
+            log.info("study %s %s: %s", study.study_name, settled.outcome, counts)
+            notify.send(
+                url, notify.event("study_complete", study.study_name, uri, outcome=settled.outcome, counts=counts)
+            )
 
 
 _datasets: dict[tuple[str, str], Any] = {}
@@ -226,6 +270,15 @@ def suggest(trial: optuna.Trial, name: str, dist: dict[str, Any]) -> Any:
     if dist.get("step") is not None:
         kwargs["step"] = dist["step"]
     return suggest_fn(name, dist["low"], dist["high"], **kwargs)
+
+
+class HandBack(Exception):
+    """The study was cancelled: the trial stops after this epoch's checkpoint and waits for
+    `sweeper resume`, without counting a retry."""
+
+    def __init__(self, epoch: int, reason: str):
+        super().__init__(reason)
+        self.epoch, self.reason = epoch, reason
 
 
 class TrialLost(Exception):
@@ -255,6 +308,11 @@ class TrialRun:
         self.system_metrics = None
         self.core_share: cores.CoreShare | None = None
         self.failed = False
+        self.timeout = studies.policy(self.spec)["trial_timeout"]
+        self.started = time.monotonic()
+
+    def timed_out(self) -> bool:
+        return self.timeout is not None and time.monotonic() - self.started > self.timeout
 
     @property
     def engine(self) -> Engine:
@@ -283,15 +341,25 @@ class TrialRun:
                 self._run()
             except TrialLost as e:
                 log.warning("trial %d: %s: %s; this worker stands down", number, self.key, e)
+            except HandBack as e:
+                self._flush_quietly()
+                self._end_run("KILLED", e.reason)
+                self._db(studies.hand_back, self.study, self.trial_id, e.reason)
+                log.warning("trial %d: %s handed back after epoch %d: %s", number, self.key, e.epoch, e.reason)
             except Interrupted as e:
                 self._flush_quietly()  # the last epoch's checkpoint, if MLflow had not taken it yet
-                self._end_run(
-                    "KILLED", f"worker stopped by a signal after epoch {e.last_epoch}; the trial was re-queued"
+                if self.timed_out():
+                    reason = (
+                        f"ran longer than the policy's trial_timeout ({self.timeout:g}s) and stopped after "
+                        f"epoch {e.last_epoch}; raise [policy] trial_timeout or lower the epochs"
+                    )
+                else:
+                    reason = f"worker stopped by a signal after epoch {e.last_epoch}"
+                self._end_run("KILLED", f"{reason}; the trial was re-queued")
+                self._db(studies.requeue, self.study, self.trial_id, reason)
+                log.warning(
+                    "trial %d: %s stopped after epoch %d and re-queued: %s", number, self.key, e.last_epoch, reason
                 )
-                self._db(
-                    studies.requeue, self.study, self.trial_id, f"worker stopped by a signal after epoch {e.last_epoch}"
-                )
-                log.warning("trial %d: %s stopped after epoch %d and re-queued", number, self.key, e.last_epoch)
             except (NonFiniteLoss, SpecError) as e:  # retrying cannot help: fail the cell, no traceback
                 self._fail(str(e), retry=False)
             except torch.OutOfMemoryError as e:
@@ -424,8 +492,12 @@ class TrialRun:
             self._db(self.trial.report, value, m.epoch)
             pruned = self._db(self.trial.should_prune)
             last = pruned or m.epoch == recipe.epochs  # the trial ends with its model: no checkpoint needed
+            # A cancelled study: checkpoint this epoch now and hand the trial back (`sweeper resume`).
+            cancelled = (
+                not last and self._db(studies.lifecycle, self.storage, self.study._study_id)["state"] == "cancelled"
+            )
             every = recipe.checkpoint_every
-            if every == "epoch" or (not last and time.monotonic() - last_checkpoint[0] >= every):
+            if every == "epoch" or cancelled or (not last and time.monotonic() - last_checkpoint[0] >= every):
                 snapshot = {**state(), "variant": self.variant, "dataset": self.dataset, "seed": self.seed}
                 wait_background()  # at most one checkpoint in flight
                 in_flight.append(background.submit(self._persist, snapshot, held[:]))
@@ -434,6 +506,8 @@ class TrialRun:
             if pruned:
                 pruned_at.append(m.epoch)
                 return True
+            if cancelled:
+                raise HandBack(m.epoch, f"study cancelled after epoch {m.epoch}; `sweeper resume` continues it")
             return False
 
         try:
@@ -444,7 +518,7 @@ class TrialRun:
                 **self.engine.fit_options(),
                 resume=resume,
                 on_epoch=on_epoch,
-                should_stop=self.stop.is_set,
+                should_stop=lambda: self.stop.is_set() or self.timed_out(),
                 on_step=self._set_threads,
             )
         finally:
@@ -603,4 +677,5 @@ class TrialRun:
             self._db(studies.requeue, self.study, self.trial_id, reason)
         else:
             self._db(self.storage.set_trial_system_attr, self.trial_id, studies.FAIL_REASON_ATTR, reason)
+            self._db(self.storage.set_trial_system_attr, self.trial_id, studies.NO_RETRY_ATTR, True)
             self._db(self.study.tell, self.trial, state=TrialState.FAIL)

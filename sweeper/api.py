@@ -1,0 +1,226 @@
+"""sweeper from Python: what the CLI does, as functions returning plain data.
+
+Every function takes the study's name and, optionally, the Optuna storage URL and the MLflow
+tracking URI (default: ``SWEEPER_STORAGE`` / ``MLFLOW_TRACKING_URI``, else the embedded SQLite
+stores under ``SWEEPER_HOME``), so the same call works against SQLite, PostgreSQL and an MLflow
+server. The CLI commands call these functions.
+
+    >>> import sweeper.api as sw                                   # doctest: +SKIP
+    >>> sw.launch("quickstart")                                    # doctest: +SKIP
+    >>> sw.status("quickstart")["counts"]                          # doctest: +SKIP
+    >>> sw.results("quickstart")[["variant", "top1_error"]]        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sweeper import study as studies
+from sweeper import tracking
+from sweeper.errors import redact
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["history", "launch", "plan", "results", "set_state", "status"]
+
+# What `sweeper stop/pause/resume/cancel` store, and what a worker does about it.
+ACTIONS = {
+    "stop": ("stopped", "running trials finish; no new trial is claimed"),
+    "pause": ("paused", "running trials finish; no new trial is claimed until `sweeper resume`"),
+    "resume": ("running", "workers claim trials again"),
+    "cancel": (
+        "cancelled",
+        "running trials checkpoint and are handed back after their epoch; `sweeper resume` continues",
+    ),
+}
+
+
+def set_state(study: str, action: str, storage: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    """Stop, pause, resume or cancel a study for every worker on every host.
+
+    Returns ``{"study", "state", "previous", "effect"}``. The state lives in the Optuna storage,
+    which every worker reads before claiming a trial and after each epoch.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+    state, effect = ACTIONS[action]
+    loaded = studies.load_study(studies.open_storage(storage), study)
+    previous = studies.set_lifecycle(loaded, state, reason or f"`sweeper {action}`")
+    return {"study": loaded.study_name, "state": state, "previous": previous["state"], "effect": effect}
+
+
+def status(study: str, storage: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The study's lifecycle state, trial counts, failures grouped by cause and one row per trial.
+
+    Keys: ``study``, ``state`` (running, paused, stopped, cancelled), ``state_reason``,
+    ``outcome`` (running, finished, failed), ``storage``, ``tracking_uri``, ``counts``
+    (trials by Optuna state), ``cells`` (latest trial of each cell by state), ``failures``
+    (``cause``, ``trials``, ``cells_failed_for_good``, ``fix``, ``example``) and ``trials``.
+    """
+    url = studies.resolve_storage_url(storage)
+    storage_ = studies.open_storage(url, create=False)
+    loaded = studies.load_study(storage_, study)
+    trials = loaded.get_trials(deepcopy=False)
+    attrs = loaded.user_attrs
+    rules = studies.policy(attrs.get(studies.SPEC_ATTR) or {})
+    latest = studies.latest_trials(trials)
+    life = studies.lifecycle(storage_, loaded._study_id)
+    return {
+        "study": loaded.study_name,
+        "state": life["state"],
+        "state_reason": life.get("reason"),
+        "outcome": studies.outcome(latest, rules["max_retries"]),
+        "storage": redact(url),
+        "tracking_uri": redact(tracking.resolve_tracking_uri(tracking_uri)),
+        "policy": rules,
+        "counts": studies.counts(trials),
+        "cells": studies.counts(list(latest.values())),
+        "failures": studies.failure_groups(trials, rules["max_retries"]),
+        "trials": studies.trial_rows(trials),
+    }
+
+
+def results(study: str, storage: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
+    """The report's rows: one per grid cell, the columns of ``sweeper report --format csv``
+    (``variant``, ``dataset``, ``seed``, ``state``, ``top1_error``, ``top5_error``, ``params``,
+    ``macs``, ``train_seconds``, ``images_per_s``, ``mlflow_run_id``), in the report's order."""
+    from sweeper import report
+
+    return report.build_frame(study, storage, tracking_uri)
+
+
+HISTORY_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
+
+
+def history(
+    study: str, storage: str | None = None, tracking_uri: str | None = None, metrics: tuple[str, ...] = HISTORY_METRICS
+) -> pd.DataFrame:
+    """One row per cell per epoch: ``variant``, ``dataset``, ``seed``, ``mlflow_run_id``,
+    ``epoch`` and each of ``metrics`` as logged (a retried epoch: its latest value)."""
+    import pandas as pd
+
+    from sweeper import report
+
+    collected = report.collect(study, storage, tracking_uri)
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for order, cell in enumerate(collected.frame.to_dict("records")):
+        run_id = cell["mlflow_run_id"]
+        if not isinstance(run_id, str):
+            continue
+        for metric in metrics:
+            for m in sorted(collected.client.get_metric_history(run_id, metric), key=lambda m: m.timestamp):
+                row = rows.setdefault(
+                    (run_id, m.step),
+                    {k: cell[k] for k in ("variant", "dataset", "seed", "mlflow_run_id")}
+                    | {"epoch": m.step, "_order": order},
+                )
+                row[metric] = m.value
+    columns = ["variant", "dataset", "seed", "mlflow_run_id", "epoch", *metrics]
+    frame = pd.DataFrame(list(rows.values()), columns=[*columns, "_order"])
+    frame = frame.sort_values(["_order", "epoch"], kind="stable", ignore_index=True)  # the report's cell order
+    return frame[columns]
+
+
+def load_spec(spec: str | Path | dict[str, Any]):
+    """A StudySpec from a name in experiments/, a path to a .toml file, or a dict with a ``name``."""
+    from sweeper import spec as specs
+
+    if isinstance(spec, dict):
+        raw = dict(spec)
+        name = raw.pop("name", None)
+        if not name:
+            raise specs.SpecError("a spec given as a dict needs a 'name'")
+        return specs.parse(raw, name=name, path=f"<dict {name}>")
+    return specs.load(str(spec))
+
+
+def launch(
+    spec: str | Path | dict[str, Any],
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    *,
+    force_update: bool = False,
+    dry_run: bool = False,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Enqueue every trial of ``spec`` that the study does not hold yet (workers then run them).
+
+    Returns ``{"study", "storage", "tracking_uri", "enqueued", "already_enqueued", "spec_hash"}``;
+    with ``dry_run=True`` nothing is written and the document is :func:`plan`'s.
+    """
+    from sweeper import launcher
+
+    parsed = load_spec(spec)
+    if dry_run:
+        return plan(parsed, storage, tracking_uri, device=device)
+    url, uri = studies.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
+    result = launcher.enqueue(parsed, url, uri, force_update=force_update)
+    return {
+        "study": parsed.name,
+        "storage": redact(url),
+        "tracking_uri": redact(uri),
+        "enqueued": result.added,
+        "already_enqueued": result.existing,
+        "spec_hash": parsed.hash,
+    }
+
+
+def plan(
+    spec, storage: str | None = None, tracking_uri: str | None = None, device: str = "auto", probe: bool = True
+) -> dict[str, Any]:
+    """What ``launch`` would do, writing nothing: every trial with ``present`` (already in the
+    study) and its ``state``, a time estimate per trial on ``device`` (see sweeper.estimate) and
+    ``estimate_total_s`` for the trials not finished yet (one worker with the whole device)."""
+    from sweeper import estimate
+
+    parsed = spec if not isinstance(spec, (str, Path, dict)) else load_spec(spec)
+    url, uri = studies.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
+    existing: dict[str, str] = {}
+    spec_changed = False
+    if _store_exists(url):
+        storage_ = studies.open_storage(url)
+        if parsed.name in studies.study_names(storage_):
+            loaded = studies.load_study(storage_, parsed.name)
+            old_hash = loaded.user_attrs.get(studies.SPEC_HASH_ATTR)
+            spec_changed = old_hash is not None and old_hash != parsed.hash
+            existing = {k: t.state.name for k, t in studies.latest_trials(loaded.get_trials(deepcopy=False)).items()}
+    client = tracking.client(uri) if _store_exists(uri) else None
+    estimator = estimate.Estimator(device, client, probe=probe, batch_size=int(parsed.train.get("batch_size", 64)))
+    trials = []
+    for cell, key in parsed.trial_keys():
+        state = existing.get(key)
+        trials.append(
+            {
+                "trial": key,
+                "variant": cell.variant,
+                "dataset": cell.dataset,
+                "seed": cell.seed,
+                "present": state is not None,
+                "state": state,
+                **estimator.cell(cell.variant, cell.dataset, parsed.train),
+            }
+        )
+    todo = [t for t in trials if t["state"] not in ("COMPLETE", "PRUNED")]
+    known = [t["estimate_s"] for t in todo if t["estimate_s"] is not None]
+    return {
+        "study": parsed.name,
+        "dry_run": True,
+        "storage": redact(url),
+        "tracking_uri": redact(uri),
+        "device": estimator.device,
+        "spec_hash": parsed.hash,
+        "spec_changed": spec_changed,
+        "to_enqueue": sum(not t["present"] for t in trials),
+        "already_enqueued": sum(t["present"] for t in trials),
+        "estimate_total_s": round(sum(known), 1) if len(known) == len(todo) else None,
+        "trials": trials,
+    }
+
+
+def _store_exists(url: str) -> bool:
+    """An embedded SQLite store is only looked at when its file is there (a dry run creates nothing)."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///")).is_file()
+    return True
