@@ -78,8 +78,41 @@ def status(study: str, storage: str | None = None, tracking_uri: str | None = No
         "counts": studies.counts(trials),
         "cells": studies.counts(list(latest.values())),
         "failures": studies.failure_groups(trials, rules["max_retries"]),
+        **eta(latest, attrs.get(studies.SPEC_ATTR) or {}, tracking.resolve_tracking_uri(tracking_uri)),
         "trials": studies.trial_rows(trials),
     }
+
+
+def eta(latest: dict[str, Any], spec: dict[str, Any], uri: str) -> dict[str, Any]:
+    """``eta_s``: the work left (waiting cells whole, running ones for their epochs left), at the
+    rates of finished runs on this device kind (sweeper.estimate), shared by the running workers."""
+    from sweeper import estimate
+
+    pending = [t for t in latest.values() if t.state.name in ("WAITING", "RUNNING")]
+    if not pending:
+        return {"eta_s": 0.0, "eta_source": "nothing left"}
+    if not _store_exists(uri):
+        return {"eta_s": None, "eta_source": None}
+    train = spec.get("train") or {}
+    epochs = int(train.get("epochs", 14))
+    estimator = estimate.Estimator("cpu", tracking.client(uri), probe=False)
+    devices = {}
+    left = 0.0
+    for t in pending:
+        ua = t.user_attrs
+        cell = None
+        for kind in ("cuda", "mps", "cpu"):  # the device kind finished runs of this cell's variant used
+            estimator.device = kind
+            cell = estimator.cell(ua.get("variant"), ua.get("dataset"), train)
+            if cell["estimate_s"] is not None:
+                devices[kind] = True
+                break
+        if cell is None or cell["estimate_s"] is None:
+            return {"eta_s": None, "eta_source": None}
+        done = (ua.get("sweeper.epoch") or 0) / epochs if t.state.name == "RUNNING" else 0.0
+        left += cell["estimate_s"] * (1 - done)
+    running = sum(t.state.name == "RUNNING" for t in pending)
+    return {"eta_s": round(left / max(1, running), 1), "eta_source": f"history on {', '.join(devices)}"}
 
 
 def results(study: str, storage: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:

@@ -543,6 +543,12 @@ def studies(fmt):
     help=f"Enqueue a search of more than {SEARCH_LIMIT:,} trials per cell without refusing.",
 )
 @notify_option
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Enqueue nothing: list the trials that would be enqueued (and those present) with a time "
+    "estimate per trial and in total on --device.",
+)
 @format_option()
 def launch(
     study,
@@ -558,6 +564,7 @@ def launch(
     data_dir,
     yes,
     notify_url,
+    dry_run,
     fmt,
 ):
     """Enqueue every grid cell of a study once, and optionally run it with local workers."""
@@ -570,6 +577,12 @@ def launch(
         )
 
     study_layer()
+    if dry_run:
+        from sweeper import api
+
+        print_plan(api.plan(spec, storage, tracking_uri, device=device), fmt)
+        return
+
     from sweeper import launcher
 
     launcher.launch(
@@ -754,6 +767,8 @@ def status(study, storage, tracking_uri, fmt):
     """The study's state, trial counts, failures by cause and one row per trial."""
     from sweeper import api
 
+    study_layer()
+
     document = api.status(study_name(study), storage, tracking_uri)
     if fmt == "json":
         print_json(document)
@@ -764,6 +779,8 @@ def status(study, storage, tracking_uri, fmt):
         f"study {document['study']}: {state}; {document['outcome']}\n{counts}\n"
         f"storage {document['storage']}\ntracking {document['tracking_uri']}"
     )
+    if document["eta_s"] is not None:
+        click.echo(f"eta {duration(document['eta_s'])} ({document['eta_source']})")
     for group in document["failures"]:
         click.echo(
             f"failed: {group['cause']}: {group['trials']} trial(s), {group['cells_failed_for_good']} cell(s) for good"
@@ -782,6 +799,38 @@ def status(study, storage, tracking_uri, fmt):
     )
 
 
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def print_plan(plan: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        print_json(plan)
+        return
+    rows = [
+        {
+            "trial": t["trial"],
+            "action": "present" if t["present"] else "enqueue",
+            "state": t["state"] or "",
+            "estimate": duration(t["estimate_s"]),
+            "source": t["estimate_source"] or "",
+        }
+        for t in plan["trials"]
+    ]
+    print_table(f"dry run of {plan['study']}: nothing is enqueued", rows)
+    click.echo(
+        f"{plan['to_enqueue']} trial(s) would be enqueued, {plan['already_enqueued']} already present; "
+        f"estimated {duration(plan['estimate_total_s'])} on {plan['device']} for the unfinished ones "
+        "(one worker with the whole device)"
+    )
+    if plan["spec_changed"]:
+        click.echo("the stored spec differs: launch refuses it without --force-update", err=True)
+
+
 def lifecycle_command(action: str, summary: str):
     @cli.command(action, help=summary)
     @study_option
@@ -789,6 +838,8 @@ def lifecycle_command(action: str, summary: str):
     @format_option()
     def command(study, storage, fmt):
         from sweeper import api
+
+        study_layer()
 
         document = api.set_state(study_name(study), action, storage)
         if fmt == "json":

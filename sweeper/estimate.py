@@ -49,6 +49,8 @@ def cell_seconds(epochs: int, n_train: int, n_test: int, rate: float) -> float:
 
 def device_type(device: str) -> str:
     """cpu, cuda or mps: what a finished run's ``sweeper.device`` tag is compared on."""
+    if device.split(":")[0] in ("cpu", "cuda", "mps"):
+        return device.split(":")[0]
     from sweeper.train import resolve_device
 
     return resolve_device(device).type
@@ -60,12 +62,12 @@ class Estimator:
     def __init__(self, device: str = "auto", mlflow_client=None, probe: bool = True, batch_size: int = 64):
         self.device = device_type(device)
         self.client, self.probe, self.batch_size = mlflow_client, probe, batch_size
-        self._rates: dict[tuple[str, str], Rate | None] = {}
+        self._rates: dict[tuple[str, str, str], Rate | None] = {}
         self._probes: dict[str, float] = {}  # dataset -> MACs per second
         self._experiments: list[str] | None = None
 
     def rate(self, variant: str, dataset: str) -> Rate | None:
-        key = (variant, dataset)
+        key = (variant, dataset, self.device)
         if key not in self._rates:
             self._rates[key] = self._from_history(variant, dataset) or (
                 self._from_probe(variant, dataset) if self.probe else None

@@ -15,7 +15,7 @@ from conftest import FAST, cli, enqueue, free_port, trials_of, write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 class Hook:
