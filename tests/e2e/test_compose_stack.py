@@ -180,18 +180,25 @@ class Stack:
             return json.loads(response.read() or b"{}")
 
     def cell_runs(self, study: str) -> list[dict]:
+        """The study's cell runs; [] while its experiment does not exist yet or MLflow is too
+        busy to answer (a slow answer on a loaded host is retried by the polling loops)."""
         try:
             experiment = self.api(f"experiments/get-by-name?experiment_name={study}")["experiment"]
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return []
             raise
+        except (TimeoutError, urllib.error.URLError):
+            return []
         body = {
             "experiment_ids": [experiment["experiment_id"]],
             "filter": "tags.`sweeper.role` = 'cell'",
             "max_results": 100,
         }
-        return self.api("runs/search", body).get("runs", [])
+        try:
+            return self.api("runs/search", body).get("runs", [])
+        except (TimeoutError, urllib.error.URLError):
+            return []
 
     def steps(self, run_id: str, metric: str) -> list[int]:
         history = self.api(f"metrics/get-history?run_id={run_id}&metric_key={metric}&max_results=1000")
