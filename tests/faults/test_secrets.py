@@ -18,7 +18,7 @@ import pytest
 from conftest import FAST, free_port, write_spec
 
 PG_PASSWORD = "pg/Secret+9z"
-MLFLOW_PASSWORD = "ml/Secret+4q"
+MLFLOW_PASSWORD = "mlSecret+4q="  # an http URL takes no "/" in a password (it ends the host)
 
 
 def with_password(url: str, user: str, password: str) -> str:
