@@ -375,7 +375,8 @@ def data_list(data_dir, fmt):
 @click.argument("names", nargs=-1, required=True, callback=check_dataset)
 @click.option("--force", is_flag=True, help="Download again even when the dataset is already present.")
 @data_dir_option
-def data_fetch(names, force, data_dir):
+@format_option()
+def data_fetch(names, force, data_dir, fmt):
     """Download CIFAR archives, verify their checksums and extract them (once)."""
     from pathlib import Path
 
@@ -384,13 +385,16 @@ def data_fetch(names, force, data_dir):
     from sweeper.data import cifar, load
 
     root = Path(data_dir) if data_dir else settings.data_dir()
+    rows = []
     for name in names:
         if name not in cifar.INFOS:
+            rows.append({"name": name, "state": "built in", "path": None})
             stderr_console().print(f"{name}: built in, nothing to fetch")
             continue
         if cifar.status(name, root)["present"] and not force:
             load(name, root)  # verifies the files on disk and builds the cache if it is missing
             stderr_console().print(f"{name}: already present in {root} (--force downloads again)")
+            rows.append({"name": name, "state": "present", "path": cifar.status(name, root)["path"]})
             continue
         with Progress(
             *Progress.get_default_columns(),
@@ -403,12 +407,16 @@ def data_fetch(names, force, data_dir):
             cifar.fetch(name, root, progress=lambda done, total: progress.update(task, completed=done, total=total))
         load(name, root)  # builds the uint8 cache so the first trial starts at once
         stderr_console().print(f"{name}: ready in {root}")
+        rows.append({"name": name, "state": "fetched", "path": cifar.status(name, root)["path"]})
+    if fmt == "json":
+        print_json(rows)
 
 
 @data.command("import")
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False))
 @data_dir_option
-def data_import(archive, data_dir):
+@format_option()
+def data_import(archive, data_dir, fmt):
     """Take a CIFAR archive already on disk (for machines without internet)."""
     from pathlib import Path
 
@@ -418,6 +426,8 @@ def data_import(archive, data_dir):
     name = cifar.import_archive(Path(archive), root)
     load(name, root)
     stderr_console().print(f"{name}: imported into {root}")
+    if fmt == "json":
+        print_json({"name": name, "state": "imported", "path": cifar.status(name, root)["path"]})
 
 
 # --- sweeps --------------------------------------------------------------------------------
@@ -863,16 +873,16 @@ lifecycle_command(
 @cli.command()
 @study_option
 @storage_option
-@click.option(
-    "--failed", is_flag=True, default=True, show_default=True, help="Re-enqueue cells whose last trial FAILED."
-)
-def retry(study, storage, failed):
+@format_option()
+def retry(study, storage, fmt):
     """Re-enqueue failed cells on purpose (e.g. after fixing the cause of a NaN or out of memory)."""
     st = study_layer()
 
     loaded = st.load_study(st.open_storage(storage, create=False), study_name(study))
     n = st.retry_failed(loaded)
     click.echo(f"{n} failed cell(s) of {loaded.study_name} re-enqueued" if n else "no failed cell to retry", err=True)
+    if fmt == "json":
+        print_json({"study": loaded.study_name, "retried": n})
 
 
 @cli.command()

@@ -58,11 +58,6 @@ def notify_url() -> str | None:
     return os.environ.get(ENV_NOTIFY_URL) or None
 
 
-def env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
-
-
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value else default

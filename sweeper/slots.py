@@ -25,14 +25,11 @@ class Slot:
     host: str
     gpu: str
     index: int
-    _hold: Any  # the open connection or file that holds the lock for the worker's lifetime
+    _hold: Any  # the open connection or file that holds the lock: released when the worker exits
 
     @property
     def device(self) -> str:
         return f"cuda:{self.gpu}"
-
-    def release(self) -> None:
-        self._hold.close()
 
 
 def host_id() -> str:

@@ -203,10 +203,6 @@ def run_link(uri: str | None, experiment_id: str | None, run_id: str | None) -> 
     return f"runs:/{run_id}"
 
 
-def cell_run_name(key: str) -> str:
-    return key  # "{variant}/{dataset}/s{seed}", "#k" appended for search trials
-
-
 class RunLogger:
     """Sends params, metrics and tags of one run in batches, in order, surviving an outage.
 

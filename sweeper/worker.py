@@ -600,7 +600,7 @@ class TrialRun:
         if fresh:
             run = self.client.create_run(
                 experiment_id,
-                run_name=tracking.cell_run_name(self.key),
+                run_name=self.key,  # "{variant}/{dataset}/s{seed}", "#k" appended for search trials
                 tags={
                     tracking.PARENT_TAG: parent_id,
                     tracking.ROLE_TAG: "cell",

@@ -557,3 +557,29 @@ def test_concurrent_first_load(tmp_path, data_dir):
         expected.update(a.tobytes())
     assert {digest for _, digest in results} == {expected.hexdigest()}
     assert files_under(data_dir) - {".cifar10.lock", "cifar10.npz"} == EXTRACTED["cifar10"]
+
+
+def test_data_import_and_fetch_print_one_json_document(tmp_path, data_dir, register):
+    import json
+
+    from click.testing import CliRunner
+
+    from sweeper.cli import cli
+
+    built = build_archive(tmp_path / "dl" / "cifar-10-python.tar.gz")
+    register(built)
+    runner = CliRunner()
+    imported = runner.invoke(cli, ["data", "import", str(built.path), "--data-dir", str(data_dir), "--format", "json"])
+    assert imported.exit_code == 0, imported.output
+    assert json.loads(imported.stdout) == {
+        "name": "cifar10",
+        "state": "imported",
+        "path": str(data_dir / "cifar10.npz"),
+    }
+    assert "imported into" in imported.stderr
+    fetched = runner.invoke(
+        cli, ["data", "fetch", "cifar10", "digits", "--data-dir", str(data_dir), "--format", "json"]
+    )
+    assert fetched.exit_code == 0, fetched.output
+    rows = json.loads(fetched.stdout)
+    assert [(r["name"], r["state"]) for r in rows] == [("cifar10", "present"), ("digits", "built in")]

@@ -37,8 +37,9 @@ def claim_in_processes(n: int, gpus: str, per_gpu: int, storage: str, env) -> li
 
 
 @pytest.mark.parametrize("backend", ["file", "postgresql"])
-def test_workers_spread_over_gpus_then_pack(backend, sweeper_env, pg_database, request):
-    storage = pg_database() if backend == "postgresql" else ""
+def test_workers_spread_over_gpus_then_pack(backend, sweeper_env, request):
+    # Only the PostgreSQL case asks for the database: the file backend must run where there is none.
+    storage = request.getfixturevalue("pg_database")() if backend == "postgresql" else ""
     got = claim_in_processes(4, "0,1", 2, storage, sweeper_env)
     devices = sorted(g.split()[0] for g in got)
     assert devices == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"], got

@@ -1,7 +1,7 @@
 """Trials that fail for a reason retrying cannot fix: a NaN loss (a real worker process) and a
 CUDA out-of-memory (in process: there is no GPU here, so the model is made to raise
 torch.OutOfMemoryError). Each FAILs with its reason, is not retried, and the worker goes on;
-`sweeper retry --failed` re-enqueues such a cell on purpose."""
+`sweeper retry` re-enqueues such a cell on purpose."""
 
 from __future__ import annotations
 
@@ -35,15 +35,17 @@ def test_nan_loss_fails_the_trial_without_retry_and_the_worker_goes_on(tmp_path,
     (ok,) = trials_of(url, "converges")
     assert ok.state == TrialState.COMPLETE
 
-    # The reason shows in `sweeper status`; `sweeper retry --failed` re-enqueues the cell on purpose.
+    # The reason shows in `sweeper status`; `sweeper retry` re-enqueues the cell on purpose.
     assert "training loss became nan" in cli("status", "--study", "diverges").stdout
-    assert "1 failed cell(s) of diverges re-enqueued" in cli("retry", "--study", "diverges", "--failed").output
+    retried = cli("retry", "--study", "diverges", "--format", "json")
+    assert "1 failed cell(s) of diverges re-enqueued" in retried.stderr
+    assert json.loads(retried.stdout) == {"study": "diverges", "retried": 1}
     status = json.loads(cli("status", "--study", "diverges", "--format", "json").stdout)
     assert status["counts"] == {"WAITING": 1, "RUNNING": 0, "COMPLETE": 0, "PRUNED": 0, "FAIL": 1}
     waiting = status["trials"][1]
     assert waiting["state"] == "WAITING" and waiting["retry_of"] == 0 and waiting["retry_history"] == [0]
     assert waiting["mlflow_run_id"] == nan.user_attrs["mlflow_run_id"]  # the retry continues the cell's run
-    assert "no failed cell" in cli("retry", "--study", "converges", "--failed").output
+    assert "no failed cell" in cli("retry", "--study", "converges").output
 
 
 def test_out_of_memory_fails_the_trial_frees_memory_and_the_worker_goes_on(
