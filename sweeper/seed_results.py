@@ -1,4 +1,4 @@
-"""The seed post's published numbers (shared/seed/googlenet-blog.md), kept as data.
+"""The seed post's published numbers (the blog post "GoogleNet 簡介與小實驗", 2020-10-23), kept as data.
 
 Both tables of the post: GoogLeNet variants trained 14 epochs on CIFAR-100 and CIFAR-10 with
 the same recipe (Adadelta, lr 1.0, StepLR gamma 0.7, batch size 64). ``sweeper report
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 SEED_EPOCHS = 14
-SEED_SOURCE = "GoogleNet 簡介與小實驗 (2020-10-23), shared/seed/googlenet-blog.md"
+SEED_SOURCE = 'the blog post "GoogleNet 簡介與小實驗" (2020-10-23)'
 
 
 @dataclass(frozen=True)
