@@ -438,10 +438,10 @@ def test_stored_bad_values_and_path_like_names_fail_their_cell_without_a_traceba
     home = Path(sweeper_env["SWEEPER_HOME"])
     storage = studies.open_storage(f"sqlite:///{home / 'optuna.db'}")
     good = specs.load(spec_file(tmp_path, "good", GOOD + "limit_train = 64\nlimit_test = 32\n"))
-    escaped = dataclasses.replace(good, name="../../../escaped")
-    negative = dataclasses.replace(good, name="negative", train={**good.train, "limit_train": -1})
-    for spec in (escaped, negative):
+    for spec in (dataclasses.replace(good, name="../../../escaped"), dataclasses.replace(good, name="negative")):
         studies.launch(storage, spec)
+    stored = {**good.to_dict(), "name": "negative", "train": {**good.train, "limit_train": -1}}  # by hand
+    storage.set_study_user_attr(storage.get_study_id_from_name("negative"), studies.SPEC_ATTR, stored)
     proc = subprocess.run(
         [sys.executable, "-m", "sweeper", "worker", "--device", "cpu", "--no-system-metrics"],
         env=sweeper_env,
