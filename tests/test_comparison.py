@@ -153,7 +153,7 @@ def seeded(tmp_path_factory):
     spec = write_spec(
         root / "seeded.toml", variants=("short4", "short3"), seeds=(1, 2, 3), epochs=1, limit_train=128, limit_test=64
     )
-    sweeper("launch", "--study", str(spec), "--workers", "2", env=env, timeout=1500)
+    sweeper("launch", "--study", str(spec), "--workers", "1", env=env, timeout=1500)
     return env
 
 
