@@ -139,6 +139,41 @@ VARIANTS: dict[str, VariantCfg] = {
 }
 
 
+STEM_CHANNELS = 192  # the 3x3 convolution before the first stage
+
+
+def count_macs(cfg: VariantCfg, input_shape: tuple[int, int, int], num_classes: int) -> int:
+    """Multiply-accumulates of one forward pass of one image, from the table alone (no torch):
+    every convolution (all 'same'-padded, stride 1) and the classifier. ``sweeper.models.count_macs``
+    measures the built model and tests/test_models.py checks that the two agree.
+
+    >>> count_macs(VARIANTS["short4"], (1, 8, 8), 10)
+    37935104
+    """
+    channels, height, width = input_shape
+    macs = height * width * channels * STEM_CHANNELS * 9
+    channels = STEM_CHANNELS
+    for i, stage in enumerate(cfg.stages):
+        if i > 0:  # max-pool 3/2/1 between stages
+            height, width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+        for name in stage:
+            m = MODULES[name]
+            if cfg.block == "naive":
+                per_pixel = channels * (m.n1x1 + 9 * m.n3x3 + 9 * m.n5x5)
+                out = m.n1x1 + m.n3x3 + m.n5x5 + channels
+            else:
+                per_pixel = (
+                    channels * (m.n1x1 + m.n3x3_reduce + m.n5x5_reduce + m.pool_proj)
+                    + 9 * m.n3x3_reduce * m.n3x3
+                    + 9 * m.n5x5_reduce * m.n5x5
+                    + 9 * m.n5x5 * m.n5x5
+                )
+                out = m.n1x1 + m.n3x3 + m.n5x5 + m.pool_proj
+            macs += height * width * per_pixel
+            channels = out
+    return macs + channels * num_classes
+
+
 # --- the datasets ----------------------------------------------------------------------------
 
 

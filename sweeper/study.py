@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from sweeper import settings
 from sweeper.contract import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL
 from sweeper.errors import SweeperError, redact, redact_url, remember, root_cause
-from sweeper.spec import Cell, StudySpec
+from sweeper.spec import Cell, StudySpec, variant_cfgs
 
 log = logging.getLogger("sweeper.study")
 
@@ -282,30 +282,24 @@ def launch(storage: RDBStorage, spec: StudySpec, force_update: bool = False) -> 
         digest = spec.recipe_digest
         missing = [(cell, key) for cell, key in spec.trial_keys() if (key, digest) not in existing]
         # Workers claim in trial order: the longest cells first, so the long pole starts at once.
-        cost = cell_costs({cell for cell, _ in missing}, spec.train)
+        cost = cell_costs({cell for cell, _ in missing}, spec.train, variant_cfgs(spec))
         missing.sort(key=lambda ck: -cost[ck[0]])  # stable: equal costs keep the spec's order
         enqueue_many(study, [cell_attrs(cell, key, spec.recipe, digest) for cell, key in missing])
     return EnqueueResult(study, len(missing), len(spec.trial_keys()) - len(missing), created, updated)
 
 
-def cell_costs(cells, train: dict[str, Any]) -> dict[Cell, int]:
-    """Each cell's training work, MACs per image x images x epochs (shapes only, no weights)."""
-    import torch
+def cell_costs(cells, train: dict[str, Any], variants: dict[str, Any] | None = None) -> dict[Cell, int]:
+    """Each cell's training work, MACs per image x images x epochs, from the module table alone
+    (no torch: launch stays light). ``variants``: the study's table (built-ins plus its own)."""
+    from sweeper.contract import DATASETS, VARIANTS, Recipe, count_macs
 
-    from sweeper.data import DATASETS
-    from sweeper.models import build_model, count_macs
-    from sweeper.train import Recipe
-
-    macs: dict[tuple[str, str], int] = {}
+    table = VARIANTS if variants is None else variants
     costs = {}
     for cell in cells:
         info = DATASETS[cell.dataset]
-        if (cell.variant, cell.dataset) not in macs:
-            with torch.device("meta"):
-                model = build_model(cell.variant, info.num_classes, info.shape[0])
-            macs[cell.variant, cell.dataset] = count_macs(model, info.shape)
         images = min(train.get("limit_train") or info.num_train, info.num_train)
-        costs[cell] = macs[cell.variant, cell.dataset] * images * train.get("epochs", Recipe.epochs)
+        macs = count_macs(table[cell.variant], info.shape, info.num_classes)
+        costs[cell] = macs * images * train.get("epochs", Recipe.epochs)
     return costs
 
 

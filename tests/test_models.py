@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from sweeper import contract
 from sweeper.models import MODULES, VARIANTS, InceptionCfg, UnknownVariant, build_model, count_macs, count_params
 from sweeper.models.googlenet import STEM_CHANNELS, Inception, NaiveInception
 
@@ -163,6 +164,15 @@ def test_forward_on_32x32_rgb_and_macs(variant):
     assert shape == (1, 100)
     assert macs > 0
     assert macs == expected  # the flop counter counts exactly the convolutions and the classifier
+    # launch orders cells by the table's own count (no torch): it must be the same number
+    assert contract.count_macs(VARIANTS[variant], (3, 32, 32), 100) == macs
+
+
+def test_table_macs_match_the_built_model_on_digits_shapes():
+    for variant, cfg in VARIANTS.items():
+        with torch.device("meta"):
+            net = build_model(variant, 10, in_channels=1)
+        assert contract.count_macs(cfg, (1, 8, 8), 10) == count_macs(net, (1, 8, 8)), variant
 
 
 def test_macs_are_ordered_by_size():

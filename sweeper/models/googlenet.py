@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sweeper.contract import MODULES, VARIANTS, InceptionCfg, VariantCfg
-
-STEM_CHANNELS = 192
+from sweeper.contract import MODULES, STEM_CHANNELS, VARIANTS, InceptionCfg, VariantCfg
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int) -> nn.Sequential:
