@@ -173,9 +173,14 @@ class MlflowServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+            # MLflow's job runner (GenAI jobs: up to 10 more processes) serves nothing of sweeper's
+            env={
+                **os.environ,
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            },
         )
-        wait_http(f"{self.url}/health", timeout=90)
+        wait_http(f"{self.url}/health", timeout=180)
         return self
 
     def stop(self) -> None:

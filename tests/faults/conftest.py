@@ -343,6 +343,7 @@ class AuthMlflowServer(MlflowServer):
                 "MLFLOW_AUTH_CONFIG_PATH": str(config),
                 "MLFLOW_AUTH_ADMIN_PASSWORD": self.PASSWORD,
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": "sweeper-tests",
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             },
         )
         wait_http(f"{self.url}/health", timeout=180)
