@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sweeper import settings
 from sweeper.errors import SweeperError, first_line, redact, redact_url, remember
@@ -32,7 +33,19 @@ def default_tracking_uri() -> str:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    return remember(uri or settings.tracking_uri() or default_tracking_uri())
+    """The tracking URI to give MLflow. Credentials written into an http(s) URI move to
+    MLFLOW_TRACKING_USERNAME/PASSWORD (what MLflow sends as basic auth), because MLflow prints
+    the URI it was given ("View run ... at: URI") on stdout, where no logging filter reaches."""
+    uri = remember(uri or settings.tracking_uri() or default_tracking_uri())
+    if not is_server(uri):
+        return uri
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def is_server(uri: str) -> bool:
