@@ -23,7 +23,7 @@ def test_dry_run_estimates_enqueue_nothing_and_the_api_matches_the_cli(sweeper_e
     )
     assert dry["dry_run"] and dry["to_enqueue"] == 2 and dry["already_enqueued"] == 0
     assert [t["estimate_source"] for t in dry["trials"]] == ["probe", "probe"]
-    assert dry["estimate_total_s"] == pytest.approx(sum(t["estimate_s"] for t in dry["trials"]), rel=1e-3)
+    assert dry["estimate_total_s"] == pytest.approx(sum(t["estimate_s"] for t in dry["trials"]), abs=0.05)
     assert dry["estimate_total_s"] > 0
     assert not (home / "optuna.db").exists() and not (home / "mlflow.db").exists(), "a dry run writes nothing"
     text = sweeper("launch", "--study", str(spec), "--dry-run", env=sweeper_env, timeout=900).stdout
