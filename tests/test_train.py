@@ -486,7 +486,10 @@ def test_partial_last_batch_never_recompiles_and_trains_like_eager(monkeypatch):
     assert frames_after_first_step[0] >= 1, "the full batches ran through the compiled model"
     assert counter.frame_count == frames_after_first_step[0], "the partial batch recompiled"
     for c, e in zip(metrics(compiled.history), metrics(eager.history), strict=True):
-        assert c == pytest.approx(e, rel=1e-4), "every image trained, the last batch's loss weighted by its size"
+        assert {k for k, v in c.items() if v is None} == {k for k, v in e.items() if v is None}  # no val split
+        measured = {k: v for k, v in c.items() if v is not None}
+        expected = {k: v for k, v in e.items() if v is not None}
+        assert measured == pytest.approx(expected, rel=1e-4), "every image trained, the last batch weighted by its size"
 
 
 @pytest.mark.parametrize("capability, auto", [((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
