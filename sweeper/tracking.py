@@ -99,21 +99,18 @@ def check_reachable(mlflow_client) -> None:
     )
     try:
         mlflow_client.search_experiments(max_results=1)
-    except MlflowException as e:
-        text = str(e)
-        code = getattr(e, "get_http_status_code", lambda: None)()
-        if code not in (401, 403):
-            code = next((c for c in (401, 403) if f"error code {c}" in text or f" {c} " in text), None)
-        if code is not None:
-            raise TrackingAuthError(
-                f"the MLflow tracking server {redact_url(uri)} refused the credentials (HTTP {code}); "
-                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a valid account "
-                "(MLFLOW_TRACKING_TOKEN for a bearer token)"
-            ) from None
-        raise TrackingUnreachable(
-            f"cannot reach the MLflow tracking store {redact_url(uri)}: {redact(first_line(e))}"
-        ) from None
     except Exception as e:
+        if isinstance(e, MlflowException):
+            text = str(e)
+            code = getattr(e, "get_http_status_code", lambda: None)()
+            if code not in (401, 403):
+                code = next((c for c in (401, 403) if f"error code {c}" in text or f" {c} " in text), None)
+            if code is not None:
+                raise TrackingAuthError(
+                    f"the MLflow tracking server {redact_url(uri)} refused the credentials (HTTP {code}); "
+                    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a valid account "
+                    "(MLFLOW_TRACKING_TOKEN for a bearer token)"
+                ) from None
         raise TrackingUnreachable(
             f"cannot reach the MLflow tracking store {redact_url(uri)}: {redact(first_line(e))}"
         ) from None
