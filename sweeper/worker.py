@@ -308,6 +308,7 @@ class TrialRun:
         self.system_metrics = None
         self.core_share: cores.CoreShare | None = None
         self.failed = False
+        self.lost = False  # set by the checkpoint thread when another worker has the trial now
         self.timeout = studies.policy(self.spec)["trial_timeout"]
         self.started = time.monotonic()
 
@@ -469,7 +470,7 @@ class TrialRun:
                 in_flight.pop().result()
 
         def on_epoch(m: EpochMetrics, state) -> bool:
-            if self._db(studies.trial_state, self.storage, self.trial_id) != TrialState.RUNNING:
+            if self.lost or self._db(studies.trial_state, self.storage, self.trial_id) != TrialState.RUNNING:
                 raise TrialLost(f"the trial is no longer RUNNING after epoch {m.epoch}")
             down_since = self.logger.down_since  # set by a background flush that failed
             if down_since is not None and time.monotonic() - down_since > self.config.tracking_outage_limit:
@@ -524,6 +525,8 @@ class TrialRun:
         finally:
             background.shutdown(wait=True)  # the logger is this thread's again from here
         wait_background()
+        if self.lost:
+            raise TrialLost("the trial is no longer RUNNING (its checkpoint was not sent)")
         for m in held:
             self.logger.log_metrics(epoch_metrics(m), step=m.epoch)
         final = result.final
@@ -570,14 +573,28 @@ class TrialRun:
             "the trial was re-queued and resumes from its latest checkpoint, logging what MLflow missed"
         )
 
+    def _still_owned(self) -> bool:
+        """Whether this worker still holds the trial. A worker frozen (SIGSTOP, a paused VM) past
+        the grace period wakes up to find its trial retried by another: what it held back then
+        belongs to that worker's attempt, and writing it would log an epoch twice."""
+        if self._db(studies.trial_state, self.storage, self.trial_id) == TrialState.RUNNING:
+            return True
+        self.lost = True
+        return False
+
     def _persist(self, snapshot: dict[str, Any], metrics: list[EpochMetrics]) -> None:
         """(Background thread.) Write the checkpoint, then send it and the epochs it covers to
-        MLflow; a full disk keeps the previous checkpoint and training goes on."""
+        MLflow; a full disk keeps the previous checkpoint and training goes on. Nothing is
+        written once the trial is no longer this worker's."""
+        if not self._still_owned():
+            return
         try:
             checkpoint.save(self.checkpoint_path, {**snapshot, "run_id": self.run_id})
             self.logger.log_artifact(self.checkpoint_path, CHECKPOINT_ARTIFACT)
         except checkpoint.CheckpointError as e:
             log.warning("trial %d: %s", self.trial.number, e)
+        if not self._still_owned():  # the upload can be where the freeze happened
+            return
         for m in metrics:
             self.logger.log_metrics(epoch_metrics(m), step=m.epoch)
         if self.logger.flush():
