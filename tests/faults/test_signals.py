@@ -11,7 +11,6 @@ import json
 import signal
 import time
 
-import pytest
 from conftest import EPOCHS, FAST, assert_cell_run, cli, enqueue, trials_of, write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
