@@ -666,6 +666,8 @@ class TrialRun:
         log.info(
             "trial %d: %s resumes after epoch %d (%s checkpoint)", self.trial.number, self.key, state["epoch"], where
         )
+        if where == "local":  # MLflow missed it (an outage): send it, so any machine can resume from it
+            self.logger.log_artifact(self.checkpoint_path, CHECKPOINT_ARTIFACT)
         return state
 
     def _flush_quietly(self) -> None:

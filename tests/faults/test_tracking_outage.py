@@ -8,18 +8,11 @@ down, and the retry resumes from the local checkpoint, logging what MLflow misse
 
 from __future__ import annotations
 
-import pytest
 from conftest import EPOCHS, FAST, assert_cell_run, enqueue, trials_of, write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 
-@pytest.mark.xfail(
-    reason="known defect since checkpoints moved to a background thread: a checkpoint upload that "
-    "falls in the outage is not retried, so a finished run can lack checkpoint/last.pt (seen once in "
-    "a full run; passes alone)",
-    strict=False,
-)
 def test_mlflow_outage_buffers_or_fails_past_the_limit_and_nothing_is_lost(
     tmp_path, sweeper_env, spawn, tracking, reference
 ):
