@@ -48,17 +48,6 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return urlunsplit(parts._replace(netloc=host))
 
 
-def shown_uri(uri: str) -> str:
-    """The URI to put in a message: the account MLflow logs in with is named (its password
-    masked) even after resolve_tracking_uri moved it out of the URI, so the reader knows which
-    account a failure is about."""
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    if not is_server(uri) or not user or "@" in urlsplit(uri).netloc:
-        return redact_url(uri)
-    parts = urlsplit(uri)
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc}"))
-
-
 def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
@@ -118,12 +107,12 @@ def check_reachable(mlflow_client) -> None:
                 code = next((c for c in (401, 403) if f"error code {c}" in text or f" {c} " in text), None)
             if code is not None:
                 raise TrackingAuthError(
-                    f"the MLflow tracking server {shown_uri(uri)} refused the credentials (HTTP {code}); "
+                    f"the MLflow tracking server {redact_url(uri)} refused the credentials (HTTP {code}); "
                     "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a valid account "
                     "(MLFLOW_TRACKING_TOKEN for a bearer token)"
                 ) from None
         raise TrackingUnreachable(
-            f"cannot reach the MLflow tracking store {shown_uri(uri)}: {redact(first_line(e))}"
+            f"cannot reach the MLflow tracking store {redact_url(uri)}: {redact(first_line(e))}"
         ) from None
 
 
@@ -140,7 +129,7 @@ def read_errors(uri: str, what: str) -> Iterator[None]:
         if module not in ("mlflow", "requests", "urllib3") and not isinstance(e, OSError):
             raise
         raise TrackingUnreachable(
-            f"cannot reach the MLflow tracking store {shown_uri(uri)} while reading {what}: {redact(first_line(e))}"
+            f"cannot reach the MLflow tracking store {redact_url(uri)} while reading {what}: {redact(first_line(e))}"
         ) from None
 
 
