@@ -1,6 +1,8 @@
 """Local trials share the host's CPU cores by what is running, not by how many workers started.
 
-Each running trial holds an exclusive ``flock`` on its own file in ``$SWEEPER_HOME/cores``; a
+Each running trial holds an exclusive ``flock`` on its own file in ``$SWEEPER_HOME/cores``
+(named by host and process id: worker containers on one machine share that folder through a
+volume, and each of them is process 1 or so in its own namespace); a
 trial counts the files whose lock is held (a crashed worker's lock is released by the kernel,
 and its file is swept) and trains on ``cores // running`` threads. Trials re-count every few
 seconds, so the last long trial of a study takes the cores the others leave behind.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -33,7 +36,7 @@ class CoreShare:
         self.dir = Path(directory)
         self.cores = cores or host_cores()
         self.recount_every = recount_every
-        self.path = self.dir / f"{os.getpid()}"
+        self.path = self.dir / f"{socket.gethostname()}-{os.getpid()}"
         self._file = None
         self._counted_at = float("-inf")
         self._threads = self.cores
@@ -41,7 +44,7 @@ class CoreShare:
     def __enter__(self) -> CoreShare:
         self.dir.mkdir(parents=True, exist_ok=True)
         # Locked under a temporary name, then renamed into place: a counter never sees it unlocked.
-        tmp = self.dir / f".{os.getpid()}.tmp"
+        tmp = self.dir / f".{self.path.name}.tmp"
         self._file = open(tmp, "w")
         fcntl.flock(self._file, fcntl.LOCK_EX)
         os.replace(tmp, self.path)

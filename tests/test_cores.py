@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ def test_a_trial_alone_takes_every_core_and_shares_them_with_others(tmp_path):
             os.kill(others[1].pid, signal.SIGKILL)  # crashed without cleaning up: swept
             others[1].wait(10)
             assert share.threads() == 8
-            assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]
+            assert [p.name for p in tmp_path.iterdir()] == [f"{socket.gethostname()}-{os.getpid()}"]
         assert list(tmp_path.iterdir()) == []
     finally:
         for p in others:
