@@ -510,7 +510,7 @@ def test_6_uis_open_in_a_browser(stack, tmp_path):
             pytest.fail(reason)
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
-    from test_ui_browser import CHROMIUM_ARGS
+    from test_ui_browser import CHROMIUM_ARGS, _close_assistant
 
     study, _ = GRID
     experiment_id = stack.api(f"experiments/get-by-name?experiment_name={study}")["experiment"]["experiment_id"]
@@ -519,8 +519,10 @@ def test_6_uis_open_in_a_browser(stack, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(60_000)
-            page.goto(f"{stack.mlflow}/#/experiments/{experiment_id}")
+            # The experiment's runs table, as `sweeper ui` links it (MLflow 3 opens other views otherwise).
+            page.goto(f"{stack.mlflow}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
             page.get_by_text("matching runs").first.wait_for()
+            _close_assistant(page)
             page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()
             for cell in ("short4/digits/s1", "short2/synthetic/s1"):
                 page.get_by_text(cell, exact=True).first.wait_for()
