@@ -440,6 +440,14 @@ heartbeat_option = click.option(
     show_default=True,
     help=f"Seconds between a running trial's heartbeats. [env: {settings.ENV_HEARTBEAT_INTERVAL}]",
 )
+workers_per_gpu_option = click.option(
+    "--workers-per-gpu",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    envvar=settings.ENV_WORKERS_PER_GPU,
+    help=f"Workers that may share one GPU (small trials leave a large GPU idle). [env: {settings.ENV_WORKERS_PER_GPU}]",
+)
 grace_option = click.option(
     "--grace-period",
     type=click.IntRange(1),
@@ -535,14 +543,7 @@ def studies(fmt):
     is_flag=True,
     help="Accept a changed spec: enqueue its new cells, and every cell anew when the recipe changed.",
 )
-@click.option(
-    "--workers-per-gpu",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    envvar=settings.ENV_WORKERS_PER_GPU,
-    help="Local workers that may share one GPU.",
-)
+@workers_per_gpu_option
 @heartbeat_option
 @grace_option
 @data_dir_option
@@ -664,14 +665,7 @@ def launch(
     show_default=True,
     help="Log CPU, memory and GPU use through MLflow's system metrics.",
 )
-@click.option(
-    "--workers-per-gpu",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    envvar=settings.ENV_WORKERS_PER_GPU,
-    help=f"Workers that may share one GPU (small trials leave a large GPU idle). [env: {settings.ENV_WORKERS_PER_GPU}]",
-)
+@workers_per_gpu_option
 @click.option(
     "--gpus",
     envvar="SWEEPER_GPUS",
