@@ -26,6 +26,7 @@ RECIPE_TAG = "sweeper.recipe_digest"  # with the key, a cell run's identity
 CODE_DIGEST_TAG = "sweeper.code_digest"  # digest of the sweeper package's source that trained the run
 DATASET_DIGEST_TAG = "sweeper.dataset_digest"  # digest of the arrays it trained and evaluated on
 PARENT_TAG = "mlflow.parentRunId"
+MODEL_NAME = "model"  # a finished cell's model: mlflow.pytorch.load_model("runs:/RUN_ID/model")
 
 
 def default_tracking_uri() -> str:
@@ -295,6 +296,88 @@ class RunLogger:
             while queue:
                 self.client.log_batch(self.run_id, **{kind: queue[:size]})
                 del queue[:size]
+
+
+def log_model(mlflow_client, run_id: str, model, example, step: int = 0, deadline=None, should_stop=None) -> str:
+    """Log a cell's trained model (on the CPU, in eval mode) as the MLflow model ``MODEL_NAME`` of
+    its run, with a signature and ``example`` (a few input images, float32 numpy) as its input
+    example; returns the model's id. The model is exported with torch.export ("pt2"): loading it
+    needs torch and mlflow, not sweeper.
+
+    While the store is unreachable it retries until ``deadline`` (or ``should_stop()``), then
+    raises TrackingUnreachable, like ``RunLogger.flush``; any other failure is raised as it is."""
+    import mlflow
+    import numpy
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    # Listed, not inferred: inference loads the model again in a subprocess (seconds per cell).
+    requirements = [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={numpy.__version__}",
+    ]
+    model_id = None
+    warned = False
+    while True:
+        try:
+            if model_id is None:  # created once, in the run's experiment: a retry fills the same model
+                experiment_id = mlflow_client.get_run(run_id).info.experiment_id
+                model_id = mlflow_client.create_logged_model(
+                    experiment_id, name=MODEL_NAME, source_run_id=run_id
+                ).model_id
+            with fluent_uri(mlflow_client.tracking_uri):
+                mlflow.pytorch.log_model(
+                    model,
+                    name=MODEL_NAME,
+                    model_id=model_id,
+                    run_id=run_id,
+                    step=step,  # links the metrics of that epoch to the model
+                    signature=signature,
+                    input_example=example,
+                    serialization_format="pt2",
+                    pip_requirements=requirements,
+                )
+            return model_id
+        except Exception as e:
+            try:
+                check_reachable(mlflow_client)
+            except TrackingUnreachable:
+                if deadline is None or time.monotonic() >= deadline or (should_stop is not None and should_stop()):
+                    raise TrackingUnreachable(f"MLflow stayed unreachable: {redact(first_line(e))}") from None
+                if not warned:
+                    log.warning("MLflow is unreachable (%s); retrying to log the model", redact(first_line(e)))
+                    warned = True
+                time.sleep(2)
+                continue
+            raise  # MLflow answers: not an outage
+
+
+@contextlib.contextmanager
+def fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent functions (log_model, register_model) work through the process's tracking
+    URI: point it at ``uri`` for the call, then leave the process as it was."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # sets the variable too
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # forgets it and unsets the variable
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def logged_model(mlflow_client, experiment_id: str, run_id: str):
+    """The model that ``runs:/RUN_ID/model`` loads (the newest one the run logged as
+    ``MODEL_NAME``), or None."""
+    found = mlflow_client.search_logged_models(
+        [experiment_id], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run_id}'", max_results=1
+    )
+    return found[0] if found else None
 
 
 def logged_steps(mlflow_client, run_id: str, metric: str = "top1_error") -> set[int]:

@@ -2,7 +2,7 @@
 
 For every finished (COMPLETE) trial: its run exists, is active and FINISHED, is the only
 finished run of its cell and recipe, logged each epoch's metrics exactly once, has params
-equal to the trial's recipe, and holds the model artifact. And no cell run lacks a trial.
+equal to the trial's recipe, and holds its MLflow model (``runs:/RUN_ID/model``). And no cell run lacks a trial.
 Each problem names the cell, the trial and the run, and the command that repairs it when
 one exists.
 
@@ -21,7 +21,6 @@ from sweeper.errors import redact_url
 from sweeper.spec import VAL_METRICS
 
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error")
-MODEL_ARTIFACT = "model"
 
 
 def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -99,8 +98,15 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
             problem("run_not_finished", f"trial {t.number} is COMPLETE but its run is {run.info.status}", t, run_id)
         _check_epochs(client, t, run, problem)
         _check_params(t, run, problem)
-        if not client.list_artifacts(run_id, MODEL_ARTIFACT):
-            problem("model_missing", f"the run of trial {t.number} has no '{MODEL_ARTIFACT}' artifact", t, run_id)
+        model = tracking.logged_model(client, run.info.experiment_id, run_id)
+        if model is None or model.status.name != "READY":
+            state = "none" if model is None else f"{model.model_id} is {model.status.name}"
+            problem(
+                "model_missing",
+                f"the run of trial {t.number} has no usable MLflow model (runs:/{run_id}/{tracking.MODEL_NAME}: {state})",
+                t,
+                run_id,
+            )
 
     identity = Counter(
         (r.data.tags.get(tracking.KEY_TAG), r.data.tags.get(tracking.RECIPE_TAG))

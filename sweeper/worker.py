@@ -35,6 +35,7 @@ log = logging.getLogger("sweeper.worker")
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
 VAL_EPOCH_METRICS = ("val_loss", "val_top1_error", "val_top5_error")  # when the recipe holds out a slice
 CHECKPOINT_ARTIFACT = "checkpoint"
+MODEL_EXAMPLE_IMAGES = 4  # the input example logged with a cell's model
 TRACKING_CHECK_EVERY = 30.0  # seconds between looks at MLflow before claiming, after a success
 
 
@@ -535,15 +536,20 @@ class TrialRun:
         self._db(self.trial.set_user_attr, "sweeper.final_value", value)
         self.logger.log_metrics({"num_params": num_params, "macs": macs, "train_seconds": result.train_seconds})
         self.logger.set_tags({"sweeper.precision": result.precision, "sweeper.device": result.device})
-        if not pruned_at:
-            weights = self.checkpoint_path.with_name("model.pt")
-            weights.parent.mkdir(parents=True, exist_ok=True)  # no checkpoint may have been written yet
-            torch.save(cpu_copy(self.model.state_dict()), weights)  # loads on hosts without a GPU
-            self.logger.log_artifact(weights, "model")
+        deadline = time.monotonic() + self.config.tracking_outage_limit
         try:
-            self.logger.flush(
-                deadline=time.monotonic() + self.config.tracking_outage_limit, should_stop=self.stop.is_set
-            )
+            self.logger.flush(deadline=deadline, should_stop=self.stop.is_set)
+            if not pruned_at:  # after the metrics: log_model links the last epoch's to the model
+                model, example = self._model_to_log(splits)
+                tracking.log_model(
+                    self.client,
+                    self.run_id,
+                    model,
+                    example,
+                    step=final.epoch,
+                    deadline=deadline,
+                    should_stop=self.stop.is_set,
+                )
         except tracking.TrackingUnreachable:
             if self.stop.is_set():  # told to stop while waiting for MLflow: requeue, resume at once
                 raise Interrupted(final.epoch) from None
@@ -556,6 +562,18 @@ class TrialRun:
             self._end_run("FINISHED")
             self._tell_complete(value)
             log.info("trial %d: %s complete, %s %.4f", self.trial.number, self.key, decide_on, value)
+
+    def _model_to_log(self, splits):
+        """A CPU copy of the trained model in eval mode (it loads on hosts without a GPU) and
+        MODEL_EXAMPLE_IMAGES images of the test split as the model takes them (float32, normalized)."""
+        from sweeper.data.loader import normalize
+        from sweeper.models import build_model
+
+        model = build_model(self.variant, splits.num_classes, splits.in_channels, variant_cfgs(self.spec))
+        model.load_state_dict(cpu_copy(self.model.state_dict()))
+        # At least two images: torch.export fixes a batch dimension of one, any other stays free.
+        images = torch.cat([splits.test_x[:MODEL_EXAMPLE_IMAGES], splits.train_x[:MODEL_EXAMPLE_IMAGES]])
+        return model.eval(), normalize(images[:MODEL_EXAMPLE_IMAGES]).numpy()
 
     def _tell_complete(self, value: float) -> None:
         try:
