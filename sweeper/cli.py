@@ -107,6 +107,12 @@ def check_dataset(ctx, param, value):
     return value
 
 
+def check_model_name(ctx, param, value):
+    if value is not None and (not value.strip() or "/" in value or ":" in value or value.strip() in (".", "..")):
+        raise click.BadParameter(f"{value!r} is not a registered model name (not empty, no '/' or ':')")
+    return value
+
+
 # --- output --------------------------------------------------------------------------------
 
 
@@ -957,8 +963,18 @@ def doctor(storage, tracking_uri, quiet, fmt):
     metavar="A,B",
     help="Print the seed-paired difference A - B of two variants on each dataset with a 95% CI.",
 )
-def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed, recipe, compare_variants):
+@click.option(
+    "--register-best",
+    "register_best",
+    metavar="MODEL_NAME",
+    callback=check_model_name,
+    help="Register the model of the best finished cell (by the study's metric) as a new version of "
+    "MODEL_NAME in the MLflow Model Registry; json adds it to the document as 'registered'.",
+)
+def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed, recipe, compare_variants, register_best):
     """The seed post's tables (Top-1/Top-5 error, parameters, time) from what the study logged."""
+    if register_best is not None and compare_variants is not None:
+        raise click.UsageError("--register-best and --compare do not go together; run them one at a time")
     study_layer()
     from sweeper import report as reporting
 
@@ -972,6 +988,7 @@ def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed, r
         against_seed=against_seed,
         recipe=recipe,
         compare_variants=compare_variants,
+        register_best_as=register_best,
     )
 
 

@@ -83,6 +83,7 @@ class Collected:
     parent_run_id: str | None = None
     datasets: list[str] = field(default_factory=list)
     client: Any = None
+    finished: dict[str, tuple[str, float]] = field(default_factory=dict)  # run id -> (cell key, Optuna value)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -147,10 +148,13 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None,
         _note(f"no MLflow experiment named {study_name!r} in {redact_url(uri)}: no cell has logged anything yet")
 
     rows = []
+    finished = {}
     for trial in trials:
         ua = trial.user_attrs
         digest = ua.get(studies.RECIPE_DIGEST_ATTR)
         run = runs_by_id.get(ua.get("mlflow_run_id")) or runs_by_key.get((ua.get(studies.KEY_ATTR), digest))
+        if run is not None and trial.state.name == DONE and trial.value is not None:
+            finished[run.info.run_id] = (ua.get(studies.KEY_ATTR), trial.value)
         metrics = run.data.metrics if run is not None else {}
         tags = run.data.tags if run is not None else {}
         rows.append(
@@ -180,6 +184,7 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None,
         study=study_name,
         epochs=epochs,
         decided_by=decision_metric(spec.get("metric", "top1_error"), (spec.get("train") or {}).get("val_fraction", 0)),
+        direction=spec.get("direction", "minimize"),
         experiment_id=experiment.experiment_id if experiment else None,
         parent_run_id=parent_run_id,
     )
@@ -192,6 +197,7 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None,
         parent_run_id,
         datasets,
         client,
+        finished,
     )
 
 
@@ -865,6 +871,50 @@ def log_to_parent(collected: Collected, plots: dict[str, Path], markdown: str) -
             collected.client.log_artifact(collected.parent_run_id, str(path), ARTIFACT_DIR)
 
 
+# --- the model registry ----------------------------------------------------------------------
+
+
+def register_best(collected: Collected, model_name: str) -> dict[str, Any]:
+    """Register the model of the study's best finished cell (the best Optuna value: the decision
+    metric, ``frame.attrs["decided_by"]``) as a new version of ``model_name`` in the MLflow Model
+    Registry, tagged with the study and the cell's key. Returns what was registered."""
+    import mlflow
+
+    study, client = collected.study, collected.client
+    frame = collected.frame
+    done = [r for r in frame["mlflow_run_id"] if r in collected.finished]  # the report's rows, in order
+    if not done:
+        raise SweeperError(
+            f"study {study!r} has no finished cell, so no model to register; "
+            f"`sweeper status --study {study}` shows where its cells are"
+        )
+    pick = max if frame.attrs.get("direction") == "maximize" else min
+    run_id = pick(done, key=lambda r: collected.finished[r][1])
+    key, value = collected.finished[run_id]
+    metric = frame.attrs.get("decided_by", "top1_error")
+    model = tracking.logged_model(client, collected.experiment_id, run_id)
+    if model is None or model.status.name != "READY":
+        raise SweeperError(
+            f"the best finished cell of study {study!r}, {key} ({metric} {value:.4f}, run {run_id}), has no "
+            f"usable MLflow model (runs:/{run_id}/{tracking.MODEL_NAME}); cells finished by a sweeper older "
+            "than the one that logs models have none"
+        )
+    tags = {"sweeper.study": study, tracking.KEY_TAG: key, "sweeper.metric": metric, "sweeper.value": str(value)}
+    with tracking.fluent_uri(collected.tracking_uri):
+        version = mlflow.register_model(f"models:/{model.model_id}", model_name, tags=tags)
+    return {
+        "name": model_name,
+        "version": int(version.version),
+        "model_uri": f"models:/{model_name}/{version.version}",
+        "study": study,
+        "cell": key,
+        "run_id": run_id,
+        "model_id": model.model_id,
+        "metric": metric,
+        "value": value,
+    }
+
+
 # --- the command -----------------------------------------------------------------------------
 
 
@@ -878,8 +928,11 @@ def print_report(
     against_seed: bool = False,
     recipe: str = "current",
     compare_variants: str | None = None,
+    register_best_as: str | None = None,
 ) -> None:
-    """Write the report to stdout (or ``output``, atomically); logs go to stderr."""
+    """Write the report to stdout (or ``output``, atomically); logs go to stderr. With
+    ``register_best_as``, the best finished cell's model is registered first (see register_best)
+    and, in json, the document becomes ``{"cells": [...], "registered": {...}}``."""
     if fmt not in FORMATS:
         raise SweeperError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
     started = time.monotonic()
@@ -893,6 +946,14 @@ def print_report(
     )
     for warning in lineage_warnings(frame):
         _note(f"warning: {warning}")
+    registered = None
+    if register_best_as is not None:
+        with tracking.read_errors(uri, f"the model registry for study {study_name!r}"):
+            registered = register_best(collected, register_best_as)
+        _note(
+            f"registered {registered['model_uri']}: cell {registered['cell']} of study {study_name} "
+            f"({registered['metric']} {registered['value']:.4f}, run {registered['run_id']})"
+        )
     if compare_variants is not None:
         a, b = _compare_pair(compare_variants, frame)
         document = render_compare(compare(frame, a, b), "json" if fmt in ("json", "csv") else fmt)
@@ -922,6 +983,8 @@ def print_report(
         console = Console()
         width = console.width if console.is_terminal else 220  # piped: never truncate numbers
     document = render(frame, fmt, collected.epochs, study_name, against_seed, plots, width=width)
+    if fmt == "json" and registered is not None:
+        document = json.dumps({"cells": json.loads(document), "registered": registered}, indent=2) + "\n"
     if output:
         write_atomic(output, document)
         _note(f"report written to {output}")

@@ -306,6 +306,83 @@ def test_format_duration_like_the_seed():
     assert report.format_duration(float("nan")) == ""
 
 
+# --- the cells' models: MLflow loads them, the best one is registered ---------------------------
+
+
+def test_each_finished_cell_logs_a_model_that_mlflow_loads(study, mlflow_runs, monkeypatch):
+    import mlflow
+    import torch
+    from mlflow.models import Model
+
+    home, _ = study
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    for run in mlflow_runs.values():
+        signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").signature
+        assert [s.shape for s in signature.inputs.inputs] == [(-1, 1, 8, 8)], signature
+        assert [s.shape for s in signature.outputs.inputs] == [(-1, 10)], signature
+    uri = f"runs:/{next(iter(mlflow_runs.values())).info.run_id}/model"
+    local = mlflow.artifacts.download_artifacts(uri)
+    example = Model.load(local).load_input_example(local)  # a few test images, as the model takes them
+    assert example.dtype == "float32" and example.shape[1:] == (1, 8, 8) and len(example) > 1
+    module = mlflow.pytorch.load_model(uri)
+    with torch.no_grad():
+        assert module(torch.from_numpy(example)).shape == (len(example), 10)
+
+
+def test_register_best_registers_the_best_cells_model(study, mlflow_runs):
+    from mlflow.tracking import MlflowClient
+
+    home, _ = study
+    done = _sweeper(home, "report", "--study", STUDY, "--register-best", "tiny-best", "--format", "json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(done.stdout)  # still one JSON document: the rows and what was registered
+    assert len(document["cells"]) == 4 and document["registered"]["version"] == 1
+    registered = document["registered"]
+    best = min(run.data.metrics["top1_error"] for run in mlflow_runs.values())
+    run = mlflow_runs[registered["cell"]]
+    assert run.data.metrics["top1_error"] == best == registered["value"] and registered["metric"] == "top1_error"
+    assert registered["run_id"] == run.info.run_id and registered["model_uri"] == "models:/tiny-best/1"
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    version = client.get_model_version("tiny-best", "1")
+    assert version.run_id == run.info.run_id and version.status == "READY"
+    assert version.tags["sweeper.study"] == STUDY and version.tags["sweeper.key"] == registered["cell"]
+
+    again = _sweeper(home, "report", "--study", STUDY, "--register-best", "tiny-best")
+    assert again.returncode == 0 and "GoogLeNet on digits" in again.stdout  # the table, as without the option
+    assert f"registered models:/tiny-best/2: cell {registered['cell']} of study {STUDY}" in again.stderr
+
+
+def test_register_best_against_an_mlflow_server(tmp_path, sweeper_env, mlflow_server, monkeypatch):
+    import mlflow
+    import torch
+    from conftest import sweeper, write_spec
+    from mlflow.tracking import MlflowClient
+
+    server = mlflow_server()
+    env = {**sweeper_env, "MLFLOW_TRACKING_URI": server.url}
+    sweeper("launch", "--study", str(write_spec(tmp_path / "served.toml", epochs=1)), env=env)
+    none = sweeper("report", "--study", "served", "--register-best", "served-best", env=env, check=False)
+    assert none.returncode == 1 and none.stdout == "" and "Traceback" not in none.stderr
+    assert "Error: study 'served' has no finished cell, so no model to register" in none.stderr
+
+    sweeper("worker", "--study", "served", "--device", "cpu", "--no-system-metrics", env=env)
+    sweeper("verify", "--study", "served", env=env)  # the model is there, each epoch logged once
+    document = json.loads(
+        sweeper("report", "--study", "served", "--register-best", "served-best", "--format", "json", env=env).stdout
+    )
+    registered = document["registered"]
+    client = MlflowClient(server.url)
+    assert (
+        client.get_model_version("served-best", "1").run_id
+        == registered["run_id"]
+        == document["cells"][0]["mlflow_run_id"]
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    module = mlflow.pytorch.load_model(registered["model_uri"])  # needs neither sweeper nor the study's data
+    assert module(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
 # --- last: grow the study by one variant that no worker runs ------------------------------------
 
 
