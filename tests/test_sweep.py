@@ -46,7 +46,10 @@ def assert_one_finished_run_per_cell(client, study: str, keys: set[str], epochs:
         assert run.data.metrics["num_params"] > 1e6 and run.data.metrics["macs"] > 0
         assert run.data.metrics["train_seconds"] > 0
         assert trial.value == pytest.approx(run.data.metrics["top1_error"])
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+        models = client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )  # what mlflow.pytorch.load_model("runs:/RUN_ID/model") loads
+        assert [(m.name, m.status.name) for m in models] == [("model", "READY")]
 
 
 def test_launch_with_four_local_workers_on_sqlite(sweeper_env, tmp_path):

@@ -260,6 +260,18 @@ def cases(tmp_path: Path) -> list[Case]:
             r"no study named 'no-such-study'; known studies:",
         ),
         Case(
+            "bad registered model name",
+            ["report", "--study", "good", "--register-best", "best/one"],
+            2,
+            r"'best/one' is not a registered model name",
+        ),
+        Case(
+            "register-best with compare",
+            ["report", "--study", "good", "--register-best", "best", "--compare", "short4,short3"],
+            2,
+            r"--register-best and --compare do not go together",
+        ),
+        Case(
             "unknown variant option", train[:2] + ["short5"] + train[3:], 2, r"unknown variant 'short5'; choose one of"
         ),
         Case(
