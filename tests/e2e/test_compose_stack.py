@@ -45,7 +45,9 @@ EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "e
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 
-def spec_text(description: str, variants, datasets, epochs: int, limit_train: int, limit_test: int = 64) -> str:
+def spec_text(
+    description: str, variants, datasets, epochs: int, limit_train: int, limit_test: int = 64, batch_size: int = 64
+) -> str:
     return textwrap.dedent(f"""\
         description = "{description}"
         [grid]
@@ -56,14 +58,16 @@ def spec_text(description: str, variants, datasets, epochs: int, limit_train: in
         epochs = {epochs}
         limit_train = {limit_train}
         limit_test = {limit_test}
+        batch_size = {batch_size}
         checkpoint_every = "epoch"  # the kill -9 step resumes from a checkpoint of epoch 2 or later
         """)
 
 
-# Step 2: six cells, two epochs each.
+# Step 2: six cells, two epochs each. Small batches: the first trial of each shape on a worker
+# times a few training steps per precision mode (sweeper/precision.py), at the recipe's batch size.
 GRID = (
     "e2e-grid",
-    spec_text("e2e: 3 variants x 2 datasets", ["short4", "short3", "short2"], ["digits", "synthetic"], 2, 64, 32),
+    spec_text("e2e: 3 variants x 2 datasets", ["short4", "short3", "short2"], ["digits", "synthetic"], 2, 64, 32, 16),
 )
 # Step 3: one cell long enough to be killed in the middle; then three cells for the scale-down.
 RESUME = ("e2e-resume", spec_text("e2e: kill -9 in the middle", ["short4"], ["digits"], 5, 512))
