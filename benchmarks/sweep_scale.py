@@ -260,7 +260,7 @@ def install_standins(epoch_sleep: float) -> None:
     sweeper.models.count_params = lambda model: sum(p.numel() for p in model.parameters())
 
 
-def tiny_model(variant: str, num_classes: int, in_channels: int = 3):
+def tiny_model(variant: str, num_classes: int, in_channels: int = 3, variant_cfgs=None):
     from torch import nn
 
     class Tiny(nn.Module):
