@@ -532,12 +532,14 @@ def test_6_uis_open_in_a_browser(stack, tmp_path):
                 page.get_by_text(cell, exact=True).first.wait_for()
             page.screenshot(path=tmp_path / "mlflow.png")
 
-            page.goto(f"http://127.0.0.1:{stack.values['DASHBOARD_PORT']}/dashboard")
+            dashboard = f"http://127.0.0.1:{stack.values['DASHBOARD_PORT']}"
+            page.goto(f"{dashboard}/dashboard")
             for name in (GRID[0], RESUME[0], HANDBACK[0]):
                 page.get_by_text(name).first.wait_for()
-            page.get_by_text(study, exact=True).first.click()
-            page.wait_for_url("**/dashboard/studies/*")
-            page.goto(page.url.rstrip("/") + "/trials")
+            with urllib.request.urlopen(f"{dashboard}/api/studies", timeout=60) as response:
+                studies = json.loads(response.read())["study_summaries"]
+            (study_id,) = [s["study_id"] for s in studies if s["study_name"] == study]
+            page.goto(f"{dashboard}/dashboard/studies/{study_id}/trials")
             page.get_by_text("6 Trials").first.wait_for()  # one per cell
             page.screenshot(path=tmp_path / "dashboard.png")
         finally:
