@@ -513,8 +513,8 @@ def test_6_uis_open_in_a_browser(stack, tmp_path):
         if REQUIRE or os.environ.get("SWEEPER_REQUIRE_BROWSER") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
+    from browser_steps import CHROMIUM_ARGS, close_assistant
     from playwright.sync_api import sync_playwright
-    from test_ui_browser import CHROMIUM_ARGS, _close_assistant
 
     study, _ = GRID
     experiment_id = stack.api(f"experiments/get-by-name?experiment_name={study}")["experiment"]["experiment_id"]
@@ -526,7 +526,7 @@ def test_6_uis_open_in_a_browser(stack, tmp_path):
             # The experiment's runs table, as `sweeper ui` links it (MLflow 3 opens other views otherwise).
             page.goto(f"{stack.mlflow}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
             page.get_by_text("matching runs").first.wait_for()
-            _close_assistant(page)
+            close_assistant(page)
             page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()
             for cell in ("short4/digits/s1", "short2/synthetic/s1"):
                 page.get_by_text(cell, exact=True).first.wait_for()
