@@ -192,9 +192,32 @@ def open_compare(page, mlflow_url: str, experiment_id: str, run_ids: list[str], 
 
 
 def shoot_compare(page, path: Path) -> None:
-    """The compare page from its top down to the Artifacts section (the metrics table included)."""
+    """The compare page from its top down to the Artifacts section, every metric row in it: the
+    tables, which scroll inside boxes of a fixed height, are made as tall as their rows first, and
+    the viewport as tall as the picture."""
+    page.evaluate(UNFOLD_TABLES)
+    time.sleep(0.5)  # the grids re-render at their new height
     bottom = page.get_by_text("Artifacts", exact=True).first.bounding_box()["y"]
-    page.screenshot(path=path, full_page=True, clip={"x": 0, "y": 0, "width": VIEWPORT["width"], "height": bottom - 10})
+    if bottom > VIEWPORT["height"]:
+        page.set_viewport_size({"width": VIEWPORT["width"], "height": int(bottom) + 100})
+        time.sleep(0.5)
+        bottom = page.get_by_text("Artifacts", exact=True).first.bounding_box()["y"]
+    page.screenshot(path=path, clip={"x": 0, "y": 0, "width": VIEWPORT["width"], "height": bottom - 10})
+
+
+# Each of MLflow's virtualized grids (react-virtualized) renders all its rows in an inner container
+# but shows them through a box of fixed height; set that box, and the ancestors exactly as tall as
+# it, to the rows' height.
+UNFOLD_TABLES = """() => {
+  for (const grid of document.querySelectorAll('.ReactVirtualized__Grid')) {
+    const rows = grid.querySelector('.ReactVirtualized__Grid__innerScrollContainer');
+    if (!rows || rows.offsetHeight <= grid.offsetHeight) continue;
+    const box = grid.offsetHeight;
+    for (let e = grid; e && (e === grid || e.offsetHeight === box || e.offsetHeight === 0); e = e.parentElement) {
+      e.style.setProperty('height', rows.offsetHeight + 'px', 'important');
+    }
+  }
+}"""
 
 
 def _bottom(locator) -> float:
