@@ -10,9 +10,9 @@
     by default, and projected to the full grid from a fit t(n) = a*n + b*n^2). Also the time of
     one ``claim`` with the whole grid waiting.
 (b) W worker processes running ``sweeper.worker.run`` (real WorkerConfig, real Optuna storage,
-    real MLflow tracking) whose training is a fixed sleep: ``sweeper.worker.fit`` is replaced by
-    a function with fit's signature that sleeps per epoch and calls ``on_epoch``, and
-    ``sweeper.models.build_model``/``count_macs`` by tiny stand-ins. The workers are forked from
+    real MLflow tracking) whose training is a fixed sleep: ``WorkerConfig.fit`` is a function
+    with fit's signature that sleeps per epoch and calls ``on_epoch``, and
+    ``sweeper.models.build_model``/``count_macs`` are replaced by tiny stand-ins. The workers are forked from
     one process that imported torch, mlflow and optuna once (a fresh interpreter per worker costs
     ~650 MB RSS and ~10 s of CPU here; forked, they share those pages). Trials per minute from
     the go signal to the last completion ("end to end") and from each worker's cycle time once
@@ -248,13 +248,12 @@ EPOCH_SLEEP = 0.0  # seconds per epoch of the fake fit
 
 
 def install_standins(epoch_sleep: float) -> None:
-    """Replace training (and only training) in this process: fit sleeps, the model is tiny."""
+    """Replace the model in this process by a tiny one; sleep_fit (passed as WorkerConfig.fit)
+    sleeps epoch_sleep seconds per epoch."""
     global EPOCH_SLEEP
     import sweeper.models
-    import sweeper.worker
 
     EPOCH_SLEEP = epoch_sleep
-    sweeper.worker.fit = sleep_fit
     sweeper.models.build_model = tiny_model
     sweeper.models.count_macs = lambda model, shape: 1000
     sweeper.models.count_params = lambda model: sum(p.numel() for p in model.parameters())
@@ -372,6 +371,7 @@ def pool_main(cfg_path: str) -> None:
                 device="cpu",
                 precision="fp32",
                 system_metrics=False,
+                fit=sleep_fit,
             )
         )
     for obj in gc.get_objects():
@@ -577,6 +577,7 @@ def worker_child(run: dict[str, Any], index: int, go_file: Path, rundir: Path) -
         device="cpu",
         precision="fp32",
         system_metrics=False,
+        fit=sleep_fit,
     )
     (rundir / f"ready-{index}").write_text("")
     while not go_file.exists():
@@ -849,7 +850,12 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         MlflowClient(uri).search_experiments(max_results=1)  # schema created outside the timings
     os.environ["SWEEPER_HOME"] = str(tmp / "home-c")
     config = worker.WorkerConfig(
-        storage_url=sw_storage_url, tracking_uri=sw_mlflow, device="cpu", precision="fp32", system_metrics=False
+        storage_url=sw_storage_url,
+        tracking_uri=sw_mlflow,
+        device="cpu",
+        precision="fp32",
+        system_metrics=False,
+        fit=sleep_fit,
     )
     counter = {"i": 0}
 
@@ -975,6 +981,7 @@ SWEEPER_CALLS = (
     ("sweeper/worker.py", "__init__"),
     ("sweeper/study.py", "__enter__"),
     ("sweeper/worker.py", "_run"),
+    ("sweeper/worker.py", "_prepare"),
     ("sweeper/worker.py", "_open_run"),
     ("sweeper/tracking.py", "ensure_experiment"),
     ("sweeper/tracking.py", "ensure_study_run"),
@@ -982,13 +989,14 @@ SWEEPER_CALLS = (
     ("sweeper/worker.py", "_fetch_checkpoint"),
     ("sweeper/worker.py", "on_epoch"),
     ("sweeper/study.py", "trial_state"),
-    ("sweeper/worker.py", "_save_checkpoint"),
+    ("sweeper/worker.py", "_persist"),
     ("sweeper/checkpoint.py", "save"),
     ("sweeper/tracking.py", "flush"),
     ("sweeper/tracking.py", "_send"),
     ("optuna/trial/_trial.py", "set_user_attr"),
     ("optuna/trial/_trial.py", "report"),
     ("optuna/trial/_trial.py", "should_prune"),
+    ("sweeper/worker.py", "_finish"),
     ("sweeper/worker.py", "_tell_complete"),
     ("sweeper/worker.py", "_end_run"),
     ("sweeper/tracking.py", "check_reachable"),

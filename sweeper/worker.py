@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -23,12 +24,12 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from sweeper import __version__, checkpoint, cores, device, lineage, settings, system_metrics, tracking
+from sweeper import __version__, checkpoint, cores, device, lineage, settings, system_metrics, tracking, train
 from sweeper import study as studies
 from sweeper.device import Engine
 from sweeper.errors import SweeperError, first_line, redact, redact_url, root_cause
 from sweeper.spec import SpecError, check_stored, decision_metric, variant_cfgs
-from sweeper.train import EpochMetrics, Interrupted, NonFiniteLoss, Recipe, cpu_copy, fit, seed_everything
+from sweeper.train import EpochMetrics, FitResult, Interrupted, NonFiniteLoss, Recipe, cpu_copy, seed_everything
 
 log = logging.getLogger("sweeper.worker")
 
@@ -60,6 +61,7 @@ class WorkerConfig:
     system_metrics: bool = True
     threads: int | None = None  # CPU threads per trial; None: share the host's cores by running trials
     notify_url: str | None = None  # JSON POST when a study completes or a cell fails for good
+    fit: Callable[..., FitResult] = train.fit  # the training function (a benchmark passes a stand-in)
 
 
 class StopSignal:
@@ -287,6 +289,19 @@ class TrialLost(Exception):
     database outage), the trial was failed and its retry enqueued. Stand down, touch nothing."""
 
 
+@dataclass
+class Prepared:
+    """A trial ready to train: what TrialRun._prepare gathered."""
+
+    recipe: Recipe
+    decide_on: str  # the metric reported to Optuna
+    splits: Any
+    resume: dict[str, Any] | None  # the checkpoint to resume from
+    already_logged: set[int]  # epochs the cell's MLflow run holds already
+    num_params: int
+    macs: int
+
+
 class TrialRun:
     """One claimed trial, from the cell's attributes to a told result."""
 
@@ -309,7 +324,6 @@ class TrialRun:
         self.system_metrics = None
         self.core_share: cores.CoreShare | None = None
         self.failed = False
-        self.lost = False  # set by the checkpoint thread when another worker has the trial now
         self.timeout = studies.policy(self.spec)["trial_timeout"]
         self.started = time.monotonic()
 
@@ -409,18 +423,31 @@ class TrialRun:
             torch.set_num_threads(n)
 
     def _run(self) -> None:
+        """Prepare, train (an EpochReporter takes each epoch), finish."""
+        ready = self._prepare()
+        reporter = EpochReporter(self, ready.recipe, ready.decide_on, ready.already_logged)
+        try:
+            result = self.config.fit(
+                self.model,
+                ready.splits,
+                ready.recipe,
+                **self.engine.fit_options(),
+                resume=ready.resume,
+                on_epoch=reporter.on_epoch,
+                should_stop=lambda: self.stop.is_set() or self.timed_out(),
+                on_step=self._set_threads,
+            )
+        finally:
+            reporter.shutdown()  # the logger is this thread's again from here
+        reporter.finish()
+        self._finish(ready, result, reporter.pruned_at)
+
+    def _prepare(self) -> Prepared:
+        """Everything before the first epoch: the recipe, the cell's MLflow run, the resume
+        checkpoint, the data, the model, and what the run records about them."""
         from sweeper.models import build_model, count_macs, count_params
 
-        check_stored(self.spec, self.study.study_name)  # stored by an older sweeper, or by hand
-        # The recipe stored on the trial at enqueue time: a spec updated meanwhile never changes it.
-        values = dict(self.attrs.get(studies.RECIPE_ATTR) or self.spec["train"], seed=self.seed)
-        for name, dist in ((self.spec.get("search") or {}).get("space") or {}).items():
-            values[name] = self._db(suggest, self.trial, name, dist)
-        self.recipe = recipe = Recipe.from_dict(values)
-        decide_on = decision_metric(self.spec["metric"], recipe.val_fraction)
-        self._db(self.trial.set_user_attr, "sweeper.host", socket.gethostname())
-        self._db(self.trial.set_user_attr, "sweeper.epochs", recipe.epochs)
-
+        recipe, decide_on = self._recipe()
         fresh_run = self._open_run()
         if self.config.system_metrics:
             self.system_metrics = system_metrics.start(self.run_id, self.config.tracking_uri, self.engine.gpu_uuid)
@@ -433,9 +460,38 @@ class TrialRun:
         data_digest = lineage.dataset_digest(splits)
         seed_everything(self.seed)
         self.model = build_model(self.variant, splits.num_classes, splits.in_channels, variant_cfgs(self.spec))
-        num_params, macs = count_params(self.model), count_macs(self.model, splits.info.shape)
-        if fresh_run or not self.client.get_run(self.run_id).data.params:  # params are immutable in MLflow
-            self.logger.log_params({"variant": self.variant, "dataset": self.dataset, **recipe.to_dict()})
+        ready = Prepared(
+            recipe=recipe,
+            decide_on=decide_on,
+            splits=splits,
+            resume=resume,
+            already_logged=already_logged,
+            num_params=count_params(self.model),
+            macs=count_macs(self.model, splits.info.shape),
+        )
+        self._log_run_inputs(ready, fresh_run, data_digest)
+        if resume:
+            self._replay_resumed(ready)
+        self.logger.flush()
+        return ready
+
+    def _recipe(self) -> tuple[Recipe, str]:
+        """The trial's recipe with its searched values, and the metric the trial is decided on."""
+        check_stored(self.spec, self.study.study_name)  # stored by an older sweeper, or by hand
+        # The recipe stored on the trial at enqueue time: a spec updated meanwhile never changes it.
+        values = dict(self.attrs.get(studies.RECIPE_ATTR) or self.spec["train"], seed=self.seed)
+        for name, dist in ((self.spec.get("search") or {}).get("space") or {}).items():
+            values[name] = self._db(suggest, self.trial, name, dist)
+        self.recipe = recipe = Recipe.from_dict(values)
+        decide_on = decision_metric(self.spec["metric"], recipe.val_fraction)
+        self._db(self.trial.set_user_attr, "sweeper.host", socket.gethostname())
+        self._db(self.trial.set_user_attr, "sweeper.epochs", recipe.epochs)
+        return recipe, decide_on
+
+    def _log_run_inputs(self, ready: Prepared, fresh_run: bool, data_digest: str) -> None:
+        """The run's params (once: MLflow's are immutable), tags and dataset input."""
+        if fresh_run or not self.client.get_run(self.run_id).data.params:
+            self.logger.log_params({"variant": self.variant, "dataset": self.dataset, **ready.recipe.to_dict()})
         self.logger.set_tags(
             {
                 "sweeper.device": device.describe(self.engine.device),
@@ -448,120 +504,57 @@ class TrialRun:
             }
         )
         if fresh_run or not self.client.get_run(self.run_id).inputs.dataset_inputs:
-            self.logger.log_input(lineage.dataset_input(splits, recipe.val_fraction, data_digest))
-        if resume:
-            self.logger.set_tags({"sweeper.resumed_from_epoch": resume["epoch"]})
-            for m in resume["history"]:
-                if m["epoch"] not in already_logged:  # died after the checkpoint, before the metrics
-                    self.logger.log_metrics(epoch_metrics(EpochMetrics(**m)), step=m["epoch"])
-                    already_logged.add(m["epoch"])
-                self._db(self.trial.report, m[decide_on], m["epoch"])
-        self.logger.flush()
+            self.logger.log_input(lineage.dataset_input(ready.splits, ready.recipe.val_fraction, data_digest))
 
-        pruned_at: list[int] = []
-        # Checkpoints are written and uploaded in the background (one at a time) while the next
-        # epoch trains; an epoch's metrics go to MLflow only after the checkpoint that covers it.
-        held: list[EpochMetrics] = []  # not logged yet: waiting for a checkpoint or the trial's end
-        last_checkpoint = [time.monotonic()]
-        background = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        in_flight: list[Future] = []
+    def _replay_resumed(self, ready: Prepared) -> None:
+        """A resumed trial: the checkpoint's epochs MLflow missed are logged, all reported to Optuna."""
+        self.logger.set_tags({"sweeper.resumed_from_epoch": ready.resume["epoch"]})
+        for m in ready.resume["history"]:
+            if m["epoch"] not in ready.already_logged:  # died after the checkpoint, before the metrics
+                self.logger.log_metrics(epoch_metrics(EpochMetrics(**m)), step=m["epoch"])
+                ready.already_logged.add(m["epoch"])
+            self._db(self.trial.report, m[ready.decide_on], m["epoch"])
 
-        def wait_background() -> None:
-            while in_flight:
-                in_flight.pop().result()
-
-        def on_epoch(m: EpochMetrics, state) -> bool:
-            if self.lost or self._db(studies.trial_state, self.storage, self.trial_id) != TrialState.RUNNING:
-                raise TrialLost(f"the trial is no longer RUNNING after epoch {m.epoch}")
-            down_since = self.logger.down_since  # set by a background flush that failed
-            if down_since is not None and time.monotonic() - down_since > self.config.tracking_outage_limit:
-                raise SweeperError(self._outage_reason(m.epoch))
-            if m.epoch not in already_logged:
-                held.append(m)
-                already_logged.add(m.epoch)
-            value = getattr(m, decide_on)
-            self._db(self.trial.set_user_attr, "sweeper.epoch", m.epoch)
-            self._db(self.trial.set_user_attr, "sweeper.top1_error", m.top1_error)
-            log.info(
-                "trial %d: %s epoch %d/%d %s %.4f",
-                self.trial.number,
-                self.key,
-                m.epoch,
-                recipe.epochs,
-                decide_on,
-                value,
-            )
-            self._db(self.trial.report, value, m.epoch)
-            pruned = self._db(self.trial.should_prune)
-            last = pruned or m.epoch == recipe.epochs  # the trial ends with its model: no checkpoint needed
-            # A cancelled study: checkpoint this epoch now and hand the trial back (`sweeper resume`).
-            cancelled = (
-                not last and self._db(studies.lifecycle, self.storage, self.study._study_id)["state"] == "cancelled"
-            )
-            every = recipe.checkpoint_every
-            if every == "epoch" or cancelled or (not last and time.monotonic() - last_checkpoint[0] >= every):
-                snapshot = {**state(), "variant": self.variant, "dataset": self.dataset, "seed": self.seed}
-                wait_background()  # at most one checkpoint in flight
-                in_flight.append(background.submit(self._persist, snapshot, held[:]))
-                held.clear()
-                last_checkpoint[0] = time.monotonic()
-            if pruned:
-                pruned_at.append(m.epoch)
-                return True
-            if cancelled:
-                raise HandBack(m.epoch, f"study cancelled after epoch {m.epoch}; `sweeper resume` continues it")
-            return False
-
-        try:
-            result = fit(
-                self.model,
-                splits,
-                recipe,
-                **self.engine.fit_options(),
-                resume=resume,
-                on_epoch=on_epoch,
-                should_stop=lambda: self.stop.is_set() or self.timed_out(),
-                on_step=self._set_threads,
-            )
-        finally:
-            background.shutdown(wait=True)  # the logger is this thread's again from here
-        wait_background()
-        if self.lost:
-            raise TrialLost("the trial is no longer RUNNING (its checkpoint was not sent)")
-        for m in held:
-            self.logger.log_metrics(epoch_metrics(m), step=m.epoch)
+    def _finish(self, ready: Prepared, result: FitResult, pruned_at: int | None) -> None:
+        """The run-level metrics, the model (unless pruned), then the outcome to MLflow and Optuna."""
         final = result.final
-        value = getattr(final, decide_on)
+        value = getattr(final, ready.decide_on)
         # Recorded in Optuna before MLflow is waited for: an outage past the limit cannot lose it.
         self._db(self.trial.set_user_attr, "sweeper.final_value", value)
-        self.logger.log_metrics({"num_params": num_params, "macs": macs, "train_seconds": result.train_seconds})
+        self.logger.log_metrics(
+            {"num_params": ready.num_params, "macs": ready.macs, "train_seconds": result.train_seconds}
+        )
         self.logger.set_tags({"sweeper.precision": result.precision, "sweeper.device": result.device})
+        self._send_final(ready.splits, final.epoch, with_model=pruned_at is None)
+        if pruned_at is not None:
+            self._end_run("KILLED", f"pruned by Optuna after epoch {pruned_at}")
+            self._db(self.study.tell, self.trial, state=TrialState.PRUNED)
+            log.info("trial %d: %s pruned after epoch %d", self.trial.number, self.key, pruned_at)
+        else:
+            self._end_run("FINISHED")
+            self._tell_complete(value)
+            log.info("trial %d: %s complete, %s %.4f", self.trial.number, self.key, ready.decide_on, value)
+
+    def _send_final(self, splits, epoch: int, with_model: bool) -> None:
+        """Wait (up to --tracking-outage-limit) for MLflow to take what is buffered, then the model."""
         deadline = time.monotonic() + self.config.tracking_outage_limit
         try:
             self.logger.flush(deadline=deadline, should_stop=self.stop.is_set)
-            if not pruned_at:  # after the metrics: log_model links the last epoch's to the model
+            if with_model:  # after the metrics: log_model links the last epoch's to the model
                 model, example = self._model_to_log(splits)
                 tracking.log_model(
                     self.client,
                     self.run_id,
                     model,
                     example,
-                    step=final.epoch,
+                    step=epoch,
                     deadline=deadline,
                     should_stop=self.stop.is_set,
                 )
         except tracking.TrackingUnreachable:
             if self.stop.is_set():  # told to stop while waiting for MLflow: requeue, resume at once
-                raise Interrupted(final.epoch) from None
-            raise SweeperError(self._outage_reason(final.epoch)) from None
-        if pruned_at:
-            self._end_run("KILLED", f"pruned by Optuna after epoch {pruned_at[0]}")
-            self._db(self.study.tell, self.trial, state=TrialState.PRUNED)
-            log.info("trial %d: %s pruned after epoch %d", self.trial.number, self.key, pruned_at[0])
-        else:
-            self._end_run("FINISHED")
-            self._tell_complete(value)
-            log.info("trial %d: %s complete, %s %.4f", self.trial.number, self.key, decide_on, value)
+                raise Interrupted(epoch) from None
+            raise SweeperError(self._outage_reason(epoch)) from None
 
     def _model_to_log(self, splits):
         """A CPU copy of the trained model in eval mode (it loads on hosts without a GPU) and
@@ -590,33 +583,6 @@ class TrialRun:
             f"{self.config.tracking_outage_limit:.0f}s (--tracking-outage-limit) after epoch {epoch}; "
             "the trial was re-queued and resumes from its latest checkpoint, logging what MLflow missed"
         )
-
-    def _still_owned(self) -> bool:
-        """Whether this worker still holds the trial. A worker frozen (SIGSTOP, a paused VM) past
-        the grace period wakes up to find its trial retried by another: what it held back then
-        belongs to that worker's attempt, and writing it would log an epoch twice."""
-        if self._db(studies.trial_state, self.storage, self.trial_id) == TrialState.RUNNING:
-            return True
-        self.lost = True
-        return False
-
-    def _persist(self, snapshot: dict[str, Any], metrics: list[EpochMetrics]) -> None:
-        """(Background thread.) Write the checkpoint, then send it and the epochs it covers to
-        MLflow; a full disk keeps the previous checkpoint and training goes on. Nothing is
-        written once the trial is no longer this worker's."""
-        if not self._still_owned():
-            return
-        try:
-            checkpoint.save(self.checkpoint_path, {**snapshot, "run_id": self.run_id})
-            self.logger.log_artifact(self.checkpoint_path, CHECKPOINT_ARTIFACT)
-        except checkpoint.CheckpointError as e:
-            log.warning("trial %d: %s", self.trial.number, e)
-        if not self._still_owned():  # the upload can be where the freeze happened
-            return
-        for m in metrics:
-            self.logger.log_metrics(epoch_metrics(m), step=m.epoch)
-        if self.logger.flush():
-            log.info("trial %d: %s checkpoint of epoch %d sent", self.trial.number, self.key, snapshot["epoch"])
 
     def _open_run(self) -> bool:
         """Open (or reopen) the cell's MLflow run; True when it was created just now."""
@@ -716,3 +682,110 @@ class TrialRun:
             self._db(self.storage.set_trial_system_attr, self.trial_id, studies.FAIL_REASON_ATTR, reason)
             self._db(self.storage.set_trial_system_attr, self.trial_id, studies.NO_RETRY_ATTR, True)
             self._db(self.study.tell, self.trial, state=TrialState.FAIL)
+
+
+class EpochReporter:
+    """fit's on_epoch for one trial: after each epoch it checks the trial is still this worker's
+    and MLflow not down too long, reports to Optuna, decides pruning and a cancelled study's hand
+    back, and checkpoints. Checkpoints are written and uploaded in the background (one at a time)
+    while the next epoch trains; an epoch's metrics go to MLflow only after the checkpoint that
+    covers it, and are held until then (or until the trial's end: finish())."""
+
+    def __init__(self, trial_run: TrialRun, recipe: Recipe, decide_on: str, already_logged: set[int]):
+        self.run = trial_run
+        self.recipe, self.decide_on, self.already_logged = recipe, decide_on, already_logged
+        self.held: list[EpochMetrics] = []  # not logged yet: waiting for a checkpoint or the trial's end
+        self.last_checkpoint = time.monotonic()
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.in_flight: list[Future] = []
+        self.pruned_at: int | None = None
+        self.lost = False  # set by the checkpoint thread when another worker has the trial now
+
+    def on_epoch(self, m: EpochMetrics, state) -> bool:
+        """True: stop training (pruned). Raises TrialLost, HandBack or SweeperError (MLflow outage)."""
+        run = self.run
+        if self.lost or run._db(studies.trial_state, run.storage, run.trial_id) != TrialState.RUNNING:
+            raise TrialLost(f"the trial is no longer RUNNING after epoch {m.epoch}")
+        down_since = run.logger.down_since  # set by a background flush that failed
+        if down_since is not None and time.monotonic() - down_since > run.config.tracking_outage_limit:
+            raise SweeperError(run._outage_reason(m.epoch))
+        if m.epoch not in self.already_logged:
+            self.held.append(m)
+            self.already_logged.add(m.epoch)
+        value = getattr(m, self.decide_on)
+        run._db(run.trial.set_user_attr, "sweeper.epoch", m.epoch)
+        run._db(run.trial.set_user_attr, "sweeper.top1_error", m.top1_error)
+        log.info(
+            "trial %d: %s epoch %d/%d %s %.4f",
+            run.trial.number,
+            run.key,
+            m.epoch,
+            self.recipe.epochs,
+            self.decide_on,
+            value,
+        )
+        run._db(run.trial.report, value, m.epoch)
+        pruned = run._db(run.trial.should_prune)
+        last = pruned or m.epoch == self.recipe.epochs  # the trial ends with its model: no checkpoint needed
+        # A cancelled study: checkpoint this epoch now and hand the trial back (`sweeper resume`).
+        cancelled = not last and run._db(studies.lifecycle, run.storage, run.study._study_id)["state"] == "cancelled"
+        every = self.recipe.checkpoint_every
+        if every == "epoch" or cancelled or (not last and time.monotonic() - self.last_checkpoint >= every):
+            self._checkpoint({**state(), "variant": run.variant, "dataset": run.dataset, "seed": run.seed})
+        if pruned:
+            self.pruned_at = m.epoch
+            return True
+        if cancelled:
+            raise HandBack(m.epoch, f"study cancelled after epoch {m.epoch}; `sweeper resume` continues it")
+        return False
+
+    def _checkpoint(self, snapshot: dict[str, Any]) -> None:
+        self.wait()  # at most one checkpoint in flight
+        self.in_flight.append(self.background.submit(self._persist, snapshot, self.held[:]))
+        self.held.clear()
+        self.last_checkpoint = time.monotonic()
+
+    def wait(self) -> None:
+        """Wait for the checkpoint in flight; its error, if any, is raised here."""
+        while self.in_flight:
+            self.in_flight.pop().result()
+
+    def shutdown(self) -> None:
+        self.background.shutdown(wait=True)
+
+    def finish(self) -> None:
+        """After training: the last checkpoint sent, then the epochs still held logged."""
+        self.wait()
+        if self.lost:
+            raise TrialLost("the trial is no longer RUNNING (its checkpoint was not sent)")
+        for m in self.held:
+            self.run.logger.log_metrics(epoch_metrics(m), step=m.epoch)
+
+    def _still_owned(self) -> bool:
+        """Whether this worker still holds the trial. A worker frozen (SIGSTOP, a paused VM) past
+        the grace period wakes up to find its trial retried by another: what it held back then
+        belongs to that worker's attempt, and writing it would log an epoch twice."""
+        run = self.run
+        if run._db(studies.trial_state, run.storage, run.trial_id) == TrialState.RUNNING:
+            return True
+        self.lost = True
+        return False
+
+    def _persist(self, snapshot: dict[str, Any], metrics: list[EpochMetrics]) -> None:
+        """(Background thread.) Write the checkpoint, then send it and the epochs it covers to
+        MLflow; a full disk keeps the previous checkpoint and training goes on. Nothing is
+        written once the trial is no longer this worker's."""
+        run = self.run
+        if not self._still_owned():
+            return
+        try:
+            checkpoint.save(run.checkpoint_path, {**snapshot, "run_id": run.run_id})
+            run.logger.log_artifact(run.checkpoint_path, CHECKPOINT_ARTIFACT)
+        except checkpoint.CheckpointError as e:
+            log.warning("trial %d: %s", run.trial.number, e)
+        if not self._still_owned():  # the upload can be where the freeze happened
+            return
+        for m in metrics:
+            run.logger.log_metrics(epoch_metrics(m), step=m.epoch)
+        if run.logger.flush():
+            log.info("trial %d: %s checkpoint of epoch %d sent", run.trial.number, run.key, snapshot["epoch"])

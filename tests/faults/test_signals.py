@@ -142,7 +142,7 @@ def test_a_frozen_worker_that_wakes_up_after_its_trial_was_retried_stands_down(
 
     frozen = spawn("worker", "--study", "frozen", *FAST, "--grace-period", "3", env=env)
     # Frozen once epoch 1's checkpoint is in MLflow, so the retry resumes from it; a freeze in the
-    # middle of the upload is covered by TrialRun._still_owned (the woken thread writes nothing).
+    # middle of the upload is covered by EpochReporter._still_owned (the woken thread writes nothing).
     frozen.wait_for(r"checkpoint of epoch 1 sent")
     frozen.send(signal.SIGSTOP)
     try:
