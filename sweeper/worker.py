@@ -692,7 +692,7 @@ class EpochReporter:
     covers it, and are held until then (or until the trial's end: finish())."""
 
     def __init__(self, trial_run: TrialRun, recipe: Recipe, decide_on: str, already_logged: set[int]):
-        self.run = trial_run
+        self.trial_run = trial_run
         self.recipe, self.decide_on, self.already_logged = recipe, decide_on, already_logged
         self.held: list[EpochMetrics] = []  # not logged yet: waiting for a checkpoint or the trial's end
         self.last_checkpoint = time.monotonic()
@@ -703,7 +703,7 @@ class EpochReporter:
 
     def on_epoch(self, m: EpochMetrics, state) -> bool:
         """True: stop training (pruned). Raises TrialLost, HandBack or SweeperError (MLflow outage)."""
-        run = self.run
+        run = self.trial_run
         if self.lost or run._db(studies.trial_state, run.storage, run.trial_id) != TrialState.RUNNING:
             raise TrialLost(f"the trial is no longer RUNNING after epoch {m.epoch}")
         down_since = run.logger.down_since  # set by a background flush that failed
@@ -759,13 +759,13 @@ class EpochReporter:
         if self.lost:
             raise TrialLost("the trial is no longer RUNNING (its checkpoint was not sent)")
         for m in self.held:
-            self.run.logger.log_metrics(epoch_metrics(m), step=m.epoch)
+            self.trial_run.logger.log_metrics(epoch_metrics(m), step=m.epoch)
 
     def _still_owned(self) -> bool:
         """Whether this worker still holds the trial. A worker frozen (SIGSTOP, a paused VM) past
         the grace period wakes up to find its trial retried by another: what it held back then
         belongs to that worker's attempt, and writing it would log an epoch twice."""
-        run = self.run
+        run = self.trial_run
         if run._db(studies.trial_state, run.storage, run.trial_id) == TrialState.RUNNING:
             return True
         self.lost = True
@@ -775,7 +775,7 @@ class EpochReporter:
         """(Background thread.) Write the checkpoint, then send it and the epochs it covers to
         MLflow; a full disk keeps the previous checkpoint and training goes on. Nothing is
         written once the trial is no longer this worker's."""
-        run = self.run
+        run = self.trial_run
         if not self._still_owned():
             return
         try:
