@@ -299,3 +299,9 @@ def test_quickstart_table_converges(sweeper_env, tmp_path):
     assert len(rows) == 7 and all(r["state"] == "COMPLETE" for r in rows)
     errors = {r["variant"]: r["top1_error"] for r in rows}
     assert max(errors.values()) <= 0.10, errors
+
+    # sweeper.api reads the same table: results() is the report's CSV, row for row.
+    import sweeper.api as api
+
+    csv = sweeper("report", "--study", "quickstart", "--format", "csv", env=sweeper_env).stdout
+    assert api.results("quickstart").to_csv(index=False) == csv
