@@ -125,23 +125,20 @@ def _group_alive(pgid: int, leader: subprocess.Popen) -> bool:
         return False
     except PermissionError:
         return True
-    return _group_members(pgid) != [] if sys.platform.startswith("linux") else True
+    return _group_members(pgid) != []
 
 
 def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, from /proc."""
+    """Live (non-zombie) processes of a process group."""
+    import psutil
+
     members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for proc in psutil.process_iter(["status"]):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state != "Z":
-            members.append(int(entry))
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue  # gone while we looked
     return members
 
 
