@@ -33,8 +33,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from compose_rules import env_example, interpolate  # compose's own .env and ${VAR} rules, defined once
 from conftest import free_port, sweeper, write_spec
-from test_compose import env_example, interpolate  # compose's own .env and ${VAR} rules, defined once
 
 yaml = pytest.importorskip("yaml")  # PyYAML comes with mlflow
 

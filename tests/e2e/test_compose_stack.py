@@ -289,7 +289,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def stack(images, tmp_path_factory):
-    from test_compose import env_example, variables_used
+    from compose_rules import env_example, variables_used
 
     root = tmp_path_factory.mktemp("e2e")
     specs = root / "specs"
