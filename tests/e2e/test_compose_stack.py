@@ -76,10 +76,14 @@ def spec_text(
 VARIANTS, SEEDS = ("short4", "short3", "short2"), (1, 2)
 GRID = ("e2e-grid", spec_text("e2e: 3 variants x 2 seeds", VARIANTS, ["digits"], 2, 64, 32, 16, SEEDS))
 # Step 3: one cell long enough to be killed in the middle; then three cells for the scale-down.
-RESUME = ("e2e-resume", spec_text("e2e: kill -9 in the middle", ["short4"], ["digits"], 5, 512))
+RESUME_EPOCHS = 10  # the kill comes after epoch 2: the rest must outlast it on a quiet machine
+RESUME = ("e2e-resume", spec_text("e2e: kill -9 in the middle", ["short4"], ["digits"], RESUME_EPOCHS, 512))
+# Long enough that none of the three ends before the slowest has started (a worker recreated by
+# `up --scale` starts some 20 s after the others); the survivor then finishes all three.
+HANDBACK_EPOCHS = 30
 HANDBACK = (
     "e2e-handback",
-    spec_text("e2e: scale down hands back", ["short4", "short3", "short2"], ["digits"], 5, 512),
+    spec_text("e2e: scale down hands back", ["short4", "short3", "short2"], ["digits"], HANDBACK_EPOCHS, 512),
 )
 
 
@@ -410,7 +414,7 @@ def test_3a_kill_9_a_worker_the_trial_resumes_elsewhere(stack):
     assert run["info"]["run_id"] == runs[0]["info"]["run_id"], "the same MLflow run goes on"
     assert int(resumed["sweeper.resumed_from_epoch"]) >= 2, resumed
     for metric in EPOCH_METRICS:
-        assert stack.steps(run["info"]["run_id"], metric) == [1, 2, 3, 4, 5], metric
+        assert stack.steps(run["info"]["run_id"], metric) == list(range(1, RESUME_EPOCHS + 1)), metric
     stack.log.append(
         f"kill -9 -> FINISHED in {time.monotonic() - killed_at:.0f}s (resumed on {resumed['sweeper.host']})"
     )
@@ -461,7 +465,10 @@ def test_3b_scale_down_hands_trials_back(stack):
         assert "sweeper.resumed_from_epoch" in tags(r), (tags(r), stack.worker_logs())
     for r in runs:
         for metric in EPOCH_METRICS:
-            assert stack.steps(r["info"]["run_id"], metric) == [1, 2, 3, 4, 5], (tags(r)["sweeper.key"], metric)
+            assert stack.steps(r["info"]["run_id"], metric) == list(range(1, HANDBACK_EPOCHS + 1)), (
+                tags(r)["sweeper.key"],
+                metric,
+            )
 
 
 def test_4_down_and_up_keeps_everything(stack):
