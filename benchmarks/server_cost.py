@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cadences", default="default,epoch", help="checkpoint cadences: default (60 s), epoch")
     parser.add_argument("--check-workers", default="4,8", help="W of the check runs (empty: no check)")
     parser.add_argument("--check-epochs", type=int, default=2)
-    parser.add_argument("--check-epoch-sleep", type=float, default=1.5)
+    parser.add_argument("--check-epoch-sleep", type=float, default=3.0)
     parser.add_argument("--check-trials-per-worker", type=int, default=3)
     parser.add_argument("--mlflow-workers", type=int, default=2, help="uvicorn workers of the mlflow server")
     parser.add_argument("--upload-mb", type=int, default=64, help="artifact size for the CPU-per-MB figure (0: skip)")

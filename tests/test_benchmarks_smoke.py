@@ -184,3 +184,72 @@ def test_train_throughput_precision_table_row(tmp_path):
     assert row["auto"] in row["modes"] and 0 < row["auto_vs_fastest"] <= 1
     for mode in row["modes"].values():
         assert mode["cold_first_step_s"] > 0 and mode["images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_server_cost_counts_what_a_trial_asks_of_postgresql_and_the_mlflow_server(tmp_path, postgres_available):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "server_cost.py"),
+            "--trials",
+            "2",
+            "--epochs",
+            "1",
+            "--cadences",
+            "default",
+            "--check-workers",
+            "",
+            "--upload-mb",
+            "1",
+            "--json",
+        ],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    (run,) = result["runs"]
+    assert run["workers_saw"]["trials"] == 2 and run["worker_exits"] == [0] and run["workers_saw"]["errors"] == 0
+    per_trial = run["per_trial"]
+    assert per_trial["optuna_statements"] > 0 and per_trial["optuna_xacts"] > 0
+    assert per_trial["mlflow_db_statements"] > 0 and per_trial["mlflow_db_xacts"] > 0
+    assert per_trial["http_requests"] > 0 and per_trial["mlflow_server_cpu_s"] > 0
+    assert all(p["workers"] >= 0 and p["bound_by"] for p in result["projection"])
+
+
+def test_server_cost_model_splits_per_trial_and_per_epoch_and_takes_the_tightest_bound():
+    server_cost = _load("server_cost")
+    costs = server_cost.solve({2: {"q": 10 + 2 * 3.0}, 6: {"q": 10 + 6 * 3.0}})
+    assert costs["q"]["per_trial"] == pytest.approx(10) and costs["q"]["per_epoch"] == pytest.approx(3)
+
+    def per(trial: float, epoch: float = 0.0) -> dict[str, float]:
+        return {"per_trial": trial, "per_epoch": epoch}
+
+    plain = {
+        "optuna_statements": per(100, 10),
+        "optuna_xacts": per(60, 8),
+        "mlflow_db_xacts": per(100),
+        "http_requests": per(40),
+        "postgres_cpu_s": per(0.1),
+        "mlflow_server_cpu_s": per(0.5),
+        "worker_outside_training_s": per(2.0),
+    }
+    inputs = {
+        "heartbeat": {"statements_per_beat": 4, "xacts_per_beat": 2, "postgres_cpu_s_per_beat": 0.001},
+        "upload": {"server_cpu_s_per_mb": 0.0},
+        "checkpoint_mb": 0,
+        "model_mb": 0,
+        "epoch_s": 30.0,
+        "rho_max": 0.7,
+        "mlflow_server_workers": 4,
+        "connections": {"max_connections": 10_000, "reserved": 0, "mlflow_server": 0, "per_worker": 2},
+    }
+    one = server_cost.project({"default": plain}, inputs, 60.0, cores=1)
+    assert one["bound_by"] == "mlflow_cpu" and one["workers"] == int(0.7 * 62.0 / 0.5)  # rho * cycle / cpu
+    doubled = server_cost.project({"default": {**plain, "mlflow_server_cpu_s": per(1.0)}}, inputs, 60.0, cores=1)
+    assert doubled["workers"] == int(0.7 * 62.0 / 1.0)
+    inputs["connections"]["max_connections"] = 41
+    assert server_cost.project({"default": plain}, inputs, 60.0, cores=1)["bound_by"] == "postgres_connections"
