@@ -7,7 +7,9 @@ Each ``--checkout`` (default: this one) runs the command in a fresh ``$SWEEPER_H
 checkout's ``sweeper`` first on PYTHONPATH, one after the other, so a change and its baseline are
 measured in one run. Reported per checkout: the wall time of the command, each cell's time
 outside training (its MLflow run's wall time minus ``train_seconds``: opening the run, data,
-checkpoints, uploads, the final model), their sum, the slowest cell's share, each cell's top-1
+checkpoints, uploads, the final model) and its parts (``prepare``: the run, checkpoint, data and
+model before training; ``setup``: fit()'s choice of precision, a probe included; ``finish``: the
+rest, mostly logging the model), their sum, the slowest cell's share, each cell's top-1
 error, and the load average before and after (other jobs on the machine slow everything).
 """
 
@@ -59,6 +61,14 @@ def run(checkout: Path, study: str, workers: int) -> dict:
                 "run_seconds": run_wall,
                 "train_seconds": train,
                 "outside_training_s": run_wall - train,
+                # the parts of it the run records (older checkouts record none of them)
+                "prepare_s": r.data.metrics.get("prepare_seconds"),
+                "setup_s": r.data.metrics.get("setup_seconds"),
+                "finish_s": (
+                    run_wall - train - r.data.metrics["prepare_seconds"] - r.data.metrics["setup_seconds"]
+                    if "setup_seconds" in r.data.metrics
+                    else None
+                ),
                 "top1_error": r.data.metrics.get("top1_error"),
                 "precision": r.data.tags.get("sweeper.precision"),
             }
@@ -98,9 +108,12 @@ def main() -> None:
             f"{r['load_average_after'][0]:.1f}"
         )
         for c in r["cells"]:
+            parts = ""
+            if c["setup_s"] is not None:
+                parts = f" (prepare {c['prepare_s']:.1f}, setup {c['setup_s']:.1f}, finish {c['finish_s']:.1f})"
             print(
                 f"  {c['cell']:<22} run {c['run_seconds']:6.1f} s  train {c['train_seconds']:6.1f} s  "
-                f"outside {c['outside_training_s']:5.1f} s  top-1 {c['top1_error']:.3f}  {c['precision']}"
+                f"outside {c['outside_training_s']:5.1f} s{parts}  top-1 {c['top1_error']:.3f}  {c['precision']}"
             )
 
 

@@ -6,7 +6,9 @@ AMX, bf16 wins by a wide margin for CIFAR-sized images and loses to fp32 for 8x8
 each convolution is too small to amortize the conversions. So ``choose()`` times a few training
 steps of each mode on a copy of the model and keeps the fastest; the answer is cached on disk
 per machine, torch version and thread count, so each shape is probed once per machine. The
-probe's warm-up also builds the kernels the trial then reuses.
+probe's warm-up also builds the kernels the trial then reuses. A probe costs a few steps of every
+mode; a trial too short to earn that back (under PAYBACK times the probe's steps) trains in the
+rule's mode instead, unless the cache already knows the answer.
 
 >>> from sweeper.models import build_model
 >>> import torch
@@ -34,6 +36,10 @@ from torch import nn
 KINDS = ("fp32", "tf32", "bf16")
 WARMUP_STEPS = 1  # untimed: builds the kernels (oneDNN primitives, cuDNN plans) for the shapes
 TIMED_STEPS = 2  # the fastest of these counts: robust to a neighbour's burst of load
+# A probe only pays for itself on a trial of at least this many times its own steps: at best it
+# saves the trial the gap between the rule's mode and the fastest (rarely over 2x), and it costs
+# every mode's warm-up and timed steps, the cold first steps of oneDNN or cuDNN included.
+PAYBACK = 10
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,10 @@ def choose(
     batch_size: int,
     device: torch.device,
     cache: Path | None | str = "default",
+    total_steps: int | None = None,
 ) -> Mode:
-    """The fastest mode for training ``model`` on ``batch_size`` images of ``shape`` on ``device``."""
+    """The fastest mode for training ``model`` on ``batch_size`` images of ``shape`` on ``device``;
+    ``total_steps``, the steps the trial will train, skips a probe too long to pay for itself."""
     modes = candidates(device)
     if len(modes) == 1:
         return modes[0]
@@ -120,11 +128,17 @@ def choose(
     key = cache_key(model, shape, batch_size, device)
     if path is not None and (hit := _read(path).get(key)) is not None:
         return Mode(hit["precision"], hit["channels_last"])
+    if total_steps is not None and total_steps < PAYBACK * probe_steps(modes):
+        return rule(device)
     timings = probe(model, shape, batch_size, device, modes)
     best = min(timings, key=timings.get)
     if path is not None:
         _write(path, key, {**asdict(best), "seconds_per_step": {m.label: t for m, t in timings.items()}})
     return best
+
+
+def probe_steps(modes: list[Mode]) -> int:
+    return len(modes) * (WARMUP_STEPS + TIMED_STEPS)
 
 
 def probe(

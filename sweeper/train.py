@@ -15,6 +15,7 @@ the full training state to ``on_epoch``, which may checkpoint, log, report or as
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,7 @@ class FitResult:
     device: str = "cpu"
     precision: str = "fp32"
     channels_last: bool = False
+    setup_seconds: float = 0.0  # before the first epoch: choosing the mode (a probe), moving data
 
     @property
     def final(self) -> EpochMetrics:
@@ -106,11 +108,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def resolve_mode(
-    precision: str, device: torch.device, model: nn.Module, shape: tuple[int, ...], batch_size: int
+    precision: str,
+    device: torch.device,
+    model: nn.Module,
+    shape: tuple[int, ...],
+    batch_size: int,
+    total_steps: int | None = None,
 ) -> Mode:
     """The precision and memory layout to train in: ``auto`` measures (sweeper.precision)."""
     if precision == "auto":
-        return choose(model, shape, batch_size, device)
+        return choose(model, shape, batch_size, device, total_steps=total_steps)
     prec = resolve_precision(precision, device)
     return Mode(prec, prec == "bf16" or device.type == "cuda")
 
@@ -211,13 +218,15 @@ def fit(
     training continues from the epoch after it, with exactly the metrics of an unbroken run.
     """
     recipe.validate()
+    fit_started = time.perf_counter()
     if recipe.val_fraction and data.val_x is None:
         data = data.split_validation(recipe.val_fraction)
     dev = resolve_device(device)
     if precision == "auto" and resume is not None and "mode" in resume:
         mode_ = Mode(**resume["mode"])  # the attempt that wrote the checkpoint measured it: same numbers
     else:
-        mode_ = resolve_mode(precision, dev, model, data.info.shape, recipe.batch_size)
+        total_steps = recipe.epochs * math.ceil(len(data.train_y) / recipe.batch_size)
+        mode_ = resolve_mode(precision, dev, model, data.info.shape, recipe.batch_size, total_steps)
     prec = mode_.precision
     bf16 = prec == "bf16"
     memory_format = torch.channels_last if mode_.channels_last else torch.contiguous_format
@@ -275,6 +284,7 @@ def fit(
             "history": [asdict(m) for m in result.history],
         }
 
+    result.setup_seconds = time.perf_counter() - fit_started
     for epoch in range(len(result.history) + 1, recipe.epochs + 1):
         started = time.perf_counter()
         model.train()

@@ -7,6 +7,7 @@ on any machine resumes), logs the epoch's metrics with ``step`` = epoch, and rep
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import logging
 import os
@@ -29,7 +30,7 @@ from sweeper import study as studies
 from sweeper.device import Engine
 from sweeper.errors import SweeperError, first_line, redact, redact_url, root_cause
 from sweeper.spec import SpecError, check_stored, decision_metric, variant_cfgs
-from sweeper.train import EpochMetrics, FitResult, Interrupted, NonFiniteLoss, Recipe, cpu_copy, seed_everything
+from sweeper.train import EpochMetrics, FitResult, Interrupted, NonFiniteLoss, Recipe, seed_everything
 
 log = logging.getLogger("sweeper.worker")
 
@@ -300,6 +301,7 @@ class Prepared:
     already_logged: set[int]  # epochs the cell's MLflow run holds already
     num_params: int
     macs: int
+    prepare_seconds: float = 0.0  # from claim to ready: the run, the checkpoint, the data, the model
 
 
 class TrialRun:
@@ -424,7 +426,9 @@ class TrialRun:
 
     def _run(self) -> None:
         """Prepare, train (an EpochReporter takes each epoch), finish."""
+        started = time.perf_counter()
         ready = self._prepare()
+        ready.prepare_seconds = time.perf_counter() - started
         reporter = EpochReporter(self, ready.recipe, ready.decide_on, ready.already_logged)
         try:
             result = self.config.fit(
@@ -445,7 +449,8 @@ class TrialRun:
     def _prepare(self) -> Prepared:
         """Everything before the first epoch: the recipe, the cell's MLflow run, the resume
         checkpoint, the data, the model, and what the run records about them."""
-        from sweeper.models import build_model, count_macs, count_params
+        from sweeper.contract import count_macs
+        from sweeper.models import build_model, count_params
 
         recipe, decide_on = self._recipe()
         fresh_run = self._open_run()
@@ -459,7 +464,8 @@ class TrialRun:
         splits = splits.split_validation(recipe.val_fraction)
         data_digest = lineage.dataset_digest(splits)
         seed_everything(self.seed)
-        self.model = build_model(self.variant, splits.num_classes, splits.in_channels, variant_cfgs(self.spec))
+        cfgs = variant_cfgs(self.spec)
+        self.model = build_model(self.variant, splits.num_classes, splits.in_channels, cfgs)
         ready = Prepared(
             recipe=recipe,
             decide_on=decide_on,
@@ -467,7 +473,8 @@ class TrialRun:
             resume=resume,
             already_logged=already_logged,
             num_params=count_params(self.model),
-            macs=count_macs(self.model, splits.info.shape),
+            # From the variant's table, not a forward pass (seconds for naive); tests check they agree.
+            macs=count_macs(cfgs[self.variant], splits.info.shape, splits.num_classes),
         )
         self._log_run_inputs(ready, fresh_run, data_digest)
         if resume:
@@ -522,7 +529,15 @@ class TrialRun:
         # Recorded in Optuna before MLflow is waited for: an outage past the limit cannot lose it.
         self._db(self.trial.set_user_attr, "sweeper.final_value", value)
         self.logger.log_metrics(
-            {"num_params": ready.num_params, "macs": ready.macs, "train_seconds": result.train_seconds}
+            {
+                "num_params": ready.num_params,
+                "macs": ready.macs,
+                "train_seconds": result.train_seconds,
+                # Where the rest of the run's time went: the last part, logging the model, is the
+                # run's wall time minus these three.
+                "prepare_seconds": ready.prepare_seconds,
+                "setup_seconds": result.setup_seconds,
+            }
         )
         self.logger.set_tags({"sweeper.precision": result.precision, "sweeper.device": result.device})
         self._send_final(ready.splits, final.epoch, with_model=pruned_at is None)
@@ -560,10 +575,8 @@ class TrialRun:
         """A CPU copy of the trained model in eval mode (it loads on hosts without a GPU) and
         MODEL_EXAMPLE_IMAGES images of the test split as the model takes them (float32, normalized)."""
         from sweeper.data.loader import normalize
-        from sweeper.models import build_model
 
-        model = build_model(self.variant, splits.num_classes, splits.in_channels, variant_cfgs(self.spec))
-        model.load_state_dict(cpu_copy(self.model.state_dict()))
+        model = copy.deepcopy(self.model).cpu()
         # At least two images: torch.export fixes a batch dimension of one, any other stays free.
         images = torch.cat([splits.test_x[:MODEL_EXAMPLE_IMAGES], splits.train_x[:MODEL_EXAMPLE_IMAGES]])
         return model.eval(), normalize(images[:MODEL_EXAMPLE_IMAGES]).numpy()

@@ -45,6 +45,10 @@ def assert_one_finished_run_per_cell(client, study: str, keys: set[str], epochs:
             assert sorted(steps) == list(range(1, epochs + 1)), f"{name}: each epoch logged once, step = epoch"
         assert run.data.metrics["num_params"] > 1e6 and run.data.metrics["macs"] > 0
         assert run.data.metrics["train_seconds"] > 0
+        # the time outside training, by part, is in the run too (the rest is logging the model)
+        wall = (run.info.end_time - run.info.start_time) / 1000
+        outside = [run.data.metrics["prepare_seconds"], run.data.metrics["setup_seconds"]]
+        assert all(part > 0 for part in outside) and sum(outside) + run.data.metrics["train_seconds"] < wall
         assert trial.value == pytest.approx(run.data.metrics["top1_error"])
         models = client.search_logged_models(
             [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"

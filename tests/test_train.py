@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-from sweeper import checkpoint
+from sweeper import checkpoint, precision
 from sweeper.checkpoint import CheckpointError
 from sweeper.data import BatchLoader, load, synthetic
 from sweeper.data.base import DatasetInfo, Splits
@@ -420,9 +420,11 @@ def test_fit_flips_only_training_images_and_only_where_the_dataset_allows(hflip)
 
 def test_precision_auto_measures_the_modes_and_caches_the_fastest(tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path))
-    data = load("digits").limit(64, 32)
+    # Long enough for the probe to pay for itself: PAYBACK x the probe's steps, at batch 2.
+    steps = precision.PAYBACK * precision.probe_steps(precision.candidates(torch.device("cpu")))
+    data = load("digits").limit(steps * 2, 32)
     seed_everything(1)
-    result = fit(build_model("short4", 10, 1), data, Recipe(epochs=1, batch_size=16), device="cpu")
+    result = fit(build_model("short4", 10, 1), data, Recipe(epochs=1, batch_size=2), device="cpu")
     (cache,) = tmp_path.glob("precision-torch*.json")
     (entry,) = json.loads(cache.read_text()).values()
     timings = entry["seconds_per_step"]
@@ -435,8 +437,18 @@ def test_precision_auto_measures_the_modes_and_caches_the_fastest(tmp_path, monk
     # From now on the cache decides (no probe): an entry edited by hand is obeyed.
     entry.update(precision="fp32", channels_last=not entry["channels_last"])
     cache.write_text(json.dumps({next(iter(json.loads(cache.read_text()))): entry}))
-    again = fit(build_model("short4", 10, 1), data, Recipe(epochs=1, batch_size=16), device="cpu")
+    again = fit(build_model("short4", 10, 1), data.limit(16, 16), Recipe(epochs=1, batch_size=2), device="cpu")
     assert (again.precision, again.channels_last) == ("fp32", entry["channels_last"])
+
+
+def test_precision_auto_skips_a_probe_longer_than_the_trial_can_repay(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path))
+    data = load("digits").limit(64, 32)
+    result = fit(build_model("short4", 10, 1), data, Recipe(epochs=2, batch_size=16), device="cpu")  # 8 steps
+    rule = precision.rule(torch.device("cpu"))
+    assert (result.precision, result.channels_last) == (rule.precision, rule.channels_last)
+    assert not list(tmp_path.glob("precision-torch*.json"))  # a probe would have cached its answer
+    assert result.setup_seconds < result.train_seconds
 
 
 @pytest.mark.skipif(not HAS_FAST_BF16, reason="this CPU has neither amx_bf16 nor avx512_bf16 in /proc/cpuinfo")

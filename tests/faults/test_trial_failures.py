@@ -96,6 +96,5 @@ def test_out_of_memory_fails_the_trial_frees_memory_and_the_worker_goes_on(
     )
     run = MlflowClient(tracking.url).get_run(oom.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["sweeper.reason"] == reason
-    # The failed trial's model was gone before the next one was built (the finished trial then
-    # builds one more model: the CPU copy logged to MLflow).
-    assert freed_before_next == [True, True]
+    # The failed trial's model was gone before the next one was built.
+    assert freed_before_next == [True]
