@@ -187,6 +187,22 @@ def test_train_throughput_precision_table_row(tmp_path):
 
 
 @pytest.mark.slow
+def test_train_throughput_reports_the_worst_repeat(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "train_throughput.py"), "--variant", "short4", "--batch-size", "8"]
+        + ["--steps", "1", "--warmup", "1", "--num-workers", "0", "--repeats", "2", "--json"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert len(report["ratios"]) == 2 and report["ratio"] == min(report["ratios"]) > 0
+    assert report["best_ratio"] >= report["ratio"]
+
+
+@pytest.mark.slow
 def test_server_cost_counts_what_a_trial_asks_of_postgresql_and_the_mlflow_server(tmp_path, postgres_available):
     proc = subprocess.run(
         [
