@@ -55,20 +55,20 @@ def run(checkout: Path, study: str, workers: int) -> dict:
     for r in client.search_runs([experiment.experiment_id], "tags.`sweeper.role` = 'cell'", max_results=1000):
         run_wall = (r.info.end_time - r.info.start_time) / 1000
         train = r.data.metrics.get("train_seconds", 0.0)
+        parts = {  # what the run records of its time outside training (older checkouts: nothing)
+            name: r.data.metrics.get(f"{name}_seconds")
+            for name in ("prepare", "setup", "checkpoint_blocking", "checkpoint_background")
+        }
+        known = [parts[n] for n in ("prepare", "setup", "checkpoint_blocking")]
         cells.append(
             {
                 "cell": r.info.run_name,
                 "run_seconds": run_wall,
                 "train_seconds": train,
                 "outside_training_s": run_wall - train,
-                # the parts of it the run records (older checkouts record none of them)
-                "prepare_s": r.data.metrics.get("prepare_seconds"),
-                "setup_s": r.data.metrics.get("setup_seconds"),
-                "finish_s": (
-                    run_wall - train - r.data.metrics["prepare_seconds"] - r.data.metrics["setup_seconds"]
-                    if "setup_seconds" in r.data.metrics
-                    else None
-                ),
+                **{f"{name}_s": value for name, value in parts.items()},
+                # the rest: mostly the model logged at the end
+                "finish_s": None if None in known else run_wall - train - sum(known),
                 "top1_error": r.data.metrics.get("top1_error"),
                 "precision": r.data.tags.get("sweeper.precision"),
             }
@@ -111,6 +111,11 @@ def main() -> None:
             parts = ""
             if c["setup_s"] is not None:
                 parts = f" (prepare {c['prepare_s']:.1f}, setup {c['setup_s']:.1f}, finish {c['finish_s']:.1f})"
+            if c["checkpoint_background_s"]:
+                parts += (
+                    f" checkpoints: {c['checkpoint_blocking_s']:.1f} s blocking, "
+                    f"{c['checkpoint_background_s']:.1f} s in the background"
+                )
             print(
                 f"  {c['cell']:<22} run {c['run_seconds']:6.1f} s  train {c['train_seconds']:6.1f} s  "
                 f"outside {c['outside_training_s']:5.1f} s{parts}  top-1 {c['top1_error']:.3f}  {c['precision']}"

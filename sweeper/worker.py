@@ -444,6 +444,12 @@ class TrialRun:
         finally:
             reporter.shutdown()  # the logger is this thread's again from here
         reporter.finish()
+        self.logger.log_metrics(
+            {
+                "checkpoint_blocking_seconds": reporter.checkpoint_blocking_seconds,
+                "checkpoint_background_seconds": reporter.checkpoint_background_seconds,
+            }
+        )
         self._finish(ready, result, reporter.pruned_at)
 
     def _prepare(self) -> Prepared:
@@ -713,6 +719,10 @@ class EpochReporter:
         self.in_flight: list[Future] = []
         self.pruned_at: int | None = None
         self.lost = False  # set by the checkpoint thread when another worker has the trial now
+        # What checkpoints cost: on the training thread (the state's copy, waiting for the one in
+        # flight), and in the background (writing and uploading, which training once waited for).
+        self.checkpoint_blocking_seconds = 0.0
+        self.checkpoint_background_seconds = 0.0
 
     def on_epoch(self, m: EpochMetrics, state) -> bool:
         """True: stop training (pruned). Raises TrialLost, HandBack or SweeperError (MLflow outage)."""
@@ -744,7 +754,9 @@ class EpochReporter:
         cancelled = not last and run._db(studies.lifecycle, run.storage, run.study._study_id)["state"] == "cancelled"
         every = self.recipe.checkpoint_every
         if every == "epoch" or cancelled or (not last and time.monotonic() - self.last_checkpoint >= every):
+            started = time.perf_counter()
             self._checkpoint({**state(), "variant": run.variant, "dataset": run.dataset, "seed": run.seed})
+            self.checkpoint_blocking_seconds += time.perf_counter() - started
         if pruned:
             self.pruned_at = m.epoch
             return True
@@ -788,9 +800,16 @@ class EpochReporter:
         """(Background thread.) Write the checkpoint, then send it and the epochs it covers to
         MLflow; a full disk keeps the previous checkpoint and training goes on. Nothing is
         written once the trial is no longer this worker's."""
-        run = self.trial_run
         if not self._still_owned():
             return
+        started = time.perf_counter()
+        try:
+            self._save_and_send(snapshot, metrics)
+        finally:
+            self.checkpoint_background_seconds += time.perf_counter() - started
+
+    def _save_and_send(self, snapshot: dict[str, Any], metrics: list[EpochMetrics]) -> None:
+        run = self.trial_run
         try:
             checkpoint.save(run.checkpoint_path, {**snapshot, "run_id": run.run_id})
             run.logger.log_artifact(run.checkpoint_path, CHECKPOINT_ARTIFACT)

@@ -196,6 +196,9 @@ def test_checkpoint_cadence_in_seconds(sweeper_env, tmp_path):
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == [1, 2, 3]
         listed = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
         checkpoints[study] = listed
+        # what checkpoints cost the run, on the training thread and in the background
+        cost = run.data.metrics["checkpoint_blocking_seconds"], run.data.metrics["checkpoint_background_seconds"]
+        assert (cost == (0, 0)) == (not listed) and min(cost) >= 0
         if listed:
             path = client.download_artifacts(run.info.run_id, "checkpoint/last.pt", str(tmp_path / study))
             assert torch.load(path, weights_only=True)["epoch"] == 2  # the last epoch needs none
