@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import sweeper, write_spec
+from helpers import sweeper, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import PARAMS  # variant -> (CIFAR-100, CIFAR-10) parameter counts
 
 VARIANTS = ["naive", "standard", "long", "short", "short2", "short3", "short4"]
 DATASETS = ["cifar10", "cifar100", "digits", "synthetic"]
 MODULES = {"naive": 9, "standard": 9, "long": 12, "short": 7, "short2": 5, "short3": 3, "short4": 2}
-from test_models import PARAMS  # noqa: E402 - variant -> (CIFAR-100, CIFAR-10) parameter counts
 
 # One 3x32x32 image, CIFAR-100 head (torch's flop counter, MACs = FLOPs / 2).
 MACS_CIFAR100 = {

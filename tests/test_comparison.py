@@ -10,7 +10,7 @@ import sys
 import optuna
 import pytest
 import torch
-from conftest import sweeper, write_spec
+from helpers import sweeper, write_spec
 from mlflow.tracking import MlflowClient
 
 from sweeper import study as studies

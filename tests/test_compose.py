@@ -443,7 +443,7 @@ def test_dashboard_storage_url_is_on_no_command_line():
 def test_dashboard_serve_reads_the_url_from_the_environment(postgres_available, pg_database, tmp_path):
     """docker/dashboard/serve.py, the image's entrypoint, on real PostgreSQL: the dashboard
     answers, and neither its command line nor its output holds the password."""
-    from conftest import free_port
+    from helpers import free_port
 
     url = pg_database().replace("postgresql://postgres@", "postgresql+psycopg2://postgres:pw-Not-In-Argv@")
     port = free_port()

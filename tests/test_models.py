@@ -10,22 +10,12 @@ from functools import cache
 
 import pytest
 import torch
+from helpers import PARAMS
 from torch import nn
 
 from sweeper import contract
 from sweeper.models import MODULES, VARIANTS, InceptionCfg, UnknownVariant, build_model, count_macs, count_params
 from sweeper.models.googlenet import STEM_CHANNELS, Inception, NaiveInception
-
-# variant -> (CIFAR-100 params, CIFAR-10 params)
-PARAMS = {
-    "naive": (65_736_148, 65_291_098),
-    "standard": (6_258_500, 6_166_250),
-    "long": (9_641_924, 9_549_674),
-    "short": (5_271_652, 5_179_402),
-    "short2": (3_523_556, 3_431_306),
-    "short3": (1_965_164, 1_872_914),
-    "short4": (1_643_796, 1_551_546),
-}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -356,7 +356,7 @@ def test_register_best_registers_the_best_cells_model(study, mlflow_runs):
 def test_register_best_against_an_mlflow_server(tmp_path, sweeper_env, mlflow_server, monkeypatch):
     import mlflow
     import torch
-    from conftest import sweeper, write_spec
+    from helpers import sweeper, write_spec
     from mlflow.tracking import MlflowClient
 
     server = mlflow_server()

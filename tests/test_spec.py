@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import sweeper, write_spec
+from helpers import sweeper, write_spec
 
 from sweeper import spec
 

@@ -8,7 +8,7 @@ import sys
 
 import optuna
 import pytest
-from conftest import sweeper, write_spec
+from helpers import sweeper, write_spec
 from mlflow.tracking import MlflowClient
 
 METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")

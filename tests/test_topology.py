@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from compose_rules import env_example, interpolate  # compose's own .env and ${VAR} rules, defined once
-from conftest import free_port, sweeper, write_spec
+from helpers import free_port, sweeper, write_spec
 
 yaml = pytest.importorskip("yaml")  # PyYAML comes with mlflow
 

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import AuthMlflowServer, enqueue, trials_of, write_spec
+from fault_helpers import AuthMlflowServer, enqueue, trials_of
+from helpers import write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 

@@ -481,7 +481,7 @@ def test_stored_bad_values_and_path_like_names_fail_their_cell_without_a_traceba
 def test_user_text_is_shown_as_written_never_as_markup(tmp_path, sweeper_env, monkeypatch):
     """A description or fail reason holding "[/x]" crashed `studies` and `status` (rich markup)."""
     import optuna
-    from conftest import cli
+    from fault_helpers import cli
 
     from sweeper import spec as specs
     from sweeper import study as studies

@@ -9,7 +9,8 @@ import time
 
 import optuna
 import sqlalchemy
-from conftest import EPOCHS, FAST, assert_cell_run, enqueue, run_together, storage_of, trials_of, write_spec
+from fault_helpers import EPOCHS, FAST, assert_cell_run, enqueue, run_together, storage_of, trials_of
+from helpers import write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 

@@ -11,7 +11,8 @@ import threading
 import time
 
 import pytest
-from conftest import FAST, cli, enqueue, free_port, trials_of, write_spec
+from fault_helpers import FAST, cli, enqueue, trials_of
+from helpers import free_port, write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 

@@ -8,7 +8,8 @@ from collections import Counter
 
 import optuna
 import pytest
-from conftest import enqueue, run_together, storage_of, trials_of, write_spec
+from fault_helpers import enqueue, run_together, storage_of, trials_of
+from helpers import write_spec
 from optuna.trial import TrialState
 
 from sweeper import study as studies

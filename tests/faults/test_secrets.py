@@ -15,7 +15,8 @@ import time
 
 import psutil
 import pytest
-from conftest import FAST, free_port, write_spec
+from fault_helpers import FAST
+from helpers import free_port, write_spec
 
 PG_PASSWORD = "pg/Secret+9z"
 MLFLOW_PASSWORD = "mlSecret+4q="  # an http URL takes no "/" in a password (it ends the host)

@@ -11,7 +11,8 @@ import json
 import signal
 import time
 
-from conftest import EPOCHS, FAST, assert_cell_run, cli, enqueue, trials_of, write_spec
+from fault_helpers import EPOCHS, FAST, assert_cell_run, cli, enqueue, trials_of
+from helpers import write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 

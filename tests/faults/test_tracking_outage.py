@@ -8,7 +8,8 @@ down, and the retry resumes from the local checkpoint, logging what MLflow misse
 
 from __future__ import annotations
 
-from conftest import EPOCHS, FAST, assert_cell_run, enqueue, trials_of, write_spec
+from fault_helpers import EPOCHS, FAST, assert_cell_run, enqueue, trials_of
+from helpers import write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 

@@ -11,7 +11,8 @@ import weakref
 
 import optuna
 import torch
-from conftest import FAST, cli, enqueue, storage_of, trials_of, write_spec
+from fault_helpers import FAST, cli, enqueue, storage_of, trials_of
+from helpers import write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
