@@ -10,15 +10,16 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sweeper import settings
 from sweeper.errors import SweeperError, first_line, redact, redact_url, remember
 
 log = logging.getLogger("sweeper.tracking")
+T = TypeVar("T")
 
 ROLE_TAG = "sweeper.role"  # "study" on the parent run, "cell" on a cell's run
 KEY_TAG = "sweeper.key"
@@ -87,6 +88,24 @@ class TrackingUnreachable(SweeperError):
 
 class TrackingAuthError(SweeperError):
     """The tracking server refused the credentials (401/403); waiting will not help."""
+
+
+RETRY_SECONDS = 2  # between attempts while MLflow is unreachable
+
+
+def retry_while_unreachable(attempt: Callable[[], T], deadline: float | None, should_stop, failed) -> T:
+    """``attempt()`` until it returns, for the writes that outlive an outage (RunLogger.flush,
+    log_model). After each failure ``failed(error)`` runs: it warns, or raises when the failure is
+    not an outage. Past ``deadline`` (at once without one) or once ``should_stop()`` is true, the
+    outage becomes TrackingUnreachable; until then the attempt is repeated every RETRY_SECONDS."""
+    while True:
+        try:
+            return attempt()
+        except Exception as e:
+            failed(e)
+            if deadline is None or time.monotonic() >= deadline or (should_stop is not None and should_stop()):
+                raise TrackingUnreachable(f"MLflow stayed unreachable: {redact(first_line(e))}") from None
+            time.sleep(RETRY_SECONDS)
 
 
 def check_reachable(mlflow_client) -> None:
@@ -255,27 +274,26 @@ class RunLogger:
     def flush(self, deadline: float | None = None, should_stop=None) -> bool:
         """Send what is queued; True when everything went. With a deadline, retry until then
         (or until ``should_stop()``), then raise TrackingUnreachable."""
-        while True:
-            try:
-                pending = self.pending()
-                self._send()
-                if self.down_since is not None:
-                    log.info(
-                        "MLflow is reachable again after %.0fs; sent %d buffered item(s)",
-                        time.monotonic() - self.down_since,
-                        pending,
-                    )
-                self.down_since = None
-                return True
-            except Exception as e:
-                if self.down_since is None:
-                    self.down_since = time.monotonic()
-                    log.warning("MLflow is unreachable (%s); buffering and retrying", redact(first_line(e)))
-                if deadline is None:
-                    return False
-                if time.monotonic() >= deadline or (should_stop is not None and should_stop()):
-                    raise TrackingUnreachable(f"MLflow stayed unreachable: {redact(first_line(e))}") from None
-                time.sleep(2)
+        pending = self.pending()
+        try:
+            retry_while_unreachable(self._send, deadline, should_stop, self._went_down)
+        except TrackingUnreachable:
+            if deadline is None:
+                return False  # what is queued goes with the next flush
+            raise
+        if self.down_since is not None:
+            log.info(
+                "MLflow is reachable again after %.0fs; sent %d buffered item(s)",
+                time.monotonic() - self.down_since,
+                pending,
+            )
+        self.down_since = None
+        return True
+
+    def _went_down(self, error: Exception) -> None:
+        if self.down_since is None:  # one warning per outage, however many flushes it lasts
+            self.down_since = time.monotonic()
+            log.warning("MLflow is unreachable (%s); buffering and retrying", redact(first_line(error)))
 
     def pending(self) -> int:
         return len(self.metrics) + len(self.params) + len(self.tags) + len(self.artifacts) + len(self.inputs)
@@ -321,41 +339,41 @@ def log_model(mlflow_client, run_id: str, model, example, step: int = 0, deadlin
     ]
     model_id = None
     warned = False
-    while True:
+
+    def attempt() -> str:
+        nonlocal model_id
+        if model_id is None:  # created once, in the run's experiment: a retry fills the same model
+            experiment_id = mlflow_client.get_run(run_id).info.experiment_id
+            model_id = mlflow_client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id).model_id
+        with fluent_uri(mlflow_client.tracking_uri):
+            mlflow.pytorch.log_model(
+                model,
+                name=MODEL_NAME,
+                model_id=model_id,
+                run_id=run_id,
+                step=step,  # links the metrics of that epoch to the model
+                signature=signature,
+                input_example=example,
+                serialization_format="pt2",
+                pip_requirements=requirements,
+                # MLflow would load the saved model back and run the example through it: as
+                # long again as the export for a big model. Loading is tested, not re-checked.
+                validate_serving_input=False,
+            )
+        return model_id
+
+    def failed(error: Exception) -> None:
+        nonlocal warned
         try:
-            if model_id is None:  # created once, in the run's experiment: a retry fills the same model
-                experiment_id = mlflow_client.get_run(run_id).info.experiment_id
-                model_id = mlflow_client.create_logged_model(
-                    experiment_id, name=MODEL_NAME, source_run_id=run_id
-                ).model_id
-            with fluent_uri(mlflow_client.tracking_uri):
-                mlflow.pytorch.log_model(
-                    model,
-                    name=MODEL_NAME,
-                    model_id=model_id,
-                    run_id=run_id,
-                    step=step,  # links the metrics of that epoch to the model
-                    signature=signature,
-                    input_example=example,
-                    serialization_format="pt2",
-                    pip_requirements=requirements,
-                    # MLflow would load the saved model back and run the example through it: as
-                    # long again as the export for a big model. Loading is tested, not re-checked.
-                    validate_serving_input=False,
-                )
-            return model_id
-        except Exception as e:
-            try:
-                check_reachable(mlflow_client)
-            except TrackingUnreachable:
-                if deadline is None or time.monotonic() >= deadline or (should_stop is not None and should_stop()):
-                    raise TrackingUnreachable(f"MLflow stayed unreachable: {redact(first_line(e))}") from None
-                if not warned:
-                    log.warning("MLflow is unreachable (%s); retrying to log the model", redact(first_line(e)))
-                    warned = True
-                time.sleep(2)
-                continue
-            raise  # MLflow answers: not an outage
+            check_reachable(mlflow_client)
+        except TrackingUnreachable:
+            if not warned:
+                warned = True
+                log.warning("MLflow is unreachable (%s); retrying to log the model", redact(first_line(error)))
+            return
+        raise error  # MLflow answers: not an outage
+
+    return retry_while_unreachable(attempt, deadline, should_stop, failed)
 
 
 @contextlib.contextmanager
@@ -381,6 +399,12 @@ def logged_model(mlflow_client, experiment_id: str, run_id: str):
         [experiment_id], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run_id}'", max_results=1
     )
     return found[0] if found else None
+
+
+def is_usable_model(model) -> bool:
+    """Whether a logged model (``logged_model``'s answer) can be loaded: it exists and its upload
+    finished (MLflow marks it READY)."""
+    return model is not None and model.status.name == "READY"
 
 
 def logged_steps(mlflow_client, run_id: str, metric: str = "top1_error") -> set[int]:

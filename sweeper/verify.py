@@ -99,7 +99,7 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
         _check_epochs(client, t, run, problem)
         _check_params(t, run, problem)
         model = tracking.logged_model(client, run.info.experiment_id, run_id)
-        if model is None or model.status.name != "READY":
+        if not tracking.is_usable_model(model):
             state = "none" if model is None else f"{model.model_id} is {model.status.name}"
             problem(
                 "model_missing",

@@ -53,7 +53,7 @@ def register_best(collected: Collected, model_name: str) -> dict[str, Any]:
     key, value = collected.finished[run_id]
     metric = frame.attrs.get("decided_by", "top1_error")
     model = tracking.logged_model(client, collected.experiment_id, run_id)
-    if model is None or model.status.name != "READY":
+    if not tracking.is_usable_model(model):
         raise SweeperError(
             f"the best finished cell of study {study!r}, {key} ({metric} {value:.4f}, run {run_id}), has no "
             f"usable MLflow model (runs:/{run_id}/{tracking.MODEL_NAME}); cells finished by a sweeper older "
