@@ -3,15 +3,23 @@
 Two workers live through the same outage: one with the default --tracking-outage-limit keeps
 training, buffers its metrics and checkpoint and sends them in order when MLflow is back; the
 other, with a 4 s limit, fails its trial with a clear reason, claims nothing while MLflow is
-down, and the retry resumes from the local checkpoint, logging what MLflow missed.
+down, and the retry resumes from the local checkpoint, logging what MLflow missed. The writes
+themselves (a flush, a model) face a server that never answers.
 """
 
 from __future__ import annotations
 
+import time
+
+import numpy
+import pytest
 from fault_helpers import EPOCHS, FAST, assert_cell_run, enqueue, trials_of
-from helpers import write_spec
+from helpers import free_port, write_spec
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+
+from sweeper import tracking
 
 
 def test_mlflow_outage_buffers_or_fails_past_the_limit_and_nothing_is_lost(
@@ -66,3 +74,29 @@ def test_mlflow_outage_buffers_or_fails_past_the_limit_and_nothing_is_lost(
     assert done.state == TrialState.COMPLETE and done.value == reference()[-1]["top1_error"]
     resumed = int(client.get_run(done.user_attrs["mlflow_run_id"]).data.tags["sweeper.resumed_from_epoch"])
     assert_cell_run(client, done.user_attrs["mlflow_run_id"], reference(), resumed_from=resumed)
+
+
+def test_writes_to_a_store_that_is_not_there_retry_until_the_deadline_then_fail_clearly(tmp_path, caplog):
+    """Metrics and a model sent to an MLflow server that never answers: a flush without a
+    deadline keeps them queued; with one, both writes retry until it, warn once, and end in
+    one clear TrackingUnreachable. A store that answers with an error is not retried."""
+    import torch
+
+    down = tracking.client(f"http://127.0.0.1:{free_port()}")
+    logger = tracking.RunLogger(down, "0" * 32)
+    logger.log_metrics({"top1_error": 0.5}, step=1)
+    assert logger.flush() is False and logger.pending() == 1  # kept for the next flush
+    with pytest.raises(tracking.TrackingUnreachable, match="^MLflow stayed unreachable"):
+        logger.flush(deadline=time.monotonic() + 3)
+    assert logger.pending() == 1
+
+    model, example = torch.nn.Linear(2, 3), numpy.zeros((2, 2), dtype="float32")
+    with pytest.raises(tracking.TrackingUnreachable, match="^MLflow stayed unreachable"):
+        tracking.log_model(down, "0" * 32, model, example, deadline=time.monotonic() + 3)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sweeper.tracking" and r.levelname == "WARNING"]
+    assert [w.split(" (")[0] for w in warnings] == ["MLflow is unreachable"] * 2, warnings  # once per write
+
+    answers = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(MlflowException) as raised:  # an unknown run: an answer, not an outage
+        tracking.log_model(answers, "0" * 32, model, example, deadline=time.monotonic() + 600)
+    assert not isinstance(raised.value, tracking.TrackingUnreachable)
