@@ -431,6 +431,8 @@ def collect_workers(rundir: Path, workers: int, epochs: int, epoch_sleep: float)
         "efficiency": trained / wall if wall else 0.0,  # trained-time share of the workers' time
         "outside_training_s_per_trial": (wall - trained) / trials if trials else None,
         "worker_cpu_s": sum(d["cpu_s"] for d in done),
+        # seconds the workers were runnable but waited for a core (other processes had them)
+        "worker_runqueue_wait_s": sum(d["runqueue_wait_s"] or 0.0 for d in done),
         "sql": dict(sql),
         "errors": sum(
             1
@@ -526,6 +528,7 @@ def per_trial(run: dict[str, Any]) -> dict[str, float]:
         "postgres_mlflow_cpu_s": d["cpu_s"]["postgres_mlflow"] / n,
         "worker_outside_training_s": run["workers_saw"]["outside_training_s_per_trial"] or 0.0,
         "worker_cpu_s": run["workers_saw"]["worker_cpu_s"] / n,
+        "worker_runqueue_wait_s": run["workers_saw"]["worker_runqueue_wait_s"] / n,
     }
 
 
@@ -813,6 +816,11 @@ def main(argv: list[str] | None = None) -> int:
             }
             entry["per_trial"] = per_trial(entry)
             measured.append(entry)
+            if saw["errors"] or saw["trials"] != r["trials"]:
+                log(
+                    f"  WARNING: {saw['errors']} error lines, {saw['trials']} trials run for {r['trials']} cells "
+                    f"(failed trials are retried): see the workers' logs (--keep) in {r['rundir']}"
+                )
             p = entry["per_trial"]
             log(
                 f"  {r['kind']} cadence={r['cadence']} E={r['epochs']} W={r['workers']}: {saw['trials']} trials, "
@@ -893,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
                     "server_cpu_s_per_s": measured_cpu / m["workers_saw"]["span_s"],
                     "outside_training_s_per_trial": m["workers_saw"]["outside_training_s_per_trial"],
                     "worker_cpu_s_per_trial": m["per_trial"]["worker_cpu_s"],
+                    "worker_runqueue_wait_s_per_trial": m["workers_saw"]["worker_runqueue_wait_s"]
+                    / max(m["workers_saw"]["trials"], 1),
                     "loadavg_end": m["loadavg_end"],
                     "errors": m["workers_saw"]["errors"],
                 },
@@ -902,7 +912,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"  check W={m['workers']}: efficiency {check['measured']['efficiency']:.0%} (model "
                 f"{predicted['efficiency']:.0%}), server CPU {check['measured']['server_cpu_s_per_trial'] * 1000:.0f} "
                 f"ms/trial (model {predicted['server_cpu_s_per_trial'] * 1000:.0f}), host CPU demand "
-                f"{predicted['host_cpu_demand_share']:.0%} of {os.cpu_count()} cores, load {m['loadavg_end'][0]:.1f}"
+                f"{predicted['host_cpu_demand_share']:.0%} of {os.cpu_count()} cores, load {m['loadavg_end'][0]:.1f}; "
+                f"outside training {check['measured']['outside_training_s_per_trial']:.1f}s per trial, of which "
+                f"{check['measured']['worker_runqueue_wait_s_per_trial']:.1f}s waiting for a core"
             )
     finally:
         if pool is not None and pool.poll() is None:

@@ -315,9 +315,7 @@ def sleep_fit(
         )
         history.append(metrics)
 
-        def state(history=None):
-            if history is None:
-                history = list(history)
+        def state(history=history):  # the epochs so far, as fit's state() returns them
             return {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "epoch": len(history),
