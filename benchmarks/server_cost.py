@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -693,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         bad(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({why}); set SWEEPER_TEST_PG")
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the servers, drops the databases
     tmp = Path(tempfile.mkdtemp(prefix="server-cost-"))
     os.environ["SWEEPER_HOME"] = str(tmp / "home")
     os.chdir(tmp)  # nothing lands in the checkout
@@ -853,8 +855,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.upload_mb:
             log(f"the mlflow server's CPU per uploaded MB ({args.upload_mb} MB, twice)")
             upload = upload_cost(server.uri, tmp, server, meter, databases, idle_rate, args.upload_mb)
-        cost_runs = [m for m in measured if m["kind"] == "cost"]
-        per_worker = max(max(m["peak_pg_connections"]["optuna"] for m in cost_runs), 1)
+        # a worker's connections to the Optuna database (sampled every 0.5 s: rounded up)
+        per_worker = math.ceil(max(m["peak_pg_connections"]["optuna"] / m["workers"] for m in measured))
         inputs = {
             "heartbeat": heartbeat,
             "upload": upload,
@@ -866,8 +868,10 @@ def main(argv: list[str] | None = None) -> int:
             "connections": {
                 "max_connections": args.max_connections,
                 "reserved": 10,  # dashboard, launcher, report, psql
-                # MLflow's pool per uvicorn worker, as measured, scaled to compose's 4 workers
-                "mlflow_server": max(m["peak_pg_connections"]["mlflow"] for m in measured) * 4 / args.mlflow_workers,
+                # what MLflow's pools may open: compose's 4 uvicorn workers x SQLAlchemy's
+                # pool_size 5 + max_overflow 10 (MLflow sets neither); the peak seen is beside it
+                "mlflow_server": 4 * (5 + 10),
+                "mlflow_server_peak_seen": max(m["peak_pg_connections"]["mlflow"] for m in measured),
                 "per_worker": per_worker,
             },
         }
