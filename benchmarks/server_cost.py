@@ -639,12 +639,17 @@ def predict_check(costs: dict[str, Any], run: dict[str, Any], cores: int) -> dic
     cycle = seconds + o
     rho = min(0.95, w * s / (cycle * cores))  # both servers on this machine's cores
     host = w * (s + q("worker_cpu_s")) / cycle / cores  # and the workers too
+    queueing = s * rho / (1 - rho)
     return {
         "train_s_per_trial": seconds,
         "server_cpu_s_per_trial": s,
         "server_cpu_s_per_s": w * s / cycle,
         "server_rho": rho,
-        "efficiency": seconds / (seconds + o + s * rho / (1 - rho)),
+        "outside_training_s_per_trial": o + queueing,
+        # the same without the time the one worker of the cost runs waited for a core: what the
+        # servers and the worker's own work take, to set against the check's figure without its waits
+        "outside_training_s_not_waiting_for_a_core": o - q("worker_runqueue_wait_s") + queueing,
+        "efficiency": seconds / (seconds + o + queueing),
         "host_cpu_demand_share": host,  # > 1: the workers and servers need more than the cores
     }
 
@@ -907,8 +912,9 @@ def main(argv: list[str] | None = None) -> int:
                     "server_cpu_s_per_s": measured_cpu / m["workers_saw"]["span_s"],
                     "outside_training_s_per_trial": m["workers_saw"]["outside_training_s_per_trial"],
                     "worker_cpu_s_per_trial": m["per_trial"]["worker_cpu_s"],
-                    "worker_runqueue_wait_s_per_trial": m["workers_saw"]["worker_runqueue_wait_s"]
-                    / max(m["workers_saw"]["trials"], 1),
+                    "worker_runqueue_wait_s_per_trial": m["per_trial"]["worker_runqueue_wait_s"],
+                    "outside_training_s_not_waiting_for_a_core": m["per_trial"]["worker_outside_training_s"]
+                    - m["per_trial"]["worker_runqueue_wait_s"],
                     "loadavg_end": m["loadavg_end"],
                     "errors": m["workers_saw"]["errors"],
                 },
@@ -920,7 +926,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"ms/trial (model {predicted['server_cpu_s_per_trial'] * 1000:.0f}), host CPU demand "
                 f"{predicted['host_cpu_demand_share']:.0%} of {os.cpu_count()} cores, load {m['loadavg_end'][0]:.1f}; "
                 f"outside training {check['measured']['outside_training_s_per_trial']:.1f}s per trial, of which "
-                f"{check['measured']['worker_runqueue_wait_s_per_trial']:.1f}s waiting for a core"
+                f"{check['measured']['worker_runqueue_wait_s_per_trial']:.1f}s waiting for a core; without those waits "
+                f"{check['measured']['outside_training_s_not_waiting_for_a_core']:.1f}s (model "
+                f"{predicted['outside_training_s_not_waiting_for_a_core']:.1f}s)"
             )
     finally:
         if pool is not None and pool.poll() is None:
