@@ -2,7 +2,7 @@
 
     python benchmarks/server_cost.py                 # a few lines for people
     python benchmarks/server_cost.py --json          # one JSON document on stdout, progress on stderr
-    python benchmarks/server_cost.py --trials 2 --epochs 1,2 --cadences epoch --check-workers "" --upload-mb 0
+    python benchmarks/server_cost.py --trials 2 --epochs 1 --cadences default --check-workers "" --upload-mb 1
 
 1. The stack of docker-compose.yml, on this machine: a fresh PostgreSQL database for Optuna and a
    second one for MLflow's backend store (same server, as in compose), and a real
@@ -16,9 +16,9 @@
    default, every 60 s, i.e. none inside these short trials). Around each run:
    - SQL transactions and rows of both databases from ``pg_stat_database`` (pg_stat_statements is
      not loaded on the shared server, and restarting it is not ours to do);
-   - SQL statements and commits of the Optuna storage counted in the workers (SQLAlchemy's
-     ``before_cursor_execute`` and ``commit`` events); MLflow's own statements are not counted,
-     only its transactions;
+   - SQL statements and commits counted by SQLAlchemy's ``before_cursor_execute`` and ``commit``
+     events: in the workers for the Optuna storage, in every process of the mlflow server (a
+     ``sitecustomize`` on its PYTHONPATH) for its store; the pool's pre-ping is not seen there;
    - HTTP requests from the access log, per endpoint;
    - CPU seconds of the mlflow server's process tree and of the PostgreSQL backends serving the
      two databases (psutil, sampled every 0.2 s so that backends that exit are counted too);
@@ -62,7 +62,9 @@ sys.path.insert(0, str(SCRIPT.parent))  # sweep_scale, the light workers
 import sweep_scale  # noqa: E402
 from sweep_scale import PG_ADMIN_URL, Databases, dispose, grid_spec, log  # noqa: E402
 
-HEARTBEAT_INTERVAL = 10.0  # sweeper's default (sweeper/contract.py)
+from sweeper.contract import DEFAULT_HEARTBEAT_INTERVAL  # noqa: E402
+
+HEARTBEAT_INTERVAL = DEFAULT_HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
 STATS_FLUSH_WAIT = 11.0  # an idle PostgreSQL 15 backend reports its counters within 10 s
 ACCESS_LINE = re.compile(r'"(GET|POST|PUT|PATCH|DELETE|HEAD) (\S+) HTTP/[\d.]+" (\d{3})')
 ID_IN_PATH = re.compile(r"/(m-)?[0-9a-f]{32}(?=/|$)")  # run and logged-model ids in paths
@@ -88,11 +90,14 @@ if os.environ.get("SERVER_COST_SQL_DIR"):
         written = None
         while True:
             threading.Event().wait(0.5)
-            if counts != written:
-                written = Counter(counts)
-                with open(path + ".tmp", "w") as f:
-                    json.dump(written, f)
-                os.replace(path + ".tmp", path)
+            try:  # a copy taken while a request thread adds the first key of its kind: next time
+                if counts != written:
+                    written = Counter(counts)
+                    with open(path + ".tmp", "w") as f:
+                        json.dump(written, f)
+                    os.replace(path + ".tmp", path)
+            except (RuntimeError, OSError):
+                pass
 
     threading.Thread(target=write_counts, daemon=True).start()
 """
@@ -964,8 +969,9 @@ def print_summary(result: dict[str, Any]) -> None:
             print(f"  {key:28s} {v['per_trial']:10.3f} + {v['per_epoch']:8.3f} x E")
     for p in result["projection"]:
         print(
-            f"{p['trial']['train_s']:.0f}s trials, {p['cores']}-core servers: W <= {p['workers']} ({p['bound_by']}), "
-            f"efficiency alone {p['efficiency_alone']:.1%}"
+            f"{p['trial']['train_s']:.0f}s trials, {p['cores']}-core servers: W <= {p['workers']} ({p['bound_by']}; "
+            f"postgres CPU {p['workers_by_postgres_cpu']:.0f}, mlflow CPU {p['workers_by_mlflow_cpu']:.0f}, "
+            f"connections {p['workers_by_connections']:.0f}), efficiency alone {p['efficiency_alone']:.1%}"
         )
     for c in result["check"]:
         print(
