@@ -186,15 +186,18 @@ def precision_table(args: argparse.Namespace) -> None:
     labels = list(rows[0]["modes"])
     print(f"batch {args.batch_size}, {_cpu_name()} ({os.cpu_count()} CPUs, {rows[0]['threads']} threads)")
     print(
-        "| variant | dataset | " + " | ".join(f"{m} img/s (cold s)" for m in labels) + " | auto | auto/fastest | load |"
+        "| variant | dataset | "
+        + " | ".join(f"{m} img/s (cold s)" for m in labels)
+        + " | auto | auto/fastest | rule/fastest | probe s | load |"
     )
-    print("|---|---|" + "---|" * len(labels) + "---|---|---|")
+    print("|---|---|" + "---|" * len(labels) + "---|---|---|---|---|")
     for r in rows:
         cells = [f"{r['modes'][m]['images_per_s']:.0f} ({r['modes'][m]['cold_first_step_s']:.1f})" for m in labels]
         print(
             f"| {r['variant']} | {r['dataset']} | "
             + " | ".join(cells)
-            + f" | {r['auto']} | {r['auto_vs_fastest']:.2f} | {r['load_average'][0]:.1f} |"
+            + f" | {r['auto']} | {r['auto_vs_fastest']:.2f} | {r['rule_vs_fastest']:.2f} | {r['auto_probe_s']:.1f}"
+            + f" | {r['load_average'][0]:.1f} |"
         )
 
 
