@@ -41,6 +41,7 @@ def _gpu_present() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_gpu_present(), reason="a GPU is present: gpu_check.sh would run for real")
 def test_gpu_check_sh_without_a_gpu_exits_2_and_says_why(tmp_path):
     logdir = tmp_path / "gpu-log"
@@ -64,6 +65,7 @@ def test_gpu_check_sh_needs_a_logdir(tmp_path):
     assert proc.returncode == 64 and "usage:" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu_writes_its_json_after_every_phase_and_the_table_last(tmp_path):
     logdir = tmp_path / "dry"
     out = logdir / "gpu_check.json"
@@ -133,6 +135,7 @@ def test_gpu_check_time_bound_stops_a_stuck_phase():
     assert time.monotonic() - started < 2
 
 
+@pytest.mark.slow
 def test_sweep_scale_part_a_on_sqlite(tmp_path):
     proc = subprocess.run(
         [
@@ -169,6 +172,7 @@ def test_sweep_scale_fit_quadratic_recovers_the_coefficients():
     assert a == pytest.approx(0.02, rel=1e-6) and b == pytest.approx(0.0001, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_train_throughput_precision_table_row(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BENCH / "train_throughput.py"), "--precision-table", "--variants", "short4"]

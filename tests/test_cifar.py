@@ -540,6 +540,7 @@ def _load_in_child(source: cifar.Source, data_dir: Path, barrier, queue) -> None
         queue.put(("error", repr(e)))
 
 
+@pytest.mark.slow
 def test_concurrent_first_load(tmp_path, data_dir):
     archive = build_archive(tmp_path / "mirror" / "cifar-10-python.tar.gz")
     source = small_source("cifar10", archive.path, url=archive.path.as_uri())  # each downloads unless another did

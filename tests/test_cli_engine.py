@@ -34,7 +34,7 @@ MACS_CIFAR100 = {
 STEM_RGB_MINUS_GREY = 2 * 9 * 192  # the stem conv reads 3 channels instead of 1
 
 
-pytestmark = pytest.mark.usefixtures("slow_commands")  # start them with the first test
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slow_commands")]  # start them with the first test
 
 TRAIN = ("train", "--variant", "short4", "--dataset", "digits", "--epochs", "3", "--format", "json")
 MODELS = ("models", "--format", "json")

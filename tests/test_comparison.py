@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from sweeper import study as studies
 from sweeper.data import load
 
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
 SEARCH = """
 [search]
@@ -287,7 +287,6 @@ def test_spec_declared_variant_is_validated_listed_hashed_and_trained(sweeper_en
     assert run.data.metrics["num_params"] == tiny["params"]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_quickstart_table_converges(sweeper_env, tmp_path):
     """The shipped quickstart, as a newcomer runs it: every variant ends at top-1 error <= 0.10."""

@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from sweeper.cores import CoreShare
+
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
 
 HOLD = (
     "import sys, time\n"

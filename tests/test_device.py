@@ -40,6 +40,7 @@ def run_worker(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_worker_asked_for_a_gpu_on_a_host_without_one_exits_2_before_touching_the_stores(tmp_path):
     proc = run_worker(tmp_path, "--device", "cuda:2")
@@ -49,6 +50,7 @@ def test_worker_asked_for_a_gpu_on_a_host_without_one_exits_2_before_touching_th
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists(), "nothing claimed"
 
 
+@pytest.mark.slow
 def test_worker_with_a_device_that_does_not_exist_exits_2(tmp_path):
     proc = run_worker(tmp_path, "--device", "gpu0")
     assert proc.returncode == 2, proc.stderr

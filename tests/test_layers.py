@@ -7,6 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
+
 
 def test_library_modules_leave_process_wide_settings_to_the_commands(tmp_path):
     """Importing sweeper's modules and calling them changes no logging level, warning filter,

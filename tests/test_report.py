@@ -92,6 +92,7 @@ def report_cli(home: Path, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_launch_json_ends_with_the_report(study):
     _, stdout = study
     rows = json.loads(stdout)  # one JSON document, nothing else on stdout
@@ -99,6 +100,7 @@ def test_launch_json_ends_with_the_report(study):
     assert {r["state"] for r in rows} == {"COMPLETE"}
 
 
+@pytest.mark.slow
 def test_json_numbers_are_mlflow_numbers(study, mlflow_runs):
     home, _ = study
     rows = json.loads(report_cli(home, "--format", "json"))
@@ -117,6 +119,7 @@ def test_json_numbers_are_mlflow_numbers(study, mlflow_runs):
         assert row["images_per_s"] == m["images_per_s"]
 
 
+@pytest.mark.slow
 def test_build_frame(study):
     home, _ = study
     frame = report.build_frame(STUDY, f"sqlite:///{home / 'optuna.db'}", f"sqlite:///{home / 'mlflow.db'}")
@@ -124,6 +127,7 @@ def test_build_frame(study):
     assert len(frame) == 4 and frame.attrs["epochs"] == 2 and frame.attrs["parent_run_id"]
 
 
+@pytest.mark.slow
 def test_csv_parses_and_matches(study, mlflow_runs):
     home, _ = study
     text = report_cli(home, "--format", "csv")
@@ -137,6 +141,7 @@ def test_csv_parses_and_matches(study, mlflow_runs):
     assert frame["params"].dtype.kind == "i"
 
 
+@pytest.mark.slow
 def test_markdown_is_the_seed_table_with_mean_and_std(study, mlflow_runs):
     home, _ = study
     text = report_cli(home, "--format", "markdown")
@@ -154,12 +159,14 @@ def test_markdown_is_the_seed_table_with_mean_and_std(study, mlflow_runs):
         assert row[6] == "2"
 
 
+@pytest.mark.slow
 def test_table_format(study):
     home, _ = study
     text = report_cli(home)
     assert "GoogLeNet on digits" in text and "Top 1 Error" in text and "short4" in text and "±" in text
 
 
+@pytest.mark.slow
 def test_html_and_plots_are_files_and_artifacts(study, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -202,6 +209,7 @@ def test_html_and_plots_are_files_and_artifacts(study, tmp_path):
     assert logged == sorted([f"{report.ARTIFACT_DIR}/{n}" for n in [*names, "report.md"]])
 
 
+@pytest.mark.slow
 def test_unknown_study_is_one_clear_line(study):
     home, _ = study
     done = _sweeper(home, "report", "--study", "no-such-study")
@@ -309,6 +317,7 @@ def test_format_duration_like_the_seed():
 # --- the cells' models: MLflow loads them, the best one is registered ---------------------------
 
 
+@pytest.mark.slow
 def test_each_finished_cell_logs_a_model_that_mlflow_loads(study, mlflow_runs, monkeypatch):
     import mlflow
     import torch
@@ -329,6 +338,7 @@ def test_each_finished_cell_logs_a_model_that_mlflow_loads(study, mlflow_runs, m
         assert module(torch.from_numpy(example)).shape == (len(example), 10)
 
 
+@pytest.mark.slow
 def test_register_best_registers_the_best_cells_model(study, mlflow_runs):
     from mlflow.tracking import MlflowClient
 
@@ -353,6 +363,7 @@ def test_register_best_registers_the_best_cells_model(study, mlflow_runs):
     assert f"registered models:/tiny-best/2: cell {registered['cell']} of study {STUDY}" in again.stderr
 
 
+@pytest.mark.slow
 def test_register_best_against_an_mlflow_server(tmp_path, sweeper_env, mlflow_server, monkeypatch):
     import mlflow
     import torch
@@ -386,6 +397,7 @@ def test_register_best_against_an_mlflow_server(tmp_path, sweeper_env, mlflow_se
 # --- last: grow the study by one variant that no worker runs ------------------------------------
 
 
+@pytest.mark.slow
 def test_unrun_cell_shows_its_state(study):
     home, _ = study
     grown = home / "grown" / f"{STUDY}.toml"

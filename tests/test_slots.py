@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
+
 CLAIM = """
 import sys, time
 from sweeper import slots

@@ -11,6 +11,8 @@ import pytest
 from helpers import sweeper, write_spec
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
+
 METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
 
 

@@ -133,6 +133,7 @@ def synthetic_runs(synthetic_data, tmp_path_factory):
 # --- learning --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short4_learns_digits_in_three_epochs(digits_run):
     history = digits_run.history
     assert [m.epoch for m in history] == [1, 2, 3]
@@ -144,6 +145,7 @@ def test_short4_learns_digits_in_three_epochs(digits_run):
     assert digits_run.train_seconds == pytest.approx(sum(m.epoch_seconds for m in history))
 
 
+@pytest.mark.slow
 def test_synthetic_is_learnable_well_below_chance(synthetic_runs):
     run = synthetic_runs["a"]
     chance = 1 - 1 / synthetic.DEFAULT_CLASSES
@@ -154,6 +156,7 @@ def test_synthetic_is_learnable_well_below_chance(synthetic_runs):
 # --- reproducibility and resume --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_device_and_precision_give_identical_metrics():
     info = dataclasses.replace(load("digits").info, hflip=True)  # flips on: their coins must repeat too
     data = dataclasses.replace(tiny_digits(128, 64), info=info)
@@ -173,6 +176,7 @@ def test_same_seed_device_and_precision_give_identical_metrics():
     assert_same_tensors(finals[0], finals[1])
 
 
+@pytest.mark.slow
 def test_resume_after_epoch_one_matches_an_unbroken_run(synthetic_runs):
     a, b, states = synthetic_runs["a"], synthetic_runs["b"], synthetic_runs["states"]
     assert synthetic_runs["resume"]["epoch"] == 1
@@ -183,6 +187,7 @@ def test_resume_after_epoch_one_matches_an_unbroken_run(synthetic_runs):
         assert_same_tensors(states["a"][3][part], states["b"][3][part])
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_full_state_and_loads_without_pickled_code(synthetic_runs):
     state = synthetic_runs["resume"]
     assert {"model", "optimizer", "scheduler", "rng", "epoch", "recipe", "history", "format_version"} <= set(state)
@@ -211,6 +216,7 @@ def test_absurd_learning_rate_raises_non_finite_loss_naming_epoch_and_step():
     assert "learning rate" in str(err)
 
 
+@pytest.mark.slow
 def test_model_that_outputs_nan_stops_at_the_exact_step():
     data = tiny_digits()  # 128 images / 32 per batch = 4 steps per epoch
     seed_everything(0)
@@ -231,6 +237,7 @@ def test_model_that_outputs_nan_stops_at_the_exact_step():
     assert "epoch 2, step 3" in str(info.value)
 
 
+@pytest.mark.slow
 def test_should_stop_raises_interrupted_with_the_last_finished_epoch():
     data = tiny_digits()
     seed_everything(0)
@@ -418,6 +425,7 @@ def test_fit_flips_only_training_images_and_only_where_the_dataset_allows(hflip)
     assert torch.equal(test, torch.cat([normalize(data.test_x)] * 2))
 
 
+@pytest.mark.slow
 def test_precision_auto_measures_the_modes_and_caches_the_fastest(tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path))
     # Long enough for the probe to pay for itself: PAYBACK x the probe's steps, at batch 2.
@@ -441,6 +449,7 @@ def test_precision_auto_measures_the_modes_and_caches_the_fastest(tmp_path, monk
     assert (again.precision, again.channels_last) == ("fp32", entry["channels_last"])
 
 
+@pytest.mark.slow
 def test_precision_auto_skips_a_probe_longer_than_the_trial_can_repay(tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path))
     data = load("digits").limit(64, 32)
@@ -469,6 +478,7 @@ def test_fp32_is_selectable():
         resolve_precision("fp16", torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_partial_last_batch_never_recompiles_and_trains_like_eager(monkeypatch):
     """37 images at batch 16: 16, 16 and a last batch of 5, two epochs. Compiled, the 5 would be a
     new shape: a recompile (and new CUDA graphs) every epoch. Counted with a backend that counts."""
@@ -537,6 +547,7 @@ def test_cpu_copy_shares_nothing_with_the_live_state():
 # --- layering --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_engine_modules_import_neither_optuna_nor_mlflow():
     code = textwrap.dedent("""
         import sys

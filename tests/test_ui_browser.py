@@ -49,7 +49,7 @@ SPEC = textwrap.dedent("""\
     limit_test = 128
     """)
 
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
 
 def _missing_browser() -> str | None:

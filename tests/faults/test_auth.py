@@ -12,6 +12,8 @@ from helpers import write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
+
 
 def test_wrong_credentials_are_refused_before_any_trial_is_claimed(tmp_path, sweeper_env, auth_server, monkeypatch):
     url = f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db"

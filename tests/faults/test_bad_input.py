@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
+
 SECRET = "s3cret"
 BAD_PG = f"postgresql://user:{SECRET}@127.0.0.1:1/db"
 BAD_HTTP = f"http://user:{SECRET}@127.0.0.1:1"
@@ -437,7 +439,6 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, sweeper_
     assert not problems, "\n\n".join(problems)
 
 
-@pytest.mark.slow
 def test_stored_bad_values_and_path_like_names_fail_their_cell_without_a_traceback(tmp_path, sweeper_env):
     """A storage written by hand (or by an older sweeper): a study named ../../../escaped made a
     worker write checkpoints outside SWEEPER_HOME, limit_train = -1 trained on all but one image."""

@@ -8,6 +8,7 @@ import threading
 import time
 
 import optuna
+import pytest
 import sqlalchemy
 from fault_helpers import EPOCHS, FAST, assert_cell_run, enqueue, run_together, storage_of, trials_of
 from helpers import write_spec
@@ -15,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweeper import study as studies
+
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
 
 
 def test_database_blip_shorter_than_the_grace_period_does_not_fail_a_live_trial(

@@ -14,8 +14,9 @@ from optuna.trial import TrialState
 
 from sweeper import study as studies
 
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
 
-@pytest.mark.slow
+
 def test_two_retries_at_once_re_enqueue_each_failed_cell_once(tmp_path, sweeper_env, pg_database):
     """Item 5: two `sweeper retry` at once re-enqueued 12-16 of 30 failed cells twice, both
     copies with the cell's mlflow_run_id (two workers would then train one cell into one run)."""
@@ -42,7 +43,6 @@ def test_two_retries_at_once_re_enqueue_each_failed_cell_once(tmp_path, sweeper_
     assert set(runs.values()) == {1}
 
 
-@pytest.mark.slow
 def test_two_launches_at_once_on_a_fresh_sqlite_home_both_succeed(tmp_path, sweeper_env):
     """Item 6: on a fresh embedded home, one of two launches failed (3 of 3 tries), with a
     misleading "cannot open the Optuna storage ... UNIQUE constraint failed: alembic_version" or

@@ -18,6 +18,8 @@ import pytest
 from fault_helpers import FAST
 from helpers import free_port, write_spec
 
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
+
 PG_PASSWORD = "pg/Secret+9z"
 MLFLOW_PASSWORD = "mlSecret+4q="  # an http URL takes no "/" in a password (it ends the host)
 
@@ -42,7 +44,6 @@ def assert_no_secret(text: str, where: str) -> None:
         assert secret not in text, f"{where} shows a password:\n{text}"
 
 
-@pytest.mark.slow
 def test_launch_workers_and_ui_keep_passwords_off_command_lines(tmp_path, sweeper_env, spawn, pg_database, tracking):
     """Item 1: `launch --workers N` passed --storage URL to its workers, `ui` gave optuna-dashboard
     the URL as an argument."""
@@ -74,7 +75,6 @@ def test_launch_workers_and_ui_keep_passwords_off_command_lines(tmp_path, sweepe
     assert_no_secret(ui.text(), "ui")
 
 
-@pytest.mark.slow
 def test_mlflow_going_away_shows_no_password_in_logs_or_report(tmp_path, sweeper_env, spawn, mlflow_server):
     """Item 3: a worker whose MLflow server goes away (its system-metrics thread on), and
     `sweeper report` against that server, print no password and no traceback."""

@@ -11,10 +11,13 @@ import json
 import signal
 import time
 
+import pytest
 from fault_helpers import EPOCHS, FAST, assert_cell_run, cli, enqueue, trials_of
 from helpers import write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
 
 
 def test_sigkill_mid_trial_is_retried_from_the_checkpoint(tmp_path, sweeper_env, spawn, reference):

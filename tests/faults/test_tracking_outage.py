@@ -21,6 +21,8 @@ from optuna.trial import TrialState
 
 from sweeper import tracking
 
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
+
 
 def test_mlflow_outage_buffers_or_fails_past_the_limit_and_nothing_is_lost(
     tmp_path, sweeper_env, spawn, tracking, reference

@@ -10,11 +10,14 @@ import json
 import weakref
 
 import optuna
+import pytest
 import torch
 from fault_helpers import FAST, cli, enqueue, storage_of, trials_of
 from helpers import write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
 
 
 def test_nan_loss_fails_the_trial_without_retry_and_the_worker_goes_on(tmp_path, sweeper_env, spawn, tracking):
