@@ -50,7 +50,7 @@ def run(checkout: Path, study: str, workers: int) -> dict:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"the quickstart failed in {checkout} (exit {proc.returncode}); logs in {home / 'logs'}")
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(study)
+    experiment = client.get_experiment_by_name(Path(study).stem if study.endswith(".toml") else study)
     cells = []
     for r in client.search_runs([experiment.experiment_id], "tags.`sweeper.role` = 'cell'", max_results=1000):
         run_wall = (r.info.end_time - r.info.start_time) / 1000
