@@ -827,7 +827,6 @@ def collect_run(run: dict[str, Any], client, backend: str, mlflow_kind: str, arg
 
 
 def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, profile: bool) -> dict[str, Any]:
-    import gc
     import warnings
     from dataclasses import replace
 
@@ -837,6 +836,7 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
 
     import sweeper.worker as worker
     from sweeper import study as studies
+    from sweeper import tracking
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*MLflowCallback.*")
     install_standins(0.0)
@@ -856,8 +856,21 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         fit=sleep_fit,
     )
     counter = {"i": 0}
+    export_ms: list[float] = []  # the "sweeper" variant's model export, per round
 
-    def sweeper_round(n: int, prof=None, freeze: bool = False, system_metrics: bool = False) -> float:
+    log_model = tracking.log_model
+    export = {"s": 0.0}
+
+    def timed_log_model(*args, **kwargs):  # the model export, which the baseline does not do
+        t0 = time.perf_counter()
+        try:
+            return log_model(*args, **kwargs)
+        finally:
+            export["s"] += time.perf_counter() - t0
+
+    tracking.log_model = timed_log_model
+
+    def sweeper_round(n: int, prof=None, system_metrics: bool = False) -> float:
         counter["i"] += 1
         name = f"scale-c-{counter['i']}"
         storage = studies.open_storage(sw_storage_url)
@@ -868,11 +881,9 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         t0 = time.perf_counter()
         worker.run(replace(cfg, max_trials=0))  # setup of run() alone
         setup = time.perf_counter() - t0
-        if freeze:  # what-if: the worker moved everything it imported out of the collector's way
-            gc.collect()
-            gc.freeze()
         if prof:
             prof.enable()
+        export["s"] = 0.0
         t0 = time.perf_counter()
         try:
             done = worker.run(cfg)
@@ -880,9 +891,9 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
             elapsed = time.perf_counter() - t0
             if prof:
                 prof.disable()
-            if freeze:
-                gc.unfreeze()
         assert done == n, (done, n)
+        if not system_metrics and prof is None:
+            export_ms.append(export["s"] / n * 1000)
         return (elapsed - setup) / n
 
     def objective(trial: optuna.Trial) -> float:
@@ -915,7 +926,6 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
 
     variants = {
         "sweeper": lambda: sweeper_round(trials),
-        "sweeper_gc_freeze": lambda: sweeper_round(trials, freeze=True),
         "sweeper_system_metrics": lambda: sweeper_round(trials, system_metrics=True),
         "baseline": lambda: baseline_round(trials),
         "baseline_wal": lambda: baseline_round(trials, wal=True),
@@ -934,7 +944,6 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         "loadavg": os.getloadavg(),
         "variants": {
             "sweeper": "sweeper.worker.run: claim, MLflow run, 14 epochs of checkpoint + metrics + report, tell",
-            "sweeper_gc_freeze": "the same, with gc.freeze() before run() (what-if for a proposed change)",
             "sweeper_system_metrics": "the same with WorkerConfig(system_metrics=True), the CLI's default "
             "(MLflow's sampler thread per trial); the others run without it",
             "baseline": "study.optimize + MLflowCallback, 14 trial.report per trial, plain Optuna SQLite URL",
@@ -949,7 +958,15 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
     out["ratio_sweeper_system_metrics_over_baseline"] = (
         out["sweeper_system_metrics_ms_per_trial"] / out["baseline_ms_per_trial"]
     )
-    out["ratio_sweeper_gc_freeze_over_baseline"] = out["sweeper_gc_freeze_ms_per_trial"] / out["baseline_ms_per_trial"]
+    # sweeper logs each finished cell's model (torch.export + MLflow's save, load-back check): the
+    # baseline logs none, so the orchestration is also given without it
+    out["sweeper_model_export_ms_rounds"] = export_ms
+    out["sweeper_model_export_ms_per_trial"] = statistics.median(export_ms)
+    without = [a - b for a, b in zip(ms["sweeper"], export_ms)]
+    out["sweeper_without_model_export_ms_rounds"] = without
+    out["sweeper_without_model_export_ms_per_trial"] = statistics.median(without)
+    out["ratio_per_round_without_model_export"] = [a / b for a, b in zip(without, ms["baseline"])]
+    out["ratio_per_round_without_model_export_median"] = statistics.median(out["ratio_per_round_without_model_export"])
     # the same round's figures side by side: the other load on the machine hits both alike
     out["ratio_per_round"] = [a / b for a, b in zip(ms["sweeper"], ms["baseline"])]
     out["ratio_per_round_median"] = statistics.median(out["ratio_per_round"])
@@ -964,6 +981,7 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         prof = cProfile.Profile()
         baseline_round(trials, prof)
         out["baseline_profile"] = profile_rows(prof, trials, BASELINE_CALLS)
+    tracking.log_model = log_model
     return out
 
 
@@ -1197,7 +1215,7 @@ def print_summary(result: dict[str, Any]) -> None:
             f"(c) sweeper {c['sweeper_ms_per_trial']:.0f} ms/trial vs Optuna+MLflowCallback "
             f"{c['baseline_ms_per_trial']:.0f} ms/trial (on sweeper's SQLite settings "
             f"{c['baseline_wal_ms_per_trial']:.0f}): ratio {c['ratio_sweeper_over_baseline']:.2f}; "
-            f"with gc.freeze() {c['sweeper_gc_freeze_ms_per_trial']:.0f} ms/trial, with system metrics "
+            f"of which model export {c['sweeper_model_export_ms_per_trial']:.0f} ms/trial; with system metrics "
             f"{c['sweeper_system_metrics_ms_per_trial']:.0f} ms/trial"
         )
         for row in c.get("sweeper_profile", []):

@@ -109,7 +109,7 @@ def eta(latest: dict[str, Any], spec: dict[str, Any], uri: str) -> dict[str, Any
                 break
         if cell is None or cell["estimate_s"] is None:
             return {"eta_s": None, "eta_source": None}
-        done = (ua.get("sweeper.epoch") or 0) / epochs if t.state.name == "RUNNING" else 0.0
+        done = (studies.last_epoch(t) or 0) / epochs if t.state.name == "RUNNING" else 0.0
         left += cell["estimate_s"] * (1 - done)
     running = sum(t.state.name == "RUNNING" for t in pending)
     return {"eta_s": round(left / max(1, running), 1), "eta_source": f"history on {', '.join(devices)}"}

@@ -38,6 +38,9 @@ SPEC_HASH_ATTR = "sweeper.spec_hash"
 KEY_ATTR = "sweeper.key"
 RECIPE_ATTR = "sweeper.recipe"  # the resolved recipe the trial was enqueued with: it trains with exactly this
 RECIPE_DIGEST_ATTR = "sweeper.recipe_digest"  # with the key, the trial's identity
+# The test top-1 error of a trial's latest epoch, where the trial reports another metric to Optuna
+# (validation); otherwise the intermediate values are the top-1 errors.
+TOP1_ERROR_ATTR = "sweeper.top1_error"
 IDENTITY_ATTRS = (KEY_ATTR, RECIPE_ATTR, RECIPE_DIGEST_ATTR)
 FAIL_REASON_ATTR = "sweeper.fail_reason"
 NO_RETRY_ATTR = "sweeper.no_retry"  # a trial failed for a reason retrying cannot fix
@@ -521,14 +524,38 @@ def claim(study: optuna.Study) -> int | None:
     the trial leaves a heartbeat that goes stale, so the trial is retried and never stays
     RUNNING forever (Optuna ignores RUNNING trials that have no heartbeat at all)."""
     storage = study._storage
-    for trial in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            storage.record_heartbeat(trial._trial_id)
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
-                return trial._trial_id
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker claimed and finished it meanwhile
+    while waiting := waiting_trial_ids(study):
+        for trial_id in waiting:
+            try:
+                storage.record_heartbeat(trial_id)
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker claimed and finished it meanwhile
+        # Other workers took every one of these meanwhile: look again.
     return None
+
+
+def waiting_trial_ids(study: optuna.Study, limit: int = 16) -> list[int]:
+    """The ids of the first ``limit`` WAITING trials, oldest first, in one indexed query
+    (``get_all_trials`` builds every waiting trial with all its rows)."""
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        trials = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+        return [t._trial_id for t in trials[:limit]]
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import select
+
+    trials = models.TrialModel
+    query = (
+        select(trials.trial_id)
+        .where(trials.study_id == study._study_id, trials.state == TrialState.WAITING)
+        .order_by(trials.trial_id)
+        .limit(limit)
+    )
+    with _create_scoped_session(scoped_session) as session:
+        return list(session.scalars(query))
 
 
 def fail_stale_trials(study: optuna.Study) -> list[int]:
@@ -674,6 +701,11 @@ def counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
     return {state: c.get(state, 0) for state in STATES}
 
 
+def last_epoch(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The latest epoch the trial reported to Optuna (the worker reports every epoch)."""
+    return max(trial.intermediate_values, default=None)
+
+
 def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
     """One row per trial for `sweeper status` and the launch board."""
     rows = []
@@ -682,14 +714,15 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
         ua, sa = t.user_attrs, t.system_attrs
         start = t.datetime_start.timestamp() if t.datetime_start else None
         end = t.datetime_complete.timestamp() if t.datetime_complete else None
+        epoch = last_epoch(t)
         rows.append(
             {
                 "number": t.number,
                 "cell": ua.get(KEY_ATTR),
                 "state": t.state.name,
-                "epoch": ua.get("sweeper.epoch"),
+                "epoch": epoch,
                 "epochs": ua.get("sweeper.epochs"),
-                "top1_error": ua.get("sweeper.top1_error"),
+                "top1_error": ua.get(TOP1_ERROR_ATTR, t.intermediate_values.get(epoch)),
                 "value": t.value if t.state == TrialState.COMPLETE else None,
                 "host": ua.get("sweeper.host"),
                 "elapsed_s": round((end or now) - start, 1) if start else None,

@@ -309,11 +309,12 @@ class RunLogger:
         if self.inputs:
             self.client.log_inputs(self.run_id, datasets=self.inputs)
             self.inputs = []
-        for kind, size in (("params", 100), ("tags", 100), ("metrics", 1000)):
-            queue = getattr(self, kind)
-            while queue:
-                self.client.log_batch(self.run_id, **{kind: queue[:size]})
-                del queue[:size]
+        # One request for what fits in one batch (MLflow: 100 params, 100 tags, 1000 items in all).
+        while self.params or self.tags or self.metrics:
+            params, tags = self.params[:100], self.tags[:100]
+            metrics = self.metrics[: 1000 - len(params) - len(tags)]
+            self.client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags)
+            del self.params[: len(params)], self.tags[: len(tags)], self.metrics[: len(metrics)]
 
 
 def log_model(mlflow_client, run_id: str, model, example, step: int = 0, deadline=None, should_stop=None) -> str:

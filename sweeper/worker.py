@@ -39,6 +39,7 @@ VAL_EPOCH_METRICS = ("val_loss", "val_top1_error", "val_top5_error")  # when the
 CHECKPOINT_ARTIFACT = "checkpoint"
 MODEL_EXAMPLE_IMAGES = 4  # the input example logged with a cell's model
 TRACKING_CHECK_EVERY = 30.0  # seconds between looks at MLflow before claiming, after a success
+LIFECYCLE_CHECK_EVERY = 2.0  # seconds between looks for a cancelled study, after an epoch
 
 
 @dataclass
@@ -119,8 +120,21 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
         redact_url(config.storage_url),
         redact_url(config.tracking_uri),
     )
+    # What the worker has loaded by now (torch, MLflow, SQLAlchemy: ~300k objects) lives as long
+    # as the process: moved out of the collector's way, each trial's gc.collect() walks only
+    # what that trial left behind.
+    gc.collect()
+    gc.freeze()
+    try:
+        return _run_trials(config, stop, storage, mlflow_client)
+    finally:
+        gc.unfreeze()
+
+
+def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -> int:
     done = 0
     tracking_ok_at = time.monotonic()  # checked just now
+    mlflow_ids: dict[str, tuple[str, str]] = {}  # study name -> (experiment id, parent run id)
     while not stop.is_set() and (config.max_trials is None or done < config.max_trials):
         if time.monotonic() - tracking_ok_at > TRACKING_CHECK_EVERY:
             if not _wait_for_tracking(mlflow_client, config, stop):
@@ -149,11 +163,12 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
             stop.event.wait(config.poll_interval)
             continue
         study, trial_id = claimed
-        trial_run = TrialRun(study, trial_id, config, mlflow_client, stop)
+        trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids)
         trial_run.run()
         settle(study, mlflow_client, config)
-        if trial_run.failed:  # perhaps MLflow is down: look before claiming again
+        if trial_run.failed:  # perhaps MLflow is down (or its experiment deleted): look again
             tracking_ok_at = float("-inf")
+            mlflow_ids.pop(study.study_name, None)
         done += 1
     return done
 
@@ -307,9 +322,18 @@ class Prepared:
 class TrialRun:
     """One claimed trial, from the cell's attributes to a told result."""
 
-    def __init__(self, study: optuna.Study, trial_id: int, config: WorkerConfig, mlflow_client, stop: StopSignal):
+    def __init__(
+        self,
+        study: optuna.Study,
+        trial_id: int,
+        config: WorkerConfig,
+        mlflow_client,
+        stop: StopSignal,
+        mlflow_ids: dict[str, tuple[str, str]] | None = None,
+    ):
         self.study, self.trial_id, self.config = study, trial_id, config
         self.client, self.stop = mlflow_client, stop
+        self.mlflow_ids = {} if mlflow_ids is None else mlflow_ids  # the worker's, kept between trials
         self.storage = study._storage
         self.trial = self._db(optuna.Trial, study, trial_id)
         self.spec = self._db(studies.stored_spec, study)
@@ -465,7 +489,7 @@ class TrialRun:
         # Steps already in the run (an earlier attempt logged them): never logged again, whether
         # this attempt resumes from a checkpoint or, without a usable one, starts from epoch 1.
         already_logged = set() if fresh_run else tracking.logged_steps(self.client, self.run_id)
-        resume = self._fetch_checkpoint(recipe)
+        resume = self._fetch_checkpoint(recipe, fresh_run)
         splits = load_data(self.dataset, self.config.data_dir).limit(recipe.limit_train, recipe.limit_test)
         splits = splits.split_validation(recipe.val_fraction)
         data_digest = lineage.dataset_digest(splits)
@@ -605,9 +629,12 @@ class TrialRun:
 
     def _open_run(self) -> bool:
         """Open (or reopen) the cell's MLflow run; True when it was created just now."""
-        with studies.study_lock(self.storage, self.study.study_name):  # one parent run, however many workers start
-            experiment_id = tracking.ensure_experiment(self.client, self.study.study_name)
-            parent_id = tracking.ensure_study_run(self.client, experiment_id, self.spec)
+        name = self.study.study_name
+        if name not in self.mlflow_ids:
+            with studies.study_lock(self.storage, name):  # one parent run, however many workers start
+                experiment_id = tracking.ensure_experiment(self.client, name)
+                self.mlflow_ids[name] = experiment_id, tracking.ensure_study_run(self.client, experiment_id, self.spec)
+        experiment_id, parent_id = self.mlflow_ids[name]
         run_id = self.attrs.get("mlflow_run_id")
         if run_id is None:
             identity = {tracking.KEY_TAG: self.key, tracking.ROLE_TAG: "cell"}
@@ -641,12 +668,12 @@ class TrialRun:
         self.logger = tracking.RunLogger(self.client, run_id)
         return fresh
 
-    def _fetch_checkpoint(self, recipe: Recipe) -> dict[str, Any] | None:
+    def _fetch_checkpoint(self, recipe: Recipe, fresh_run: bool) -> dict[str, Any] | None:
         """The cell's latest usable checkpoint: the one in its MLflow run (any machine wrote it) or
         this machine's own copy, which is newer when MLflow missed uploads during an outage."""
         expect = {"variant": self.variant, "dataset": self.dataset, "seed": self.seed, "recipe": recipe.to_dict()}
         candidates = []
-        names = [a.path for a in self.client.list_artifacts(self.run_id, CHECKPOINT_ARTIFACT)]
+        names = [] if fresh_run else [a.path for a in self.client.list_artifacts(self.run_id, CHECKPOINT_ARTIFACT)]
         if f"{CHECKPOINT_ARTIFACT}/last.pt" in names:
             target = self.checkpoint_path.parent / "download"
             target.mkdir(parents=True, exist_ok=True)
@@ -715,6 +742,7 @@ class EpochReporter:
         self.recipe, self.decide_on, self.already_logged = recipe, decide_on, already_logged
         self.held: list[EpochMetrics] = []  # not logged yet: waiting for a checkpoint or the trial's end
         self.last_checkpoint = time.monotonic()
+        self.lifecycle_checked = float("-inf")
         self.background = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self.in_flight: list[Future] = []
         self.pruned_at: int | None = None
@@ -727,17 +755,23 @@ class EpochReporter:
     def on_epoch(self, m: EpochMetrics, state) -> bool:
         """True: stop training (pruned). Raises TrialLost, HandBack or SweeperError (MLflow outage)."""
         run = self.trial_run
-        if self.lost or run._db(studies.trial_state, run.storage, run.trial_id) != TrialState.RUNNING:
+        if self.lost:
             raise TrialLost(f"the trial is no longer RUNNING after epoch {m.epoch}")
         down_since = run.logger.down_since  # set by a background flush that failed
         if down_since is not None and time.monotonic() - down_since > run.config.tracking_outage_limit:
             raise SweeperError(run._outage_reason(m.epoch))
+        value = getattr(m, self.decide_on)
+        # The report is also the ownership check: the storage refuses it, in the same transaction
+        # that reads the trial's state, once the trial has finished (failed by another worker).
+        try:
+            run._db(run.trial.report, value, m.epoch)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TrialLost(f"the trial is no longer RUNNING after epoch {m.epoch}") from None
         if m.epoch not in self.already_logged:
             self.held.append(m)
             self.already_logged.add(m.epoch)
-        value = getattr(m, self.decide_on)
-        run._db(run.trial.set_user_attr, "sweeper.epoch", m.epoch)
-        run._db(run.trial.set_user_attr, "sweeper.top1_error", m.top1_error)
+        if self.decide_on != "top1_error":  # `sweeper status` shows the test error; Optuna has the other
+            run._db(run.trial.set_user_attr, studies.TOP1_ERROR_ATTR, m.top1_error)
         log.info(
             "trial %d: %s epoch %d/%d %s %.4f",
             run.trial.number,
@@ -747,11 +781,10 @@ class EpochReporter:
             self.decide_on,
             value,
         )
-        run._db(run.trial.report, value, m.epoch)
         pruned = run._db(run.trial.should_prune)
         last = pruned or m.epoch == self.recipe.epochs  # the trial ends with its model: no checkpoint needed
         # A cancelled study: checkpoint this epoch now and hand the trial back (`sweeper resume`).
-        cancelled = not last and run._db(studies.lifecycle, run.storage, run.study._study_id)["state"] == "cancelled"
+        cancelled = not last and self._cancelled()
         every = self.recipe.checkpoint_every
         if every == "epoch" or cancelled or (not last and time.monotonic() - self.last_checkpoint >= every):
             started = time.perf_counter()
@@ -763,6 +796,15 @@ class EpochReporter:
         if cancelled:
             raise HandBack(m.epoch, f"study cancelled after epoch {m.epoch}; `sweeper resume` continues it")
         return False
+
+    def _cancelled(self) -> bool:
+        """Whether the study was cancelled, looked up at most every LIFECYCLE_CHECK_EVERY seconds
+        (sub-second epochs would otherwise read the study's attributes many times a second)."""
+        if time.monotonic() - self.lifecycle_checked < LIFECYCLE_CHECK_EVERY:
+            return False
+        run = self.trial_run
+        self.lifecycle_checked = time.monotonic()
+        return run._db(studies.lifecycle, run.storage, run.study._study_id)["state"] == "cancelled"
 
     def _checkpoint(self, snapshot: dict[str, Any]) -> None:
         self.wait()  # at most one checkpoint in flight
