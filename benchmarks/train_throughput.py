@@ -39,6 +39,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +70,7 @@ def _peak_memory(device) -> dict:
 def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, compile: bool) -> dict:
     import torch
 
+    from sweeper import precision
     from sweeper.models import build_model
     from sweeper.train import Recipe, fit, resolve_device
 
@@ -86,6 +88,11 @@ def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, comp
             marks[step] = time.perf_counter(), cpu_seconds()
 
     recipe = Recipe(epochs=1, batch_size=batch_size, eval_batch_size=64)
+    # The mode a real trial of this shape trains in: this run is too short to pay for auto's probe
+    # (sweeper.precision.PAYBACK), a trial of the seed's recipe is not. Probed first, untimed, into
+    # a fresh cache, which fit() then reads, as a worker does on a machine that has seen the shape.
+    os.environ["SWEEPER_CACHE_DIR"] = tempfile.mkdtemp(prefix="sweeper-throughput-")
+    precision.choose(build_model(variant, splits.num_classes), splits.info.shape, batch_size, device)
     result = fit(model, splits, recipe, device=str(device), precision="auto", compile=compile, on_step=on_step)
     seconds = marks[warmup + steps][0] - marks[warmup][0]
     cpu = marks[warmup + steps][1] - marks[warmup][1]
@@ -96,7 +103,7 @@ def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, comp
         "images_per_cpu_s": steps * batch_size / cpu,
         "device": result.device,
         "precision": result.precision,
-        "memory_format": "channels_last" if result.precision == "bf16" or device.type == "cuda" else "NCHW",
+        "memory_format": "channels_last" if result.channels_last else "NCHW",
         "compile": compile,
         "loss": result.final.train_loss,
         **_peak_memory(device),
@@ -108,8 +115,6 @@ def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, comp
 
 def measure_modes(variant: str, dataset: str, batch_size: int, steps: int) -> dict:
     """One row of the precision table, in a fresh process: cold first step and warm rate per mode."""
-    import tempfile
-
     import torch
     import torch.nn.functional as F
 
