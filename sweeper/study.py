@@ -529,6 +529,9 @@ def claim(study: optuna.Study) -> int | None:
             try:
                 storage.record_heartbeat(trial_id)
                 if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    # Optuna's cached storage writes a suggested parameter only for a trial it has
+                    # read (set_trial_param looks the trial up in its cache): read it in.
+                    storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
                     return trial_id
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker claimed and finished it meanwhile
