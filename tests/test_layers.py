@@ -44,6 +44,37 @@ def test_library_modules_leave_process_wide_settings_to_the_commands(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
 
 
+def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path):
+    """``claim`` puts the one trial it won into Optuna's trial cache (internals: the cache would
+    otherwise read all of a grid's waiting trials per claim). An Optuna upgrade that changes the
+    cache must fail here: a suggested parameter and the final state must still reach the store."""
+    import optuna
+
+    from sweeper import study as studies
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    owner = optuna.create_study(study_name="s", storage=studies.open_storage(url))
+    studies.enqueue_many(owner, [{"sweeper.key": f"k{i}"} for i in range(5)])
+    worker = optuna.load_study(study_name="s", storage=studies.open_storage(url))
+
+    trial_id = studies.claim(worker)
+    cached = worker._storage._studies[worker._study_id].trials
+    assert [t._trial_id for t in cached.values()] == [trial_id]  # one trial read, not five
+    trial = optuna.Trial(worker, trial_id)
+    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    worker.tell(trial, 0.25)
+
+    for study in (worker, optuna.load_study(study_name="s", storage=studies.open_storage(url))):
+        first = study.get_trials(deepcopy=False)[0]
+        assert (first._trial_id, first.state, first.value, list(first.params)) == (
+            trial_id,
+            optuna.trial.TrialState.COMPLETE,
+            0.25,
+            ["lr"],
+        )
+        assert [t.state for t in study.get_trials(deepcopy=False)[1:]] == [optuna.trial.TrialState.WAITING] * 4
+
+
 def test_bulk_enqueue_makes_the_trials_optunas_public_api_makes(tmp_path):
     """``enqueue_many`` writes rows through Optuna's internal table models; an Optuna upgrade that
     moves them must fail here, not in a user's launch."""
