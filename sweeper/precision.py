@@ -8,7 +8,8 @@ steps of each mode on a copy of the model and keeps the fastest; the answer is c
 per machine, torch version and thread count, so each shape is probed once per machine. The
 probe's warm-up also builds the kernels the trial then reuses. A probe costs a few steps of every
 mode; a trial too short to earn that back (under PAYBACK times the probe's steps) trains in the
-rule's mode instead, unless the cache already knows the answer.
+rule's mode instead, unless the cache already knows the answer. A probe taken on an overloaded
+CPU (load over OVERLOAD per core) picks the trial's mode but is not cached.
 
 >>> from sweeper.models import build_model
 >>> import torch
@@ -40,6 +41,11 @@ TIMED_STEPS = 2  # the fastest of these counts: robust to a neighbour's burst of
 # saves the trial the gap between the rule's mode and the fastest (rarely over 2x), and it costs
 # every mode's warm-up and timed steps, the cold first steps of oneDNN or cuDNN included.
 PAYBACK = 10
+# Load average per core above which a CPU probe is not cached: with the cores oversubscribed, a
+# step's time says more about who got the cores than about the mode, and one unlucky probe would
+# decide every later trial of the shape on this machine. Such a probe still picks this trial's
+# mode; the next trial of the shape long enough to pay for a probe measures again.
+OVERLOAD = 2.0
 
 
 @dataclass(frozen=True)
@@ -130,11 +136,24 @@ def choose(
         return Mode(hit["precision"], hit["channels_last"])
     if total_steps is not None and total_steps < PAYBACK * probe_steps(modes):
         return rule(device)
+    load = load_per_core(device)
     timings = probe(model, shape, batch_size, device, modes)
     best = min(timings, key=timings.get)
-    if path is not None:
-        _write(path, key, {**asdict(best), "seconds_per_step": {m.label: t for m, t in timings.items()}})
+    load = max(load, load_per_core(device))
+    if path is not None and load <= OVERLOAD:
+        entry = {**asdict(best), "seconds_per_step": {m.label: t for m, t in timings.items()}, "load_per_core": load}
+        _write(path, key, entry)
     return best
+
+
+def load_per_core(device: torch.device) -> float:
+    """The CPU's 1-minute load average per core (0 for a GPU, whose steps other CPU jobs barely slow)."""
+    if device.type != "cpu":
+        return 0.0
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:  # pragma: no cover - no load average on this platform
+        return 0.0
 
 
 def probe_steps(modes: list[Mode]) -> int:

@@ -449,6 +449,22 @@ def test_precision_auto_measures_the_modes_and_caches_the_fastest(tmp_path, monk
     assert (again.precision, again.channels_last) == ("fp32", entry["channels_last"])
 
 
+def test_a_probe_on_an_overloaded_cpu_picks_the_mode_but_is_not_cached(tmp_path, monkeypatch):
+    """The load average is the one thing faked: making this 2-core machine run at load 10 would
+    slow the whole suite."""
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (cores * (precision.OVERLOAD + 3),) * 3)
+    cpu = torch.device("cpu")
+    mode = precision.choose(build_model("short4", 10, 1), (1, 8, 8), 2, cpu, cache=tmp_path / "cache.json")
+    assert mode in precision.candidates(cpu)
+    assert not (tmp_path / "cache.json").exists()
+
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (cores * precision.OVERLOAD * 0.5,) * 3)
+    precision.choose(build_model("short4", 10, 1), (1, 8, 8), 2, cpu, cache=tmp_path / "cache.json")
+    (entry,) = json.loads((tmp_path / "cache.json").read_text()).values()
+    assert entry["load_per_core"] == precision.OVERLOAD * 0.5
+
+
 @pytest.mark.slow
 def test_precision_auto_skips_a_probe_longer_than_the_trial_can_repay(tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path))
