@@ -22,6 +22,8 @@ ENV_COMPILE = "SWEEPER_COMPILE"
 ENV_EXPECT_GPU = "SWEEPER_EXPECT_GPU"
 ENV_CACHE_DIR = "SWEEPER_CACHE_DIR"
 ENV_NOTIFY_URL = "SWEEPER_NOTIFY_URL"
+# Set by containers (compose, k8s) to the physical host: a container's hostname is its own.
+ENV_HOST_ID = "SWEEPER_HOST_ID"
 
 
 def home() -> Path:
@@ -56,6 +58,13 @@ def expect_gpu() -> bool:
 
 def notify_url() -> str | None:
     return os.environ.get(ENV_NOTIFY_URL) or None
+
+
+def host_id() -> str:
+    """The physical host GPU slots are counted on: ``$SWEEPER_HOST_ID``, else the hostname."""
+    import socket
+
+    return os.environ.get(ENV_HOST_ID) or socket.gethostname()
 
 
 def env_int(name: str, default: int) -> int:

@@ -10,8 +10,6 @@ K workers per GPU (``--workers-per-gpu``) only double up once every GPU has one.
 from __future__ import annotations
 
 import fcntl
-import os
-import socket
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +30,6 @@ class Slot:
         return f"cuda:{self.gpu}"
 
 
-def host_id() -> str:
-    """The physical host: containers set SWEEPER_HOST_ID, since their hostname is the container's."""
-    return os.environ.get("SWEEPER_HOST_ID") or socket.gethostname()
-
-
 def visible_gpus() -> list[str]:
     import torch
 
@@ -44,7 +37,7 @@ def visible_gpus() -> list[str]:
 
 
 def claim(gpus: list[str], workers_per_gpu: int, storage_url: str | None = None) -> Slot:
-    host = host_id()
+    host = settings.host_id()
     order = [(gpu, k) for k in range(workers_per_gpu) for gpu in gpus]
     for gpu, k in order:
         hold = _try_lock(storage_url, f"{host}:{gpu}:{k}")

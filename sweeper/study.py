@@ -579,6 +579,26 @@ def waiting_trial_ids(study: optuna.Study, limit: int = 16) -> list[int]:
         return list(session.scalars(query))
 
 
+def unfinished_count(study: optuna.Study) -> int:
+    """How many of the study's trials wait or run, in one indexed count."""
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        states = (TrialState.WAITING, TrialState.RUNNING)
+        return len(study._storage.get_all_trials(study._study_id, deepcopy=False, states=states))
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func, select
+
+    trials = models.TrialModel
+    query = (
+        select(func.count())
+        .select_from(trials)
+        .where(trials.study_id == study._study_id, trials.state.in_([TrialState.WAITING, TrialState.RUNNING]))
+    )
+    with _create_scoped_session(scoped_session) as session:
+        return session.scalar(query)
+
+
 def fail_stale_trials(study: optuna.Study) -> list[int]:
     """Fail trials whose worker stopped beating, with a reason; the retry callback re-enqueues
     each (at most ``max_retry`` times). Two workers doing this at once fail each trial once:
@@ -861,18 +881,32 @@ class Settled:
     paused: str | None  # the reason, when the failure policy paused the study just now
 
 
-def settle(study: optuna.Study) -> Settled:
+def settle(study: optuna.Study, completed: str | None = None) -> Settled:
     """After a trial ends: note the cells that failed for good, pause the study once
     ``max_failed_cells`` have, and compute the study's outcome. One process at a time (the
-    study lock), so each change is reported once however many workers finish together."""
+    study lock), so each change is reported once however many workers finish together.
+
+    ``completed``, the key of a trial that just completed: while other trials still wait or run
+    and that cell was not failed for good, nothing can change: neither the lock is taken nor the
+    study's trials read (every one of them: 0.1-0.15 s with 1,000 trials on PostgreSQL, under the
+    lock that serializes all workers' settles)."""
     storage = study._storage
     backend = getattr(storage, "_backend", storage)
+    if completed is not None:  # no lock: a read that races another worker's settle sees "running"
+        attrs = backend.get_study_user_attrs(study._study_id)
+        if (
+            completed not in (attrs.get(FAILED_CELLS_ATTR) or [])
+            and attrs.get(OUTCOME_ATTR, "running") == "running"
+            and unfinished_count(study)
+        ):
+            return Settled("running", False, [], None)
     with study_lock(storage, study.study_name):
         attrs = backend.get_study_user_attrs(study._study_id)
         rules = policy(attrs.get(SPEC_ATTR) or {})
+        known = set(attrs.get(FAILED_CELLS_ATTR) or [])
+        was = attrs.get(OUTCOME_ATTR, "running")
         latest = latest_trials(backend.get_all_trials(study._study_id, deepcopy=False))
         failed = {k: t for k, t in latest.items() if failed_for_good(t, rules["max_retries"])}
-        known = set(attrs.get(FAILED_CELLS_ATTR) or [])
         new = [t for k, t in failed.items() if k not in known]
         if set(failed) != known:
             storage.set_study_user_attr(study._study_id, FAILED_CELLS_ATTR, sorted(failed))
@@ -886,7 +920,7 @@ def settle(study: optuna.Study) -> Settled:
             )
             set_lifecycle(study, "paused", paused)
         now = outcome(latest, rules["max_retries"])
-        changed = now != attrs.get(OUTCOME_ATTR, "running")
+        changed = now != was
         if changed:
             storage.set_study_user_attr(study._study_id, OUTCOME_ATTR, now)
     return Settled(now, changed, new, paused)

@@ -165,7 +165,8 @@ def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) 
         study, trial_id = claimed
         trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids)
         trial_run.run()
-        settle(study, mlflow_client, config)
+        ended_well = trial_run.told in (TrialState.COMPLETE, TrialState.PRUNED)
+        settle(study, mlflow_client, config, completed=trial_run.key if ended_well else None)
         if trial_run.failed:  # perhaps MLflow is down (or its experiment deleted): look again
             tracking_ok_at = float("-inf")
             mlflow_ids.pop(study.study_name, None)
@@ -229,13 +230,14 @@ def _claim_next(storage, names: tuple[str, ...], on_stale=None):
     return None
 
 
-def settle(study: optuna.Study, mlflow_client, config: WorkerConfig | None) -> None:
-    """After a trial ended: apply the failure policy, mirror the study's outcome on its parent
-    MLflow run and send the notifications. Never fails the worker."""
+def settle(study: optuna.Study, mlflow_client, config: WorkerConfig | None, completed: str | None = None) -> None:
+    """After a trial ended (``completed``: its key, when it completed or was pruned): apply the
+    failure policy, mirror the study's outcome on its parent MLflow run and send the
+    notifications. Never fails the worker."""
     from sweeper import notify
 
     try:
-        settled = studies.settle(study)
+        settled = studies.settle(study, completed)
     except Exception as e:
         log.warning("could not settle study %s: %s", study.study_name, redact(e))
         return
@@ -350,6 +352,7 @@ class TrialRun:
         self.system_metrics = None
         self.core_share: cores.CoreShare | None = None
         self.failed = False
+        self.told: TrialState | None = None  # COMPLETE or PRUNED once the trial ended so
         self.timeout = studies.policy(self.spec)["trial_timeout"]
         self.started = time.monotonic()
 
@@ -574,10 +577,12 @@ class TrialRun:
         if pruned_at is not None:
             self._end_run("KILLED", f"pruned by Optuna after epoch {pruned_at}")
             self._db(self.study.tell, self.trial, state=TrialState.PRUNED)
+            self.told = TrialState.PRUNED
             log.info("trial %d: %s pruned after epoch %d", self.trial.number, self.key, pruned_at)
         else:
             self._end_run("FINISHED")
             self._tell_complete(value)
+            self.told = TrialState.COMPLETE
             log.info("trial %d: %s complete, %s %.4f", self.trial.number, self.key, ready.decide_on, value)
 
     def _send_final(self, splits, epoch: int, with_model: bool) -> None:

@@ -116,33 +116,29 @@ class MlflowServer:
     def start(self) -> MlflowServer:
         log = open(self.root / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(
-            [
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                self.backend_uri,
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-                "--serve-artifacts",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-            ],
+            ["mlflow", "server", *self.app_args(), "--backend-store-uri", self.backend_uri]
+            + ["--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts"]
+            + ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            # MLflow's job runner (GenAI jobs: up to 10 more processes) serves nothing of sweeper's
             env={
                 **os.environ,
                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                # MLflow's job runner (GenAI jobs: up to 10 more processes) serves nothing of sweeper's
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                **self.app_env(),
             },
         )
         wait_http(f"{self.url}/health", timeout=180)
         return self
+
+    def app_args(self) -> list[str]:
+        """Arguments that choose the server's app (a subclass serves basic auth)."""
+        return []
+
+    def app_env(self) -> dict[str, str]:
+        return {}
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

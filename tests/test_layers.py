@@ -75,6 +75,36 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
         assert [t.state for t in study.get_trials(deepcopy=False)[1:]] == [optuna.trial.TrialState.WAITING] * 4
 
 
+def test_settle_after_a_completed_trial_reads_nothing_until_the_last_one(tmp_path, monkeypatch):
+    """A worker settles the study after every trial; while cells remain and the completed one was
+    not failed for good, it must not read all trials (under the lock every worker waits on), and
+    the last trial must still turn the outcome to finished, exactly once."""
+    import optuna
+
+    from sweeper import study as studies
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    owner = optuna.create_study(study_name="s", storage=studies.open_storage(url))
+    studies.enqueue_many(owner, [{"sweeper.key": f"k{i}"} for i in range(3)])
+    worker = optuna.load_study(study_name="s", storage=studies.open_storage(url))
+    backend = worker._storage._backend
+    reads = []
+    read_all = backend.get_all_trials
+    monkeypatch.setattr(backend, "get_all_trials", lambda *a, **k: reads.append(1) or read_all(*a, **k))
+
+    settled = []
+    for i in range(3):
+        trial_id = studies.claim(worker)
+        worker.tell(optuna.Trial(worker, trial_id), 0.1)
+        settled.append((studies.settle(worker, completed=f"k{i}"), len(reads)))
+    assert [(s.outcome, s.outcome_changed, n) for s, n in settled] == [
+        ("running", False, 0),
+        ("running", False, 0),
+        ("finished", True, 1),
+    ]
+    assert not studies.settle(worker, completed="k2").outcome_changed  # settled once
+
+
 def test_bulk_enqueue_makes_the_trials_optunas_public_api_makes(tmp_path):
     """``enqueue_many`` writes rows through Optuna's internal table models; an Optuna upgrade that
     moves them must fail here, not in a user's launch."""

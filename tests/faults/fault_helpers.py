@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import MlflowServer, pg_admin, wait_http
+from helpers import MlflowServer, pg_admin
 
 # One cell used by most tests: tiny model, tiny data, 3 epochs (a few seconds per epoch on CPU).
 EPOCHS = 3
@@ -211,43 +211,18 @@ class AuthMlflowServer(MlflowServer):
 
     ADMIN, PASSWORD = "admin", "Sweeper-admin-Passw0rd!"
 
-    def start(self) -> AuthMlflowServer:
+    def app_args(self) -> list[str]:
+        return ["--app-name", "basic-auth"]
+
+    def app_env(self) -> dict[str, str]:
         config = self.root / "basic_auth.ini"
         config.write_text(
             f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'auth.db'}\n"
             f"admin_username = {self.ADMIN}\nauthorization_function = "
             "mlflow.server.auth:authenticate_request_basic_auth\n"
         )
-        log = open(self.root / "mlflow-server.log", "ab")
-        self.proc = subprocess.Popen(
-            [
-                "mlflow",
-                "server",
-                "--app-name",
-                "basic-auth",
-                "--backend-store-uri",
-                self.backend_uri,
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-                "--serve-artifacts",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={
-                **os.environ,
-                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                "MLFLOW_AUTH_CONFIG_PATH": str(config),
-                "MLFLOW_AUTH_ADMIN_PASSWORD": self.PASSWORD,
-                "MLFLOW_FLASK_SERVER_SECRET_KEY": "sweeper-tests",
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            },
-        )
-        wait_http(f"{self.url}/health", timeout=180)
-        return self
+        return {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.PASSWORD,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "sweeper-tests",
+        }
