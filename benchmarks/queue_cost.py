@@ -1,0 +1,127 @@
+"""What a worker's claim and settle cost with a big grid waiting, side by side across checkouts.
+
+    python benchmarks/queue_cost.py --checkout /path/to/baseline --checkout .
+    python benchmarks/queue_cost.py --checkout . --waiting 1000 --rounds 20 --json
+
+Each checkout runs in its own interpreter (its ``sweeper`` first on the path) against a fresh
+PostgreSQL database: ``--waiting`` cells enqueued with ``study.enqueue_many``, then ``--rounds``
+times what a worker does around one trial: ``claim`` (time), a suggested parameter and a
+COMPLETE tell, and ``settle`` (time; told which cell completed where the checkout's ``settle``
+takes it). Medians and maxima in milliseconds. The checkouts alternate round by round, so a
+burst of load falls on both alike.
+
+PostgreSQL: ``$SWEEPER_TEST_PG`` (default postgresql://postgres@127.0.0.1:5432/postgres) is used
+to create and drop the throwaway databases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+PG_ADMIN_URL = os.environ.get("SWEEPER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+# One round in the checkout's interpreter: reads "round" lines on stdin, answers one JSON line each.
+CHILD = r"""
+import inspect, json, sys, time, warnings
+warnings.simplefilter("ignore")
+import optuna
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+from sweeper import study as studies
+
+url, waiting = sys.argv[1], int(sys.argv[2])
+owner = optuna.create_study(study_name="queue", storage=studies.open_storage(url))
+studies.enqueue_many(owner, [{"sweeper.key": f"cell{i}"} for i in range(waiting)])
+worker = optuna.load_study(study_name="queue", storage=studies.open_storage(url))
+takes_completed = "completed" in inspect.signature(studies.settle).parameters
+print(json.dumps({"ready": True, "settle_told_the_cell": takes_completed, "sweeper": studies.__file__, "trials": len(owner.get_trials(deepcopy=False))}), flush=True)
+for line in sys.stdin:
+    t0 = time.perf_counter()
+    trial_id = studies.claim(worker)
+    claim_s = time.perf_counter() - t0
+    trial = optuna.Trial(worker, trial_id)
+    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    worker.tell(trial, 0.5)
+    key = worker._storage.get_trial(trial_id).user_attrs["sweeper.key"]
+    t0 = time.perf_counter()
+    studies.settle(worker, completed=key) if takes_completed else studies.settle(worker)
+    settle_s = time.perf_counter() - t0
+    print(json.dumps({"claim_s": claim_s, "settle_s": settle_s}), flush=True)
+"""
+
+
+def admin(sql: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(sql))
+    engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkout", action="append", required=True, help="a sweeper checkout (repeat)")
+    parser.add_argument("--waiting", type=int, default=1000, help="cells enqueued before the first claim")
+    parser.add_argument("--rounds", type=int, default=20, help="claim + tell + settle rounds per checkout")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    args = parser.parse_args(argv)
+
+    children, databases = [], []
+    try:
+        for checkout in args.checkout:
+            db = f"sweeper_queue_{uuid.uuid4().hex[:8]}"
+            admin(f'CREATE DATABASE "{db}"')
+            databases.append(db)
+            url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db}"
+            env = {**os.environ, "PYTHONPATH": str(Path(checkout).resolve())}
+            child = subprocess.Popen(
+                [sys.executable, "-c", CHILD, url, str(args.waiting)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=checkout,  # `python -c` puts the working directory first on the path
+            )
+            children.append((checkout, child, json.loads(child.stdout.readline())))
+        samples: dict[str, list[dict]] = {checkout: [] for checkout, _, _ in children}
+        for _ in range(args.rounds):
+            for checkout, child, _ in children:
+                child.stdin.write("round\n")
+                child.stdin.flush()
+                samples[checkout].append(json.loads(child.stdout.readline()))
+    finally:
+        for _, child, _ in children:
+            child.stdin.close()
+            child.wait(timeout=60)
+        for db in databases:
+            admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+    result = {"waiting": args.waiting, "rounds": args.rounds, "load_average": os.getloadavg()[0], "checkouts": []}
+    for checkout, _, ready in children:
+        row = {"checkout": checkout, **{k: v for k, v in ready.items() if k != "ready"}}
+        for what in ("claim_s", "settle_s"):
+            values = [s[what] * 1000 for s in samples[checkout]]
+            row[what.replace("_s", "_ms_median")] = round(statistics.median(values), 1)
+            row[what.replace("_s", "_ms_max")] = round(max(values), 1)
+        result["checkouts"].append(row)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{args.waiting} cells waiting, {args.rounds} rounds, load {result['load_average']:.1f}")
+        for row in result["checkouts"]:
+            print(
+                f"  {row['checkout']:<30} claim {row['claim_ms_median']:7.1f} ms (max {row['claim_ms_max']:.1f})"
+                f"   settle {row['settle_ms_median']:7.1f} ms (max {row['settle_ms_max']:.1f})"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
