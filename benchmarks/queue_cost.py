@@ -22,10 +22,11 @@ import os
 import statistics
 import subprocess
 import sys
-import uuid
+import tempfile
 from pathlib import Path
 
-PG_ADMIN_URL = os.environ.get("SWEEPER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_scale import Databases
 
 # One round in the checkout's interpreter: reads "round" lines on stdin, answers one JSON line each.
 CHILD = r"""
@@ -56,15 +57,6 @@ for line in sys.stdin:
 """
 
 
-def admin(sql: str) -> None:
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(sql))
-    engine.dispose()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkout", action="append", required=True, help="a sweeper checkout (repeat)")
@@ -73,13 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     args = parser.parse_args(argv)
 
-    children, databases = [], []
+    children, databases = [], Databases(Path(tempfile.gettempdir()))
     try:
         for checkout in args.checkout:
-            db = f"sweeper_queue_{uuid.uuid4().hex[:8]}"
-            admin(f'CREATE DATABASE "{db}"')
-            databases.append(db)
-            url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db}"
+            url = databases.new("postgresql", "queue")
             env = {**os.environ, "PYTHONPATH": str(Path(checkout).resolve())}
             child = subprocess.Popen(
                 [sys.executable, "-c", CHILD, url, str(args.waiting)],
@@ -100,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         for _, child, _ in children:
             child.stdin.close()
             child.wait(timeout=60)
-        for db in databases:
-            admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        databases.close()
 
     result = {"waiting": args.waiting, "rounds": args.rounds, "load_average": os.getloadavg()[0], "checkouts": []}
     for checkout, _, ready in children:
