@@ -1,0 +1,205 @@
+"""Extra hosts for tests: Linux network namespaces joined to this machine by veth links.
+
+Each `Host` is a network namespace with one veth link to the root namespace (a /30 of its own
+in 10.231.0.0/16, used nowhere else) and its loopback. Processes started with `Host.popen`
+see nothing of this machine's network but that link: they reach PostgreSQL and the MLflow
+server only through a `Forwarder` listening on the link's root-side address, so the machine's
+servers keep their configuration. `Host.partition()` drops packets inside the namespace with
+iptables (DROP, not REJECT: connections hang as they do when a real network fails), `heal()`
+lets them through again.
+
+    with Network() as net:
+        b = net.host()
+        pg = b.forward(5432)           # port on b.gateway that leads to 127.0.0.1:5432
+        proc = b.popen(["psql", f"postgresql://postgres@{b.gateway}:{pg}/postgres", "-c", "select 1"])
+        b.partition()                  # every packet between b and this machine dropped
+        b.heal()
+
+Needs root and iproute2/iptables; `network_unavailable()` says why not, for a skip message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+SUBNET = ipaddress.ip_network("10.231.0.0/16")
+
+
+def _run(cmd: list[str], netns: str | None = None) -> str:
+    cmd = cmd if netns is None else ["ip", "netns", "exec", netns, *cmd]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def _ip(*args: str, netns: str | None = None) -> str:
+    return _run(["ip", *args], netns)
+
+
+def network_unavailable() -> str | None:
+    """Why extra hosts cannot be made here, or None when they can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "iptables"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            return f"`{tool}` is not installed (Debian: iproute2, iptables)"
+    probe = f"swp-probe-{os.getpid()}"
+    try:
+        subprocess.run(["ip", "netns", "add", probe], check=True, capture_output=True, text=True)
+        subprocess.run(["ip", "netns", "exec", probe, "iptables", "-L"], check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as e:
+        return f"cannot make a network namespace with iptables here: {(e.stderr or '').strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+class Forwarder:
+    """A TCP forwarder: accepts on (address, port) and pipes each connection to `target`."""
+
+    def __init__(self, address: str, target: tuple[str, int]):
+        self.target = target
+        self.server = socket.create_server((address, 0))
+        self.port = self.server.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            self.connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.connections:
+            s.close()
+
+
+class Host:
+    """One extra host: a network namespace and its veth link (see the module's docstring)."""
+
+    def __init__(self, name: str, link: ipaddress.IPv4Network):
+        self.name = name
+        self.gateway, self.address = (str(a) for a in list(link.hosts())[:2])  # this machine's end, the host's
+        self.forwarders: list[Forwarder] = []
+        self.procs: list[subprocess.Popen] = []
+        _ip("netns", "add", name)
+        try:
+            self._link(link)
+        except subprocess.CalledProcessError:
+            self.close()
+            raise
+
+    def _link(self, link: ipaddress.IPv4Network) -> None:
+        name = self.name
+        outside, inside = f"{name}a", f"{name}b"  # interface names: at most 15 characters
+        _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+        _ip("link", "set", inside, "netns", name)
+        _ip("addr", "add", f"{self.gateway}/{link.prefixlen}", "dev", outside)
+        _ip("link", "set", outside, "up")
+        _ip("addr", "add", f"{self.address}/{link.prefixlen}", "dev", inside, netns=name)
+        _ip("link", "set", inside, "up", netns=name)
+        _ip("link", "set", "lo", "up", netns=name)
+
+    def forward(self, port: int) -> int:
+        """A port on this host's gateway address that leads to 127.0.0.1:`port` of this machine."""
+        forwarder = Forwarder(self.gateway, ("127.0.0.1", port))
+        self.forwarders.append(forwarder)
+        return forwarder.port
+
+    def popen(self, cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start `cmd` inside this host (stdout and stderr to `log` when given)."""
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.name, *cmd], capture_output=True, text=True, timeout=timeout)
+
+    def _iptables(self, *rule: str) -> None:
+        _run(["iptables", *rule], netns=self.name)
+
+    def partition(self, port: int | None = None) -> None:
+        """Drop every packet between this host and this machine, or only those of one forwarded
+        `port` (an asymmetric cut: PostgreSQL unreachable, MLflow still answering, or the reverse)."""
+        match = ["-p", "tcp", "--dport", str(port)] if port else []
+        back = ["-p", "tcp", "--sport", str(port)] if port else []
+        self._iptables("-A", "OUTPUT", "-d", self.gateway, *match, "-j", "DROP")
+        self._iptables("-A", "INPUT", "-s", self.gateway, *back, "-j", "DROP")
+
+    def heal(self) -> None:
+        self._iptables("-F", "OUTPUT")
+        self._iptables("-F", "INPUT")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout.split()
+        for pid in pids:  # grandchildren a test left behind
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        for forwarder in self.forwarders:
+            forwarder.close()
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)  # takes the veth pair with it
+
+
+class Network:
+    """The extra hosts of one test; every host is removed on exit, whatever happened."""
+
+    def __init__(self):
+        self.hosts: list[Host] = []
+        self.tag = f"sw{os.getpid() % 100000}"
+
+    def _free_link(self) -> ipaddress.IPv4Network:
+        used = _ip("-o", "-4", "addr", "show")
+        links = list(SUBNET.subnets(new_prefix=30))
+        for link in random.sample(links, 64):
+            if not any(str(a) in used for a in link):
+                return link
+        raise RuntimeError(f"no free /30 in {SUBNET}")
+
+    def host(self) -> Host:
+        host = Host(f"{self.tag}h{len(self.hosts)}", self._free_link())
+        self.hosts.append(host)
+        return host
+
+    def __enter__(self) -> Network:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for host in self.hosts:
+            host.close()
