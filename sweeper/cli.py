@@ -116,6 +116,19 @@ def check_model_name(ctx, param, value):
 # --- output --------------------------------------------------------------------------------
 
 
+def check_compare(ctx, param, value):
+    """`ui --compare`: two or more different names, A,B."""
+    if value is None:
+        return None
+    names = [part.strip() for part in value.split(",")]
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise click.BadParameter(
+            f"takes two or more different variants or cells as A,B (e.g. standard,short4 or "
+            f"short4/digits/s1,short3/digits/s1), got {value!r}"
+        )
+    return ",".join(names)
+
+
 def stderr_console():
     from rich.console import Console
 
@@ -1000,12 +1013,18 @@ def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed, r
 @click.option(
     "--dashboard-port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="optuna-dashboard port."
 )
-def ui(study, storage, tracking_uri, port, dashboard_port):
+@click.option(
+    "--compare",
+    metavar="A,B",
+    callback=check_compare,
+    help="Also print a link to exactly these variants' or cells' runs side by side (variant, or variant/dataset/sSEED).",
+)
+def ui(study, storage, tracking_uri, port, dashboard_port, compare):
     """Serve the MLflow UI and optuna-dashboard for a study on 127.0.0.1 until Ctrl-C."""
     study_layer()
     from sweeper import ui as uis
 
-    uis.serve(study_name(study), storage, tracking_uri, port=port, dashboard_port=dashboard_port)
+    uis.serve(study_name(study), storage, tracking_uri, port=port, dashboard_port=dashboard_port, compare=compare)
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -105,8 +105,27 @@ def launch(
     from sweeper import report
 
     report.print_report(spec.name, url, uri, fmt=fmt)
+    console.print(f"compare them in the MLflow UI: {comparison_hint(spec, uri)}", markup=False, soft_wrap=True)
     if failed:
         sys.exit(1)
+
+
+def comparison_hint(spec: StudySpec, uri: str) -> str:
+    """Where the study's comparison opens: its link on an MLflow server, else `sweeper ui`."""
+    command = f"sweeper ui --study {spec.name}"
+    if not tracking.is_server(uri):
+        return command
+    from sweeper import views
+    from sweeper.errors import strip_credentials
+
+    try:
+        client = tracking.client(uri)
+        experiment = client.get_experiment_by_name(spec.name)
+    except Exception:
+        return command
+    if experiment is None:
+        return command
+    return views.study_link(client, strip_credentials(uri), experiment, spec.to_dict(), spec.recipe_digest)
 
 
 def enqueue(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def dataset_digest(splits) -> str:
-    """sha256 over the arrays a trial trains, validates and tests on (shapes included)."""
+def dataset_digest(
+    splits, names: tuple[str, ...] = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+) -> str:
+    """sha256 over the arrays a trial trains, validates and tests on (shapes included), or over
+    the ``names`` of them."""
     h = hashlib.sha256()
-    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+    for name in names:
         tensor = getattr(splits, name)
         if tensor is None:
             continue
@@ -54,26 +56,31 @@ def dataset_digest(splits) -> str:
     return h.hexdigest()[:16]
 
 
-def dataset_profile(splits, val_fraction: float) -> dict[str, Any]:
-    return {
-        "train": len(splits.train_y),
-        "val": 0 if splits.val_y is None else len(splits.val_y),
-        "test": len(splits.test_y),
-        "val_fraction": val_fraction,
-        "num_classes": splits.num_classes,
-        "shape": list(splits.info.shape),
-    }
+# The MLflow input contexts of the splits: (context, split, name suffix).
+SPLIT_INPUTS = (("training", "train", "train"), ("validation", "val", "val"), ("evaluation", "test", "test"))
 
 
-def dataset_input(splits, val_fraction: float, digest: str):
-    """The MLflow dataset input of a cell run (what ``mlflow.log_input`` logs)."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+def dataset_inputs(splits) -> list[Any]:
+    """The MLflow dataset inputs of a cell run, built with ``mlflow.data``: one per split, with
+    context ``training``, ``evaluation`` (the test split) and, when the recipe holds one out,
+    ``validation``. Each is named DATASET-SPLIT, with the digest of that split's arrays and, in
+    its profile, their shapes and sizes."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
 
-    dataset = Dataset(
-        name=splits.info.name,
-        digest=digest,
-        source_type="sweeper",
-        source=json.dumps({"dataset": splits.info.name}),
-        profile=json.dumps(dataset_profile(splits, val_fraction)),
-    )
-    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])
+    name = splits.info.name
+    inputs = []
+    for context, split, suffix in SPLIT_INPUTS:
+        x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
+        if x is None or len(y) == 0:
+            continue
+        dataset = from_numpy(
+            x.numpy(),
+            targets=y.numpy(),
+            name=f"{name}-{suffix}",
+            digest=dataset_digest(splits, (f"{split}_x", f"{split}_y")),
+            source=CodeDatasetSource(tags={"sweeper.dataset": name, "sweeper.split": split}),
+        )
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    return inputs

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from sweeper import settings
 from sweeper.contract import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL
 from sweeper.errors import SweeperError, redact, redact_url, remember, root_cause
-from sweeper.spec import Cell, StudySpec, variant_cfgs
+from sweeper.spec import Cell, StudySpec, decision_metric, variant_cfgs
 
 log = logging.getLogger("sweeper.study")
 
@@ -276,6 +276,7 @@ def launch(storage: RDBStorage, spec: StudySpec, force_update: bool = False) -> 
                     "new rows, when the [train] recipe changed)."
                 )
             updated = True
+        name_metric(study, decision_metric(spec.metric, spec.recipe.get("val_fraction", 0)))
         if study.user_attrs.get(SPEC_ATTR) != spec.to_dict():  # a changed policy or description too
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
         if old_hash != spec.hash:
@@ -389,6 +390,40 @@ def enqueue_many(study: optuna.Study, user_attrs: list[dict[str, Any]]) -> None:
                 insert(models.TrialSystemAttributeModel),
                 [{"trial_id": trial_id, "key": "fixed_params", "value_json": json.dumps({})} for trial_id in ids],
             )
+
+
+# --- what optuna-dashboard shows: the metric's name, each trial's cell as params ------------------
+
+CELL_PARAMS = ("variant", "dataset", "seed")
+
+
+def name_metric(study: optuna.Study, metric: str) -> None:
+    """Name the study's objective (optuna-dashboard shows it instead of "Objective 0")."""
+    if study.metric_names != [metric]:
+        study.set_metric_names([metric])
+
+
+def set_cell_params(study: optuna.Study, trial_id: int, spec: dict[str, Any], attrs: dict[str, Any]) -> None:
+    """The trial's cell (its ``variant``, ``dataset`` and ``seed`` user attrs) also as Optuna
+    params, so optuna-dashboard's plots and importance split by them. They are written to the
+    storage as they are, never asked of the sampler (the per-cell search is unchanged), as
+    categorical params over the study's grid; a cell's identity stays its user attrs. A value
+    Optuna refuses (the grid changed under --force-update since the first trial recorded it)
+    is left out."""
+    from optuna.distributions import CategoricalDistribution
+
+    storage = study._storage
+    have = storage.get_trial(trial_id).params
+    grid = spec.get("grid") or {}
+    for name in CELL_PARAMS:
+        value = int(attrs[name]) if name == "seed" else attrs.get(name)
+        if name in have or value is None:
+            continue
+        try:
+            distribution = CategoricalDistribution(list(grid.get(name) or [value]))
+            storage.set_trial_param(trial_id, name, distribution.to_internal_repr(value), distribution)
+        except ValueError as e:
+            log.info("trial id %d: %s=%s not recorded as an Optuna param: %s", trial_id, name, value, e)
 
 
 def cell_attrs(cell: Cell, key: str, recipe: dict[str, Any], digest: str) -> dict[str, Any]:

@@ -233,6 +233,18 @@ def run_link(uri: str | None, experiment_id: str | None, run_id: str | None) -> 
     return f"runs:/{run_id}"
 
 
+UI_DEFAULT = "http://127.0.0.1:5000"  # where `sweeper ui` serves an embedded store's MLflow UI by default
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or, for an embedded store, where
+    `sweeper ui` serves it with its default --port."""
+    from sweeper.errors import strip_credentials
+
+    base = strip_credentials(uri).rstrip("/") if is_server(uri) else UI_DEFAULT
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 class RunLogger:
     """Sends params, metrics and tags of one run in batches, in order, surviving an outage.
 

@@ -7,8 +7,11 @@ process outlives the command. When the tracking URI is already a server (http...
 is printed and only optuna-dashboard is started.
 
     >>> serve("quickstart", None, None, port=5000, dashboard_port=8080)   # doctest: +SKIP
-    MLflow UI         http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning
+    MLflow UI         http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=sweeper
     optuna-dashboard  http://127.0.0.1:8080/dashboard/studies/1
+
+The MLflow link opens on the study's cells, best first, with the seed's columns (sweeper.views);
+with ``compare="A,B"`` a third link opens on exactly those variants' or cells' runs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweeper import settings, tracking
+from sweeper import settings, tracking, views
 from sweeper import study as studies
 from sweeper.errors import SweeperError, redact_url, strip_credentials
 
@@ -258,6 +261,7 @@ def _artifact_root(experiment, uri: str) -> str | None:
 class Urls:
     mlflow: str
     dashboard: str
+    compare: str | None = None
 
 
 def serve(
@@ -270,6 +274,7 @@ def serve(
     ready_timeout: float = READY_TIMEOUT,
     on_ready: Callable[[Urls], None] | None = None,
     stop: threading.Event | None = None,
+    compare: str | None = None,
 ) -> None:
     """Serve the study's MLflow experiment and Optuna study until Ctrl-C / SIGTERM (or ``stop``)."""
     url = studies.resolve_storage_url(storage)
@@ -290,12 +295,7 @@ def serve(
         raise SweeperError("--port and --dashboard-port must differ")
 
     base = strip_credentials(uri).rstrip("/") if remote else f"http://{HOST}:{port}"
-    # The runs table in the "Model training" view (MLflow 3 opens new experiments on a GenAI overview).
-    mlflow_url = (
-        f"{base}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
-        if experiment
-        else f"{base}/"
-    )
+    mlflow_url, compare_url = _mlflow_links(client, base, experiment, study, storage, tracking_uri, compare)
     dashboard_url = f"http://{HOST}:{dashboard_port}/dashboard/studies/{study_id}"
     log_dir = settings.home() / "logs"
     servers = []
@@ -333,9 +333,11 @@ def serve(
             _note(f"no MLflow experiment named {study_name!r} yet in {redact_url(uri)}; the UI opens on the list")
         print(f"MLflow UI         {mlflow_url}", flush=True)
         print(f"optuna-dashboard  {dashboard_url}", flush=True)
+        if compare_url:
+            print(f"MLflow compare    {compare_url}", flush=True)
         _note("press Ctrl-C to stop both")
         if on_ready is not None:
-            on_ready(Urls(mlflow_url, dashboard_url))
+            on_ready(Urls(mlflow_url, dashboard_url, compare_url))
         while not stop.wait(0.5):
             for server in servers:
                 if not server.alive():
@@ -350,6 +352,24 @@ def serve(
         config.unlink(missing_ok=True)
         _restore_signal_handlers(previous)
     _note("stopped")
+
+
+def _mlflow_links(client, base, experiment, study, storage, tracking_uri, compare) -> tuple[str, str | None]:
+    """The study's comparison in the MLflow UI and, with ``compare`` ("A,B"), that of exactly
+    those variants or cells (see sweeper.views)."""
+    if experiment is None:
+        if compare:
+            raise SweeperError(f"study {study.study_name!r} has no MLflow run yet, so nothing to compare")
+        return f"{base}/", None
+    spec = study.user_attrs.get(studies.SPEC_ATTR) or {}
+    digest = study.user_attrs.get(studies.RECIPE_DIGEST_ATTR)
+    compare_url = None
+    if compare:
+        from sweeper.report.read import collect
+
+        run_ids = views.pick_runs(collect(study.study_name, storage, tracking_uri).frame, compare)
+        compare_url = views.compare_link(client, base, experiment, spec, run_ids)
+    return views.study_link(client, base, experiment, spec, digest), compare_url
 
 
 def _install_signal_handlers(stop: threading.Event):

@@ -132,6 +132,16 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
 
 
 def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -> int:
+    from sweeper.report.publish import Refresher
+
+    reports = Refresher(config.storage_url, config.tracking_uri)  # the study's page in MLflow
+    try:
+        return _claim_and_run(config, stop, storage, mlflow_client, reports)
+    finally:
+        reports.close()
+
+
+def _claim_and_run(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, reports) -> int:
     done = 0
     tracking_ok_at = time.monotonic()  # checked just now
     mlflow_ids: dict[str, tuple[str, str]] = {}  # study name -> (experiment id, parent run id)
@@ -167,6 +177,8 @@ def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) 
         trial_run.run()
         ended_well = trial_run.told in (TrialState.COMPLETE, TrialState.PRUNED)
         settle(study, mlflow_client, config, completed=trial_run.key if ended_well else None)
+        if trial_run.told == TrialState.COMPLETE:
+            reports.request(study.study_name)
         if trial_run.failed:  # perhaps MLflow is down (or its experiment deleted): look again
             tracking_ok_at = float("-inf")
             mlflow_ids.pop(study.study_name, None)
@@ -524,12 +536,13 @@ class TrialRun:
             values[name] = self._db(suggest, self.trial, name, dist)
         self.recipe = recipe = Recipe.from_dict(values)
         decide_on = decision_metric(self.spec["metric"], recipe.val_fraction)
+        self._db(studies.set_cell_params, self.study, self.trial_id, self.spec, self.attrs)
         self._db(self.trial.set_user_attr, "sweeper.host", socket.gethostname())
         self._db(self.trial.set_user_attr, "sweeper.epochs", recipe.epochs)
         return recipe, decide_on
 
     def _log_run_inputs(self, ready: Prepared, fresh_run: bool, data_digest: str) -> None:
-        """The run's params (once: MLflow's are immutable), tags and dataset input."""
+        """The run's params (once: MLflow's are immutable), tags and dataset inputs."""
         if fresh_run or not self.client.get_run(self.run_id).data.params:
             self.logger.log_params({"variant": self.variant, "dataset": self.dataset, **ready.recipe.to_dict()})
         self.logger.set_tags(
@@ -544,7 +557,8 @@ class TrialRun:
             }
         )
         if fresh_run or not self.client.get_run(self.run_id).inputs.dataset_inputs:
-            self.logger.log_input(lineage.dataset_input(ready.splits, ready.recipe.val_fraction, data_digest))
+            for dataset_input in lineage.dataset_inputs(ready.splits):
+                self.logger.log_input(dataset_input)
 
     def _replay_resumed(self, ready: Prepared) -> None:
         """A resumed trial: the checkpoint's epochs MLflow missed are logged, all reported to Optuna."""
@@ -639,6 +653,9 @@ class TrialRun:
             with studies.study_lock(self.storage, name):  # one parent run, however many workers start
                 experiment_id = tracking.ensure_experiment(self.client, name)
                 self.mlflow_ids[name] = experiment_id, tracking.ensure_study_run(self.client, experiment_id, self.spec)
+                # Studies launched before metrics were named get theirs here.
+                val_fraction = Recipe.from_dict(self.spec["train"]).val_fraction
+                self._db(studies.name_metric, self.study, decision_metric(self.spec["metric"], val_fraction))
         experiment_id, parent_id = self.mlflow_ids[name]
         run_id = self.attrs.get("mlflow_run_id")
         if run_id is None:
@@ -670,6 +687,11 @@ class TrialRun:
                 self.client.set_tag(run_id, k, v)
         self.run_id = run_id
         self._db(self.trial.set_user_attr, "mlflow_run_id", run_id)
+        self._db(
+            self.trial.set_user_attr,
+            "mlflow_run_url",
+            tracking.run_url(self.config.tracking_uri, experiment_id, run_id),
+        )
         self.logger = tracking.RunLogger(self.client, run_id)
         return fresh
 

@@ -1,5 +1,5 @@
-"""`sweeper report`: reads the study, registers the best model when asked, writes the plots and
-the markdown table to the study's MLflow run, and prints the report."""
+"""`sweeper report`: reads the study, registers the best model when asked, brings the study's page
+in MLflow up to date (sweeper.report.publish), writes the plots and prints the report."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ from sweeper import tracking
 from sweeper.errors import SweeperError
 from sweeper.report.formats import FORMATS, render, render_compare, write_atomic
 from sweeper.report.plots import write_plots
+from sweeper.report.publish import ARTIFACT_DIR, REPORT_HTML, publish
 from sweeper.report.read import DONE, Collected, collect, note
 from sweeper.report.table import compare, lineage_warnings
-
-ARTIFACT_DIR = "report"  # where plots and the markdown table go in the study's parent run
 
 
 def log_to_parent(collected: Collected, plots: dict[str, Path], markdown: str) -> None:
@@ -133,6 +132,8 @@ def print_report(
                 else ""
             )
         )
+    if publish(collected, plots or None, against_seed):
+        note(f"report page: {ARTIFACT_DIR}/{REPORT_HTML} of MLflow run {collected.parent_run_id} (the study's run)")
     width = None
     if fmt == "table" and output is None:
         from rich.console import Console

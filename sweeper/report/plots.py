@@ -27,8 +27,11 @@ PLOT_TITLES = {
 MARKERS = {"naive": "s", "standard": "o", "long": "D", "short": "^", "short2": "v", "short3": "<", "short4": ">"}
 
 
-def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool = False) -> dict[str, Path]:
-    """The three PNGs in ``plots_dir``: {"params": path, "time": path, "epochs": path}."""
+def write_plots(
+    collected: Collected, plots_dir: str | Path, against_seed: bool = False, per_epoch: bool = True
+) -> dict[str, Path]:
+    """The three PNGs in ``plots_dir``: {"params": path, "time": path, "epochs": path}; without
+    ``per_epoch``, the first two (they need no metric history: no request per run)."""
     from matplotlib import colormaps
 
     out_dir = Path(plots_dir)
@@ -46,6 +49,8 @@ def write_plots(collected: Collected, plots_dir: str | Path, against_seed: bool 
         fig.axes[0].set_title(f"{PLOT_TITLES[name]} — study {collected.study}")
         fig.tight_layout()
         paths[name] = _save(fig, out_dir / PLOT_FILES[name])
+    if not per_epoch:
+        return paths
     fig = _error_per_epoch(frame, epoch_histories(collected.client, frame), datasets)
     fig.suptitle(f"{PLOT_TITLES['epochs']} (mean over seeds) — study {collected.study}")
     fig.tight_layout()

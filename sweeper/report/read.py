@@ -65,6 +65,7 @@ class Collected:
     datasets: list[str] = field(default_factory=list)
     client: Any = None
     finished: dict[str, tuple[str, float]] = field(default_factory=dict)  # run id -> (cell key, Optuna value)
+    spec: dict[str, Any] = field(default_factory=dict)  # the study's stored spec
 
 
 def build_frame(study_name: str, storage_url: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
@@ -176,6 +177,7 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None,
         datasets,
         client,
         finished,
+        spec,
     )
 
 
