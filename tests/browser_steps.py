@@ -1,13 +1,13 @@
 """Steps shared by tests/test_ui_browser.py and docs/images/refresh.py: start `sweeper ui` on free
-ports and stop it, and drive MLflow's runs table and compare page in headless Chromium.
+ports and stop it, open the links it prints in headless Chromium (no click: they open ready to
+compare) and read MLflow's runs table as shown.
 
-The functions wait for what they click and raise on what is missing; the callers assert the rest.
+The functions wait for what should show and raise on what is missing; the callers assert the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -27,8 +27,6 @@ CHROMIUM_ARGS = [
 ]
 VIEWPORT = {"width": 1600, "height": 1250}
 READY_TIMEOUT = 180  # seconds for `sweeper ui` to print its URLs (MLflow's server is slow to start on 2 CPUs)
-# The runs table's columns: off the defaults that say nothing here, on the numbers the seed's table compares.
-TOGGLED_COLUMNS = ["Dataset", "Source", "Models", "top1_error", "top5_error", "num_params", "macs", "train_seconds"]
 
 
 def sweeper_env(home: Path) -> dict[str, str]:
@@ -70,12 +68,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_ui(study: str, home: Path, cwd: Path, stderr) -> tuple[subprocess.Popen, dict[str, str], tuple[int, int]]:
-    """`sweeper ui --study STUDY` on two free ports in its own session; returns it with the URLs it
-    printed ({"MLflow UI": ..., "optuna-dashboard": ...}) once both are there. Raises RuntimeError,
-    after killing it, when they do not come."""
+def start_ui(
+    study: str, home: Path, cwd: Path, stderr, compare: str | None = None
+) -> tuple[subprocess.Popen, dict[str, str], tuple[int, int]]:
+    """`sweeper ui --study STUDY [--compare A,B]` on two free ports in its own session; returns it
+    with the URLs it printed ({"MLflow UI": ..., "optuna-dashboard": ..., "MLflow compare": ...})
+    once all are there. Raises RuntimeError, after killing it, when they do not come."""
     port, dashboard_port = free_port(), free_port()
     command = ["ui", "--study", study, "--port", str(port), "--dashboard-port", str(dashboard_port)]
+    command += ["--compare", compare] if compare else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "sweeper", *command],
         env=sweeper_env(home),
@@ -93,10 +94,11 @@ def start_ui(study: str, home: Path, cwd: Path, stderr) -> tuple[subprocess.Pope
             urls[name.strip()] = url
 
     threading.Thread(target=read, daemon=True).start()
+    expected = 3 if compare else 2
     deadline = time.monotonic() + READY_TIMEOUT
-    while len(urls) < 2 and proc.poll() is None and time.monotonic() < deadline:
+    while len(urls) < expected and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    if len(urls) < 2:
+    if len(urls) < expected:
         stop_ui(proc)
         raise RuntimeError(f"`sweeper ui` printed {urls} (exit {proc.poll()})")
     return proc, urls, (port, dashboard_port)
@@ -135,92 +137,39 @@ def new_page(browser):
     return page
 
 
-def close_assistant(page) -> None:
-    """MLflow 3's assistant panel takes a third of the page; close it when it is there."""
-    close = page.get_by_role("button", name="Close")
-    if close.count():
-        close.first.click()
-
-
-def open_runs_table(page, mlflow_url: str, cells: list[str]) -> None:
-    """The study's runs table at the URL `sweeper ui` printed, its parent run unfolded so that the
-    run of every cell in ``cells`` shows."""
-    page.goto(mlflow_url)
-    page.get_by_text("matching runs").first.wait_for()
-    close_assistant(page)
-    # The cells are nested under the study's parent run: expand it.
-    page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()
+def open_ready(page, url: str, cells: list[str]) -> None:
+    """Open ``url`` and wait, without a click, until the run of every cell in ``cells`` shows."""
+    page.goto(url)
     for cell in cells:
         page.get_by_text(cell, exact=True).first.wait_for()
-
-
-def show_seed_columns(page) -> None:
-    """Columns: hide Dataset, Source and Models, show the metrics the seed's table compares."""
-    page.get_by_test_id("column-selection-dropdown").first.click()
-    for name in TOGGLED_COLUMNS:
-        node = page.locator(f'[class*="tree-treenode"]:has(span[title="{name}"])').first
-        node.scroll_into_view_if_needed()
-        node.locator('[class*="tree-checkbox"]').first.click()
-    page.keyboard.press("Escape")
     page.get_by_role("columnheader", name="top1_error").first.wait_for()
-    time.sleep(0.5)  # let the grid settle before the picture
+    time.sleep(0.5)  # let the grid settle
+
+
+def runs_table(page) -> list[dict[str, str]]:
+    """The rows of MLflow's runs table as shown, top to bottom: {column id: text}, with the run
+    name under "name" (the grid draws a row in two parts, the pinned name and the rest)."""
+    rows = page.evaluate(ROWS)
+    return [{**cells, "name": cells.get("attributes.`Run Name`", "").split("\n")[-1]} for cells in rows]
+
+
+# ag-grid rows carry the run's id (row-id) and their position (row-index); cells their column (col-id).
+ROWS = """() => {
+  const rows = new Map();
+  for (const row of document.querySelectorAll('[role=row][row-id]')) {
+    const index = Number(row.getAttribute('row-index'));
+    const cells = rows.get(index) || {};
+    for (const cell of row.querySelectorAll('[col-id]')) cells[cell.getAttribute('col-id')] = cell.innerText.trim();
+    rows.set(index, cells);
+  }
+  return [...rows.keys()].sort((a, b) => a - b).map(k => rows.get(k));
+}"""
 
 
 def shoot_runs_table(page, cells: list[str], path: Path) -> None:
     """The top of the page down to just below the lowest of the ``cells``' rows."""
     bottom = max(_bottom(page.get_by_text(cell, exact=True).first) for cell in cells)
     page.screenshot(path=path, clip={"x": 0, "y": 0, "width": VIEWPORT["width"], "height": bottom + 30})
-
-
-def open_compare(page, mlflow_url: str, experiment_id: str, run_ids: list[str], names: list[str]) -> None:
-    """MLflow's compare page for ``run_ids`` (run names ``names``): Visualizations collapsed, the
-    assistant closed, parameters and metrics showing only the rows that differ."""
-    base = mlflow_url.split("#")[0]
-    page.goto(
-        f"{base}#/compare-runs?runs={json.dumps(run_ids)}&experiments={json.dumps([experiment_id])}"
-        "&workflowType=machine_learning"
-    )
-    page.get_by_text(f"Comparing {len(run_ids)} Runs").first.wait_for()
-    for text in ["num_params", *names]:
-        page.get_by_text(text, exact=True).first.wait_for()
-    page.get_by_text("Visualizations", exact=True).first.click()
-    close_assistant(page)
-    page.get_by_role("switch").nth(0).click()  # parameters: show diff only
-    page.get_by_role("switch").nth(1).click()  # metrics: show diff only
-    # The metric table scrolls in a box of a fixed height and draws only the rows in view:
-    # top1_error sorts below the fold once a run has more metrics.
-    page.evaluate(UNFOLD_TABLES)
-    page.get_by_text("top1_error", exact=True).first.wait_for()
-    time.sleep(0.5)
-
-
-def shoot_compare(page, path: Path) -> None:
-    """The compare page from its top down to the Artifacts section, every metric row in it: the
-    tables, which scroll inside boxes of a fixed height, are made as tall as their rows first, and
-    the viewport as tall as the picture."""
-    page.evaluate(UNFOLD_TABLES)
-    time.sleep(0.5)  # the grids re-render at their new height
-    bottom = page.get_by_text("Artifacts", exact=True).first.bounding_box()["y"]
-    if bottom > VIEWPORT["height"]:
-        page.set_viewport_size({"width": VIEWPORT["width"], "height": int(bottom) + 100})
-        time.sleep(0.5)
-        bottom = page.get_by_text("Artifacts", exact=True).first.bounding_box()["y"]
-    page.screenshot(path=path, clip={"x": 0, "y": 0, "width": VIEWPORT["width"], "height": bottom - 10})
-
-
-# Each of MLflow's virtualized grids (react-virtualized) renders all its rows in an inner container
-# but shows them through a box of fixed height; set that box, and the ancestors exactly as tall as
-# it, to the rows' height.
-UNFOLD_TABLES = """() => {
-  for (const grid of document.querySelectorAll('.ReactVirtualized__Grid')) {
-    const rows = grid.querySelector('.ReactVirtualized__Grid__innerScrollContainer');
-    if (!rows || rows.offsetHeight <= grid.offsetHeight) continue;
-    const box = grid.offsetHeight;
-    for (let e = grid; e && (e === grid || e.offsetHeight === box || e.offsetHeight === 0); e = e.parentElement) {
-      e.style.setProperty('height', rows.offsetHeight + 'px', 'important');
-    }
-  }
-}"""
 
 
 def _bottom(locator) -> float:

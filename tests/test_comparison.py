@@ -62,6 +62,13 @@ def test_search_decides_on_validation_never_on_test(sweeper_env, tmp_path):
         assert t.intermediate_values == val, "pruning saw the validation curve"
         assert t.value == val[2], "the Optuna value is the last validation error"
         assert set(history(client, run.info.run_id, "val_loss")) == {1, 2}
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert sorted(inputs) == ["evaluation", "training", "validation"]
+        train, val, test = (
+            json.loads(inputs[c].profile)["targets_shape"][0] for c in ("training", "validation", "evaluation")
+        )
+        assert train + val == 160 and val > 0 and test == 64, "the 160 training images, a slice held out"
+        assert t.params["variant"] == "short4" and t.params["lr"] == float(run.data.params["lr"]), "search params too"
     assert any(t.value != history(client, t.user_attrs["mlflow_run_id"], "top1_error")[2] for t in trials)
 
     rows = json.loads(sweeper("report", "--study", "valsearch", "--format", "json", env=sweeper_env).stdout)
@@ -160,20 +167,51 @@ def seeded(tmp_path_factory):
 def test_every_run_carries_code_and_dataset_lineage(seeded):
     from sweeper import lineage
 
+    splits = load("digits", None).limit(128, 64)
     storage, client = stores(seeded)
     for t in optuna.load_study(study_name="seeded", storage=storage).trials:
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.data.tags["sweeper.code_digest"] == lineage.code_digest()
         assert run.data.tags.get("mlflow.source.git.commit") == lineage.git_commit()
-        (logged,) = run.inputs.dataset_inputs
-        assert logged.dataset.name == "digits" and logged.dataset.digest == run.data.tags["sweeper.dataset_digest"]
-        profile = json.loads(logged.dataset.profile)
-        assert profile["train"] == 128 and profile["test"] == 64 and profile["val_fraction"] == 0.0
+        logged = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert sorted(logged) == ["evaluation", "training"], "both splits, no validation split without one"
+        train, test = logged["training"], logged["evaluation"]
+        assert (train.name, test.name) == ("digits-train", "digits-test")
+        assert json.loads(train.profile)["features_shape"] == [128, 1, 8, 8]
+        assert json.loads(test.profile)["features_shape"] == [64, 1, 8, 8]
+        assert train.digest == lineage.dataset_digest(splits, ("train_x", "train_y"))
+        assert test.digest == lineage.dataset_digest(splits, ("test_x", "test_y"))
     digests = {
         client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["sweeper.dataset_digest"]
         for t in optuna.load_study(study_name="seeded", storage=storage).trials
     }
     assert len(digests) == 1, "every cell saw the same arrays"
+
+
+def test_study_run_holds_the_report_page_recipe_and_summary(seeded):
+    """The study's parent run: the report as one HTML page (table and plots inline), refreshed by
+    the worker as cells finished; the recipe as params; cells complete and the best error."""
+    from pathlib import Path
+
+    storage, client = stores(seeded)
+    experiment = client.get_experiment_by_name("seeded")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`sweeper.role` = 'study'")
+    assert "report/report.html" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    page = Path(client.download_artifacts(parent.info.run_id, "report/report.html")).read_text()
+    assert "Top 1 Error" in page and "short3" in page and "short4" in page
+    assert page.count('src="data:image/png;base64,') == 3, "the three plots inline"
+    assert {k: parent.data.params[k] for k in ("epochs", "limit_train", "limit_test", "lr", "metric")} == {
+        "epochs": "1",
+        "limit_train": "128",
+        "limit_test": "64",
+        "lr": "1.0",
+        "metric": "top1_error",
+    }
+    trials = optuna.load_study(study_name="seeded", storage=storage).trials
+    assert parent.data.metrics["cells_complete"] == parent.data.metrics["cells_total"] == 6
+    assert parent.data.metrics["best_top1_error"] == min(t.value for t in trials)
+    worker_log = (Path(seeded["SWEEPER_HOME"]) / "logs" / "worker-1.log").read_text()
+    assert "study seeded: report updated in MLflow" in worker_log, "the worker refreshed it, not only `report`"
 
 
 def test_seed_statistics_and_paired_compare(seeded):
@@ -304,3 +342,29 @@ def test_quickstart_table_converges(sweeper_env, tmp_path):
 
     csv = sweeper("report", "--study", "quickstart", "--format", "csv", env=sweeper_env).stdout
     assert api.results("quickstart").to_csv(index=False) == csv
+
+
+def test_a_study_launched_before_cells_were_params_keeps_working(sweeper_env, tmp_path, monkeypatch):
+    """A study whose trials were enqueued with no params and no metric name (what sweeper did
+    before): `launch` enqueues nothing, the worker runs the waiting cell under the same key and
+    gives it the params and the study its metric's name."""
+    from sweeper import spec as specs
+
+    path = write_spec(tmp_path / "older.toml", variants=("short4", "short3"), epochs=1, limit_train=64, limit_test=32)
+    storage = studies.open_storage(f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db")
+    monkeypatch.setattr(studies, "name_metric", lambda study, metric: None)  # the older launch
+    studies.launch(storage, specs.load(str(path)))
+    before = optuna.load_study(study_name="older", storage=storage)
+    assert before.metric_names is None and [t.params for t in before.trials] == [{}, {}]
+    keys = [t.user_attrs[studies.KEY_ATTR] for t in before.trials]
+
+    again = sweeper("launch", "--study", str(path), env=sweeper_env)
+    assert "all 2 trial(s) already enqueued; nothing to add" in again.stderr
+    sweeper("worker", "--study", "older", "--max-trials", "1", env=sweeper_env, timeout=600)
+    after = optuna.load_study(study_name="older", storage=storage)
+    assert after.metric_names == ["top1_error"]
+    assert [t.user_attrs[studies.KEY_ATTR] for t in after.trials] == keys, "no trial added, no key changed"
+    done, waiting = after.trials
+    assert done.state.name == "COMPLETE" and waiting.state.name == "WAITING"
+    assert done.params == {"variant": done.user_attrs["variant"], "dataset": "digits", "seed": 1}
+    assert waiting.params == {}

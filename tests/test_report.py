@@ -206,7 +206,7 @@ def test_html_and_plots_are_files_and_artifacts(study, tmp_path):
         0
     ]
     logged = sorted(a.path for a in client.list_artifacts(parent.info.run_id, report.ARTIFACT_DIR))
-    assert logged == sorted([f"{report.ARTIFACT_DIR}/{n}" for n in [*names, "report.md"]])
+    assert logged == sorted([f"{report.ARTIFACT_DIR}/{n}" for n in [*names, "report.md", "report.html"]])
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""`sweeper ui` in a real browser: the MLflow UI lists and compares a study's cells, optuna-dashboard
-shows its trials, and stopping the command leaves no process behind.
+"""`sweeper ui` in a real browser: the MLflow links it prints open, with no click, on the study's
+cells best first with the seed's columns and on two cells side by side; optuna-dashboard shows the
+trials with the metric named and the cells as params; stopping the command leaves no process behind.
 
 Needs Chromium at /usr/bin/chromium (Debian's `chromium` package) and the playwright Python
 package; without them the module is skipped with the reason, unless SWEEPER_REQUIRE_BROWSER=1
@@ -25,29 +26,30 @@ from browser_steps import (
     descendants,
     launch_chromium,
     new_page,
-    open_compare,
-    open_runs_table,
-    shoot_compare,
+    open_ready,
+    runs_table,
     shoot_runs_table,
-    show_seed_columns,
     start_ui,
     stop_ui,
     sweeper_env,
 )
 
-STUDY = "ui-tiny"
-CELLS = ["short4/digits/s1", "short3/digits/s1"]
+# The issue's `sweeper ui --study quickstart`, on a spec named quickstart with tiny settings.
+STUDY = "quickstart"
+CELLS = ["short4/digits/s1", "short3/digits/s1", "short2/digits/s1"]
+COMPARED = CELLS[:2]
 SPEC = textwrap.dedent("""\
-    description = "sweeper ui browser test: 2 variants x digits"
+    description = "sweeper ui browser test: 3 variants x digits, one short epoch"
     [grid]
-    variant = ["short4", "short3"]
+    variant = ["short4", "short3", "short2"]
     dataset = ["digits"]
     seed = [1]
     [train]
-    epochs = 2
-    limit_train = 256
-    limit_test = 128
+    epochs = 1
+    limit_train = 128
+    limit_test = 64
     """)
+COLUMNS = ["top1_error", "top5_error", "num_params", "macs", "train_seconds"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
@@ -90,7 +92,7 @@ def ui(require_browser, tmp_path_factory):
 
     stderr = open(home / "ui.stderr", "w")
     try:
-        proc, urls, ports = start_ui(STUDY, home, home, stderr)
+        proc, urls, ports = start_ui(STUDY, home, home, stderr, compare=",".join(COMPARED))
     except RuntimeError as e:
         pytest.fail(f"{e}; stderr:\n" + (home / "ui.stderr").read_text()[-3000:])
     info = {
@@ -98,6 +100,7 @@ def ui(require_browser, tmp_path_factory):
         "proc": proc,
         "mlflow": urls["MLflow UI"],
         "dashboard": urls["optuna-dashboard"],
+        "compare": urls["MLflow compare"],
         "ports": ports,
         "children": descendants(proc.pid),
     }
@@ -123,48 +126,83 @@ def page(browser):
     page.context.close()
 
 
-def _runs(home: Path) -> tuple[str, dict[str, str]]:
+def _runs(home: Path) -> tuple[str, dict[str, object]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name(STUDY).experiment_id
     runs = client.search_runs([experiment_id], "tags.`sweeper.role` = 'cell'")
-    return experiment_id, {r.info.run_name: r.info.run_id for r in runs}
+    return experiment_id, {r.info.run_name: r for r in runs}
+
+
+def _shown(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    return {row["name"]: row for row in rows}
 
 
 def test_urls_point_at_the_study(ui):
     experiment_id, _ = _runs(ui["home"])
     port, dashboard_port = ui["ports"]
-    assert ui["mlflow"].startswith(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}")
+    assert ui["mlflow"].startswith(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?")
     assert ui["dashboard"].startswith(f"http://127.0.0.1:{dashboard_port}/dashboard/studies/")
 
 
-def test_experiment_page_shows_one_run_per_cell(ui, page, tmp_path):
-    open_runs_table(page, ui["mlflow"], CELLS)
-    assert page.get_by_text(f"{len(CELLS) + 1} matching runs").count() == 1  # the parent + one run per cell
-
-    # Show the numbers the seed's table compares, instead of dataset/source/models.
-    show_seed_columns(page)
-    for column in ["top1_error", "top5_error", "num_params", "macs", "train_seconds"]:
+def test_printed_link_opens_on_every_cell_best_first(ui, page, tmp_path):
+    """The exact URL `sweeper ui` printed, no click: one row per cell (the study's own run
+    filtered out), the seed's columns in view, sorted by top1_error, lowest first."""
+    _, runs = _runs(ui["home"])
+    open_ready(page, ui["mlflow"], CELLS)
+    for column in COLUMNS:
         assert page.get_by_role("columnheader", name=column).count() >= 1
-    assert page.get_by_role("columnheader", name="Source").count() == 0
+        assert page.get_by_role("columnheader", name=column).first.is_visible()
+    rows = runs_table(page)
+    assert [row["name"] for row in rows] == sorted(CELLS, key=lambda c: runs[c].data.metrics["top1_error"])
+    for name, row in _shown(rows).items():
+        metrics = runs[name].data.metrics
+        assert float(row["metrics.`top1_error`"]) == pytest.approx(metrics["top1_error"], abs=1e-4)
+        assert int(row["metrics.`num_params`"]) == metrics["num_params"]
+        assert row["params.`variant`"] == name.split("/")[0]
+    cell = page.get_by_text(CELLS[0], exact=True).first
+    assert cell.is_visible() and page.locator('[col-id="metrics.`top1_error`"]').last.is_visible()
     shot = tmp_path / "mlflow-experiment.png"
     shoot_runs_table(page, CELLS, shot)
     assert shot.stat().st_size > 10_000
 
 
-def test_compare_two_runs(ui, page, tmp_path):
-    experiment_id, runs = _runs(ui["home"])
-    assert sorted(runs) == sorted(CELLS)
-    names = list(reversed(CELLS))  # short3, then short4
-    open_compare(page, ui["mlflow"], experiment_id, [runs[name] for name in names], names)
-    # Show diff only keeps `variant` among the parameters and the numbers among the metrics.
-    assert page.get_by_text("variant", exact=True).count() >= 1
-    assert page.get_by_text("epochs", exact=True).count() == 0
-    assert page.get_by_text("num_params", exact=True).count() >= 1
+def test_compare_link_shows_exactly_those_runs(ui, page, tmp_path):
+    """`--compare A,B` (two cells): their runs and no other, both runs' numbers side by side."""
+    _, runs = _runs(ui["home"])
+    open_ready(page, ui["compare"], COMPARED)
+    shown = _shown(runs_table(page))
+    assert sorted(shown) == sorted(COMPARED)
+    for name in COMPARED:
+        for column in COLUMNS:
+            assert float(shown[name][f"metrics.`{column}`"]) == pytest.approx(runs[name].data.metrics[column], rel=1e-4)
     shot = tmp_path / "mlflow-compare.png"
-    shoot_compare(page, shot)
+    shoot_runs_table(page, COMPARED, shot)
     assert shot.stat().st_size > 10_000
+
+
+def test_dashboard_api_names_the_metric_and_each_trials_cell(ui):
+    """optuna-dashboard's own API: the objective is top1_error, each trial has its cell's variant,
+    dataset and seed as params and a link to its MLflow run."""
+    import json
+    import urllib.request
+
+    study_id = ui["dashboard"].rstrip("/").rsplit("/", 1)[1]
+    base = ui["dashboard"].split("/dashboard/")[0]
+    with urllib.request.urlopen(f"{base}/api/studies/{study_id}", timeout=60) as response:
+        study = json.load(response)
+    assert study["objective_names"] == ["top1_error"]
+    _, runs = _runs(ui["home"])
+    seen = []
+    for trial in study["trials"]:
+        params = {p["name"]: p["param_external_value"] for p in trial["params"]}
+        attrs = {a["key"]: a["value"] for a in trial["user_attrs"]}
+        assert params == {"variant": attrs["variant"], "dataset": "digits", "seed": "1"}
+        run = runs[attrs["sweeper.key"]]
+        assert attrs["mlflow_run_url"].endswith(f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+        seen.append(params["variant"])
+    assert sorted(seen) == sorted(c.split("/")[0] for c in CELLS)
 
 
 def test_dashboard_shows_the_study_and_its_trials(ui, page, tmp_path):

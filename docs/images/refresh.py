@@ -4,9 +4,10 @@
     python docs/images/refresh.py --home DIR   # reuses (or trains) the study in DIR
 
 It runs `sweeper launch --study quickstart --workers 2`, copies the two plots of
-`sweeper report --study quickstart --plots DIR`, then serves the study with `sweeper ui` on free
-ports and takes the two MLflow screenshots in headless Chromium, with the steps of
-tests/test_ui_browser.py (tests/browser_steps.py). Needs the test extras (playwright) and
+`sweeper report --study quickstart --plots DIR`, then serves the study with
+`sweeper ui --compare standard/digits/s1,short4/digits/s1` on free ports and takes the two MLflow
+screenshots in headless Chromium of the pages its links open on, as they open (no click), with the
+steps of tests/test_ui_browser.py (tests/browser_steps.py). Needs the test extras (playwright) and
 /usr/bin/chromium.
 """
 
@@ -51,24 +52,21 @@ def sweeper(home: Path, *args: str, capture: bool = False) -> str:
 
 
 def screenshots(home: Path, rows: list[dict]) -> None:
+    """The two links `sweeper ui --compare` prints, as they open: no click."""
     from playwright.sync_api import sync_playwright
 
     cells = [f"{r['variant']}/{r['dataset']}/s{r['seed']}" for r in rows]
-    run_ids = {cell: r["mlflow_run_id"] for cell, r in zip(cells, rows)}
     with open(home / "ui.stderr", "w") as stderr:
-        proc, urls, _ = steps.start_ui(STUDY, home, ROOT, stderr)
+        proc, urls, _ = steps.start_ui(STUDY, home, ROOT, stderr, compare=",".join(COMPARED))
         children = steps.descendants(proc.pid)
         try:
-            mlflow_url = urls["MLflow UI"]
-            experiment_id = mlflow_url.split("#/experiments/")[1].split("/")[0]
             with sync_playwright() as p:
                 browser = steps.launch_chromium(p)
                 page = steps.new_page(browser)
-                steps.open_runs_table(page, mlflow_url, cells)
-                steps.show_seed_columns(page)
+                steps.open_ready(page, urls["MLflow UI"], cells)
                 steps.shoot_runs_table(page, cells, IMAGES / "mlflow-experiment.png")
-                steps.open_compare(page, mlflow_url, experiment_id, [run_ids[c] for c in COMPARED], COMPARED)
-                steps.shoot_compare(page, IMAGES / "mlflow-compare.png")
+                steps.open_ready(page, urls["MLflow compare"], COMPARED)
+                steps.shoot_runs_table(page, COMPARED, IMAGES / "mlflow-compare.png")
                 browser.close()
         finally:
             steps.stop_ui(proc, children)
