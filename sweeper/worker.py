@@ -138,7 +138,7 @@ def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) 
     try:
         return _claim_and_run(config, stop, storage, mlflow_client, reports)
     finally:
-        reports.close()
+        reports.close(10.0 if stop.is_set() else 120.0)  # told to stop: a refresh in flight gets seconds
 
 
 def _claim_and_run(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, reports) -> int:
