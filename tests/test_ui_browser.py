@@ -89,6 +89,7 @@ def ui(require_browser, tmp_path_factory):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"compare them in the MLflow UI: sweeper ui --study {STUDY}" in done.stderr  # launch's last word
 
     stderr = open(home / "ui.stderr", "w")
     try:
