@@ -753,9 +753,13 @@ def worker(
     st = study_layer()
     stop = StopSignal()
     stop.install()
+    from sweeper.report.publish import Refresher
+
+    storage_url, uri = st.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
+    reports = Refresher(storage_url, uri)  # the study's report page in MLflow, after each cell
     config = WorkerConfig(
-        storage_url=st.resolve_storage_url(storage),
-        tracking_uri=tracking.resolve_tracking_uri(tracking_uri),
+        storage_url=storage_url,
+        tracking_uri=uri,
         study_names=tuple(study_name(s) for s in studies_),
         device=str(engine.device),
         precision=engine.precision,
@@ -772,13 +776,17 @@ def worker(
         # OMP_NUM_THREADS set by the user fixes the count too (as it does for torch itself).
         threads=threads or settings.env_int("OMP_NUM_THREADS", 0) or None,
         notify_url=notify_url,
+        on_cell_complete=reports.request,
     )
     # What is imported by now lives as long as the worker: keep it out of every later collection
     # (the worker's per-trial gc.collect() then costs a fraction: ~45% of a trial's orchestration
     # time before this, in benchmarks/sweep_scale.py --part c).
     gc.collect()
     gc.freeze()
-    run(config, stop)
+    try:
+        run(config, stop)
+    finally:
+        reports.close(10.0 if stop.is_set() else 120.0)  # told to stop: a refresh in flight gets seconds
 
 
 @cli.command()

@@ -64,6 +64,9 @@ class WorkerConfig:
     threads: int | None = None  # CPU threads per trial; None: share the host's cores by running trials
     notify_url: str | None = None  # JSON POST when a study completes or a cell fails for good
     fit: Callable[..., FitResult] = train.fit  # the training function (a benchmark passes a stand-in)
+    # Called with the study's name after each cell that completes (the CLI refreshes the study's
+    # report page in MLflow with it: sweeper.report.publish.Refresher); must return at once.
+    on_cell_complete: Callable[[str], None] | None = None
 
 
 class StopSignal:
@@ -132,16 +135,6 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
 
 
 def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -> int:
-    from sweeper.report.publish import Refresher
-
-    reports = Refresher(config.storage_url, config.tracking_uri)  # the study's page in MLflow
-    try:
-        return _claim_and_run(config, stop, storage, mlflow_client, reports)
-    finally:
-        reports.close(10.0 if stop.is_set() else 120.0)  # told to stop: a refresh in flight gets seconds
-
-
-def _claim_and_run(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, reports) -> int:
     done = 0
     tracking_ok_at = time.monotonic()  # checked just now
     mlflow_ids: dict[str, tuple[str, str]] = {}  # study name -> (experiment id, parent run id)
@@ -177,8 +170,8 @@ def _claim_and_run(config: WorkerConfig, stop: StopSignal, storage, mlflow_clien
         trial_run.run()
         ended_well = trial_run.told in (TrialState.COMPLETE, TrialState.PRUNED)
         settle(study, mlflow_client, config, completed=trial_run.key if ended_well else None)
-        if trial_run.told == TrialState.COMPLETE:
-            reports.request(study.study_name)
+        if trial_run.told == TrialState.COMPLETE and config.on_cell_complete is not None:
+            config.on_cell_complete(study.study_name)
         if trial_run.failed:  # perhaps MLflow is down (or its experiment deleted): look again
             tracking_ok_at = float("-inf")
             mlflow_ids.pop(study.study_name, None)
