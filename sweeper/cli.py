@@ -76,10 +76,20 @@ precision_option = click.option(
     show_default=True,
     help="auto: bf16 autocast + channels_last where bf16 is fast (CUDA, CPUs with AMX/AVX512-BF16).",
 )
+def check_notify_url(ctx, param, value):
+    from sweeper import notify
+
+    try:
+        return notify.check_url(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 notify_option = click.option(
     "--notify",
     "notify_url",
     envvar=settings.ENV_NOTIFY_URL,
+    callback=check_notify_url,
     metavar="URL",
     help="POST a JSON document here when the study completes and when a cell fails for good. "
     f"[env: {settings.ENV_NOTIFY_URL}]",

@@ -12,14 +12,18 @@ and never stops a worker.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime
+import http.client
 import json
 import logging
+import socket
+import threading
 import urllib.parse
-import urllib.request
 from typing import Any
 
-from sweeper.errors import redact
+from sweeper.errors import first_line, redact, remember
 
 log = logging.getLogger("sweeper.notify")
 
@@ -50,26 +54,81 @@ def event(kind: str, study: str, tracking_uri: str | None, run_id: str | None = 
     return document
 
 
+def check_url(url: str | None) -> str | None:
+    """The URL if a notification can be sent to it, else ValueError saying why (``launch`` and
+    ``worker`` refuse it at start: a bad hook found mid-study would go unnoticed)."""
+    if not url:
+        return None
+    remember(url)  # its password is hidden wherever it shows up
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a port out of range)
+    except ValueError as e:
+        raise ValueError(f"{redact(url)} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{redact(url)} must be an http:// or https:// URL with a host, like https://hooks.example/T0K3N")
+    return url
+
+
 def send(url: str | None, document: dict[str, Any]) -> bool:
-    """POST ``document`` as JSON to ``url``; True when the hook answered 2xx. Never raises."""
+    """POST ``document`` as JSON to ``url``; True when the hook answered 2xx. Never raises; the
+    whole request (connect, send, headers, body) takes at most TIMEOUT seconds."""
     if not url:
         return False
-    where = _host(url)
+    where = "the notification URL"
     try:
-        request = urllib.request.Request(
-            url,
-            data=json.dumps(document, default=str).encode(),
-            headers={"Content-Type": "application/json", "User-Agent": "sweeper"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            response.read()
+        where = _host(url)
+        check_url(url)
+        status = _post(url, json.dumps(document, default=str).encode())
+        if not 200 <= status < 300:
+            raise OSError(f"HTTP {status}")
         log.info("notified %s: %s of study %s", where, document.get("event"), document.get("study"))
         return True
     except Exception as e:
-        reason = getattr(e, "reason", None) or getattr(e, "code", None) or type(e).__name__
-        log.warning("notification to %s failed (%s); the worker goes on", where, reason)
+        log.warning("notification to %s failed (%s); the worker goes on", where, redact(first_line(e)))
         return False
+
+
+def _post(url: str, body: bytes) -> int:
+    """POST ``body``; the answer's status. Credentials in the URL go as basic auth (urllib
+    would take ``user:password@`` for part of the host). A timer shuts the socket down at
+    TIMEOUT: a socket timeout bounds each read only, and a hook trickling its answer a byte at
+    a time would hold the worker for ever."""
+    parts = urllib.parse.urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.hostname, parts.port, timeout=TIMEOUT)
+    headers = {"Content-Type": "application/json", "User-Agent": "sweeper"}
+    if parts.username is not None:
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        with contextlib.suppress(OSError, AttributeError):
+            connection.sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(TIMEOUT, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        connection.connect()
+        if expired.is_set():
+            raise TimeoutError(f"no answer within {TIMEOUT:g}s")
+        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        if expired.is_set():
+            raise TimeoutError(f"no whole answer within {TIMEOUT:g}s")
+        return response.status
+    except (OSError, http.client.HTTPException):
+        if expired.is_set():
+            raise TimeoutError(f"no whole answer within {TIMEOUT:g}s") from None
+        raise
+    finally:
+        timer.cancel()
+        connection.close()
 
 
 def _host(url: str) -> str:

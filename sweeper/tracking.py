@@ -79,7 +79,34 @@ def client(uri: str | None = None, create: bool = True):
     if path is None or not create:
         return MlflowClient(tracking_uri=uri)
     with file_lock(Path(f"{path}.lock")):  # the client creates (or checks) the store's schema
-        return MlflowClient(tracking_uri=uri)
+        return _create_embedded(uri)
+
+
+STORE_CREATE_WAIT = 60.0  # seconds another process may take to create the embedded store
+
+
+def _create_embedded(uri: str):
+    """The client of an embedded store, created or checked. Another MLflow client (a notebook, a
+    script) may be creating the same store at this moment without sweeper's lock: its half-made
+    schema fails ours (alembic's "Online migration expected to match one row", SQLAlchemy's
+    "Circular dependency detected"). It finishes in seconds: wait for it and try again."""
+    from mlflow.tracking import MlflowClient
+
+    deadline = time.monotonic() + STORE_CREATE_WAIT
+    while True:
+        try:
+            mlflow_client = MlflowClient(tracking_uri=uri)
+            mlflow_client.search_experiments(max_results=1)  # the schema is whole
+            return mlflow_client
+        except Exception as e:
+            if time.monotonic() > deadline:
+                raise SweeperError(
+                    f"cannot create the MLflow tracking store {redact_url(uri)}: {redact(first_line(e))}; another "
+                    f"process kept changing its schema for over {STORE_CREATE_WAIT:.0f}s"
+                ) from None
+            log.info("the MLflow tracking store is being created by another process (%s); waiting", first_line(e))
+            time.sleep(1.0)
+
 
 
 class TrackingUnreachable(SweeperError):
