@@ -27,6 +27,9 @@ MIN_REMEMBERED = 6  # shorter passwords are hidden only where they appear inside
 _secrets: set[str] = set()  # passwords of the URLs this process was given (see remember)
 
 
+_tails: set[str] = set()  # what follows a raw "@" in a password: a parser may show it as a host
+
+
 def remember(url: str | None) -> str | None:
     """Note the password of a URL this process uses, so that it is hidden wherever it shows up
     later (decoded in a driver's message, in a library's log line); returns ``url``."""
@@ -35,7 +38,26 @@ def remember(url: str | None) -> str | None:
         if ":" in userinfo:
             password = userinfo.split(":", 1)[1]
             _secrets.update(s for s in (password, unquote(password)) if len(s) >= MIN_REMEMBERED)
+            # "user:abc@TAIL@host": a parser that ends the password at the first "@" shows
+            # "TAIL@host" as the host, in messages that hold no URL to redact.
+            for raw in (password, unquote(password)):
+                _tails.update(raw.split("@", 1)[1:])
     return url
+
+
+def quote_password(url: str) -> str:
+    """The URL with each raw "@" of its password written %40, as SQLAlchemy reads it (it ends a
+    password at its first "@" and takes the rest for the host).
+
+    >>> quote_password("postgresql://me:a@b@db:5432/x")
+    'postgresql://me:a%40b@db:5432/x'
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not (sep and at and colon) or "@" not in password or "/" in user or "?" in userinfo:
+        return url
+    return f"{scheme}://{user}:{password.replace('@', '%40')}@{host}"
 
 
 def redact(text: object) -> str:
@@ -44,6 +66,8 @@ def redact(text: object) -> str:
     text = str(text)
     for secret in sorted(_secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
+    for tail in sorted(_tails, key=len, reverse=True):
+        text = text.replace(f"{tail}@", "***@")
     return SECRET_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from sweeper import settings
 from sweeper.contract import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL
-from sweeper.errors import SweeperError, redact, redact_url, remember, root_cause
+from sweeper.errors import SweeperError, quote_password, redact, redact_url, remember, root_cause
 from sweeper.spec import Cell, StudySpec, decision_metric, variant_cfgs
 
 log = logging.getLogger("sweeper.study")
@@ -57,7 +57,7 @@ def default_storage_url() -> str:
 
 
 def resolve_storage_url(url: str | None) -> str:
-    return remember(url or settings.storage_url() or default_storage_url())
+    return quote_password(remember(url or settings.storage_url() or default_storage_url()))
 
 
 def open_storage(

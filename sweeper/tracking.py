@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sweeper import settings
-from sweeper.errors import SweeperError, first_line, redact, redact_url, remember
+from sweeper.errors import SweeperError, first_line, quote_password, redact, redact_url, remember
 
 log = logging.getLogger("sweeper.tracking")
 T = TypeVar("T")
@@ -40,7 +40,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
     the URI it was given ("View run ... at: URI") on stdout, where no logging filter reaches."""
     uri = remember(uri or settings.tracking_uri() or default_tracking_uri())
     if not is_server(uri):
-        return uri
+        return quote_password(uri)  # a database URL, read by SQLAlchemy
     parts = urlsplit(uri)
     if parts.username is None and parts.password is None:
         return uri

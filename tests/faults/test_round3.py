@@ -241,12 +241,12 @@ def test_a_worker_for_a_misspelt_study_creates_no_store(tmp_path, sweeper_env):
 def test_a_password_with_a_raw_at_sign_never_shows(main, sweeper_env):
     url = "postgresql://postgres:abc@TAILSECRET99@127.0.0.1:1/x"
     result = main("status", "--study", "tiny", env={"SWEEPER_STORAGE": url}, code=1)
-    assert "cannot open the Optuna storage postgresql://***@127.0.0.1:1/x" in result.output, result.output
+    assert "cannot open the Optuna storage postgresql://postgres:***@127.0.0.1:1/x" in result.output, result.output
     assert "TAILSECRET99" not in result.output and "abc" not in result.output, result.output
 
     from sweeper.errors import redact, redact_url
 
-    assert redact_url(url) == "postgresql://***@127.0.0.1:1/x"
+    assert redact_url(url) == "postgresql://postgres:***@127.0.0.1:1/x"
     assert "TAILSECRET99" not in redact(f"failed to resolve host 'TAILSECRET99@127.0.0.1' of {url}")
 
 
