@@ -207,6 +207,7 @@ def plan(
     study) and its ``state``, a time estimate per trial on ``device`` (see sweeper.estimate) and
     ``estimate_total_s`` for the trials not finished yet (one worker with the whole device)."""
     from sweeper import estimate
+    from sweeper.spec import variant_cfgs
 
     parsed = spec if not isinstance(spec, (str, Path, dict)) else load_spec(spec)
     url, uri = studies.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
@@ -220,7 +221,13 @@ def plan(
             spec_changed = old_hash is not None and old_hash != parsed.hash
             existing = {k: t.state.name for k, t in studies.latest_trials(loaded.get_trials(deepcopy=False)).items()}
     client = tracking.client(uri) if _store_exists(uri) else None
-    estimator = estimate.Estimator(device, client, probe=probe, batch_size=int(parsed.train.get("batch_size", 64)))
+    estimator = estimate.Estimator(
+        device,
+        client,
+        probe=probe,
+        batch_size=int(parsed.train.get("batch_size", 64)),
+        variants=variant_cfgs(parsed),
+    )
     trials = []
     for cell, key in parsed.trial_keys():
         state = existing.get(key)

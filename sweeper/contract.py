@@ -67,9 +67,10 @@ class Recipe:
 
 # What each recipe key accepts (in [train], in a search range, as a search choice); a new
 # Recipe field needs its row here (tests/test_train.py checks the two agree).
+MAX_BATCH = 65_536  # images per batch: more is a typo (and a dry run's probe would try to allocate it)
 RECIPE_RULES: dict[str, Rule] = {
     "epochs": Rule(int, ge=1),
-    "batch_size": Rule(int, ge=1),
+    "batch_size": Rule(int, ge=1, le=MAX_BATCH),
     "optimizer": Rule(str, choices=OPTIMIZERS),
     "lr": Rule(float, gt=0),
     "lr_gamma": Rule(float, gt=0),
@@ -77,7 +78,7 @@ RECIPE_RULES: dict[str, Rule] = {
     "momentum": Rule(float, ge=0, lt=1),
     "nesterov": Rule(bool),
     "weight_decay": Rule(float, ge=0),
-    "eval_batch_size": Rule(int, ge=1),
+    "eval_batch_size": Rule(int, ge=1, le=MAX_BATCH),
     "seed": Rule(int),
     "limit_train": Rule(int, ge=1, optional=True),
     "limit_test": Rule(int, ge=1, optional=True),

@@ -27,6 +27,7 @@ from sweeper.data.synthetic import DEFAULT_TEST, DEFAULT_TRAIN
 TRAIN_TEST_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "digits": (1438, 359)}
 PROBE_VARIANT = "short"  # mid-size: its cost is mostly convolutions, like the variants it stands for
 PROBE_STEPS = 3  # timed steps at most, after one warm-up step
+PROBE_MAX_BATCH = 256  # images per probe step: the rate per image hardly grows past it
 PROBE_SECONDS = 2.0  # no more steps after this long (a slow machine still answers in seconds)
 HISTORY_RUNS = 20  # finished runs looked at per (variant, dataset, device)
 
@@ -59,9 +60,19 @@ def device_type(device: str) -> str:
 class Estimator:
     """Rates per (variant, dataset) on one device, looked up once each."""
 
-    def __init__(self, device: str = "auto", mlflow_client=None, probe: bool = True, batch_size: int = 64):
+    def __init__(
+        self,
+        device: str = "auto",
+        mlflow_client=None,
+        probe: bool = True,
+        batch_size: int = 64,
+        variants: dict[str, Any] | None = None,
+    ):
+        from sweeper.contract import VARIANTS
+
         self.device = device_type(device)
-        self.client, self.probe, self.batch_size = mlflow_client, probe, batch_size
+        self.client, self.probe, self.batch_size = mlflow_client, probe, min(batch_size, PROBE_MAX_BATCH)
+        self.variants = VARIANTS if variants is None else variants  # the study's table: built-ins and its own
         self._rates: dict[tuple[str, str, str], Rate | None] = {}
         self._probes: dict[str, float] = {}  # dataset -> MACs per second
         self._experiments: list[str] | None = None
@@ -111,17 +122,14 @@ class Estimator:
         return Rate(statistics.median(rates), f"history ({len(rates)} run{'s' if len(rates) > 1 else ''})")
 
     def _from_probe(self, variant: str, dataset: str) -> Rate:
+        from sweeper.contract import count_macs
         from sweeper.data import DATASETS
-        from sweeper.models import build_model, count_macs
 
         info = DATASETS[dataset]
         if dataset not in self._probes:
             self._probes[dataset] = probe_macs_per_s(info, self.device, self.batch_size)
-        import torch
-
-        with torch.device("meta"):
-            model = build_model(variant, info.num_classes, info.shape[0])
-        return Rate(self._probes[dataset] / count_macs(model, info.shape), "probe")
+        macs = count_macs(self.variants[variant], info.shape, info.num_classes)  # from the table: no model built
+        return Rate(self._probes[dataset] / macs, "probe")
 
 
 def probe_macs_per_s(info, device: str, batch_size: int = 64) -> float:

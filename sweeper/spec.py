@@ -271,6 +271,7 @@ def parse(raw: dict[str, Any], name: str, path: str = "<spec>") -> StudySpec:
         search = _parse_search(search, fail)
         train = {**train, "val_fraction": train.get("val_fraction", DEFAULT_SEARCH_VAL_FRACTION)}
 
+    _check_split(train, grid["dataset"], fail)
     policy = _parse_policy(raw.get("policy", {}), fail)
     cells = tuple(Cell(v, d, s) for v, d, s in itertools.product(grid["variant"], grid["dataset"], grid["seed"]))
     return StudySpec(
@@ -286,6 +287,27 @@ def parse(raw: dict[str, Any], name: str, path: str = "<spec>") -> StudySpec:
         variants,
         policy,
     )
+
+
+def _check_split(train: dict[str, Any], datasets: list[str], fail) -> None:
+    """A validation slice that would leave a side empty: ``round(fraction x n)`` images of each
+    class are held out (n about the training images over the classes), so every trial would fail."""
+    fraction = train.get("val_fraction") or 0
+    if not fraction:
+        return
+    for name in datasets:
+        info = DATASETS[name]
+        images = min(train.get("limit_train") or info.num_train, info.num_train)
+        per_class = images / info.num_classes
+        held_out = round(per_class * fraction)
+        side = "no training image" if per_class - held_out < 1 else "no validation image" if held_out < 1 else None
+        if side:
+            raise fail(
+                "train.val_fraction",
+                f"{fraction:g} of {images} training images leaves {side} ({name}: {info.num_classes} classes, about "
+                f"{per_class:.0f} images each); {'lower' if side.endswith('training image') else 'raise'} "
+                "val_fraction or raise limit_train",
+            )
 
 
 def _parse_variants(table: Any, fail) -> dict[str, dict[str, Any]]:

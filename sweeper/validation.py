@@ -140,7 +140,7 @@ def check_distribution(key: str, dist: Any, rule: Rule) -> None:
         if log:
             raise BadValue("log = true and step cannot be combined (Optuna samples either on a log scale or in steps)")
         if not _same_type(step, rule.kind) or not math.isfinite(step) or step <= 0:
-            raise BadValue(f"step must be > 0, got {step!r}")
+            raise BadValue(f"step must be {'an integer ' if rule.kind is int else ''}> 0, got {step!r}")
     if log and low <= 0:
         raise BadValue(f"log = true needs low > 0, got low={low!r}")
 

@@ -69,6 +69,11 @@ class Splits:
                 f"val_fraction {fraction} of {len(self.train_y)} training images leaves no validation image; "
                 "raise val_fraction or limit_train"
             )
+        if len(val) == len(self.train_y):
+            raise DatasetError(
+                f"val_fraction {fraction} of {len(self.train_y)} training images leaves no training image; "
+                "lower val_fraction or raise limit_train"
+            )
         keep = torch.ones(len(self.train_y), dtype=torch.bool)
         keep[val] = False
         return replace(
