@@ -46,7 +46,7 @@ def set_state(study: str, action: str, storage: str | None = None, reason: str |
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
     state, effect = ACTIONS[action]
-    loaded = studies.load_study(studies.open_storage(storage), study)
+    loaded = studies.open_study(study, storage)
     previous = studies.set_lifecycle(loaded, state, reason or f"`sweeper {action}`")
     return {"study": loaded.study_name, "state": state, "previous": previous["state"], "effect": effect}
 
@@ -60,8 +60,8 @@ def status(study: str, storage: str | None = None, tracking_uri: str | None = No
     (``cause``, ``trials``, ``cells_failed_for_good``, ``fix``, ``example``) and ``trials``.
     """
     url = studies.resolve_storage_url(storage)
-    storage_ = studies.open_storage(url, create=False)
-    loaded = studies.load_study(storage_, study)
+    loaded = studies.open_study(study, url)
+    storage_ = loaded._storage
     trials = loaded.get_trials(deepcopy=False)
     attrs = loaded.user_attrs
     rules = studies.policy(attrs.get(studies.SPEC_ATTR) or {})
@@ -95,7 +95,7 @@ def eta(latest: dict[str, Any], spec: dict[str, Any], uri: str) -> dict[str, Any
         return {"eta_s": None, "eta_source": None}
     train = spec.get("train") or {}
     epochs = int(train.get("epochs", 14))
-    estimator = estimate.Estimator("cpu", tracking.client(uri), probe=False)
+    estimator = estimate.Estimator("cpu", tracking.client(uri, create=False), probe=False)
     devices = {}
     left = 0.0
     for t in pending:
@@ -213,14 +213,16 @@ def plan(
     url, uri = studies.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
     existing: dict[str, str] = {}
     spec_changed = False
-    if _store_exists(url):
-        storage_ = studies.open_storage(url)
-        if parsed.name in studies.study_names(storage_):
-            loaded = studies.load_study(storage_, parsed.name)
-            old_hash = loaded.user_attrs.get(studies.SPEC_HASH_ATTR)
-            spec_changed = old_hash is not None and old_hash != parsed.hash
-            existing = {k: t.state.name for k, t in studies.latest_trials(loaded.get_trials(deepcopy=False)).items()}
-    client = tracking.client(uri) if _store_exists(uri) else None
+    try:
+        storage_ = studies.open_storage(url, create=False)  # a dry run creates no store
+    except studies.NoStore:
+        storage_ = None
+    if storage_ is not None and parsed.name in studies.study_names(storage_):
+        loaded = studies.load_study(storage_, parsed.name)
+        old_hash = loaded.user_attrs.get(studies.SPEC_HASH_ATTR)
+        spec_changed = old_hash is not None and old_hash != parsed.hash
+        existing = {k: t.state.name for k, t in studies.latest_trials(loaded.get_trials(deepcopy=False)).items()}
+    client = tracking.client(uri, create=False) if _store_exists(uri) else None
     estimator = estimate.Estimator(
         device,
         client,

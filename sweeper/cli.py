@@ -76,6 +76,8 @@ precision_option = click.option(
     show_default=True,
     help="auto: bf16 autocast + channels_last where bf16 is fast (CUDA, CPUs with AMX/AVX512-BF16).",
 )
+
+
 def check_notify_url(ctx, param, value):
     from sweeper import notify
 
@@ -909,7 +911,7 @@ def retry(study, storage, fmt):
     """Re-enqueue failed cells on purpose (e.g. after fixing the cause of a NaN or out of memory)."""
     st = study_layer()
 
-    loaded = st.load_study(st.open_storage(storage, create=False), study_name(study))
+    loaded = st.open_study(study_name(study), storage)
     n = st.retry_failed(loaded)
     click.echo(f"{n} failed cell(s) of {loaded.study_name} re-enqueued" if n else "no failed cell to retry", err=True)
     if fmt == "json":

@@ -66,7 +66,9 @@ def check_url(url: str | None) -> str | None:
     except ValueError as e:
         raise ValueError(f"{redact(url)} is not a valid URL ({e})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{redact(url)} must be an http:// or https:// URL with a host, like https://hooks.example/T0K3N")
+        raise ValueError(
+            f"{redact(url)} must be an http:// or https:// URL with a host, like https://hooks.example/T0K3N"
+        )
     return url
 
 

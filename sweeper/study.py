@@ -89,6 +89,11 @@ def open_storage(
         options = f"-c idle_in_transaction_session_timeout={int(stall_timeout * 1000)}"
         storage_kwargs = {**engine_kwargs, "connect_args": {**engine_kwargs["connect_args"], "options": options}}
     try:
+        if not create and not sqlite and not _has_schema(url, engine_kwargs):
+            raise NoStore(
+                f"the Optuna storage {redact_url(url)} holds no study yet (it has no Optuna tables); "
+                "check the URL (--storage / SWEEPER_STORAGE), or start a study with `sweeper launch --study SPEC`"
+            )
         with _schema_lock(url, engine_kwargs, create):
             storage = RDBStorage(
                 url,
@@ -97,6 +102,8 @@ def open_storage(
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=RetryCallback(max_retry=max_retry),
             )
+    except SweeperError:
+        raise
     except RuntimeError as e:  # Optuna's message for an old schema names the upgrade command
         raise SweeperError(
             f"the Optuna storage {redact_url(url)} cannot be used: {redact(e)} Stop every worker, back up the "
@@ -112,6 +119,22 @@ def open_storage(
     return storage
 
 
+class NoStore(SweeperError):
+    """A command that only reads or steers found no Optuna storage there, and created none."""
+
+
+def _has_schema(url: str, engine_kwargs: dict[str, Any]) -> bool:
+    """Whether a database server's storage holds Optuna's tables (RDBStorage would create them)."""
+    import sqlalchemy
+
+    kwargs = {k: v for k, v in engine_kwargs.items() if k != "pool_pre_ping"}
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **kwargs)
+    try:
+        return sqlalchemy.inspect(engine).has_table("studies")
+    finally:
+        engine.dispose()
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a sqlite:/// URL (None for an in-memory database)."""
     path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
@@ -125,7 +148,7 @@ def check_sqlite_file(path: Path | None, what: str, option: str, create: bool) -
         return
     if not path.exists():
         if not create:
-            raise SweeperError(
+            raise NoStore(
                 f"no {what} at {path}; run from the folder you launched in, set SWEEPER_HOME to that "
                 f"launch's home (now {settings.home()}), or pass {option}"
             )
@@ -202,9 +225,27 @@ def load_study(storage: RDBStorage, name: str) -> optuna.Study:
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise SweeperError(
-            f"no study named {name!r} in this storage; start it with `sweeper launch --study {name}`"
-        ) from None
+        raise SweeperError(unknown_study(name, study_names(storage))) from None
+
+
+def unknown_study(name: str, known: list[str]) -> str:
+    """No such study: the message names the studies there are, the closest to ``name`` first."""
+    import difflib
+
+    if not known:
+        return f"no study named {name!r}: this storage holds no study yet; start one with `sweeper launch --study SPEC`"
+    ranked = difflib.get_close_matches(name, known, n=len(known), cutoff=0.0)
+    return f"no study named {name!r} in this storage; known studies: {', '.join(ranked)}"
+
+
+def open_study(name: str, url: str | None = None) -> optuna.Study:
+    """An existing study, for the commands that read or steer one: where there is no store, or
+    no such study in it, they create nothing (no home, database, lock file or tables)."""
+    try:
+        storage = open_storage(url, create=False)
+    except NoStore as e:
+        raise SweeperError(f"no study named {name!r}: {e}") from None
+    return load_study(storage, name)
 
 
 def study_names(storage: RDBStorage) -> list[str]:

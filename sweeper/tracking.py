@@ -108,7 +108,6 @@ def _create_embedded(uri: str):
             time.sleep(1.0)
 
 
-
 class TrackingUnreachable(SweeperError):
     """The tracking store did not answer (down, network); it may come back."""
 

@@ -280,8 +280,8 @@ def serve(
     url = studies.resolve_storage_url(storage)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()
-    optuna_storage = studies.open_storage(url, create=False)
-    study = studies.load_study(optuna_storage, study_name)
+    study = studies.open_study(study_name, url)
+    optuna_storage = study._storage
     study_id = optuna_storage.get_study_id_from_name(study.study_name)
     client = tracking.client(uri, create=False)
     tracking.check_reachable(client)

@@ -29,7 +29,7 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()
-    study = studies.load_study(studies.open_storage(storage_url, create=False), study_name)
+    study = studies.open_study(study_name, storage_url)
     client = tracking.client(uri, create=False)
     tracking.check_reachable(client)
     env = f"MLFLOW_TRACKING_URI={redact_url(uri)}"

@@ -110,9 +110,7 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
     if server:
         mlflow_client = tracking.client(config.tracking_uri)
         tracking.check_reachable(mlflow_client)
-    storage = studies.open_storage(
-        config.storage_url, config.heartbeat_interval, config.grace_period, stall_timeout=config.grace_period
-    )
+    storage = _open_storage(config)
     if not server:  # an embedded store: the client creates its database file
         mlflow_client = tracking.client(config.tracking_uri)
         tracking.check_reachable(mlflow_client)
@@ -132,6 +130,27 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
         return _run_trials(config, stop, storage, mlflow_client)
     finally:
         gc.unfreeze()
+
+
+def _open_storage(config: WorkerConfig):
+    """The storage; a worker for named studies creates nothing when one of them does not exist
+    (a typo must not leave an empty optuna.db and mlflow.db behind)."""
+    names = config.study_names
+    try:
+        storage = studies.open_storage(
+            config.storage_url,
+            config.heartbeat_interval,
+            config.grace_period,
+            stall_timeout=config.grace_period,
+            create=not names,
+        )
+    except studies.NoStore as e:
+        raise SweeperError(f"no study named {names[0]!r}: {e}") from None
+    known = studies.study_names(storage) if names else []
+    for name in names:
+        if name not in known:
+            raise SweeperError(studies.unknown_study(name, known))
+    return storage
 
 
 def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -> int:
@@ -217,7 +236,7 @@ def _claim_next(storage, names: tuple[str, ...], on_stale=None):
             attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
         except KeyError:
             if names:
-                raise SweeperError(f"no study named {name!r}; start it with `sweeper launch --study {name}`") from None
+                raise SweeperError(studies.unknown_study(name, studies.study_names(storage))) from None
             continue
         spec = attrs.get(studies.SPEC_ATTR)
         if spec is None:

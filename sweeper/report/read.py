@@ -105,7 +105,7 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None,
     url = studies.resolve_storage_url(storage_url)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()
-    study = studies.load_study(studies.open_storage(url, create=False), study_name)
+    study = studies.open_study(study_name, url)
     spec = study.user_attrs.get(studies.SPEC_ATTR) or {}
     epochs = int((spec.get("train") or {}).get("epochs") or DEFAULT_EPOCHS)
     trials = _cell_trials(study.get_trials(deepcopy=False), spec)

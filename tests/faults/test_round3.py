@@ -61,6 +61,14 @@ def main(monkeypatch, capsys):
     return run
 
 
+def dump(db: Path) -> list[str]:
+    """A SQLite database's content as SQL (its file changes when a reader checkpoints the WAL)."""
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return list(conn.iterdump())
+
+
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
 
@@ -174,11 +182,11 @@ def test_commands_on_a_missing_study_write_nothing_and_name_the_existing_ones(ma
 
     enqueue(write_spec(tmp_path / "tiny.toml"))
     enqueue(write_spec(tmp_path / "other.toml"))
-    before = {p: p.stat().st_mtime_ns for p in home.rglob("*")}
+    before = files_under(home), dump(home / "optuna.db")
     result = main(command, "--study", "tinny", code=1)
     assert "no study named 'tinny'" in result.output and "known studies: tiny, other" in result.output, result.output
     assert "sweeper launch --study tinny" not in result.output
-    assert {p: p.stat().st_mtime_ns for p in home.rglob("*")} == before, "nothing written"
+    assert (files_under(home), dump(home / "optuna.db")) == before, "nothing written"
 
 
 def test_set_state_on_an_empty_home_writes_nothing(sweeper_env):
