@@ -906,13 +906,24 @@ lifecycle_command(
 @cli.command()
 @study_option
 @storage_option
+@tracking_option
 @format_option()
-def retry(study, storage, fmt):
+def retry(study, storage, tracking_uri, fmt):
     """Re-enqueue failed cells on purpose (e.g. after fixing the cause of a NaN or out of memory)."""
     st = study_layer()
 
     loaded = st.open_study(study_name(study), storage)
     n = st.retry_failed(loaded)
+    if n and st.mark_running(loaded):  # the study runs again: so does its MLflow run
+        from sweeper import tracking
+        from sweeper.errors import SweeperError
+
+        try:
+            client = tracking.client(tracking_uri, create=False)
+        except SweeperError:  # no embedded store yet: no run to mark
+            client = None
+        if client is not None:
+            tracking.set_study_run_status(client, loaded.study_name, "running")
     click.echo(f"{n} failed cell(s) of {loaded.study_name} re-enqueued" if n else "no failed cell to retry", err=True)
     if fmt == "json":
         print_json({"study": loaded.study_name, "retried": n})

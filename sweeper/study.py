@@ -853,15 +853,23 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
 
 
 def retry_failed(study: optuna.Study) -> int:
-    """Re-enqueue every cell whose latest trial FAILED and that has nothing waiting or done.
+    """Re-enqueue every cell whose latest trial FAILED and that has nothing waiting or done, each
+    with a fresh retry budget; the study runs again, and a cell that fails for good again is
+    announced (and counted by max_failed_cells) again.
 
     Under the study's launch lock, reading the trials afresh: two `sweeper retry` at once would
     otherwise both see a cell FAILED and both enqueue a retry of it (one MLflow run, two trials)."""
     with study_lock(getattr(study._storage, "_backend", study._storage), study.study_name):
-        return _retry_failed(study)
+        retried = _retry_failed(study)
+        if retried:
+            storage = study._storage
+            attrs = getattr(storage, "_backend", storage).get_study_user_attrs(study._study_id)
+            known = set(attrs.get(FAILED_CELLS_ATTR) or [])
+            storage.set_study_user_attr(study._study_id, FAILED_CELLS_ATTR, sorted(known - set(retried)))
+        return len(retried)
 
 
-def _retry_failed(study: optuna.Study) -> int:
+def _retry_failed(study: optuna.Study) -> list[str]:
     latest: dict[str, optuna.trial.FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False):
         key = t.user_attrs.get(KEY_ATTR)
@@ -876,13 +884,12 @@ def _retry_failed(study: optuna.Study) -> int:
                 params=t.params,
                 distributions=t.distributions,
                 user_attrs=user_attrs,
-                system_attrs={
-                    "failed_trial": t.system_attrs.get("failed_trial", t.number),
-                    "retry_history": [*t.system_attrs.get("retry_history", []), t.number],
-                },
+                # A fresh budget: max_retries automatic retries from here (the earlier attempts
+                # stay in the study, this trial points to the one it retries).
+                system_attrs={"failed_trial": t.number, "retry_history": []},
             )
         )
-    return len(failed)
+    return [t.user_attrs[KEY_ATTR] for t in failed]
 
 
 # --- lifecycle and policy -----------------------------------------------------------------------

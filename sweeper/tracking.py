@@ -83,6 +83,33 @@ def client(uri: str | None = None, create: bool = True):
 
 
 STORE_CREATE_WAIT = 60.0  # seconds another process may take to create the embedded store
+SCHEMA_QUIET = 1.0  # seconds a store's schema must stay unchanged before it counts as created
+
+
+def _wait_while_migrating(path: Path) -> None:
+    """An embedded store written in the last seconds may be one that another MLflow client is
+    creating right now: opening it then would start a second schema migration beside the first
+    (both fail, or leave the schema half made). Wait until its tables and alembic revision stay
+    unchanged for SCHEMA_QUIET seconds."""
+    import sqlite3
+
+    if not path.exists() or time.time() - path.stat().st_mtime > 5:
+        return
+    deadline = time.monotonic() + STORE_CREATE_WAIT
+    last, quiet_since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+                now = db.execute("SELECT group_concat(name) FROM sqlite_master").fetchone()
+                if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'alembic_version'").fetchone():
+                    now += tuple(db.execute("SELECT version_num FROM alembic_version").fetchall())
+        except sqlite3.Error as e:
+            now = ("error", str(e))
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= SCHEMA_QUIET:
+            return
+        time.sleep(0.1)
 
 
 def _create_embedded(uri: str):
@@ -92,6 +119,9 @@ def _create_embedded(uri: str):
     "Circular dependency detected"). It finishes in seconds: wait for it and try again."""
     from mlflow.tracking import MlflowClient
 
+    from sweeper.study import sqlite_path
+
+    _wait_while_migrating(sqlite_path(uri))
     deadline = time.monotonic() + STORE_CREATE_WAIT
     while True:
         try:

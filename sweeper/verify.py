@@ -1,8 +1,10 @@
 """`sweeper verify`: does what MLflow holds match what Optuna says happened?
 
 For every finished (COMPLETE) trial: its run exists, is active and FINISHED, is the only
-finished run of its cell and recipe, logged each epoch's metrics exactly once, has params
-equal to the trial's recipe, and holds its MLflow model (``runs:/RUN_ID/model``). And no cell run lacks a trial.
+finished run of its cell and recipe, logged each epoch's metrics exactly once and no step past
+the last epoch, agrees with Optuna's value and intermediate values, has params equal to the
+trial's recipe, and holds its MLflow model (``runs:/RUN_ID/model``). No cell's latest trial is
+unfinished while its run is FINISHED, and no cell run lacks a trial.
 Each problem names the cell, the trial and the run, and the command that repairs it when
 one exists.
 
@@ -12,13 +14,14 @@ one exists.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
 from sweeper import study as studies
 from sweeper import tracking
 from sweeper.errors import redact_url
-from sweeper.spec import VAL_METRICS
+from sweeper.spec import VAL_METRICS, decision_metric
 
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error")
 
@@ -48,6 +51,7 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
         )
 
     trials = study.get_trials(deepcopy=False)
+    spec = study.user_attrs.get(studies.SPEC_ATTR) or {}
     experiment = client.get_experiment_by_name(study_name)
     runs = []
     if experiment is not None:
@@ -97,6 +101,9 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
         if run.info.status != "FINISHED":
             problem("run_not_finished", f"trial {t.number} is COMPLETE but its run is {run.info.status}", t, run_id)
         _check_epochs(client, t, run, problem)
+        _check_value(
+            client, t, run, decision_metric(spec.get("metric", "top1_error"), _recipe(t).get("val_fraction")), problem
+        )
         _check_params(t, run, problem)
         model = tracking.logged_model(client, run.info.experiment_id, run_id)
         if not tracking.is_usable_model(model):
@@ -108,6 +115,17 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
                 run_id,
             )
 
+    latest = studies.latest_trials(trials)
+    for t in latest.values():  # the state each cell ended in, as Optuna and MLflow have it
+        run = by_id.get(t.user_attrs.get("mlflow_run_id"))
+        if run is not None and run.info.status == "FINISHED" and t.state.name != "COMPLETE":
+            problem(
+                "state_differs",
+                f"trial {t.number} is {t.state.name} in Optuna but its run is FINISHED in MLflow (a worker "
+                "finishing it right now would explain it: verify again)",
+                t,
+                run.info.run_id,
+            )
     identity = Counter(
         (r.data.tags.get(tracking.KEY_TAG), r.data.tags.get(tracking.RECIPE_TAG))
         for r in active
@@ -132,8 +150,21 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
                     "repair": " && ".join(f"{env} mlflow runs delete --run-id {r}" for r in extra) or None,
                 }
             )
+
+    def ident(r) -> tuple[str | None, str | None]:
+        return r.data.tags.get(tracking.KEY_TAG), r.data.tags.get(tracking.RECIPE_TAG)
+
+    held = {ident(r) for r in active if r.info.run_id in claimed}
     for r in active:
         if r.info.run_id not in claimed:
+            # A run whose cell another trial's run holds is a leftover; otherwise it may be the
+            # only record of the cell's result (its trial was deleted): keep it, re-create the trial.
+            repair = (
+                f"{env} mlflow runs delete --run-id {r.info.run_id}"
+                if ident(r) in held
+                else f"sweeper launch --study SPEC (the spec of study {study_name}): it enqueues the cell again "
+                "and its trial continues in this run; nothing is deleted"
+            )
             problems.append(
                 {
                     "check": "run_without_trial",
@@ -141,7 +172,7 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
                     "trial": None,
                     "run_id": r.info.run_id,
                     "message": f"run {r.info.run_id} ({r.info.run_name}) belongs to no trial of study {study_name}",
-                    "repair": f"{env} mlflow runs delete --run-id {r.info.run_id}",
+                    "repair": repair,
                 }
             )
     return {
@@ -150,6 +181,8 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
         "ok": not problems,
         "trials_checked": len(complete),
         "runs_checked": len(runs),
+        "cells": studies.counts(list(latest.values())),  # by Optuna state
+        "runs": dict(Counter(r.info.status for r in active)),  # by MLflow status
         "problems": problems,
     }
 
@@ -174,6 +207,14 @@ def _check_epochs(client, trial, run, problem) -> None:
                 trial,
                 run.info.run_id,
             )
+        extra = sorted(set(steps) - set(range(1, epochs + 1))) if epochs else []
+        if extra:
+            problem(
+                "metric_extra_steps",
+                f"{name} is logged for step(s) {', '.join(map(str, extra))}, past the trial's {epochs} epoch(s)",
+                trial,
+                run.info.run_id,
+            )
         if missing:
             problem(
                 "metric_missing",
@@ -181,6 +222,33 @@ def _check_epochs(client, trial, run, problem) -> None:
                 trial,
                 run.info.run_id,
             )
+
+
+def _check_value(client, trial, run, metric: str, problem) -> None:
+    """The trial's Optuna value and intermediate values against the run's metric at each epoch
+    (its latest value per step, as the report reads it): either store may have been edited."""
+    logged: dict[int, float] = {}
+    for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.timestamp):
+        logged[m.step] = m.value
+    epochs = max(trial.intermediate_values, default=None)
+    wrong = [
+        f"epoch {step}: Optuna {value!r}, MLflow {logged.get(step)!r}"
+        for step, value in sorted(trial.intermediate_values.items())
+        if not _same(value, logged.get(step))
+    ]
+    if epochs is not None and not _same(trial.value, logged.get(epochs)):
+        wrong.insert(0, f"value: Optuna {trial.value!r}, MLflow {logged.get(epochs)!r} at epoch {epochs}")
+    if wrong:
+        problem(
+            "value_differs",
+            f"trial {trial.number}'s {metric} in Optuna differs from its run's: {'; '.join(wrong)}",
+            trial,
+            run.info.run_id,
+        )
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def _check_params(trial, run, problem) -> None:

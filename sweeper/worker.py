@@ -326,6 +326,15 @@ class HandBack(Exception):
         self.epoch, self.reason = epoch, reason
 
 
+class TimedOut(Exception):
+    """The trial ran past the policy's trial_timeout: it stops after this epoch's checkpoint and
+    is re-queued (counting a retry), so the next attempt goes on from there."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"trial_timeout after epoch {epoch}")
+        self.epoch = epoch
+
+
 class TrialLost(Exception):
     """Another worker owns the trial now: this one's heartbeat went stale (a freeze, a long
     database outage), the trial was failed and its retry enqueued. Stand down, touch nothing."""
@@ -415,20 +424,16 @@ class TrialRun:
                 self._end_run("KILLED", e.reason)
                 self._db(studies.hand_back, self.study, self.trial_id, e.reason)
                 log.warning("trial %d: %s handed back after epoch %d: %s", number, self.key, e.epoch, e.reason)
+            except TimedOut as e:
+                self._flush_quietly()  # this epoch's checkpoint: the next attempt goes on from it
+                self._requeue(
+                    e.epoch,
+                    f"ran longer than the policy's trial_timeout ({self.timeout:g}s) and stopped after epoch "
+                    f"{e.epoch}; raise [policy] trial_timeout or lower the epochs",
+                )
             except Interrupted as e:
                 self._flush_quietly()  # the last epoch's checkpoint, if MLflow had not taken it yet
-                if self.timed_out():
-                    reason = (
-                        f"ran longer than the policy's trial_timeout ({self.timeout:g}s) and stopped after "
-                        f"epoch {e.last_epoch}; raise [policy] trial_timeout or lower the epochs"
-                    )
-                else:
-                    reason = f"worker stopped by a signal after epoch {e.last_epoch}"
-                self._end_run("KILLED", f"{reason}; the trial was re-queued")
-                self._db(studies.requeue, self.study, self.trial_id, reason)
-                log.warning(
-                    "trial %d: %s stopped after epoch %d and re-queued: %s", number, self.key, e.last_epoch, reason
-                )
+                self._requeue(e.last_epoch, f"worker stopped by a signal after epoch {e.last_epoch}")
             except (NonFiniteLoss, SpecError) as e:  # retrying cannot help: fail the cell, no traceback
                 self._fail(str(e), retry=False)
             except torch.OutOfMemoryError as e:
@@ -453,6 +458,19 @@ class TrialRun:
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+
+    def _requeue(self, epoch: int, reason: str) -> None:
+        """Fail the trial and enqueue its retry, unless its retries are used up: then it failed
+        for good, and the run's reason and the log say so."""
+        history = self._db(self.storage.get_trial, self.trial_id).system_attrs.get("retry_history", [])
+        max_retries = studies.policy(self.spec)["max_retries"]
+        retry = len(history) < max_retries  # as the retry callback decides
+        outcome = "re-queued" if retry else f"failed for good (max_retries = {max_retries} reached)"
+        self._end_run("KILLED" if retry else "FAILED", f"{reason}; the trial {'was ' if retry else ''}{outcome}")
+        self._db(studies.requeue, self.study, self.trial_id, reason)
+        log.warning(
+            "trial %d: %s stopped after epoch %d and %s: %s", self.trial.number, self.key, epoch, outcome, reason
+        )
 
     @contextlib.contextmanager
     def _core_share(self):
@@ -489,7 +507,7 @@ class TrialRun:
                 **self.engine.fit_options(),
                 resume=ready.resume,
                 on_epoch=reporter.on_epoch,
-                should_stop=lambda: self.stop.is_set() or self.timed_out(),
+                should_stop=self.stop.is_set,  # a timeout stops at the epoch's end (EpochReporter)
                 on_step=self._set_threads,
             )
         finally:
@@ -822,10 +840,13 @@ class EpochReporter:
         )
         pruned = run._db(run.trial.should_prune)
         last = pruned or m.epoch == self.recipe.epochs  # the trial ends with its model: no checkpoint needed
-        # A cancelled study: checkpoint this epoch now and hand the trial back (`sweeper resume`).
+        # A cancelled study, or a trial past its timeout: checkpoint this epoch now and hand the
+        # trial back (`sweeper resume`), or re-queue it (the next attempt goes on from here).
         cancelled = not last and self._cancelled()
+        timed_out = not last and not cancelled and run.timed_out()
         every = self.recipe.checkpoint_every
-        if every == "epoch" or cancelled or (not last and time.monotonic() - self.last_checkpoint >= every):
+        stopping = cancelled or timed_out
+        if every == "epoch" or stopping or (not last and time.monotonic() - self.last_checkpoint >= every):
             started = time.perf_counter()
             self._checkpoint({**state(), "variant": run.variant, "dataset": run.dataset, "seed": run.seed})
             self.checkpoint_blocking_seconds += time.perf_counter() - started
@@ -834,6 +855,8 @@ class EpochReporter:
             return True
         if cancelled:
             raise HandBack(m.epoch, f"study cancelled after epoch {m.epoch}; `sweeper resume` continues it")
+        if timed_out:
+            raise TimedOut(m.epoch)
         return False
 
     def _cancelled(self) -> bool:

@@ -176,17 +176,27 @@ def test_a_study_whose_cells_always_fail_pauses_itself(tmp_path, sweeper_env, sp
     assert not hook.events("study_complete")
 
 
-def test_trial_timeout_hands_the_trial_back_and_max_retries_bounds_it(tmp_path, sweeper_env, spawn):
+def test_trial_timeout_checkpoints_hands_back_and_max_retries_bounds_it(tmp_path, sweeper_env, spawn):
+    """With the default checkpoint_every (60 s) a timed-out attempt wrote no checkpoint: each
+    retry started at epoch 1 and a cell longer than the timeout could never finish (issue #21,
+    item 1); the last attempt said "re-queued". Each attempt now keeps its epoch."""
     env = sweeper_env
     url = f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db"
     policy = "[policy]\nmax_retries = 1\ntrial_timeout = 0.5\n"
-    enqueue(write_spec(tmp_path / "slow.toml", epochs=2, limit_train=None, extra=policy))
+    enqueue(write_spec(tmp_path / "slow.toml", epochs=3, checkpoint_every=60, extra=policy))
     worker = spawn("worker", "--study", "slow", *FAST, env=env)
     assert worker.wait(600) == 0, worker.text()
     trials = trials_of(url, "slow")
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL], "one retry, then failed for good"
     for t in trials:
         assert "trial_timeout (0.5s)" in t.system_attrs["sweeper.fail_reason"]
+    # Attempt 1 trained epoch 1 and checkpointed it; attempt 2 resumed there and trained epoch 2.
+    assert [max(t.intermediate_values) for t in trials] == [1, 2]
+    assert "short4/digits/s1 resumes after epoch 1" in worker.text()
+    assert "stopped after epoch 2 and failed for good (max_retries = 1 reached)" in worker.text()
+    run = mlflow_of(sweeper_env).get_run(trials[-1].user_attrs["mlflow_run_id"])
+    assert run.data.tags["sweeper.resumed_from_epoch"] == "1"
+    assert "failed for good" in run.data.tags["sweeper.reason"] and "re-queued" not in run.data.tags["sweeper.reason"]
     status = json.loads(cli("status", "--study", "slow", "--format", "json", env=env).stdout)
     (group,) = status["failures"]
     assert group["cause"] == "trial timeout" and group["trials"] == 2 and group["cells_failed_for_good"] == 1

@@ -287,6 +287,8 @@ def test_the_embedded_store_created_by_another_client_at_the_same_moment(tmp_pat
     """A notebook's MlflowClient on the same mlflow.db, creating its schema while a worker opens
     it: the worker died (alembic's "Online migration expected to match one row", or SQLAlchemy's
     "Circular dependency detected") in 2 of 2 tries before the fix."""
+    import mlflow.tracking  # noqa: F401  (imported before the race: an import takes seconds here)
+
     from sweeper import tracking
 
     db, started = tmp_path / "mlflow.db", tmp_path / "started"
