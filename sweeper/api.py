@@ -128,13 +128,19 @@ HISTORY_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", 
 
 
 def history(
-    study: str, storage: str | None = None, tracking_uri: str | None = None, metrics: tuple[str, ...] = HISTORY_METRICS
+    study: str,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    metrics: str | tuple[str, ...] = HISTORY_METRICS,
 ) -> pd.DataFrame:
     """One row per cell per epoch: ``variant``, ``dataset``, ``seed``, ``mlflow_run_id``,
-    ``epoch`` and each of ``metrics`` as logged (a retried epoch: its latest value)."""
+    ``epoch`` and each of ``metrics`` (one name or several) as logged (a retried epoch: its
+    latest value)."""
     import pandas as pd
 
     from sweeper import report
+
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)  # not its letters, one by one
 
     collected = report.collect(study, storage, tracking_uri)
     rows: dict[tuple[str, int], dict[str, Any]] = {}

@@ -1055,6 +1055,8 @@ def failure_groups(trials: list[optuna.trial.FrozenTrial], max_retries: int) -> 
             continue
         reason = t.system_attrs.get(FAIL_REASON_ATTR)
         cause, fix = failure_cause(reason)
+        if cause == "study cancelled":  # handed back, continued by its copy: nothing failed
+            continue
         group = groups.setdefault(
             cause, {"cause": cause, "trials": 0, "cells_failed_for_good": 0, "fix": fix, "example": reason}
         )

@@ -713,6 +713,8 @@ class TrialRun:
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
+            if "sweeper.reason" in self.client.get_run(run_id).data.tags:  # an earlier attempt's end, not this one's
+                self.client.delete_tag(run_id, "sweeper.reason")
             for k, v in tags.items():
                 self.client.set_tag(run_id, k, v)
         self.run_id = run_id

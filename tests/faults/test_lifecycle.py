@@ -136,6 +136,11 @@ def test_pause_resume_and_cancel_across_two_workers(tmp_path, sweeper_env, spawn
         assert final.user_attrs["mlflow_run_id"] == t.user_attrs["mlflow_run_id"]
         assert int(run.data.tags["sweeper.resumed_from_epoch"]) >= 1
     assert parent_status(client, "steer") == "FINISHED"
+    # Issue #21, item 9: a finished run no longer says it was cancelled, nor does `status`.
+    for t in handed:
+        assert "sweeper.reason" not in client.get_run(t.user_attrs["mlflow_run_id"]).data.tags
+    text = cli("status", "--study", "steer", env=env).stdout
+    assert "failed: study cancelled" not in text, text
 
     # New cells enqueued: the parent run is RUNNING again.
     cli(
@@ -174,6 +179,39 @@ def test_a_study_whose_cells_always_fail_pauses_itself(tmp_path, sweeper_env, sp
         assert e["mlflow_url"] == f"runs:/{e['mlflow_run_id']}"
     assert failed[-1]["paused"].startswith("2 cell(s) failed for good")
     assert not hook.events("study_complete")
+
+
+def test_after_retry_cells_that_fail_again_are_announced_and_pause_the_study_again(tmp_path, sweeper_env, spawn, hook):
+    """Issue #21, item 2: `retry` left the record of failed cells as it was: after `retry`,
+    `resume` and a worker, only 1 of the 2 re-failures was posted, no study_complete, the study's
+    MLflow run stayed FAILED right after `retry`, and a re-queued cell kept its retry history."""
+    env = {**sweeper_env, "SWEEPER_NOTIFY_URL": hook.url}
+    url = f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db"
+    policy = "[policy]\nmax_failed_cells = 2\n"
+    enqueue(write_spec(tmp_path / "again.toml", seeds=(1, 2), epochs=1, extra="lr = 1e30\n" + policy))
+    cells = ["short4/digits/s1", "short4/digits/s2"]
+    first = spawn("worker", "--study", "again", *FAST, env=env)
+    assert first.wait(600) == 0, first.text()
+    assert sorted(e["cell"] for e in hook.events("cell_failed")) == cells
+    assert len(hook.events("study_complete")) == 1
+    client = mlflow_of(sweeper_env)
+    assert parent_status(client, "again") == "FAILED"
+
+    retried = json.loads(cli("retry", "--study", "again", "--format", "json", env=sweeper_env).stdout)
+    assert retried["retried"] == 2
+    assert parent_status(client, "again") == "RUNNING", "cells were added: the study runs again"
+    waiting = [t for t in trials_of(url, "again") if t.state == TrialState.WAITING]
+    assert [t.system_attrs["retry_history"] for t in waiting] == [[], []], "a fresh retry budget"
+
+    cli("resume", "--study", "again", env=sweeper_env)
+    second = spawn("worker", "--study", "again", *FAST, env=env)
+    assert second.wait(600) == 0, second.text()
+    assert sorted(e["cell"] for e in hook.events("cell_failed")[2:]) == cells, "both re-failures posted"
+    assert len(hook.events("study_complete")) == 2
+    assert "study again paused itself: 2 cell(s) failed for good" in second.text()
+    status = json.loads(cli("status", "--study", "again", "--format", "json", env=sweeper_env).stdout)
+    assert status["state"] == "paused" and status["outcome"] == "failed"
+    assert parent_status(client, "again") == "FAILED"
 
 
 def test_trial_timeout_checkpoints_hands_back_and_max_retries_bounds_it(tmp_path, sweeper_env, spawn):

@@ -10,6 +10,7 @@ import http.server
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -63,8 +64,6 @@ def main(monkeypatch, capsys):
 
 def dump(db: Path) -> list[str]:
     """A SQLite database's content as SQL (its file changes when a reader checkpoints the WAL)."""
-    import sqlite3
-
     with sqlite3.connect(db) as conn:
         return list(conn.iterdump())
 
@@ -305,3 +304,71 @@ def test_the_embedded_store_created_by_another_client_at_the_same_moment(tmp_pat
     finally:
         assert other.wait(300) == 0, "the other client too"
     assert os.path.exists(f"{db}.lock")
+
+
+TRIAL_TABLES = (  # Optuna's rows of a trial, besides its row in trials
+    "trial_values",
+    "trial_params",
+    "trial_user_attributes",
+    "trial_system_attributes",
+    "trial_intermediate_values",
+    "trial_heartbeats",
+)
+
+# --- item 7: verify sees value drift; item 9: api.history with one metric name ----------------
+
+
+@pytest.mark.slow
+def test_verify_sees_value_drift_extra_steps_and_state_drift_and_keeps_data(tmp_path, sweeper_env):
+    import optuna
+    from fault_helpers import trials_of
+
+    from sweeper import api
+    from sweeper import verify as verifying
+
+    home = Path(sweeper_env["SWEEPER_HOME"])
+    enqueue(write_spec(tmp_path / "drift.toml", seeds=(1, 2), epochs=1))
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeper", "worker", "--study", "drift", *FAST],
+        env=sweeper_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert verifying.verify("drift")["ok"]
+    frame = api.history("drift", metrics="top1_error")  # one name, not its letters
+    assert list(frame.columns)[-1] == "top1_error" and len(frame) == 2 and frame["top1_error"].notna().all()
+
+    url = f"sqlite:///{home}/optuna.db"
+    s1, s2 = trials_of(url, "drift")
+    run1, run2 = s1.user_attrs["mlflow_run_id"], s2.user_attrs["mlflow_run_id"]
+    with sqlite3.connect(home / "mlflow.db") as db:  # s1's result edited in MLflow
+        for table in ("metrics", "latest_metrics"):
+            db.execute(f"UPDATE {table} SET value = 0.5 WHERE run_uuid = ? AND key = 'top1_error'", (run1,))
+    with sqlite3.connect(home / "optuna.db") as db:  # s2's result edited in Optuna
+        db.execute("UPDATE trial_values SET value = 0.25 WHERE trial_id = ?", (s2._trial_id,))
+    from sweeper import tracking
+
+    tracking.client(f"sqlite:///{home}/mlflow.db").log_metric(run2, "top1_error", 0.1, step=2)
+
+    result = verifying.verify("drift")
+    found = {(p["check"], p["trial"]) for p in result["problems"]}
+    assert ("value_differs", s1.number) in found and ("value_differs", s2.number) in found, result["problems"]
+    assert ("metric_extra_steps", s2.number) in found, result["problems"]
+
+    # s1 moved back to RUNNING, s2's trial deleted: the counts by state differ, and the repair
+    # offered for s2's run keeps it (it is the only record of s2's result).
+    with sqlite3.connect(home / "optuna.db") as db:
+        db.execute("UPDATE trials SET state = 'RUNNING', datetime_complete = NULL WHERE trial_id = ?", (s1._trial_id,))
+        for table in TRIAL_TABLES:
+            db.execute(f"DELETE FROM {table} WHERE trial_id = ?", (s2._trial_id,))
+        db.execute("DELETE FROM trials WHERE trial_id = ?", (s2._trial_id,))
+    assert len(optuna.load_study(study_name="drift", storage=url).trials) == 1
+    result = verifying.verify("drift")
+    by_check = {p["check"]: p for p in result["problems"]}
+    assert by_check["state_differs"]["trial"] == s1.number, result["problems"]
+    orphan = by_check["run_without_trial"]
+    assert orphan["run_id"] == run2 and "delete" not in orphan["repair"] and "sweeper launch" in orphan["repair"]
+    assert result["cells"]["RUNNING"] == 1 and result["runs"] == {"FINISHED": 2}
+    assert not result["ok"]
