@@ -15,7 +15,7 @@ epochs = 14
 [policy]          # optional: what to do about failures
 max_retries = 3         # retries of a cell whose trial failed (worker lost, MLflow outage...)
 max_failed_cells = 2    # the study pauses itself once this many cells failed for good
-trial_timeout = 3600    # seconds; a trial running longer is checkpointed and handed back
+trial_timeout = 3600    # seconds; a trial running longer checkpoints at its epoch's end and is re-queued
 
 [search]          # optional: Optuna samples these for every trial
 trials_per_cell = 20

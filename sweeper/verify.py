@@ -27,9 +27,6 @@ EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error")
 
 
 def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
-    from mlflow.entities import ViewType
-    from mlflow.exceptions import MlflowException
-
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()
     study = studies.open_study(study_name, storage_url)
@@ -38,11 +35,11 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
     env = f"MLFLOW_TRACKING_URI={redact_url(uri)}"
     problems: list[dict[str, Any]] = []
 
-    def problem(check: str, message: str, trial=None, run_id=None, repair=None) -> None:
+    def problem(check: str, message: str, trial=None, run_id=None, repair=None, cell=None) -> None:
         problems.append(
             {
                 "check": check,
-                "cell": trial.user_attrs.get(studies.KEY_ATTR) if trial is not None else None,
+                "cell": trial.user_attrs.get(studies.KEY_ATTR) if trial is not None else cell,
                 "trial": trial.number if trial is not None else None,
                 "run_id": run_id,
                 "message": message,
@@ -51,70 +48,12 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
         )
 
     trials = study.get_trials(deepcopy=False)
-    spec = study.user_attrs.get(studies.SPEC_ATTR) or {}
-    experiment = client.get_experiment_by_name(study_name)
-    runs = []
-    if experiment is not None:
-        token = None
-        while True:
-            page = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`{tracking.ROLE_TAG}` = 'cell'",
-                run_view_type=ViewType.ALL,
-                max_results=1000,
-                page_token=token,
-            )
-            runs += page
-            token = page.token
-            if not token:
-                break
-    active = [r for r in runs if r.info.lifecycle_stage == "active"]
+    runs = _cell_runs(client, study_name)
     by_id = {r.info.run_id: r for r in runs}
-    claimed = {t.user_attrs.get("mlflow_run_id") for t in trials} - {None}
-
+    metric = (study.user_attrs.get(studies.SPEC_ATTR) or {}).get("metric", "top1_error")
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     for t in complete:
-        run_id = t.user_attrs.get("mlflow_run_id")
-        run = by_id.get(run_id)
-        if run is None and run_id is not None:
-            try:
-                run = client.get_run(run_id)
-            except MlflowException:
-                run = None
-        if run is None:
-            problem(
-                "run_missing",
-                f"trial {t.number} finished but its MLflow run {run_id or '(none recorded)'} does not exist "
-                "(deleted for good, or logged to another tracking store)",
-                t,
-                run_id,
-            )
-            continue
-        if run.info.lifecycle_stage != "active":
-            problem(
-                "run_deleted",
-                f"the run of trial {t.number} was deleted in MLflow",
-                t,
-                run_id,
-                f"{env} mlflow runs restore --run-id {run_id}",
-            )
-        if run.info.status != "FINISHED":
-            problem("run_not_finished", f"trial {t.number} is COMPLETE but its run is {run.info.status}", t, run_id)
-        _check_epochs(client, t, run, problem)
-        _check_value(
-            client, t, run, decision_metric(spec.get("metric", "top1_error"), _recipe(t).get("val_fraction")), problem
-        )
-        _check_params(t, run, problem)
-        model = tracking.logged_model(client, run.info.experiment_id, run_id)
-        if not tracking.is_usable_model(model):
-            state = "none" if model is None else f"{model.model_id} is {model.status.name}"
-            problem(
-                "model_missing",
-                f"the run of trial {t.number} has no usable MLflow model (runs:/{run_id}/{tracking.MODEL_NAME}: {state})",
-                t,
-                run_id,
-            )
-
+        _check_trial(client, t, by_id, metric, env, problem)
     latest = studies.latest_trials(trials)
     for t in latest.values():  # the state each cell ended in, as Optuna and MLflow have it
         run = by_id.get(t.user_attrs.get("mlflow_run_id"))
@@ -126,34 +65,107 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
                 t,
                 run.info.run_id,
             )
-    identity = Counter(
-        (r.data.tags.get(tracking.KEY_TAG), r.data.tags.get(tracking.RECIPE_TAG))
-        for r in active
-        if r.info.status == "FINISHED"
-    )
+    active = [r for r in runs if r.info.lifecycle_stage == "active"]
+    claimed = {t.user_attrs.get("mlflow_run_id") for t in trials} - {None}
+    _check_leftover_runs(active, claimed, study_name, env, problem)
+    return {
+        "study": study_name,
+        "tracking_uri": redact_url(uri),
+        "ok": not problems,
+        "trials_checked": len(complete),
+        "runs_checked": len(runs),
+        "cells": studies.counts(list(latest.values())),  # by Optuna state
+        "runs": dict(Counter(r.info.status for r in active)),  # by MLflow status
+        "problems": problems,
+    }
+
+
+def _cell_runs(client, study_name: str) -> list:
+    """Every cell run of the study's experiment, deleted ones too."""
+    from mlflow.entities import ViewType
+
+    experiment = client.get_experiment_by_name(study_name)
+    runs: list = []
+    token = None
+    while experiment is not None:
+        page = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{tracking.ROLE_TAG}` = 'cell'",
+            run_view_type=ViewType.ALL,
+            max_results=1000,
+            page_token=token,
+        )
+        runs += page
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def _check_trial(client, t, by_id: dict[str, Any], metric: str, env: str, problem) -> None:
+    """One COMPLETE trial against its run."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = t.user_attrs.get("mlflow_run_id")
+    run = by_id.get(run_id)
+    if run is None and run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            run = None
+    if run is None:
+        problem(
+            "run_missing",
+            f"trial {t.number} finished but its MLflow run {run_id or '(none recorded)'} does not exist "
+            "(deleted for good, or logged to another tracking store)",
+            t,
+            run_id,
+        )
+        return
+    if run.info.lifecycle_stage != "active":
+        problem(
+            "run_deleted",
+            f"the run of trial {t.number} was deleted in MLflow",
+            t,
+            run_id,
+            f"{env} mlflow runs restore --run-id {run_id}",
+        )
+    if run.info.status != "FINISHED":
+        problem("run_not_finished", f"trial {t.number} is COMPLETE but its run is {run.info.status}", t, run_id)
+    _check_epochs(client, t, run, problem)
+    _check_value(client, t, run, decision_metric(metric, _recipe(t).get("val_fraction")), problem)
+    _check_params(t, run, problem)
+    model = tracking.logged_model(client, run.info.experiment_id, run_id)
+    if not tracking.is_usable_model(model):
+        state = "none" if model is None else f"{model.model_id} is {model.status.name}"
+        problem(
+            "model_missing",
+            f"the run of trial {t.number} has no usable MLflow model (runs:/{run_id}/{tracking.MODEL_NAME}: {state})",
+            t,
+            run_id,
+        )
+
+
+def _check_leftover_runs(active: list, claimed: set[str], study_name: str, env: str, problem) -> None:
+    """Cells with several FINISHED runs, and runs that no trial claims."""
+
+    def ident(r) -> tuple[str | None, str | None]:
+        return r.data.tags.get(tracking.KEY_TAG), r.data.tags.get(tracking.RECIPE_TAG)
+
+    identity = Counter(ident(r) for r in active if r.info.status == "FINISHED")
     for (key, digest), n in identity.items():
         if n > 1:
             extra = [
                 r.info.run_id
                 for r in active
-                if (r.data.tags.get(tracking.KEY_TAG), r.data.tags.get(tracking.RECIPE_TAG)) == (key, digest)
-                and r.info.status == "FINISHED"
-                and r.info.run_id not in claimed
+                if ident(r) == (key, digest) and r.info.status == "FINISHED" and r.info.run_id not in claimed
             ]
-            problems.append(
-                {
-                    "check": "duplicate_runs",
-                    "cell": key,
-                    "trial": None,
-                    "run_id": None,
-                    "message": f"cell {key} (recipe {digest}) has {n} FINISHED runs, not one",
-                    "repair": " && ".join(f"{env} mlflow runs delete --run-id {r}" for r in extra) or None,
-                }
+            problem(
+                "duplicate_runs",
+                f"cell {key} (recipe {digest}) has {n} FINISHED runs, not one",
+                repair=" && ".join(f"{env} mlflow runs delete --run-id {r}" for r in extra) or None,
+                cell=key,
             )
-
-    def ident(r) -> tuple[str | None, str | None]:
-        return r.data.tags.get(tracking.KEY_TAG), r.data.tags.get(tracking.RECIPE_TAG)
-
     held = {ident(r) for r in active if r.info.run_id in claimed}
     for r in active:
         if r.info.run_id not in claimed:
@@ -165,26 +177,13 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
                 else f"sweeper launch --study SPEC (the spec of study {study_name}): it enqueues the cell again "
                 "and its trial continues in this run; nothing is deleted"
             )
-            problems.append(
-                {
-                    "check": "run_without_trial",
-                    "cell": r.data.tags.get(tracking.KEY_TAG),
-                    "trial": None,
-                    "run_id": r.info.run_id,
-                    "message": f"run {r.info.run_id} ({r.info.run_name}) belongs to no trial of study {study_name}",
-                    "repair": repair,
-                }
+            problem(
+                "run_without_trial",
+                f"run {r.info.run_id} ({r.info.run_name}) belongs to no trial of study {study_name}",
+                run_id=r.info.run_id,
+                repair=repair,
+                cell=r.data.tags.get(tracking.KEY_TAG),
             )
-    return {
-        "study": study_name,
-        "tracking_uri": redact_url(uri),
-        "ok": not problems,
-        "trials_checked": len(complete),
-        "runs_checked": len(runs),
-        "cells": studies.counts(list(latest.values())),  # by Optuna state
-        "runs": dict(Counter(r.info.status for r in active)),  # by MLflow status
-        "problems": problems,
-    }
 
 
 def _recipe(trial) -> dict[str, Any]:
