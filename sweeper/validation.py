@@ -10,7 +10,7 @@ both ends of a search range and every search choice. Nothing heavy is imported.
     ...     check_distribution("epochs", {"low": 1, "high": 5, "step": 0}, Rule(int, ge=1))
     ... except BadValue as e:
     ...     print(e)
-    step must be > 0, got 0
+    step must be an integer > 0, got 0
 """
 
 from __future__ import annotations
