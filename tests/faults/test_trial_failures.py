@@ -47,7 +47,8 @@ def test_nan_loss_fails_the_trial_without_retry_and_the_worker_goes_on(tmp_path,
     status = json.loads(cli("status", "--study", "diverges", "--format", "json").stdout)
     assert status["counts"] == {"WAITING": 1, "RUNNING": 0, "COMPLETE": 0, "PRUNED": 0, "FAIL": 1}
     waiting = status["trials"][1]
-    assert waiting["state"] == "WAITING" and waiting["retry_of"] == 0 and waiting["retry_history"] == [0]
+    # A retry on purpose starts a fresh retry budget (issue #21, item 2).
+    assert waiting["state"] == "WAITING" and waiting["retry_of"] == 0 and waiting["retry_history"] == []
     assert waiting["mlflow_run_id"] == nan.user_attrs["mlflow_run_id"]  # the retry continues the cell's run
     assert "no failed cell" in cli("retry", "--study", "converges").output
 
