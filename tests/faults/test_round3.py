@@ -369,6 +369,6 @@ def test_verify_sees_value_drift_extra_steps_and_state_drift_and_keeps_data(tmp_
     by_check = {p["check"]: p for p in result["problems"]}
     assert by_check["state_differs"]["trial"] == s1.number, result["problems"]
     orphan = by_check["run_without_trial"]
-    assert orphan["run_id"] == run2 and "delete" not in orphan["repair"] and "sweeper launch" in orphan["repair"]
+    assert orphan["run_id"] == run2 and "runs delete" not in orphan["repair"] and "sweeper launch" in orphan["repair"]
     assert result["cells"]["RUNNING"] == 1 and result["runs"] == {"FINISHED": 2}
     assert not result["ok"]
