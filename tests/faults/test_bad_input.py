@@ -112,7 +112,7 @@ BAD_VALUES = [
     (
         SEARCH.format(trials=2, space="batch_size = { low = 16, high = 64.5 }"),
         "search.space.batch_size",
-        r"high must be an integer >= 1, got 64.5",
+        r"high must be an integer >= 1 and <= 65536, got 64.5",
     ),
     (GOOD + "limit_test = -500\n", "train.limit_test", r"must be an integer >= 1, got -500"),
     (GOOD + "limit_train = -1\n", "train.limit_train", r"must be an integer >= 1, got -1"),
