@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from sweeper import __version__, settings
+from sweeper import settings
 from sweeper.contract import (
     DATASETS,
     DEFAULT_GRACE_PERIOD,
@@ -176,11 +176,26 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def print_version(ctx, value) -> None:
+    if value and not ctx.resilient_parsing:
+        from sweeper.doctor import version_line
+
+        click.echo(version_line())
+        ctx.exit()
+
+
 # --- commands ------------------------------------------------------------------------------
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="sweeper")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, param, value: print_version(ctx, value),
+    help="Show sweeper's version and those of Python, torch, MLflow and Optuna, then exit.",
+)
 def cli():
     """Sweep GoogLeNet variants across datasets, tracked in MLflow.
 
@@ -961,11 +976,16 @@ def verify(study, storage, tracking_uri, fmt):
 @cli.command()
 @storage_option
 @tracking_option
-@click.option("--quiet", is_flag=True, help="Print nothing; only the exit code tells (for healthchecks).")
+@click.option(
+    "--quiet", is_flag=True, help="Check the stores only and print nothing; the exit code tells (healthchecks)."
+)
 @format_option()
 def doctor(storage, tracking_uri, quiet, fmt):
-    """Check that the Optuna storage and the MLflow tracking store are reachable."""
+    """Versions, the device and its capabilities (CPU flags, CUDA GPUs), threads, free disk under
+    SWEEPER_HOME, and whether the Optuna storage and the MLflow tracking store answer. Exits 1
+    when a store does not."""
     st = study_layer()
+    from sweeper import doctor as doctoring
     from sweeper import tracking
     from sweeper.errors import SweeperError, redact_url
 
@@ -982,8 +1002,16 @@ def doctor(storage, tracking_uri, quiet, fmt):
             checks[name] = str(e)
     ok = all(v == "ok" for v in checks.values())
     if not quiet:
-        document = {"ok": ok, "storage": redact_url(url), "tracking_uri": redact_url(uri), "checks": checks}
-        print_json(document) if fmt == "json" else click.echo("\n".join(f"{k}: {v}" for k, v in checks.items()))
+        document = {
+            "ok": ok,
+            "versions": doctoring.versions(),
+            **doctoring.device_facts(),
+            "disk": doctoring.disk(settings.home()),
+            "storage": redact_url(url),
+            "tracking_uri": redact_url(uri),
+            "checks": checks,
+        }
+        print_json(document) if fmt == "json" else click.echo(doctoring.render(document))
     sys.exit(0 if ok else 1)
 
 

@@ -35,9 +35,7 @@ MEANING = {
     # top level
     "description": "Free text shown by `sweeper studies` and in MLflow; not part of the study's identity.",
     "metric": "What the study ranks cells by (report, `--register-best`, search). With `val_fraction` > 0 "
-    "the validation twin is read for every decision: "
-    + ", ".join(f"{k} -> {v}" for k, v in VAL_METRICS.items())
-    + ".",
+    "the validation twin is read for every decision: " + ", ".join(f"{k} -> {v}" for k, v in VAL_METRICS.items()) + ".",
     "direction": "Whether a lower or a higher `metric` is better.",
     # [grid]
     "variant": "Model variants; every combination of variant, dataset and seed is one cell.",
@@ -182,7 +180,9 @@ def render() -> str:
     recipe_defaults = {f.name: f.default for f in fields(Recipe)}
     train_rules = {k: r for k, r in RECIPE_RULES.items() if k != "seed"}
     grid_rows = [
-        _row("variant", "list of strings", "required", ", ".join(f"`{v}`" for v in VARIANTS) + ", or a [variants.NAME]"),
+        _row(
+            "variant", "list of strings", "required", ", ".join(f"`{v}`" for v in VARIANTS) + ", or a [variants.NAME]"
+        ),
         _row("dataset", "list of strings", "required", ", ".join(f"`{d}`" for d in DATASETS)),
         _row("seed", "list of integers", "`[1]`", "any integer, each once"),
     ]

@@ -27,7 +27,14 @@ def test_every_key_of_every_table_has_a_row():
     ]
     for key in keys:
         assert f"| `{key}` |" in text, key
-    for section in ("## [grid]", "## [train]", "## [search]", "### [search.space]", "## [policy]", "## [variants.NAME]"):
+    for section in (
+        "## [grid]",
+        "## [train]",
+        "## [search]",
+        "### [search.space]",
+        "## [policy]",
+        "## [variants.NAME]",
+    ):
         assert section in text
 
 
