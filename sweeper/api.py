@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper import study as studies
-from sweeper import tracking
+from sweeper import study_state, tracking
 from sweeper.errors import redact
 
 if TYPE_CHECKING:
@@ -40,24 +40,47 @@ ACTIONS = {
 def set_state(study: str, action: str, storage: str | None = None, reason: str | None = None) -> dict[str, Any]:
     """Stop, pause, resume or cancel a study for every worker on every host.
 
-    Returns ``{"study", "state", "previous", "effect"}``. The state lives in the Optuna storage,
-    which every worker reads before claiming a trial and after each epoch.
+    Returns ``{"study", "state", "previous", "changed", "effect"}``. The state lives in the Optuna
+    storage, which every worker reads before claiming a trial and after each epoch. A finished
+    or failed study (no cell waits or runs) is left as it is: ``changed`` False, and ``effect`` says so.
     """
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
     state, effect = ACTIONS[action]
     loaded = studies.open_study(study, storage)
+    rules = studies.policy(loaded.user_attrs.get(studies.SPEC_ATTR) or {})
+    latest = studies.latest_trials(loaded.get_trials(deepcopy=False))
+    outcome = studies.outcome(latest, rules["max_retries"])
+    if outcome in study_state.DONE:  # nothing waits or runs: a lifecycle change would mean nothing
+        done, why = study_state.word({}, outcome, studies.counts(list(latest.values())))
+        hint = "`sweeper retry` re-enqueues its failed cells" if done == "failed" else "new cells need `launch`"
+        return {
+            "study": loaded.study_name,
+            "state": done,
+            "previous": done,
+            "changed": False,
+            "effect": f"nothing: the study is {done} ({why}); {hint}",
+        }
     previous = studies.set_lifecycle(loaded, state, reason or f"`sweeper {action}`")
-    return {"study": loaded.study_name, "state": state, "previous": previous["state"], "effect": effect}
+    return {
+        "study": loaded.study_name,
+        "state": state,
+        "previous": previous["state"],
+        "changed": True,
+        "effect": effect,
+    }
 
 
 def status(study: str, storage: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
     """The study's lifecycle state, trial counts, failures grouped by cause and one row per trial.
 
-    Keys: ``study``, ``state`` (running, paused, stopped, cancelled), ``state_reason``,
-    ``outcome`` (running, finished, failed), ``storage``, ``tracking_uri``, ``counts``
-    (trials by Optuna state), ``cells`` (latest trial of each cell by state), ``failures``
-    (``cause``, ``trials``, ``cells_failed_for_good``, ``fix``, ``example``) and ``trials``.
+    Keys: ``study``, ``state`` (one word: running, paused, stopped, cancelled, finished, failed;
+    see sweeper.study_state), ``state_reason``, ``lifecycle`` (running, paused, stopped,
+    cancelled: what the workers are told), ``outcome`` (running, finished, failed), ``storage``,
+    ``tracking_uri``, ``counts`` (trials by Optuna state), ``cells`` (latest trial of each cell by
+    state), ``failures`` (``cause``, ``trials``, ``cells_failed_for_good``, ``fix``, ``example``),
+    ``eta_s`` and ``eta_source`` (None, and why, for a study that is not running or that no
+    worker runs), ``home_bytes`` (the embedded stores' SWEEPER_HOME, else None) and ``trials``.
     """
     url = studies.resolve_storage_url(storage)
     loaded = studies.open_study(study, url)
@@ -67,20 +90,39 @@ def status(study: str, storage: str | None = None, tracking_uri: str | None = No
     rules = studies.policy(attrs.get(studies.SPEC_ATTR) or {})
     latest = studies.latest_trials(trials)
     life = studies.lifecycle(storage_, loaded._study_id)
+    outcome = studies.outcome(latest, rules["max_retries"])
+    cells = studies.counts(list(latest.values()))
+    state, reason = study_state.word(life, outcome, cells)
+    withheld = study_state.eta_withheld(state, cells["RUNNING"])
     return {
         "study": loaded.study_name,
-        "state": life["state"],
-        "state_reason": life.get("reason"),
-        "outcome": studies.outcome(latest, rules["max_retries"]),
+        "state": state,
+        "state_reason": reason,
+        "lifecycle": life["state"],
+        "outcome": outcome,
         "storage": redact(url),
         "tracking_uri": redact(tracking.resolve_tracking_uri(tracking_uri)),
         "policy": rules,
         "counts": studies.counts(trials),
-        "cells": studies.counts(list(latest.values())),
+        "cells": cells,
         "failures": studies.failure_groups(trials, rules["max_retries"]),
-        **eta(latest, attrs.get(studies.SPEC_ATTR) or {}, tracking.resolve_tracking_uri(tracking_uri)),
+        **(
+            {"eta_s": None, "eta_source": withheld}
+            if withheld
+            else eta(latest, attrs.get(studies.SPEC_ATTR) or {}, tracking.resolve_tracking_uri(tracking_uri))
+        ),
+        **home_size(url, tracking.resolve_tracking_uri(tracking_uri)),
         "trials": studies.trial_rows(trials),
     }
+
+
+def home_size(url: str, uri: str) -> dict[str, Any]:
+    """``home_bytes``: what SWEEPER_HOME holds, when an embedded store of the study lives there."""
+    from sweeper import doctor, settings
+
+    if url != studies.default_storage_url() and uri != tracking.default_tracking_uri():
+        return {"home_bytes": None}
+    return {"home_bytes": doctor.dir_size(settings.home())}
 
 
 def eta(latest: dict[str, Any], spec: dict[str, Any], uri: str) -> dict[str, Any]:

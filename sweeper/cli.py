@@ -24,6 +24,7 @@ from sweeper.contract import (
 
 FORMAT_CHOICES = ("table", "json")
 SEARCH_LIMIT = 10_000  # trials per cell that `launch` enqueues without --yes
+HOME_SIZE_SHOWN_ABOVE = 1_000_000_000  # bytes: `status` says how much SWEEPER_HOME holds past this
 
 
 # --- options defined once ------------------------------------------------------------------
@@ -164,13 +165,13 @@ def print_table(title: str | None, rows: list[dict[str, Any]], columns: list[str
     for col in columns:
         table.add_column(col, justify="right" if rows and isinstance(rows[0].get(col), (int, float)) else "left")
     for row in rows:  # Text: user text ("[/x]" in a description) is shown as written, never as markup
-        table.add_row(*(Text(_cell(row.get(col))) for col in columns))
+        table.add_row(*(Text(_cell(row.get(col), col)) for col in columns))
     console.print(table)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, column: str = "") -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.{decimals(column)}f}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return "" if value is None else str(value)
@@ -182,6 +183,19 @@ def print_version(ctx, value) -> None:
 
         click.echo(version_line())
         ctx.exit()
+
+
+def decimals(column: str) -> int:
+    """Places a float column is shown with: seconds to 0.1, errors and losses to 4, else 2.
+
+    >>> decimals("elapsed_s"), decimals("top1_error"), decimals("images_per_s")
+    (1, 4, 1)
+    """
+    if column.endswith(("_s", "seconds")):
+        return 1
+    if column.endswith(("error", "loss", "value")) or column in ("lr", "lr_gamma"):
+        return 4
+    return 2
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -831,14 +845,26 @@ def status(study, storage, tracking_uri, fmt):
     if fmt == "json":
         print_json(document)
         return
+    from sweeper.doctor import human_bytes
+
     counts = ", ".join(f"{k} {v}" for k, v in document["counts"].items())
-    state = document["state"] + (f" ({document['state_reason']})" if document["state"] != "running" else "")
+    state = document["state"] + (f" ({document['state_reason']})" if document["state_reason"] else "")
     click.echo(
-        f"study {document['study']}: {state}; {document['outcome']}\n{counts}\n"
+        f"study {document['study']}: {state}\ntrials: {counts}\n"
         f"storage {document['storage']}\ntracking {document['tracking_uri']}"
     )
-    if document["eta_s"] is not None:
-        click.echo(f"eta {duration(document['eta_s'])} ({document['eta_source']})")
+    if document["state"] not in ("finished", "failed"):
+        eta = document["eta_s"]
+        click.echo(
+            f"eta {duration(eta)} ({document['eta_source']})"
+            if eta is not None
+            else f"eta: none ({document['eta_source'] or 'no finished run to estimate from'})"
+        )
+    if (document["home_bytes"] or 0) > HOME_SIZE_SHOWN_ABOVE:
+        click.echo(
+            f"SWEEPER_HOME {settings.home()} holds {human_bytes(document['home_bytes'])} "
+            "(docs/RELIABILITY.md: what is kept, and what can be deleted)"
+        )
     for group in document["failures"]:
         click.echo(
             f"failed: {group['cause']}: {group['trials']} trial(s), {group['cells_failed_for_good']} cell(s) for good"
@@ -902,6 +928,8 @@ def lifecycle_command(action: str, summary: str):
         document = api.set_state(study_name(study), action, storage)
         if fmt == "json":
             print_json(document)
+        elif not document["changed"]:
+            click.echo(f"study {document['study']}: `sweeper {action}` changes {document['effect']}")
         else:
             click.echo(
                 f"study {document['study']}: {document['previous']} -> {document['state']}; {document['effect']}"

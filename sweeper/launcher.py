@@ -92,7 +92,7 @@ def launch(
         )
         log_dir = settings.home() / "logs"
         console.print(f"{workers} worker(s) started; their logs are in {log_dir}", markup=False)
-        interrupted = watch(result.study, procs, console, stop)
+        interrupted = watch(Board(result.study, uri), procs, console, stop)
     if interrupted:
         console.print(
             f"stopped. Finished epochs are checkpointed; resume with:\n"
@@ -245,19 +245,19 @@ class StopFlag:
         return self.event.is_set()
 
 
-def watch(study, procs: list[subprocess.Popen], console, stop: StopFlag) -> bool:
+def watch(board, procs: list[subprocess.Popen], console, stop: StopFlag) -> bool:
     """A live board until every worker exits; True when the user interrupted (the workers are
     then stopped in order: SIGTERM, each checkpoints and re-queues its trial; a second Ctrl-C
     kills them)."""
     from rich.live import Live
 
-    with Live(board(study), console=console, refresh_per_second=1, transient=False) as live:
+    with Live(board(), console=console, refresh_per_second=1, transient=False) as live:
         while not stop.is_set() and any(p.poll() is None for p in procs):
             stop.event.wait(1.0)
             if not stop.is_set():
-                live.update(board(study))
+                live.update(board())
         if not stop.is_set():
-            live.update(board(study))
+            live.update(board())
     if not stop.is_set():
         return False
     console.print("stopping workers (they checkpoint and re-queue their trial; Ctrl-C again kills them)...")
@@ -274,34 +274,77 @@ def watch(study, procs: list[subprocess.Popen], console, stop: StopFlag) -> bool
     return True
 
 
-def board(study):
-    from rich.table import Table
-    from rich.text import Text
+class Board:
+    """The live board: the study's one state word and ETA in the title (sweeper.study_state, the
+    same as `status`), a row per running or finished cell, and the failed cells grouped by cause."""
 
-    trials = study.get_trials(deepcopy=False)
-    latest = {}
-    for t in trials:
-        latest[t.user_attrs.get(studies.KEY_ATTR)] = t
-    counts = studies.counts(list(latest.values()))
-    state = studies.lifecycle(study._storage, study._study_id)["state"]
-    table = Table(
-        title=Text(
-            f"{study.study_name} ({state}): {counts['COMPLETE']} done, {counts['RUNNING']} running, "
-            f"{counts['WAITING']} waiting, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
-        ),
-        title_justify="left",
-    )
-    for col in ("cell", "state", "epoch", "top1_error", "host"):
-        table.add_column(col)
-    for row in studies.trial_rows(list(latest.values())):
-        if row["state"] in ("RUNNING", "COMPLETE"):
+    ETA_EVERY = 10.0  # seconds between two ETA reads of MLflow (the board itself redraws each second)
+
+    def __init__(self, study, tracking_uri: str | None = None):
+        self.study, self.uri = study, tracking_uri
+        self._eta: dict[str, Any] = {"eta_s": None, "eta_source": None}
+        self._eta_at = float("-inf")
+
+    def eta(self, state: str, latest: dict[str, Any], cells: dict[str, int]) -> str:
+        from sweeper import api, study_state
+
+        if state in study_state.DONE:
+            return ""
+        withheld = study_state.eta_withheld(state, cells["RUNNING"])
+        if withheld:
+            return f"; eta: none ({withheld})"
+        if self.uri is not None and time.monotonic() - self._eta_at > self.ETA_EVERY:
+            self._eta_at = time.monotonic()
+            try:
+                self._eta = api.eta(latest, self.study.user_attrs.get(studies.SPEC_ATTR) or {}, self.uri)
+            except Exception:  # MLflow down for a moment: the board keeps the last ETA
+                pass
+        from sweeper.cli import duration
+
+        if self._eta["eta_s"] is None:
+            return "; eta: none yet (no finished run to estimate from)"
+        return f"; eta {duration(self._eta['eta_s'])}"
+
+    def __call__(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        from sweeper import study_state
+
+        trials = self.study.get_trials(deepcopy=False)
+        latest = studies.latest_trials(trials)
+        cells = studies.counts(list(latest.values()))
+        rules = studies.policy(self.study.user_attrs.get(studies.SPEC_ATTR) or {})
+        life = studies.lifecycle(self.study._storage, self.study._study_id)
+        state, _reason = study_state.word(life, studies.outcome(latest, rules["max_retries"]), cells)
+        title = Text(  # above the table, not its title: a title wraps at the table's width
+            f"{self.study.study_name} ({state}): {cells['COMPLETE']} done, {cells['RUNNING']} running, "
+            f"{cells['WAITING']} waiting, {cells['PRUNED']} pruned, {cells['FAIL']} failed"
+            + self.eta(state, latest, cells)
+        )
+        table = Table()
+        for col in ("cell", "state", "epoch", "top1_error", "host"):
+            table.add_column(col)
+        rows = studies.trial_rows(list(latest.values()))
+        failed = sorted(
+            (r for r in rows if r["state"] == "FAIL"), key=lambda r: studies.failure_cause(r["fail_reason"])[0]
+        )
+        for row in [r for r in rows if r["state"] in ("RUNNING", "COMPLETE")] + failed:
             err = row["top1_error"]
-            cells = (
+            cause = studies.failure_cause(row["fail_reason"])[0] if row["state"] == "FAIL" else None
+            values = (
                 row["cell"],
-                row["state"],
+                row["state"] if cause is None else f"FAIL: {cause}",
                 f"{row['epoch'] or 0}/{row['epochs'] or '?'}",
                 "" if err is None else f"{err:.4f}",
                 row["host"] or "",
             )
-            table.add_row(*(Text(str(c)) for c in cells))
-    return table
+            table.add_row(*(Text(str(c)) for c in values))
+        groups = studies.failure_groups(trials, rules["max_retries"])
+        lines = [
+            f"failed: {g['cause']}: {g['trials']} trial(s), {g['cells_failed_for_good']} cell(s) for good"
+            + (f"; fix: {g['fix']}" if g["fix"] else "")
+            for g in groups
+        ]
+        return Group(title, table, *([Text("\n".join(lines))] if lines else []))

@@ -157,16 +157,19 @@ def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) 
     done = 0
     tracking_ok_at = time.monotonic()  # checked just now
     mlflow_ids: dict[str, tuple[str, str]] = {}  # study name -> (experiment id, parent run id)
+    told_held: dict[str, dict[str, Any]] = {}  # studies not running whose waiting trials were last logged
     while not stop.is_set() and (config.max_trials is None or done < config.max_trials):
         if time.monotonic() - tracking_ok_at > TRACKING_CHECK_EVERY:
             if not _wait_for_tracking(mlflow_client, config, stop):
                 break
             tracking_ok_at = time.monotonic()
+        held: dict[str, dict[str, Any]] = {}
         try:
             claimed = studies.retry_db(
                 _claim_next,
                 storage,
                 config.study_names,
+                held=held,
                 on_stale=lambda study: settle(study, mlflow_client, config),
                 within=config.grace_period,
                 what="looking for a waiting trial",
@@ -179,8 +182,22 @@ def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) 
                 f"{config.grace_period}s: {redact(root_cause(e))}"
             ) from None
         if claimed is None:
+            if held != told_held:  # once per change: a --forever worker polls every few seconds
+                for name, life in held.items():
+                    log.info(
+                        "study %s is %s (%s): its waiting trials are not claimed until `sweeper resume --study %s`",
+                        name,
+                        life["state"],
+                        life.get("reason") or "no reason given",
+                        name,
+                    )
+                told_held = held
             if not config.forever:
-                log.info("no trial waiting; %d run by this worker", done)
+                log.info(
+                    "%s; %d run by this worker",
+                    "no trial claimed" if held else "no trial waiting",
+                    done,
+                )
                 return done
             stop.event.wait(config.poll_interval)
             continue
@@ -230,7 +247,9 @@ def epoch_metrics(m: EpochMetrics) -> dict[str, float]:
     return {k: getattr(m, k) for k in names}
 
 
-def _claim_next(storage, names: tuple[str, ...], on_stale=None):
+def _claim_next(storage, names: tuple[str, ...], on_stale=None, held: dict[str, Any] | None = None):
+    """The first trial claimed from the studies ``names`` (all when empty): (study, trial id), or
+    None. ``held`` collects the studies skipped for their lifecycle while trials of theirs wait."""
     for name in names or studies.study_names(storage):
         try:
             attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
@@ -246,8 +265,11 @@ def _claim_next(storage, names: tuple[str, ...], on_stale=None):
         )
         if studies.fail_stale_trials(study) and on_stale is not None:
             on_stale(study)  # a retry may have been the last one
-        if (attrs.get(studies.LIFECYCLE_ATTR) or {}).get("state", "running") != "running":
-            continue  # stopped, paused or cancelled: claim nothing (`sweeper resume` allows it again)
+        life = attrs.get(studies.LIFECYCLE_ATTR) or {"state": "running"}
+        if life["state"] != "running":  # stopped, paused or cancelled: claim nothing (`sweeper resume` allows it again)
+            if held is not None and studies.waiting_trial_ids(study, limit=1):
+                held[name] = life
+            continue
         trial_id = studies.claim(study)
         if trial_id is not None:
             return study, trial_id

@@ -42,7 +42,10 @@ def test_doctor_reports_versions_device_threads_disk_and_stores(sweeper_env, tmp
     import optuna
     import torch
 
-    sweeper("launch", "--study", str(write_spec(tmp_path / "doc.toml")), env=sweeper_env)  # creates both stores
+    from sweeper import tracking
+
+    sweeper("launch", "--study", str(write_spec(tmp_path / "doc.toml")), env=sweeper_env)  # the Optuna store
+    tracking.client(f"sqlite:///{sweeper_env['SWEEPER_HOME']}/mlflow.db")  # the MLflow one (a worker's first act)
     doc = json.loads(sweeper("doctor", "--format", "json", env=sweeper_env).stdout)
     assert doc["ok"] and doc["checks"] == {"storage": "ok", "tracking": "ok"}
     assert torch.__version__.startswith(doc["versions"]["torch"])

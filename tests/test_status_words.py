@@ -1,0 +1,102 @@
+"""One state word for a study (running, paused, stopped, cancelled, finished, failed) in `status`,
+on the launch board and from the lifecycle commands; numbers formatted per column; a worker that
+claims nothing says why."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from helpers import sweeper, write_spec
+from optuna.trial import TrialState
+from rich.console import Console
+
+from sweeper import spec as specs
+from sweeper import study as studies
+from sweeper.launcher import Board
+
+
+def render(board: Board) -> str:
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))
+    console.print(board())
+    return console.export_text()
+
+
+def test_the_board_names_the_state_groups_failures_and_ends_finished_or_failed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEPER_HOME", str(tmp_path))
+    storage = studies.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    spec = specs.load(str(write_spec(tmp_path / "board.toml", seeds=(1, 2, 3), epochs=1)))
+    study = studies.launch(storage, spec).study
+    board = Board(study)
+    text = render(board)
+    assert "board (running): 0 done, 0 running, 3 waiting" in text and "eta: none (no worker running)" in text
+
+    first = studies.claim(study)
+    study._storage.set_trial_system_attr(first, studies.FAIL_REASON_ATTR, "training loss became nan at epoch 1")
+    study._storage.set_trial_system_attr(first, studies.NO_RETRY_ATTR, True)
+    study._storage.set_trial_state_values(first, TrialState.FAIL)
+    second = studies.claim(study)
+    text = render(board)
+    assert "board (running): 0 done, 1 running, 1 waiting, 0 pruned, 1 failed" in text
+    assert "eta: none yet" in text  # a worker runs, but no finished run tells the rate yet
+    assert re.search(r"short4/digits/s1 +│ FAIL: non-finite loss", text), text
+    assert "failed: non-finite loss: 1 trial(s), 1 cell(s) for good; fix: lower [train] lr" in text
+
+    study._storage.set_trial_state_values(second, TrialState.COMPLETE, values=[0.25])
+    third = studies.claim(study)
+    study._storage.set_trial_state_values(third, TrialState.COMPLETE, values=[0.5])
+    text = render(board)
+    assert "board (failed): 2 done, 0 running, 0 waiting" in text and "eta" not in text
+    assert "(running)" not in text
+
+
+def test_float_columns_have_their_own_places():
+    from sweeper.cli import _cell
+
+    assert _cell(428.7, "elapsed_s") == "428.7" and _cell(0.0512345, "top1_error") == "0.0512"
+    assert _cell(1234.5678, "images_per_s") == "1234.6" and _cell(0.123456, "test_loss") == "0.1235"
+
+
+@pytest.mark.slow
+def test_status_and_lifecycle_commands_say_one_state_and_a_worker_says_why_it_claims_nothing(sweeper_env, tmp_path):
+    env = sweeper_env
+    fast = ["--device", "cpu", "--precision", "fp32", "--no-system-metrics"]
+    sweeper(
+        "launch", "--study", str(write_spec(tmp_path / "words.toml", seeds=(1, 2), epochs=1, limit_train=64)), env=env
+    )
+
+    sweeper("pause", "--study", "words", env=env)
+    held = sweeper("worker", "--study", "words", *fast, env=env)
+    assert (
+        "study words is paused (`sweeper pause`): its waiting trials are not claimed until "
+        "`sweeper resume --study words`" in held.stderr
+    )
+    assert "no trial claimed; 0 run by this worker" in held.stderr and "no trial waiting" not in held.stderr
+    paused = json.loads(sweeper("status", "--study", "words", "--format", "json", env=env).stdout)
+    assert paused["state"] == "paused" and paused["lifecycle"] == "paused" and paused["outcome"] == "running"
+    assert paused["eta_s"] is None and paused["eta_source"] == "study paused"
+
+    sweeper("resume", "--study", "words", env=env)
+    idle = json.loads(sweeper("status", "--study", "words", "--format", "json", env=env).stdout)
+    assert idle["state"] == "running" and idle["eta_s"] is None and idle["eta_source"] == "no worker running"
+    assert "eta: none (no worker running)" in sweeper("status", "--study", "words", env=env).stdout
+
+    sweeper("worker", "--study", "words", *fast, env=env)
+    done = json.loads(sweeper("status", "--study", "words", "--format", "json", env=env).stdout)
+    assert done["state"] == "finished" and done["state_reason"] == "every cell is done: 2 complete"
+    text = sweeper("status", "--study", "words", env=env).stdout
+    first_line = text.splitlines()[0]
+    assert first_line == "study words: finished (every cell is done: 2 complete)", text
+    assert "running" not in text and "eta" not in text
+    # per column: seconds to 0.1, errors to 4 places
+    row = next(line for line in text.splitlines() if "short4/digits/s1" in line)
+    assert re.search(r"│ +0\.\d{4} +│", row) and re.search(r"│ +\d+\.\d +│", row), row
+
+    for action in ("pause", "stop", "resume", "cancel"):
+        said = sweeper(action, "--study", "words", env=env).stdout
+        assert said.startswith(f"study words: `sweeper {action}` changes nothing: the study is finished"), said
+        document = json.loads(sweeper(action, "--study", "words", "--format", "json", env=env).stdout)
+        assert document["changed"] is False and document["state"] == "finished"
+    after = json.loads(sweeper("status", "--study", "words", "--format", "json", env=env).stdout)
+    assert after["lifecycle"] == "running" and after["state"] == "finished", "nothing was changed"
