@@ -106,6 +106,40 @@ data_dir_option = click.option(
 )
 
 
+def _verbosity(ctx, param, value):
+    if ctx.resilient_parsing:
+        return
+    if value:
+        if ctx.meta.get("sweeper.verbosity"):
+            raise click.BadParameter("--verbose and --quiet do not go together")
+        ctx.meta["sweeper.verbosity"] = 1 if param.name == "verbose" else -1
+    from sweeper import logs
+
+    logs.configure(ctx.meta.get("sweeper.verbosity"))
+
+
+def verbosity_options(f):
+    """--verbose / --quiet on a command that logs (see sweeper.logs)."""
+    f = click.option(
+        "--quiet",
+        "-q",
+        "quiet",
+        is_flag=True,
+        expose_value=False,
+        callback=_verbosity,
+        help="Only warnings and errors on stderr.",
+    )(f)
+    return click.option(
+        "--verbose",
+        "-v",
+        "verbose",
+        is_flag=True,
+        expose_value=False,
+        callback=_verbosity,
+        help="Debug lines, and the libraries' own warnings, on stderr.",
+    )(f)
+
+
 def check_variant(ctx, param, value):
     if value is not None and value not in VARIANTS:
         raise click.BadParameter(f"unknown variant {value!r}; choose one of: {', '.join(VARIANTS)}")
@@ -283,7 +317,8 @@ def models(dataset, study, fmt):
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Save the full state here after every epoch.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), help="Continue from this checkpoint.")
 @data_dir_option
-@format_option("text", "json", default="text")
+@format_option()
+@verbosity_options
 def train(
     variant,
     dataset,
@@ -621,6 +656,7 @@ def studies(fmt):
     "estimate per trial and in total on --device.",
 )
 @format_option()
+@verbosity_options
 def launch(
     study,
     storage,
@@ -736,6 +772,7 @@ def launch(
 @grace_option
 @data_dir_option
 @notify_option
+@verbosity_options
 def worker(
     studies_,
     storage,
@@ -767,9 +804,6 @@ def worker(
     from sweeper import tracking
     from sweeper.worker import StopSignal, WorkerConfig, run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s", stream=sys.stderr)
-    # urllib3 logs each HTTP retry during an MLflow outage; the worker logs the outage once itself.
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     gpu_list: list[str] = []
     if device in ("auto", "cuda"):
         from sweeper import slots
@@ -977,6 +1011,7 @@ def retry(study, storage, tracking_uri, fmt):
 @storage_option
 @tracking_option
 @format_option()
+@verbosity_options
 def verify(study, storage, tracking_uri, fmt):
     """Check that MLflow matches Optuna: one finished run per finished trial, each epoch logged once,
     params equal to the recipe, the model present, no run without a trial. Exits 1 on any drift."""
@@ -1069,8 +1104,10 @@ def doctor(storage, tracking_uri, quiet, fmt):
     metavar="MODEL_NAME",
     callback=check_model_name,
     help="Register the model of the best finished cell (by the study's metric) as a new version of "
-    "MODEL_NAME in the MLflow Model Registry; json adds it to the document as 'registered'.",
+    "MODEL_NAME in the MLflow Model Registry; json and csv rows gain a 'registered' column (what was "
+    "registered, on the best cell's row).",
 )
+@verbosity_options
 def report(study, storage, tracking_uri, fmt, output, plots_dir, against_seed, recipe, compare_variants, register_best):
     """The seed post's tables (Top-1/Top-5 error, parameters, time) from what the study logged."""
     if register_best is not None and compare_variants is not None:

@@ -1,4 +1,4 @@
-"""Turning known failures into one clear message (exit 1) instead of a traceback, and keeping
+"""Turning known failures into one clear message (exit 1; bad input 2) instead of a traceback, and keeping
 passwords out of every message, log record and traceback sweeper prints.
 
     >>> redact("cannot open postgresql://me:pa/ss123@db:5432/x: refused")
@@ -164,6 +164,11 @@ class SweeperError(Exception):
     """A runtime failure the user can act on; the message says what, where and how to fix it."""
 
 
+class BadInput(SweeperError):
+    """Input refused once the data it names was read (a variant not in the study): exit 2, as
+    click's own refusals of bad options."""
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
     from sweeper.checkpoint import CheckpointError
     from sweeper.data.base import DatasetError
@@ -183,4 +188,4 @@ def friendly_errors():
         if not isinstance(e, SweeperError) and not isinstance(e, _known_errors()):
             raise
         click.echo(f"Error: {redact(str(e))}", err=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, BadInput) else 1)

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -94,7 +95,10 @@ def open_storage(
                 f"the Optuna storage {redact_url(url)} holds no study yet (it has no Optuna tables); "
                 "check the URL (--storage / SWEEPER_STORAGE), or start a study with `sweeper launch --study SPEC`"
             )
-        with _schema_lock(url, engine_kwargs, create):
+        # Experimental in Optuna (heartbeats, the retry callback), relied on knowingly: its
+        # ExperimentalWarning would only reach a user (every command, every sweeper.api call).
+        with _schema_lock(url, engine_kwargs, create), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = RDBStorage(
                 url,
                 engine_kwargs=storage_kwargs,

@@ -205,6 +205,8 @@ def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) 
         trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids)
         trial_run.run()
         ended_well = trial_run.told in (TrialState.COMPLETE, TrialState.PRUNED)
+        if ended_well:  # nothing resumes a finished cell: its local checkpoint only took disk space
+            drop_local_checkpoint(trial_run.checkpoint_path)
         settle(study, mlflow_client, config, completed=trial_run.key if ended_well else None)
         if trial_run.told == TrialState.COMPLETE and config.on_cell_complete is not None:
             config.on_cell_complete(study.study_name)
@@ -213,6 +215,14 @@ def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) 
             mlflow_ids.pop(study.study_name, None)
         done += 1
     return done
+
+
+def drop_local_checkpoint(path: Path) -> None:
+    """Remove a finished cell's folder under $SWEEPER_HOME/checkpoints (its last.pt and a copy
+    downloaded from MLflow). The run's artifact stays: see docs/RELIABILITY.md, "Checkpoints"."""
+    import shutil
+
+    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def _wait_for_tracking(mlflow_client, config: WorkerConfig, stop: StopSignal) -> bool:
@@ -870,7 +880,7 @@ class EpochReporter:
         timed_out = not last and not cancelled and run.timed_out()
         every = self.recipe.checkpoint_every
         stopping = cancelled or timed_out
-        if every == "epoch" or stopping or (not last and time.monotonic() - self.last_checkpoint >= every):
+        if not last and (every == "epoch" or stopping or time.monotonic() - self.last_checkpoint >= every):
             started = time.perf_counter()
             self._checkpoint({**state(), "variant": run.variant, "dataset": run.dataset, "seed": run.seed})
             self.checkpoint_blocking_seconds += time.perf_counter() - started

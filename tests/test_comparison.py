@@ -234,8 +234,11 @@ def test_seed_statistics_and_paired_compare(seeded):
         assert "lower top1_error" in result["verdict"]
     table = sweeper("report", "--study", "seeded", "--compare", "short3,short4", env=seeded).stdout
     assert "95% CI" in table and result["verdict"] in table
+    csv = sweeper("report", "--study", "seeded", "--compare", "short3,short4", "--format", "csv", env=seeded).stdout
+    assert csv.splitlines()[0].startswith("dataset,") and f",{result['n_pairs']}," in csv.splitlines()[1]
     bad = sweeper("report", "--study", "seeded", "--compare", "short3,naive", env=seeded, check=False)
-    assert bad.returncode == 1 and "'naive' is not in this study" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "'naive' is not in this study" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.stdout == ""
 
 
 def test_verify_passes_clean_and_names_each_drift(seeded):

@@ -345,9 +345,10 @@ def test_register_best_registers_the_best_cells_model(study, mlflow_runs):
     home, _ = study
     done = _sweeper(home, "report", "--study", STUDY, "--register-best", "tiny-best", "--format", "json")
     assert done.returncode == 0, done.stderr[-3000:]
-    document = json.loads(done.stdout)  # still one JSON document: the rows and what was registered
-    assert len(document["cells"]) == 4 and document["registered"]["version"] == 1
-    registered = document["registered"]
+    rows = json.loads(done.stdout)  # the same list of rows as without the option; the best one says what was registered
+    assert isinstance(rows, list) and len(rows) == 4
+    (registered,) = [r["registered"] for r in rows if r["registered"] is not None]
+    assert registered["version"] == 1
     best = min(run.data.metrics["top1_error"] for run in mlflow_runs.values())
     run = mlflow_runs[registered["cell"]]
     assert run.data.metrics["top1_error"] == best == registered["value"] and registered["metric"] == "top1_error"
@@ -361,6 +362,8 @@ def test_register_best_registers_the_best_cells_model(study, mlflow_runs):
     again = _sweeper(home, "report", "--study", STUDY, "--register-best", "tiny-best")
     assert again.returncode == 0 and "GoogLeNet on digits" in again.stdout  # the table, as without the option
     assert f"registered models:/tiny-best/2: cell {registered['cell']} of study {STUDY}" in again.stderr
+    csv = _sweeper(home, "report", "--study", STUDY, "--register-best", "tiny-best", "--format", "csv").stdout
+    assert csv.splitlines()[0].endswith(",registered") and "models:/tiny-best/3" in csv
 
 
 @pytest.mark.slow
@@ -379,16 +382,12 @@ def test_register_best_against_an_mlflow_server(tmp_path, sweeper_env, mlflow_se
 
     sweeper("worker", "--study", "served", "--device", "cpu", "--no-system-metrics", env=env)
     sweeper("verify", "--study", "served", env=env)  # the model is there, each epoch logged once
-    document = json.loads(
+    (row,) = json.loads(
         sweeper("report", "--study", "served", "--register-best", "served-best", "--format", "json", env=env).stdout
     )
-    registered = document["registered"]
+    registered = row["registered"]
     client = MlflowClient(server.url)
-    assert (
-        client.get_model_version("served-best", "1").run_id
-        == registered["run_id"]
-        == document["cells"][0]["mlflow_run_id"]
-    )
+    assert client.get_model_version("served-best", "1").run_id == registered["run_id"] == row["mlflow_run_id"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     module = mlflow.pytorch.load_model(registered["model_uri"])  # needs neither sweeper nor the study's data
     assert module(torch.zeros(3, 1, 8, 8)).shape == (3, 10)

@@ -3,7 +3,6 @@ in MLflow up to date (sweeper.report.publish), writes the plots and prints the r
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -13,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from sweeper import tracking
-from sweeper.errors import SweeperError
+from sweeper.errors import BadInput, SweeperError
 from sweeper.report.formats import FORMATS, render, render_compare, write_atomic
 from sweeper.report.plots import write_plots
 from sweeper.report.publish import ARTIFACT_DIR, REPORT_HTML, publish
@@ -88,9 +87,12 @@ def print_report(
 ) -> None:
     """Write the report to stdout (or ``output``, atomically); logs go to stderr. With
     ``register_best_as``, the best finished cell's model is registered first (see register_best)
-    and, in json, the document becomes ``{"cells": [...], "registered": {...}}``."""
+    and, in json and csv, every row gains ``registered``: what was registered on the best cell's
+    row, null on the others. The json document is a list of rows whatever the options."""
     if fmt not in FORMATS:
-        raise SweeperError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise BadInput(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if compare_variants is not None:
+        check_compare(compare_variants, fmt)
     started = time.monotonic()
     uri = tracking.resolve_tracking_uri(tracking_uri)
     with tracking.read_errors(uri, f"the runs of study {study_name!r}"):
@@ -112,7 +114,7 @@ def print_report(
         )
     if compare_variants is not None:
         a, b = _compare_pair(compare_variants, frame)
-        document = render_compare(compare(frame, a, b), "json" if fmt in ("json", "csv") else fmt)
+        document = render_compare(compare(frame, a, b), fmt)
         if output:
             write_atomic(output, document)
         else:
@@ -140,9 +142,12 @@ def print_report(
 
         console = Console()
         width = console.width if console.is_terminal else 220  # piped: never truncate numbers
+    if registered is not None and fmt in ("json", "csv"):  # a column: the document keeps its shape
+        frame = frame.copy()
+        frame["registered"] = [registered if r == registered["run_id"] else None for r in frame["mlflow_run_id"]]
+        if fmt == "csv":
+            frame["registered"] = frame["registered"].map(lambda r: r["model_uri"] if r else None)
     document = render(frame, fmt, collected.epochs, study_name, against_seed, plots, width=width)
-    if fmt == "json" and registered is not None:
-        document = json.dumps({"cells": json.loads(document), "registered": registered}, indent=2) + "\n"
     if output:
         write_atomic(output, document)
         note(f"report written to {output}")
@@ -151,12 +156,23 @@ def print_report(
         sys.stdout.flush()
 
 
-def _compare_pair(text: str, frame: pd.DataFrame) -> tuple[str, str]:
+COMPARE_FORMATS = ("table", "markdown", "csv", "json")
+
+
+def check_compare(text: str, fmt: str) -> tuple[str, str]:
+    """``--compare A,B`` as written (before anything is read); raises BadInput (exit 2)."""
     names = [part.strip() for part in text.split(",")]
-    known = sorted(set(frame["variant"].dropna()))
     if len(names) != 2 or not all(names) or names[0] == names[1]:
-        raise SweeperError(f"--compare takes two different variants as A,B (e.g. standard,short4), got {text!r}")
+        raise BadInput(f"--compare takes two different variants as A,B (e.g. standard,short4), got {text!r}")
+    if fmt not in COMPARE_FORMATS:
+        raise BadInput(f"--compare prints {', '.join(COMPARE_FORMATS)}, not --format {fmt}")
+    return names[0], names[1]
+
+
+def _compare_pair(text: str, frame: pd.DataFrame) -> tuple[str, str]:
+    names = check_compare(text, "table")
+    known = sorted(set(frame["variant"].dropna()))
     for name in names:
         if name not in known:
-            raise SweeperError(f"--compare: variant {name!r} is not in this study; its variants: {', '.join(known)}")
-    return names[0], names[1]
+            raise BadInput(f"--compare: variant {name!r} is not in this study; its variants: {', '.join(known)}")
+    return names

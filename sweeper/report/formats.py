@@ -162,6 +162,9 @@ def render_html(built: list[Table], study: str | None, against_seed: bool, plots
 def render_compare(results: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(results, indent=2) + "\n"
+    if fmt == "csv":  # the json rows, seeds space-separated
+        rows = [{**r, "seeds": " ".join(map(str, r["seeds"]))} for r in results]
+        return pd.DataFrame(rows, columns=list(results[0]) if results else None).to_csv(index=False)
     columns = ["Dataset", "A - B", "Mean diff", "95% CI", "Pairs", "Verdict"]
     rows = []
     for r in results:

@@ -1,0 +1,56 @@
+"""How the commands that log (worker, launch, train, report, verify) write their stderr lines:
+one format with the level name and one date format for sweeper's lines, MLflow's and Optuna's,
+and the libraries' own warnings (Python ``warnings``) only with ``--verbose``.
+
+    2026-12-06 12:00:01 INFO sweeper.worker[4242]: trial 3: short4/digits/s1 claimed
+
+``--quiet`` leaves warnings and errors; ``--verbose`` adds debug lines and library warnings. The
+choice reaches the workers `launch` starts through ``SWEEPER_VERBOSITY`` (-1, 0 or 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+DATEFMT = "%Y-%m-%d %H:%M:%S"
+ENV = "SWEEPER_VERBOSITY"
+# As MLflow sets them when it configures its own logging (which sweeper turns off, so that its
+# lines take this format): the database layers only say something when it matters.
+QUIET_LIBRARIES = ("sqlalchemy.engine", "alembic", "huey")
+
+
+def verbosity(flag: int | None = None) -> int:
+    """The flag given (-1 quiet, 1 verbose), else what the parent process chose, else 0."""
+    if flag:
+        return flag
+    try:
+        return max(-1, min(1, int(os.environ.get(ENV, "0"))))
+    except ValueError:
+        return 0
+
+
+def configure(flag: int | None = None) -> int:
+    """Set up the process's logging for a command; returns the verbosity in force."""
+    level = verbosity(flag)
+    os.environ[ENV] = str(level)
+    # Before MLflow is imported: it then leaves its loggers to propagate here instead of giving
+    # them a handler with its own date format.
+    os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
+    root_level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[level]
+    logging.basicConfig(level=root_level, format=FORMAT, datefmt=DATEFMT, stream=sys.stderr, force=True)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.DEBUG if level > 0 else root_level)
+    # urllib3 logs each HTTP retry during an MLflow outage; the worker logs the outage once itself.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.DEBUG if level > 0 else logging.ERROR)
+    import optuna
+
+    optuna.logging.disable_default_handler()  # its "[I 2026-...]" lines: through ours instead
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(logging.INFO if level > 0 else logging.WARNING)
+    logging.captureWarnings(True)  # a library's warning is a log line "WARNING py.warnings" ...
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if level > 0 else logging.CRITICAL)  # ... with -v only
+    return level
