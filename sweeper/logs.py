@@ -32,17 +32,42 @@ def verbosity(flag: int | None = None) -> int:
         return 0
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (a test's capture, a redirect)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+_handler: logging.Handler | None = None
+
+
 def configure(flag: int | None = None) -> int:
-    """Set up the process's logging for a command; returns the verbosity in force."""
+    """Set up the process's logging for a command; returns the verbosity in force. Called again
+    (a second option's callback, another command in one process), it adjusts the levels only."""
+    global _handler
     level = verbosity(flag)
     os.environ[ENV] = str(level)
-    # Before MLflow is imported: it then leaves its loggers to propagate here instead of giving
-    # them a handler with its own date format.
-    os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
+    root = logging.getLogger()
+    if _handler is None:
+        _handler = _Stderr()
+        _handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+        root.addHandler(_handler)
     root_level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[level]
-    logging.basicConfig(level=root_level, format=FORMAT, datefmt=DATEFMT, stream=sys.stderr, force=True)
+    root.setLevel(root_level)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if "mlflow" in sys.modules:  # it gave its loggers a handler with its own date format: ours instead
+        for name in ("mlflow", *QUIET_LIBRARIES):
+            logging.getLogger(name).handlers = []
+            logging.getLogger(name).propagate = True
+    else:  # told before it is imported, MLflow leaves its loggers to propagate here
+        os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
     logging.getLogger("mlflow").setLevel(logging.DEBUG if level > 0 else root_level)
     # urllib3 logs each HTTP retry during an MLflow outage; the worker logs the outage once itself.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.DEBUG if level > 0 else logging.ERROR)

@@ -17,6 +17,9 @@ from sweeper import study as studies
 from sweeper.launcher import Board
 
 
+LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) \S+\[\d+\]: ")
+
+
 def render(board: Board) -> str:
     console = Console(width=200, record=True, file=open("/dev/null", "w"))
     console.print(board())
@@ -73,6 +76,11 @@ def test_status_and_lifecycle_commands_say_one_state_and_a_worker_says_why_it_cl
         "`sweeper resume --study words`" in held.stderr
     )
     assert "no trial claimed; 0 run by this worker" in held.stderr and "no trial waiting" not in held.stderr
+    # one line format for sweeper's lines and MLflow's (this worker created the MLflow store); no library warning
+    lines = held.stderr.splitlines()
+    assert any(" INFO mlflow." in line for line in lines), held.stderr
+    assert all(LINE.match(line) for line in lines), held.stderr
+    assert "Warning" not in held.stderr
     paused = json.loads(sweeper("status", "--study", "words", "--format", "json", env=env).stdout)
     assert paused["state"] == "paused" and paused["lifecycle"] == "paused" and paused["outcome"] == "running"
     assert paused["eta_s"] is None and paused["eta_source"] == "study paused"
@@ -92,6 +100,9 @@ def test_status_and_lifecycle_commands_say_one_state_and_a_worker_says_why_it_cl
     # per column: seconds to 0.1, errors to 4 places
     row = next(line for line in text.splitlines() if "short4/digits/s1" in line)
     assert re.search(r"│ +0\.\d{4} +│", row) and re.search(r"│ +\d+\.\d +│", row), row
+
+    quiet = sweeper("worker", "--study", "words", "--quiet", *fast, env=env)
+    assert quiet.stderr == "", "--quiet: no INFO line"
 
     for action in ("pause", "stop", "resume", "cancel"):
         said = sweeper(action, "--study", "words", env=env).stdout
