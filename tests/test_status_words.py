@@ -16,7 +16,6 @@ from sweeper import spec as specs
 from sweeper import study as studies
 from sweeper.launcher import Board
 
-
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) \S+\[\d+\]: ")
 
 
