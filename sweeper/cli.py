@@ -248,7 +248,7 @@ def cli():
     """Sweep GoogLeNet variants across datasets, tracked in MLflow.
 
     \b
-    Quick start (offline, a few minutes on a laptop):
+    Quick start (offline, 2 to 8 minutes on a CPU: `sweeper doctor` names its class):
       sweeper launch --study quickstart --workers 2
       sweeper report --study quickstart
       sweeper ui --study quickstart
