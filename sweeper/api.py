@@ -139,7 +139,7 @@ def eta(latest: dict[str, Any], spec: dict[str, Any], uri: str) -> dict[str, Any
     epochs = int(train.get("epochs", 14))
     estimator = estimate.Estimator("cpu", tracking.client(uri, create=False), probe=False)
     devices = {}
-    left = 0.0
+    left: list[float] = []
     for t in pending:
         ua = t.user_attrs
         cell = None
@@ -152,9 +152,11 @@ def eta(latest: dict[str, Any], spec: dict[str, Any], uri: str) -> dict[str, Any
         if cell is None or cell["estimate_s"] is None:
             return {"eta_s": None, "eta_source": None}
         done = (studies.last_epoch(t) or 0) / epochs if t.state.name == "RUNNING" else 0.0
-        left += cell["estimate_s"] * (1 - done)
+        left.append(cell["estimate_s"] * (1 - done))
     running = sum(t.state.name == "RUNNING" for t in pending)
-    return {"eta_s": round(left / max(1, running), 1), "eta_source": f"history on {', '.join(devices)}"}
+    # the work left packed onto the workers running now, as `launch --dry-run --workers N` packs it
+    _summed, wall = estimate.pack(left, running, next(iter(devices)))
+    return {"eta_s": wall, "eta_source": f"history on {', '.join(devices)}, {running} worker(s)"}
 
 
 def results(study: str, storage: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
@@ -249,11 +251,18 @@ def launch(
 
 
 def plan(
-    spec, storage: str | None = None, tracking_uri: str | None = None, device: str = "auto", probe: bool = True
+    spec,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    device: str = "auto",
+    probe: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """What ``launch`` would do, writing nothing: every trial with ``present`` (already in the
-    study) and its ``state``, a time estimate per trial on ``device`` (see sweeper.estimate) and
-    ``estimate_total_s`` for the trials not finished yet (one worker with the whole device)."""
+    study) and its ``state``, a time estimate per trial on ``device`` (see sweeper.estimate),
+    ``estimate_total_s`` for the trials not finished yet (their estimates added: one worker with
+    the whole device), and for ``workers`` workers ``estimate_summed_s`` (the trials' run times
+    added up) and ``estimate_wall_s`` (the study's wall time)."""
     from sweeper import estimate
     from sweeper.spec import variant_cfgs
 
@@ -294,6 +303,7 @@ def plan(
         )
     todo = [t for t in trials if t["state"] not in ("COMPLETE", "PRUNED")]
     known = [t["estimate_s"] for t in todo if t["estimate_s"] is not None]
+    summed, wall = estimate.pack(known, workers, estimator.device) if len(known) == len(todo) else (None, None)
     return {
         "study": parsed.name,
         "dry_run": True,
@@ -305,6 +315,9 @@ def plan(
         "to_enqueue": sum(not t["present"] for t in trials),
         "already_enqueued": sum(t["present"] for t in trials),
         "estimate_total_s": round(sum(known), 1) if len(known) == len(todo) else None,
+        "workers": workers,
+        "estimate_summed_s": summed,
+        "estimate_wall_s": wall,
         "trials": trials,
     }
 

@@ -653,7 +653,7 @@ def studies(fmt):
     "--dry-run",
     is_flag=True,
     help="Enqueue nothing: list the trials that would be enqueued (and those present) with a time "
-    "estimate per trial and in total on --device.",
+    "estimate per trial on --device, and the summed and wall time for --workers N (default 1).",
 )
 @format_option()
 @verbosity_options
@@ -687,7 +687,7 @@ def launch(
     if dry_run:
         from sweeper import api
 
-        print_plan(api.plan(spec, storage, tracking_uri, device=device), fmt)
+        print_plan(api.plan(spec, storage, tracking_uri, device=device, workers=max(1, workers)), fmt)
         return
 
     from sweeper import launcher
@@ -942,8 +942,9 @@ def print_plan(plan: dict[str, Any], fmt: str) -> None:
     print_table(f"dry run of {plan['study']}: nothing is enqueued", rows)
     click.echo(
         f"{plan['to_enqueue']} trial(s) would be enqueued, {plan['already_enqueued']} already present; "
-        f"estimated {duration(plan['estimate_total_s'])} on {plan['device']} for the unfinished ones "
-        "(one worker with the whole device)"
+        f"the unfinished ones on {plan['device']} with {plan['workers']} worker(s): "
+        f"{duration(plan['estimate_wall_s'])} wall, {duration(plan['estimate_summed_s'])} summed over the trials "
+        f"(one worker with the whole device: {duration(plan['estimate_total_s'])})"
     )
     if plan["spec_changed"]:
         click.echo("the stored spec differs: launch refuses it without --force-update", err=True)

@@ -1,22 +1,34 @@
 """How long a cell takes: from finished runs of the same variant, dataset and device when MLflow
-has them, otherwise from the variant's MACs and a few-step probe of this machine.
+has them (this host's first), otherwise from the variant's MACs and a few-step probe of this machine.
 
 One model for both: an epoch trains ``n_train`` images at ``rate`` images/s and evaluates
-``n_test`` images, a forward pass only (a third of a training step's work):
+``n_test`` images, a forward pass only (a third of a training step's work), and a trial pays a
+fixed ``overhead`` outside its epochs (the data, the model, the MLflow run, fit's set-up, the
+model's export at the end):
 
-    seconds per epoch = (n_train + n_test / 3) / rate
+    seconds per trial = epochs * (n_train + n_test / 3) / rate + overhead
 
 ``rate`` is the median ``images_per_s`` of matching finished runs (source ``history``), else
 ``probe_macs_per_s / macs(variant)`` where the probe trains a mid-size variant for a few steps
-on random images of the dataset's shape on the device (source ``probe``). Startup (data, model
-build, MLflow) is not counted.
+on random images of the dataset's shape on the device (source ``probe``; the fastest step
+counts, so a neighbour's burst of load does not make every estimate of the run slow).
+``overhead`` is the median of those runs' wall time minus their ``train_seconds``, else
+``OVERHEAD_S`` plus the export's share of the parameters.
+
+A trial's estimate is for one worker with the whole device. ``pack()`` turns the estimates into
+what N workers take: the trials claimed longest first (as launch enqueues them), and on a CPU
+the cores shared by the trials running at once (sweeper.cores), each of k trials at
+``share(k)`` of its full speed.
 
     >>> cell_seconds(epochs=3, n_train=512, n_test=359, rate=1000.0)
     1.895
+    >>> pack([100.0, 10.0, 10.0], workers=2, device="cuda")
+    (120.0, 100.0)
 """
 
 from __future__ import annotations
 
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,12 +42,20 @@ PROBE_STEPS = 3  # timed steps at most, after one warm-up step
 PROBE_MAX_BATCH = 256  # images per probe step: the rate per image hardly grows past it
 PROBE_SECONDS = 2.0  # no more steps after this long (a slow machine still answers in seconds)
 HISTORY_RUNS = 20  # finished runs looked at per (variant, dataset, device)
+# Seconds a trial spends outside its epochs when no finished run tells (0.7-7 s per cell on a quiet
+# AVX512-BF16 machine, ~7 s per tiny cell on a loaded fp32-only one: docs/BENCHMARKS.md) ...
+OVERHEAD_S = 6.0
+EXPORT_S_PER_MPARAM = 0.2  # ... plus the model's export, which grows with its parameters (naive: ~13 s)
+# On a CPU, k trials at once each train on cores/k threads; a convolution's speed grows less than
+# linearly with threads, so each runs at (1/k) ** SHARE_EXPONENT of its speed alone (2 trials: 0.62).
+SHARE_EXPONENT = 0.7
 
 
 @dataclass
 class Rate:
     images_per_s: float
     source: str  # "history (N runs)" or "probe"
+    overhead_s: float = OVERHEAD_S  # per trial, outside its epochs
 
 
 def split_sizes(dataset: str, train: dict[str, Any]) -> tuple[int, int]:
@@ -44,8 +64,35 @@ def split_sizes(dataset: str, train: dict[str, Any]) -> tuple[int, int]:
     return min(full_train, limit_train or full_train), min(full_test, limit_test or full_test)
 
 
-def cell_seconds(epochs: int, n_train: int, n_test: int, rate: float) -> float:
-    return round(epochs * (n_train + n_test / 3) / rate, 3)
+def cell_seconds(epochs: int, n_train: int, n_test: int, rate: float, overhead: float = 0.0) -> float:
+    return round(epochs * (n_train + n_test / 3) / rate + overhead, 3)
+
+
+def share(running: int, device: str) -> float:
+    """The speed of each of ``running`` trials on one device, as a share of a trial alone."""
+    if device != "cpu" or running <= 1:
+        return 1.0  # GPUs: a worker per GPU slot
+    return (1 / running) ** SHARE_EXPONENT
+
+
+def pack(seconds: list[float], workers: int, device: str = "cpu") -> tuple[float, float]:
+    """(summed, wall): the trials' run times added up and the study's wall time when ``workers``
+    claim them longest first; ``seconds`` are each trial's time alone on the whole device."""
+    queue = sorted(seconds, reverse=True)
+    running: list[list[float]] = []  # [work left, elapsed]
+    summed = wall = 0.0
+    while queue or running:
+        while queue and len(running) < max(1, workers):
+            running.append([queue.pop(0), 0.0])
+        speed = share(len(running), device)
+        step = min(left for left, _ in running) / speed
+        wall += step
+        for r in running:
+            r[0] -= step * speed
+            r[1] += step
+        summed += sum(r[1] for r in running if r[0] <= 1e-9)
+        running = [r for r in running if r[0] > 1e-9]
+    return round(summed, 1), round(wall, 1)
 
 
 def device_type(device: str) -> str:
@@ -92,7 +139,8 @@ class Estimator:
             return {"estimate_s": None, "estimate_source": None}
         n_train, n_test = split_sizes(dataset, train)
         epochs = int(train.get("epochs", 14))
-        return {"estimate_s": cell_seconds(epochs, n_train, n_test, rate.images_per_s), "estimate_source": rate.source}
+        seconds = cell_seconds(epochs, n_train, n_test, rate.images_per_s, rate.overhead_s)
+        return {"estimate_s": seconds, "estimate_source": rate.source}
 
     def _from_history(self, variant: str, dataset: str) -> Rate | None:
         if self.client is None:
@@ -111,15 +159,26 @@ class Estimator:
             )
         except Exception:  # no store yet, or it is down: fall back to the probe
             return None
-        rates = [
-            r.data.metrics["images_per_s"]
+        runs = [
+            r
             for r in runs
             if "images_per_s" in r.data.metrics
             and str(r.data.tags.get("sweeper.device", "")).split(":")[0] == self.device
         ]
-        if not rates:
+        mine = [r for r in runs if r.data.tags.get("sweeper.host") == socket.gethostname()]
+        runs = mine or runs  # this machine's runs, when it has any
+        if not runs:
             return None
-        return Rate(statistics.median(rates), f"history ({len(rates)} run{'s' if len(rates) > 1 else ''})")
+        overheads = [
+            (r.info.end_time - r.info.start_time) / 1000 - r.data.metrics["train_seconds"]
+            for r in runs
+            if r.info.end_time and "train_seconds" in r.data.metrics
+        ]
+        return Rate(
+            statistics.median(r.data.metrics["images_per_s"] for r in runs),
+            f"history ({len(runs)} run{'s' if len(runs) > 1 else ''}{' of this host' if mine else ''})",
+            max(0.0, statistics.median(overheads)) if overheads else OVERHEAD_S,
+        )
 
     def _from_probe(self, variant: str, dataset: str) -> Rate:
         from sweeper.contract import count_macs
@@ -129,7 +188,18 @@ class Estimator:
         if dataset not in self._probes:
             self._probes[dataset] = probe_macs_per_s(info, self.device, self.batch_size)
         macs = count_macs(self.variants[variant], info.shape, info.num_classes)  # from the table: no model built
-        return Rate(self._probes[dataset] / macs, "probe")
+        return Rate(
+            self._probes[dataset] / macs, "probe", OVERHEAD_S + EXPORT_S_PER_MPARAM * self._mparams(variant, info)
+        )
+
+    def _mparams(self, variant: str, info) -> float:
+        """Millions of parameters, counted on the meta device (no weights allocated)."""
+        import torch
+
+        from sweeper.models import build_model, count_params
+
+        with torch.device("meta"):
+            return count_params(build_model(variant, info.num_classes, info.shape[0], self.variants)) / 1e6
 
 
 def probe_macs_per_s(info, device: str, batch_size: int = 64) -> float:
@@ -158,10 +228,13 @@ def probe_macs_per_s(info, device: str, batch_size: int = 64) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
+    fastest = float("inf")
     steps = 0
     while steps < PROBE_STEPS and (steps == 0 or time.perf_counter() - started < PROBE_SECONDS):
+        began = time.perf_counter()
         step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        fastest = min(fastest, time.perf_counter() - began)
         steps += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return macs * batch_size * steps / (time.perf_counter() - started)
+    return macs * batch_size / fastest

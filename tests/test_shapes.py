@@ -85,3 +85,34 @@ def test_log_lines_carry_the_level_and_one_date_format(capsys):
         assert capsys.readouterr().err == ""
     finally:
         logging.captureWarnings(False)
+
+
+# --- estimates: the same model for the dry run, status and the board -----------------------------
+
+
+def test_pack_claims_longest_first_and_shares_the_cpu():
+    from sweeper import estimate
+
+    # GPUs (a worker per slot): longest first onto two workers, the short ones beside the long one
+    assert estimate.pack([10.0, 100.0, 10.0], workers=2, device="cuda") == (120.0, 100.0)
+    assert estimate.pack([10.0, 100.0, 10.0], workers=1, device="cuda") == (120.0, 120.0)
+    # a CPU: two trials at once each run at 0.62 of their speed alone; the last one alone at full speed
+    summed, wall = estimate.pack([100.0, 10.0, 10.0], workers=2, device="cpu")
+    pair = 0.5**0.7  # the speed of each of two trials sharing the cores
+    # the two short ones, one after the other beside the long one; then the long one's rest alone
+    assert wall == pytest.approx(2 * 10 / pair + (100 - 2 * 10), abs=0.1)
+    assert summed == pytest.approx(2 * 10 / pair + wall, abs=0.1) and wall < 120 < summed
+    assert estimate.pack([], workers=2) == (0.0, 0.0)
+
+
+def test_a_trial_estimate_includes_its_overhead_outside_training():
+    from sweeper import estimate
+
+    est = estimate.Estimator("cpu", probe=False)
+    est._rates[("naive", "digits", "cpu")] = estimate.Rate(1000.0, "probe", overhead_s=20.0)
+    est._rates[("short4", "digits", "cpu")] = estimate.Rate(1000.0, "probe", overhead_s=6.5)
+    train = {"epochs": 4, "limit_train": 512}
+    assert est.cell("short4", "digits", train)["estimate_s"] == pytest.approx(
+        4 * (512 + 359 / 3) / 1000 + 6.5, abs=1e-3
+    )
+    assert est.cell("naive", "digits", train)["estimate_s"] > est.cell("short4", "digits", train)["estimate_s"]
