@@ -69,7 +69,7 @@ def device_facts() -> dict[str, Any]:
     """The device `--device auto` picks, the modes `--precision auto` chooses among, CUDA GPUs, threads."""
     import torch
 
-    from sweeper import cores, precision
+    from sweeper import cores, precision, settings
     from sweeper.train import resolve_device
 
     auto = resolve_device("auto")
@@ -100,8 +100,8 @@ def device_facts() -> dict[str, Any]:
         "threads": {
             "cores": cores.host_cores(),
             "torch": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "SWEEPER_THREADS": os.environ.get("SWEEPER_THREADS"),
+            "OMP_NUM_THREADS": settings.env_int("OMP_NUM_THREADS", 0) or None,
+            "SWEEPER_THREADS": settings.env_int("SWEEPER_THREADS", 0) or None,
         },
     }
 

@@ -24,12 +24,9 @@ QUIET_LIBRARIES = ("sqlalchemy.engine", "alembic", "huey")
 
 def verbosity(flag: int | None = None) -> int:
     """The flag given (-1 quiet, 1 verbose), else what the parent process chose, else 0."""
-    if flag:
-        return flag
-    try:
-        return max(-1, min(1, int(os.environ.get(ENV, "0"))))
-    except ValueError:
-        return 0
+    from sweeper import settings
+
+    return flag or max(-1, min(1, settings.env_int(ENV, 0)))
 
 
 class _Stderr(logging.StreamHandler):

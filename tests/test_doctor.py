@@ -56,7 +56,7 @@ def test_doctor_reports_versions_device_threads_disk_and_stores(sweeper_env, tmp
     fast = doc["cpu"]["flags"]["avx512_bf16"] or doc["cpu"]["flags"]["amx_bf16"]
     if doc["device_auto"] == "cpu":
         assert ("bf16" in doc["precision_auto_candidates"]) == fast
-    assert doc["threads"]["cores"] >= 1 and doc["threads"]["OMP_NUM_THREADS"] == "1"
+    assert doc["threads"]["cores"] >= 1 and doc["threads"]["OMP_NUM_THREADS"] == 1
     assert doc["cuda"]["devices"] == [] or doc["cuda"]["devices"][0]["compute_capability"]
     assert doc["disk"]["free_bytes"] > 0 and doc["disk"]["home"] == sweeper_env["SWEEPER_HOME"]
     assert doc["disk"]["home_bytes"] > 0  # the two SQLite files
