@@ -530,6 +530,16 @@ class TrialRun:
         started = time.perf_counter()
         ready = self._prepare()
         ready.prepare_seconds = time.perf_counter() - started
+        # The first epoch of a big model can be minutes away: say what the wait is for.
+        log.info(
+            "trial %d: %s ready after %.1fs (%d parameters, %d training images); training %d epoch(s)",
+            self.trial.number,
+            self.key,
+            ready.prepare_seconds,
+            ready.num_params,
+            len(ready.splits.train_y),
+            ready.recipe.epochs,
+        )
         reporter = EpochReporter(self, ready.recipe, ready.decide_on, ready.already_logged)
         try:
             result = self.config.fit(

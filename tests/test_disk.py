@@ -4,6 +4,7 @@ checkpoint is removed (its run keeps the artifact), and `status` says when the h
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from helpers import sweeper, write_spec
@@ -21,6 +22,9 @@ def test_a_finished_cell_leaves_no_local_checkpoint_and_its_last_epoch_none(swee
         "worker", "--study", "disk", "--device", "cpu", "--precision", "fp32", "--no-system-metrics", env=sweeper_env
     )
     assert "checkpoint of epoch 1 sent" in worker.stderr
+    assert re.search(
+        r"short4/digits/s1 ready after \d+\.\ds \(\d+ parameters, 64 training images\); training 2", worker.stderr
+    )
     assert "checkpoint of epoch 2" not in worker.stderr, "the last epoch ends with the model: no checkpoint"
     assert not any((home / "checkpoints").rglob("*.pt")), list((home / "checkpoints").rglob("*"))
 
