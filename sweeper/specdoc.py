@@ -175,6 +175,21 @@ def _rule_rows(rules: dict[str, Rule], defaults: dict[str, Any]) -> list[str]:
     return [_row(k, _type(r), _default(defaults[k]), _allowed(r)) for k, r in rules.items()]
 
 
+def _space_section() -> list[str]:
+    space = ", ".join(f"`{k}`" for k in SEARCHABLE)
+    return [
+        "### [search.space]",
+        "",
+        f"At least one of {space}, each either a range or a list of choices, within the key's [train] rule:",
+        "",
+        "- `{ low = L, high = H }`: uniform in [L, H] (integers for integer keys);",
+        "- `{ low = L, high = H, log = true }`: log-uniform (needs L > 0);",
+        "- `{ low = L, high = H, step = S }`: in steps of S (not with `log`);",
+        "- `{ choices = [A, B, ...] }`: one of the listed values.",
+        "",
+    ]
+
+
 def render() -> str:
     """The whole of docs/SPEC.md."""
     recipe_defaults = {f.name: f.default for f in fields(Recipe)}
@@ -191,7 +206,6 @@ def render() -> str:
         _row("stages", "list of lists of strings", "required", ", ".join(f"`{m}`" for m in MODULES)),
         _row("block", "string", '`"bottleneck"`', ", ".join(f"`{b}`" for b in BLOCKS)),
     ]
-    space = ", ".join(f"`{k}`" for k in SEARCHABLE)
     parts = [
         "# Study spec reference",
         "",
@@ -232,15 +246,7 @@ def render() -> str:
         HEADER,
         *_rule_rows(SEARCH_RULES, SEARCH_DEFAULTS),
         "",
-        "### [search.space]",
-        "",
-        f"At least one of {space}, each either a range or a list of choices, within the key's [train] rule:",
-        "",
-        "- `{ low = L, high = H }`: uniform in [L, H] (integers for integer keys);",
-        "- `{ low = L, high = H, log = true }`: log-uniform (needs L > 0);",
-        "- `{ low = L, high = H, step = S }`: in steps of S (not with `log`);",
-        "- `{ choices = [A, B, ...] }`: one of the listed values.",
-        "",
+        *_space_section(),
         "## [policy] (optional)",
         "",
         "What to do about failures. Not part of the study's identity: `launch` again with a changed [policy] "
