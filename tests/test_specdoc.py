@@ -53,8 +53,6 @@ def test_the_documented_defaults_are_the_code_s():
 
 
 def test_the_example_spec_is_valid():
-    import tomllib
-
-    parsed = spec.parse(tomllib.loads(specdoc.EXAMPLE_SPEC), name="example")
+    parsed = spec.parse(spec.tomllib.loads(specdoc.EXAMPLE_SPEC), name="example")
     assert len(parsed.cells) == 4 and parsed.variants["tiny"]["stages"] == [["a3"], ["c4"], ["b5"]]
     assert parsed.search["trials_per_cell"] == 20 and parsed.policy["max_retries"] == 2
