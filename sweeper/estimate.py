@@ -10,8 +10,8 @@ model's export at the end):
 
 ``rate`` is the median ``images_per_s`` of matching finished runs (source ``history``), else
 ``probe_macs_per_s / macs(variant)`` where the probe trains a mid-size variant for a few steps
-on random images of the dataset's shape on the device (source ``probe``; the fastest step
-counts, so a neighbour's burst of load does not make every estimate of the run slow).
+on random images of the dataset's shape on the device (source ``probe``; on a CPU on one thread,
+scaled to the cores, and the fastest step counts: robust to the load of a shared machine).
 ``overhead`` is the median of those runs' wall time minus their ``train_seconds``, else
 ``OVERHEAD_S`` plus the export's share of the parameters.
 
@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from sweeper.cores import host_cores
 from sweeper.data.synthetic import DEFAULT_TEST, DEFAULT_TRAIN
 
 TRAIN_TEST_SIZES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "digits": (1438, 359)}
@@ -199,12 +200,35 @@ class Estimator:
         from sweeper.models import build_model, count_params
 
         with torch.device("meta"):
+<<<<<<< HEAD
             return count_params(build_model(variant, info.num_classes, info.shape[0], self.variants)) / 1e6
+=======
+            model = build_model(variant, info.num_classes, info.shape[0])
+        overhead = OVERHEAD_S + EXPORT_S_PER_MPARAM * count_params(model) / 1e6
+        # one thread probed; a trial alone on the CPU trains on every core (share() undoes this)
+        scale = host_cores() ** SHARE_EXPONENT if self.device == "cpu" else 1.0
+        return Rate(self._probes[dataset] * scale / count_macs(model, info.shape), "probe", overhead)
+>>>>>>> d9c6ade (estimate: the CPU probe trains on one thread and scales to the cores: on the shared 2-core machine (load 12) two threads measured 10x slower than one (contended OpenMP barriers), and the quickstart dry run went from 5h41m to 10m46s for naive)
 
 
 def probe_macs_per_s(info, device: str, batch_size: int = 64) -> float:
     """Train PROBE_VARIANT on random images of the dataset's shape for a few steps; its MACs per
-    image times the images per second it trained."""
+    image times the images per second it trained (its fastest step). On a CPU the probe trains on
+    one thread: with the cores busy, a multi-threaded step waits for its slowest thread (on the
+    2-core fp32-only machine at load 12: 0.11-0.15 GMAC/s on 2 threads, 1.2-1.6 on one), so one
+    thread is what load distorts least; ``Estimator`` scales it to the trial's threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _probe(info, device, batch_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe(info, device: str, batch_size: int) -> float:
     import torch
     import torch.nn.functional as F
 
