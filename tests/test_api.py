@@ -39,7 +39,7 @@ def test_dry_run_estimates_enqueue_nothing_and_the_api_matches_the_cli(sweeper_e
     )
     assert again["to_enqueue"] == 0 and again["already_enqueued"] == 2
     assert [t["state"] for t in again["trials"]] == ["COMPLETE", "WAITING"]
-    assert again["trials"][1]["estimate_source"] == "history (1 run)"
+    assert again["trials"][1]["estimate_source"] == "history (1 run of this host)"
     # the total is rounded to 0.1 s, each trial's estimate to 1 ms
     assert again["estimate_total_s"] == pytest.approx(again["trials"][1]["estimate_s"], abs=0.05)
     assert again["estimate_total_s"] > 0
