@@ -18,7 +18,9 @@ scaled to the cores, and the fastest step counts: robust to the load of a shared
 A trial's estimate is for one worker with the whole device. ``pack()`` turns the estimates into
 what N workers take: the trials claimed longest first (as launch enqueues them), and on a CPU
 the cores shared by the trials running at once (sweeper.cores), each of k trials at
-``share(k)`` of its full speed.
+``share(k)`` of its full speed. A history rate is taken as a trial's speed alone although its run
+may have shared the CPU (runs do not record with how many trials): after a study run by N
+workers on a CPU, estimates for N workers err long.
 
     >>> cell_seconds(epochs=3, n_train=512, n_test=359, rate=1000.0)
     1.895
