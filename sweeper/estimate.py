@@ -191,9 +191,10 @@ class Estimator:
         if dataset not in self._probes:
             self._probes[dataset] = probe_macs_per_s(info, self.device, self.batch_size)
         macs = count_macs(self.variants[variant], info.shape, info.num_classes)  # from the table: no model built
-        return Rate(
-            self._probes[dataset] / macs, "probe", OVERHEAD_S + EXPORT_S_PER_MPARAM * self._mparams(variant, info)
-        )
+        # one thread probed; a trial alone on the CPU trains on every core (share() undoes this)
+        scale = host_cores() ** SHARE_EXPONENT if self.device == "cpu" else 1.0
+        overhead = OVERHEAD_S + EXPORT_S_PER_MPARAM * self._mparams(variant, info)
+        return Rate(self._probes[dataset] * scale / macs, "probe", overhead)
 
     def _mparams(self, variant: str, info) -> float:
         """Millions of parameters, counted on the meta device (no weights allocated)."""
@@ -202,15 +203,7 @@ class Estimator:
         from sweeper.models import build_model, count_params
 
         with torch.device("meta"):
-<<<<<<< HEAD
             return count_params(build_model(variant, info.num_classes, info.shape[0], self.variants)) / 1e6
-=======
-            model = build_model(variant, info.num_classes, info.shape[0])
-        overhead = OVERHEAD_S + EXPORT_S_PER_MPARAM * count_params(model) / 1e6
-        # one thread probed; a trial alone on the CPU trains on every core (share() undoes this)
-        scale = host_cores() ** SHARE_EXPONENT if self.device == "cpu" else 1.0
-        return Rate(self._probes[dataset] * scale / count_macs(model, info.shape), "probe", overhead)
->>>>>>> d9c6ade (estimate: the CPU probe trains on one thread and scales to the cores: on the shared 2-core machine (load 12) two threads measured 10x slower than one (contended OpenMP barriers), and the quickstart dry run went from 5h41m to 10m46s for naive)
 
 
 def probe_macs_per_s(info, device: str, batch_size: int = 64) -> float:

@@ -445,7 +445,9 @@ CELL_PARAMS = ("variant", "dataset", "seed")
 def name_metric(study: optuna.Study, metric: str) -> None:
     """Name the study's objective (optuna-dashboard shows it instead of "Objective 0")."""
     if study.metric_names != [metric]:
-        study.set_metric_names([metric])
+        with warnings.catch_warnings():  # experimental in Optuna, used knowingly: nothing for a user
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([metric])
 
 
 def set_cell_params(study: optuna.Study, trial_id: int, spec: dict[str, Any], attrs: dict[str, Any]) -> None:
