@@ -364,8 +364,8 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
             listed = {a.path for a in client.list_artifacts(run_id, "checkpoint")}
             assert "checkpoint/last.pt" in listed, listed
             (model,) = client.search_logged_models(
-                [experiment.experiment_id], filter_string=f"name = 'model' AND source_run_id = '{run_id}'"
-            )  # what mlflow.pytorch.load_model("runs:/RUN_ID/model") loads
+                [experiment.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+            )  # named after the cell: what mlflow.pytorch.load_model(f"models:/{model.model_id}") loads
             assert model.status.name == "READY" and model.artifact_location.startswith("mlflow-artifacts:")
             for name in (f"{run_id}/artifacts/checkpoint/last.pt", f"models/{model.model_id}/artifacts/data/model.pt2"):
                 on_disk = list(artifacts.rglob(name))
