@@ -224,6 +224,8 @@ def test_the_next_trial_is_claimed_while_the_model_is_logged_and_complete_means_
         stderr=subprocess.STDOUT,
         text=True,
     )
+    from sweeper import tracking
+
     storage = f"sqlite:///{home / 'optuna.db'}"
     client = None
     seen_complete: set[int] = set()
@@ -231,7 +233,7 @@ def test_the_next_trial_is_claimed_while_the_model_is_logged_and_complete_means_
     while worker.poll() is None:
         assert time.monotonic() < deadline, "the worker did not finish"
         if (home / "mlflow.db").exists():
-            client = client or MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+            client = client or tracking.client(f"sqlite:///{home / 'mlflow.db'}")  # waits for its schema
             for t in optuna.load_study(study_name="overlap", storage=storage).get_trials(deepcopy=False):
                 if t.state.name == "COMPLETE" and t.number not in seen_complete:
                     seen_complete.add(t.number)
