@@ -692,8 +692,8 @@ class TrialRun:
                 "num_params": ready.num_params,
                 "macs": ready.macs,
                 "train_seconds": result.train_seconds,
-                # Where the rest of the run's time went: the last part, logging the model, is the
-                # run's wall time minus these three.
+                # Where the rest of the run's time went (finish_seconds and model_log_seconds follow
+                # with the model; a pruned trial's last part is the run's wall time minus the rest).
                 "prepare_seconds": ready.prepare_seconds,
                 "setup_seconds": result.setup_seconds,
             },
@@ -712,22 +712,22 @@ class TrialRun:
         shape = (ready.splits.num_classes, ready.splits.in_channels)
 
         def complete() -> None:
-            finish_seconds = time.perf_counter() - started
+            started = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="sweeper-model-") as tmp:
                 weights = save_weights(Path(tmp) / WEIGHTS_FILE, model, self.variant, cfg, *shape)
                 request = {"run_id": self.run_id, "example": example, "step": final.epoch, "model_id": model_id}
                 request.update(weights=str(weights), deadline=time.monotonic() + self.config.tracking_outage_limit)
                 self._until_deadline(final.epoch, self.exporter.log_model, request, should_stop=self.stop.is_set)
-            model_seconds = time.perf_counter() - started - finish_seconds
+            model_seconds = time.perf_counter() - started
             log.info("trial %d: %s model logged in %.1f s", self.trial.number, self.key, model_seconds)
-            # finish: the training thread's part after the last epoch; model_log: the background's
             self.logger.log_metrics({"finish_seconds": finish_seconds, "model_log_seconds": model_seconds})
-            self._until_deadline(final.epoch, self.logger.flush, deadline=time.monotonic() + 10.0)
+            self.logger.flush()  # what MLflow does not take now is lost: these two are not worth a retry
             self._end_run("FINISHED")
             self._tell_complete(value)
             self.told = TrialState.COMPLETE
             log.info("trial %d: %s complete, %s %.4f", self.trial.number, self.key, ready.decide_on, value)
 
+        finish_seconds = time.perf_counter() - started  # the training thread's part after the last epoch
         self.deferred = complete
 
     def _until_deadline(self, epoch: int, fn, *args, **kwargs):
