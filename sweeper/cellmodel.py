@@ -3,8 +3,9 @@
 The worker logs a finished trial's model while it already trains the next trial, but not on a
 thread: ``torch.export`` (MLflow's pt2 format) switches oneDNN off process-wide while it traces
 (``torch.export._trace._ignore_backend_decomps``), which would change the kernels, the speed and
-the numbers of the training beside it. So each worker has one helper process (spawned at its
-first export, its imports paid once) that rebuilds the model from the weights file and logs it.
+the numbers of the training beside it. So each worker has one helper process (spawned when the
+worker starts, its imports paid once, beside the first trial) that rebuilds the model from the
+weights file and logs it.
 
 A weights file holds the state_dict and what rebuilds the variant's ``nn.Module`` without the
 study: the variant's name and table entry, the classes and the input channels. It is logged
@@ -74,7 +75,10 @@ class Exporter:
         self.process = None
         self.lock = threading.Lock()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Spawn the helper now (its imports, seconds, overlap the worker's first trial)."""
+        if self.process is not None and self.process.is_alive():
+            return
         context = multiprocessing.get_context("spawn")  # a fresh process: no fork of a threaded one
         self.stop = context.Event()
         self.conn, child = context.Pipe()
@@ -91,8 +95,7 @@ class Exporter:
         from sweeper import tracking
 
         with self.lock:
-            if self.process is None or not self.process.is_alive():
-                self._start()
+            self.start()
             self.stop.clear()
             self.conn.send(request)
             while not self.conn.poll(POLL_SECONDS):

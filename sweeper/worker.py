@@ -169,6 +169,8 @@ def warm_up() -> None:
 
 def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -> int:
     exporter = Exporter(config.tracking_uri)
+    if config.max_trials != 0:
+        exporter.start()
     # The trials whose model is being logged, one after the other, while this thread trains the next.
     finishing = ThreadPoolExecutor(1, thread_name_prefix="finish")
     pending: list[Future] = []
