@@ -167,8 +167,8 @@ def measure_modes(variant: str, dataset: str, batch_size: int, steps: int) -> di
         "modes": modes,
         "auto": auto.label,
         "auto_vs_fastest": modes[auto.label]["images_per_s"] / best,
-        "rule": precision.rule(device, info.shape).label,
-        "rule_vs_fastest": modes[precision.rule(device, info.shape).label]["images_per_s"] / best,
+        "rule": precision.rule(device).label,
+        "rule_vs_fastest": modes[precision.rule(device).label]["images_per_s"] / best,
         "auto_probe_s": probe_s,
         "load_average": os.getloadavg(),
     }
@@ -216,7 +216,7 @@ def measure_share(variant: str, dataset: str, batch_size: int, steps: int, warmu
             marks[step] = time.perf_counter()
 
     # A run this short trains in the rule's mode (too short to pay for a probe): bf16 where native.
-    dtype = torch.bfloat16 if precision.rule(device, splits.info.shape).precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if precision.rule(device).precision == "bf16" else torch.float32
     before = matmul_rate(device, dtype)
     recipe = Recipe(epochs=1, batch_size=batch_size, eval_batch_size=64)
     result = fit(model, splits, recipe, device=str(device), on_step=on_step)  # the warm-up steps untimed

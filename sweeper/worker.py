@@ -701,7 +701,10 @@ class TrialRun:
             },
             model_id=model_id,
         )
-        self.logger.set_tags({"sweeper.precision": result.precision, "sweeper.device": result.device})
+        layout = "channels_last" if result.channels_last else "contiguous"
+        self.logger.set_tags(
+            {"sweeper.precision": result.precision, "sweeper.memory_format": layout, "sweeper.device": result.device}
+        )
         self._until_deadline(final.epoch, self.logger.flush, deadline=deadline, should_stop=self.stop.is_set)
         if pruned_at is not None:
             self._end_run("KILLED", f"pruned by Optuna after epoch {pruned_at}")

@@ -379,12 +379,14 @@ def test_load_model_gives_back_the_trained_module_ready_to_fine_tune(study, mlfl
     assert isinstance(model, torch.nn.Module) and type(model).__name__ == "GoogLeNet" and model.training
     params = run.data.params
     data = load("digits").limit(int(params["limit_train"]), int(params["limit_test"]))
-    bf16 = run.data.tags["sweeper.precision"] == "bf16"  # evaluated as it trained
+    bf16 = run.data.tags["sweeper.precision"] == "bf16"  # evaluated as it trained: precision and layout
+    layout = getattr(torch, run.data.tags["sweeper.memory_format"].replace("contiguous", "contiguous_format"))
+    model = model.to(memory_format=layout)
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
-    _, top1, _ = evaluate(model, data.test_x, data.test_y, 1000, autocast, torch.contiguous_format)
+    _, top1, _ = evaluate(model, data.test_x, data.test_y, 1000, autocast, layout)
     assert abs(top1 - run.data.metrics["top1_error"]) <= 1e-4  # the logged error, on the evaluation split
 
     model.train()  # and it trains on

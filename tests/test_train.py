@@ -469,7 +469,7 @@ def test_a_probe_on_an_overloaded_cpu_picks_the_mode_but_is_not_cached(tmp_path,
 def test_auto_probes_neither_short_cells_nor_fp32_layouts(tmp_path, monkeypatch, fast_bf16):
     """No probe on a cell's critical path where it cannot pay: a quickstart cell (4 epochs x 16
     steps) on any CPU, and any trial on a CPU without fast bf16, where the candidates are two fp32
-    layouts (decided by the image size). The CPU's bf16 flag is the one thing faked."""
+    layouts (the rule: channels_last). The CPU's bf16 flag is the one thing faked."""
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
     probes = []
     real_probe = precision.probe
@@ -479,12 +479,12 @@ def test_auto_probes_neither_short_cells_nor_fp32_layouts(tmp_path, monkeypatch,
     quickstart_cell = 4 * 16
     for shape in ((1, 8, 8), (3, 32, 32)):
         mode = precision.choose(build_model("short4", 10, shape[0]), shape, 32, cpu, cache, total_steps=quickstart_cell)
-        assert mode == precision.rule(cpu, shape)
+        assert mode == precision.rule(cpu)
     assert probes == [] and not cache.exists()
-    if not fast_bf16:  # a seed-recipe cell (14 epochs x 782 steps): the rule still, by image size
-        for shape, channels_last in (((1, 8, 8), False), ((3, 32, 32), True)):
+    if not fast_bf16:  # a seed-recipe cell (14 epochs x 782 steps): the rule still
+        for shape in ((1, 8, 8), (3, 32, 32)):
             mode = precision.choose(build_model("short4", 10, shape[0]), shape, 64, cpu, cache, total_steps=14 * 782)
-            assert mode == precision.Mode("fp32", channels_last)
+            assert mode == precision.Mode("fp32", True)
         assert probes == [] and not cache.exists()
 
 
@@ -493,7 +493,7 @@ def test_precision_auto_skips_a_probe_longer_than_the_trial_can_repay(tmp_path, 
     monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path))
     data = load("digits").limit(64, 32)
     result = fit(build_model("short4", 10, 1), data, Recipe(epochs=2, batch_size=16), device="cpu")  # 8 steps
-    rule = precision.rule(torch.device("cpu"), (1, 8, 8))
+    rule = precision.rule(torch.device("cpu"))
     assert (result.precision, result.channels_last) == (rule.precision, rule.channels_last)
     assert not list(tmp_path.glob("precision-torch*.json"))  # a probe would have cached its answer
     assert result.setup_seconds < result.train_seconds
