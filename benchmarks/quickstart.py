@@ -9,8 +9,13 @@ measured in one run. Reported per checkout: the wall time of the command, each c
 outside training (its MLflow run's wall time minus ``train_seconds``: opening the run, data,
 checkpoints, uploads, the final model) and its parts (``prepare``: the run, checkpoint, data and
 model before training; ``setup``: fit()'s choice of precision, a probe included; ``finish``: the
-rest, mostly logging the model), their sum, the slowest cell's share, each cell's top-1
-error, and the load average before and after (other jobs on the machine slow everything).
+training thread's part after the last epoch; ``model_log``: logging the model, which since the
+worker logs it in the background overlaps the next trial; checkouts before that record no
+``finish_seconds`` and their finish is the rest, the model included), the time outside training
+on the worker's critical path (prepare + setup + blocking checkpoints + finish) per cell and in
+all, the wall time against the ideal packing of the cells (the longest run, or the cells' time
+on the workers' training threads summed over the workers, whichever is larger), each cell's
+top-1 error, and the load average before and after (other jobs on the machine slow everything).
 """
 
 from __future__ import annotations
@@ -57,9 +62,13 @@ def run(checkout: Path, study: str, workers: int) -> dict:
         train = r.data.metrics.get("train_seconds", 0.0)
         parts = {  # what the run records of its time outside training (older checkouts: nothing)
             name: r.data.metrics.get(f"{name}_seconds")
-            for name in ("prepare", "setup", "checkpoint_blocking", "checkpoint_background")
+            for name in ("prepare", "setup", "checkpoint_blocking", "checkpoint_background", "finish", "model_log")
         }
         known = [parts[n] for n in ("prepare", "setup", "checkpoint_blocking")]
+        finish = parts["finish"]
+        if finish is None and None not in known:  # before the background model: the rest, model included
+            finish = run_wall - train - sum(known)
+        model_log = parts["model_log"] or 0.0
         cells.append(
             {
                 "cell": r.info.run_name,
@@ -67,17 +76,26 @@ def run(checkout: Path, study: str, workers: int) -> dict:
                 "train_seconds": train,
                 "outside_training_s": run_wall - train,
                 **{f"{name}_s": value for name, value in parts.items()},
-                # the rest: mostly the model logged at the end
-                "finish_s": None if None in known else run_wall - train - sum(known),
+                "finish_s": finish,
+                # the training thread's time outside training: what delays the worker's next trial
+                "critical_outside_s": None if finish is None else sum(known) + finish,
+                "busy_s": run_wall - model_log,  # the run's time on the worker's training thread
                 "top1_error": r.data.metrics.get("top1_error"),
                 "precision": r.data.tags.get("sweeper.precision"),
             }
         )
     cells.sort(key=lambda c: -c["run_seconds"])
+    critical = [c["critical_outside_s"] for c in cells]
+    ideal = max(max(c["run_seconds"] for c in cells), sum(c["busy_s"] for c in cells) / workers)
     return {
         "checkout": str(checkout),
         "wall_seconds": wall,
+        "ideal_packing_s": ideal,
+        "wall_vs_ideal": wall / ideal,
+        "run_total_s": sum(c["run_seconds"] for c in cells),
+        "train_total_s": sum(c["train_seconds"] for c in cells),
         "outside_training_total_s": sum(c["outside_training_s"] for c in cells),
+        "critical_outside_total_s": None if None in critical else sum(critical),
         "cells": cells,
         "max_top1_error": max(c["top1_error"] for c in cells),
         "load_average_before": load_before,
@@ -102,15 +120,19 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         return
     for r in results:
+        critical = r["critical_outside_total_s"]
         print(
-            f"{r['checkout']}: {r['wall_seconds']:.0f} s wall; outside training {r['outside_training_total_s']:.1f} s "
-            f"in all; max top-1 error {r['max_top1_error']:.3f}; load {r['load_average_before'][0]:.1f} -> "
-            f"{r['load_average_after'][0]:.1f}"
+            f"{r['checkout']}: {r['wall_seconds']:.0f} s wall, {r['wall_vs_ideal']:.2f}x the ideal packing "
+            f"({r['ideal_packing_s']:.0f} s); runs {r['run_total_s']:.0f} s in all, outside training "
+            f"{r['outside_training_total_s']:.1f} s, on the critical path "
+            f"{'?' if critical is None else f'{critical:.1f}'} s; max top-1 error {r['max_top1_error']:.3f}; "
+            f"load {r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f}"
         )
         for c in r["cells"]:
             parts = ""
             if c["setup_s"] is not None:
-                parts = f" (prepare {c['prepare_s']:.1f}, setup {c['setup_s']:.1f}, finish {c['finish_s']:.1f})"
+                parts = f" (prepare {c['prepare_s']:.1f}, setup {c['setup_s']:.1f}, finish {c['finish_s']:.1f}"
+                parts += f", model in the background {c['model_log_s']:.1f})" if c["model_log_s"] is not None else ")"
             if c["checkpoint_background_s"]:
                 parts += (
                     f" checkpoints: {c['checkpoint_blocking_s']:.1f} s blocking, "

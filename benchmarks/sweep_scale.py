@@ -836,7 +836,6 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
 
     import sweeper.worker as worker
     from sweeper import study as studies
-    from sweeper import tracking
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*MLflowCallback.*")
     install_standins(0.0)
@@ -858,7 +857,9 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
     counter = {"i": 0}
     export_ms: list[float] = []  # the "sweeper" variant's model export, per round
 
-    log_model = tracking.log_model
+    from sweeper.cellmodel import Exporter
+
+    log_model = Exporter.log_model  # the worker's wait for its helper process to log a model
     export = {"s": 0.0}
 
     def timed_log_model(*args, **kwargs):  # the model export, which the baseline does not do
@@ -868,7 +869,7 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         finally:
             export["s"] += time.perf_counter() - t0
 
-    tracking.log_model = timed_log_model
+    Exporter.log_model = timed_log_model
 
     def sweeper_round(n: int, prof=None, system_metrics: bool = False) -> float:
         counter["i"] += 1
@@ -981,7 +982,7 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         prof = cProfile.Profile()
         baseline_round(trials, prof)
         out["baseline_profile"] = profile_rows(prof, trials, BASELINE_CALLS)
-    tracking.log_model = log_model
+    Exporter.log_model = log_model
     return out
 
 

@@ -27,6 +27,12 @@ and layout mode sweeper.precision can pick (the fastest of ``--steps`` steps aft
 the cold cost of the first step of each (each row runs in a fresh process), and the mode
 ``precision="auto"`` chose with its own short probe, as a share of the fastest mode's rate.
 
+``--matmul-share [--variants ...] [--steps N] [--warmup N]``: fit()'s FLOP rate as a share of the
+machine's own: for each variant on CIFAR's 32x32 at batch 64 and on 8x8 digits at batch 32, in a
+fresh process, the rate of 2048x2048 matmuls right before and after (fp32, or bf16 where the CPU
+computes it natively), and fit()'s timed steps in between at 6 x forward MACs per training image
+(forward, and a backward twice its cost). The share is fit's rate over the mean of the two.
+
 Imports neither optuna nor mlflow.
 """
 
@@ -168,6 +174,101 @@ def measure_modes(variant: str, dataset: str, batch_size: int, steps: int) -> di
     }
 
 
+SHARE_SHAPES = (("synthetic", 64), ("digits", 32))  # CIFAR's 32x32 at the seed's batch; 8x8 digits at 32
+
+
+def matmul_rate(device, dtype, n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of an n x n matmul (2 n^3 per product), the best of ``repeats`` after a warm-up."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = 0.0
+    for i in range(repeats + 1):
+        started = time.perf_counter()
+        (a @ b).sum().item()
+        if i:
+            best = max(best, 2 * n**3 / (time.perf_counter() - started))
+    return best
+
+
+def measure_share(variant: str, dataset: str, batch_size: int, steps: int, warmup: int) -> dict:
+    """One row of the share table, in a fresh process: matmul rate, fit's timed steps, matmul rate."""
+    import torch
+
+    from sweeper import precision
+    from sweeper.contract import count_macs
+    from sweeper.data import load
+    from sweeper.models import VARIANTS, build_model
+    from sweeper.train import Recipe, fit, resolve_device
+
+    device = resolve_device("auto")
+    n = batch_size * (warmup + steps)
+    splits = _images(n) if dataset == "synthetic" else load(dataset).limit(n, 64)
+    macs = count_macs(VARIANTS[variant], splits.info.shape, splits.num_classes)
+    torch.manual_seed(1)
+    model = build_model(variant, splits.num_classes, splits.in_channels)
+    marks: dict[int, float] = {}
+
+    def on_step(step: int, total: int) -> None:
+        if step in (warmup, warmup + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            marks[step] = time.perf_counter()
+
+    # A run this short trains in the rule's mode (too short to pay for a probe): bf16 where native.
+    dtype = torch.bfloat16 if precision.rule(device).precision == "bf16" else torch.float32
+    before = matmul_rate(device, dtype)
+    recipe = Recipe(epochs=1, batch_size=batch_size, eval_batch_size=64)
+    result = fit(model, splits, recipe, device=str(device), on_step=on_step)  # the warm-up steps untimed
+    seconds = marks[warmup + steps] - marks[warmup]
+    after = matmul_rate(device, dtype)
+    fit_rate = 6 * macs * steps * batch_size / seconds
+    return {
+        "variant": variant,
+        "dataset": dataset,
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "mode": f"{result.precision}/{'channels_last' if result.channels_last else 'contiguous'}",
+        "macs_per_image": macs,
+        "images_per_s": steps * batch_size / seconds,
+        "fit_gflops": fit_rate / 1e9,
+        "matmul_gflops_before": before / 1e9,
+        "matmul_gflops_after": after / 1e9,
+        "share": fit_rate / ((before + after) / 2),
+        "load_average": os.getloadavg(),
+    }
+
+
+def share_table(args: argparse.Namespace) -> None:
+    from sweeper.models import VARIANTS
+
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    rows = []
+    for dataset, batch_size in SHARE_SHAPES:
+        for variant in variants:
+            cmd = [sys.executable, os.path.abspath(__file__), "--_share", variant, dataset, str(batch_size)]
+            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+            print(f"measuring {variant} on {dataset}, batch {batch_size} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                raise SystemExit(f"the {variant}/{dataset} row failed (exit {proc.returncode})")
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  share of the matmul rate: {rows[-1]['share']:.2f}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"machine": _cpu_name(), "cpus": os.cpu_count(), "rows": rows}, indent=2))
+        return
+    print(f"{_cpu_name()} ({os.cpu_count()} CPUs, {rows[0]['threads']} threads)")
+    print("| variant | shape, batch | mode | img/s | fit GFLOP/s | matmul GFLOP/s before, after | share | load |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['variant']} | {r['dataset']}, {r['batch_size']} | {r['mode']} | {r['images_per_s']:.1f} | "
+            f"{r['fit_gflops']:.1f} | {r['matmul_gflops_before']:.0f}, {r['matmul_gflops_after']:.0f} | "
+            f"{r['share']:.2f} | {r['load_average'][0]:.1f} |"
+        )
+
+
 def precision_table(args: argparse.Namespace) -> None:
     from sweeper.models import VARIANTS
 
@@ -254,13 +355,22 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--precision-table", action="store_true", help="every precision/layout mode, per variant")
     parser.add_argument("--datasets", default="digits,synthetic", help="--precision-table: these shapes")
-    parser.add_argument("--variants", help="--precision-table: comma-separated (default: all seven)")
+    parser.add_argument("--variants", help="--precision-table, --matmul-share: comma-separated (default: all seven)")
+    parser.add_argument("--matmul-share", action="store_true", help="fit's FLOP rate as a share of the matmul rate")
     parser.add_argument("--_measure", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--_share", nargs=3, metavar=("VARIANT", "DATASET", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--_row", nargs=2, metavar=("VARIANT", "DATASET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._row:
         print(json.dumps(measure_modes(*args._row, args.batch_size, args.steps)))
+        return
+    if args._share:
+        variant, dataset, batch_size = args._share
+        print(json.dumps(measure_share(variant, dataset, int(batch_size), args.steps, args.warmup)))
+        return
+    if args.matmul_share:
+        share_table(args)
         return
     if args.precision_table:
         precision_table(args)

@@ -9,6 +9,7 @@ server. The CLI commands call these functions.
     >>> sw.launch("quickstart")                                    # doctest: +SKIP
     >>> sw.status("quickstart")["counts"]                          # doctest: +SKIP
     >>> sw.results("quickstart")[["variant", "top1_error"]]        # doctest: +SKIP
+    >>> model = sw.load_model("quickstart", "short4/digits/s1")    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sweeper.errors import redact
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["history", "launch", "plan", "results", "set_state", "status"]
+__all__ = ["history", "launch", "load_model", "plan", "results", "set_state", "status"]
 
 # What `sweeper stop/pause/resume/cancel` store, and what a worker does about it.
 ACTIONS = {
@@ -204,6 +205,47 @@ def history(
     frame = pd.DataFrame(list(rows.values()), columns=[*columns, "_order"])
     frame = frame.sort_values(["_order", "epoch"], kind="stable", ignore_index=True)  # the report's cell order
     return frame[columns]
+
+
+def load_model(study: str, cell: str, storage: str | None = None, tracking_uri: str | None = None):
+    """A COMPLETE cell's trained model as the variant's ``nn.Module``, on the CPU, in train mode:
+    ready to evaluate or fine-tune. ``cell`` is the cell's key (``short4/digits/s1``) or its
+    model's name (``short4-digits-s1``). The weights come from the cell's logged MLflow model
+    (``extra_files/weights.pt``); the variant is rebuilt from what that file records, so neither
+    the study's spec nor its data are needed."""
+    import tempfile
+
+    import mlflow
+
+    from sweeper import cellmodel
+    from sweeper.errors import SweeperError
+
+    loaded = studies.load_study(studies.open_storage(studies.resolve_storage_url(storage), create=False), study)
+    latest = studies.latest_trials(loaded.get_trials(deepcopy=False))
+    trial = next((t for key, t in latest.items() if cell in (key, tracking.model_name(key))), None)
+    if trial is None:
+        raise SweeperError(f"study {study!r} has no cell {cell!r}; its cells: {', '.join(latest)}")
+    if trial.state.name != "COMPLETE":
+        raise SweeperError(f"cell {cell} of study {study!r} is {trial.state.name}, not COMPLETE: it has no model yet")
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = tracking.client(uri, create=False)
+    run_id = trial.user_attrs["mlflow_run_id"]
+    with tracking.read_errors(uri, f"the model of cell {cell}"):
+        experiment_id = client.get_run(run_id).info.experiment_id
+        model = tracking.logged_model(client, experiment_id, run_id)
+        if not tracking.is_usable_model(model):
+            raise SweeperError(f"cell {cell} of study {study!r} (run {run_id}) has no usable MLflow model")
+        listed = {f.path for f in client.list_logged_model_artifacts(model.model_id, "extra_files")}
+        if f"extra_files/{cellmodel.WEIGHTS_FILE}" not in listed:
+            raise SweeperError(
+                f"the model of cell {cell} ({model.model_id}) has no weights file: it was logged by a sweeper "
+                f"older than the one that saves them; mlflow.pytorch.load_model('models:/{model.model_id}') "
+                "loads its exported graph, for inference"
+            )
+        weights = f"{model.artifact_location.rstrip('/')}/extra_files/{cellmodel.WEIGHTS_FILE}"
+        with tempfile.TemporaryDirectory(prefix="sweeper-weights-") as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=weights, dst_path=tmp, tracking_uri=uri)
+            return cellmodel.load_weights(local)
 
 
 def load_spec(spec: str | Path | dict[str, Any]):

@@ -1,19 +1,26 @@
-"""``precision="auto"``: the fastest mode for this model, input and batch size, measured once.
+"""``precision="auto"``: the fastest mode for this model, input and batch size.
 
 A mode is a precision (fp32, bf16, and TF32 on CUDA) and a memory layout (contiguous NCHW or
 channels_last). Which is fastest depends on the shapes, not only on the hardware: on a CPU with
 AMX, bf16 wins by a wide margin for CIFAR-sized images and loses to fp32 for 8x8 digits, where
-each convolution is too small to amortize the conversions. So ``choose()`` times a few training
-steps of each mode on a copy of the model and keeps the fastest; the answer is cached on disk
-per machine, torch version and thread count, so each shape is probed once per machine. The
-probe's warm-up also builds the kernels the trial then reuses. A probe costs a few steps of every
-mode; a trial too short to earn that back (under PAYBACK times the probe's steps) trains in the
-rule's mode instead, unless the cache already knows the answer. A probe taken on an overloaded
-CPU (load over OVERLOAD per core) picks the trial's mode but is not cached.
+each convolution is too small to amortize the conversions. So where the candidates differ in
+precision (a CPU with fast bf16, a GPU), ``choose()`` times a few training steps of each mode on
+a copy of the model and keeps the fastest; the answer is cached on disk per machine, torch
+version and thread count, so each shape is probed once per machine. The probe's warm-up also
+builds the kernels the trial then reuses. A probe costs a few steps of every mode; a trial too
+short to earn that back (under PAYBACK times the probe's steps) trains in the rule's mode
+instead, unless the cache already knows the answer. A probe taken on an overloaded CPU (load
+over OVERLOAD per core) picks the trial's mode but is not cached.
+
+On a CPU without fast bf16 the only choice is between two fp32 layouts, which differ by less
+than a probe costs (its cold steps are seconds for the big variants): ``rule()`` decides
+(channels_last, as fast or faster in every row measured, digits and CIFAR shapes alike; see
+docs/BENCHMARKS.md), never a probe on a trial's critical path.
 
 >>> from sweeper.models import build_model
 >>> import torch
->>> choose(build_model("short4", 10, 1), (1, 8, 8), 4, torch.device("cpu"), cache=None).precision in KINDS
+>>> cpu = torch.device("cpu")
+>>> choose(build_model("short4", 10, 1), (1, 8, 8), 4, cpu, cache=None, modes=candidates(cpu)).precision in KINDS
 True
 """
 
@@ -87,12 +94,20 @@ def candidates(device: torch.device) -> list[Mode]:
 
 
 def rule(device: torch.device) -> Mode:
-    """The mode without measuring: what fit() used before ``auto`` measured."""
+    """The mode without measuring. On a CPU without fast bf16, fp32 channels_last: 1.0-1.8x
+    contiguous in the 6 digits rows and 1.2-2x in the 6 CIFAR rows measured on such a CPU."""
     if device.type == "cuda":
         return Mode("bf16" if cuda_has_native_bf16(device) else "fp32", True)
     if device.type == "cpu" and cpu_has_fast_bf16():
         return Mode("bf16", True)
+    if device.type == "cpu":
+        return Mode("fp32", True)
     return Mode("fp32", False)
+
+
+def worth_probing(modes: list[Mode]) -> bool:
+    """Only precisions differ by more than a probe costs: two layouts of one precision do not."""
+    return len({m.precision for m in modes}) > 1
 
 
 def machine() -> str:
@@ -124,16 +139,22 @@ def choose(
     device: torch.device,
     cache: Path | None | str = "default",
     total_steps: int | None = None,
+    modes: list[Mode] | None = None,
 ) -> Mode:
     """The fastest mode for training ``model`` on ``batch_size`` images of ``shape`` on ``device``;
-    ``total_steps``, the steps the trial will train, skips a probe too long to pay for itself."""
-    modes = candidates(device)
+    ``total_steps``, the steps the trial will train, skips a probe too long to pay for itself.
+    ``modes`` (default: the device's candidates, probed only where their precisions differ)
+    makes it time those, fp32 layouts included (the benchmarks' tables)."""
+    probe_anyway = modes is not None
+    modes = modes or candidates(device)
     if len(modes) == 1:
         return modes[0]
     path = cache_path() if cache == "default" else cache
     key = cache_key(model, shape, batch_size, device)
     if path is not None and (hit := _read(path).get(key)) is not None:
         return Mode(hit["precision"], hit["channels_last"])
+    if not probe_anyway and not worth_probing(modes):
+        return rule(device)
     if total_steps is not None and total_steps < PAYBACK * probe_steps(modes):
         return rule(device)
     load = load_per_core(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ RECIPE_TAG = "sweeper.recipe_digest"  # with the key, a cell run's identity
 CODE_DIGEST_TAG = "sweeper.code_digest"  # digest of the sweeper package's source that trained the run
 DATASET_DIGEST_TAG = "sweeper.dataset_digest"  # digest of the arrays it trained and evaluated on
 PARENT_TAG = "mlflow.parentRunId"
-MODEL_NAME = "model"  # a finished cell's model: mlflow.pytorch.load_model("runs:/RUN_ID/model")
+MODEL_NAME = "model"  # what cells finished by older sweepers named their model; see model_name()
 
 
 def default_tracking_uri() -> str:
@@ -330,11 +331,12 @@ class RunLogger:
     def log_input(self, dataset_input) -> None:
         self.inputs.append(dataset_input)
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, model_id: str | None = None) -> None:
+        """``model_id``: the metrics also belong to that logged model (MLflow 3 links them)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.metrics += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.metrics += [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
 
     def log_artifact(self, local_path: str | Path, artifact_path: str) -> None:
         self.artifacts = [a for a in self.artifacts if a[0] != str(local_path)] + [(str(local_path), artifact_path)]
@@ -385,11 +387,64 @@ class RunLogger:
             del self.params[: len(params)], self.tags[: len(tags)], self.metrics[: len(metrics)]
 
 
-def log_model(mlflow_client, run_id: str, model, example, step: int = 0, deadline=None, should_stop=None) -> str:
-    """Log a cell's trained model (on the CPU, in eval mode) as the MLflow model ``MODEL_NAME`` of
-    its run, with a signature and ``example`` (a few input images, float32 numpy) as its input
-    example; returns the model's id. The model is exported with torch.export ("pt2"): loading it
-    needs torch and mlflow, not sweeper.
+def model_name(key: str) -> str:
+    """A cell's model name: its key with dashes for what MLflow refuses in a name
+    (``short4/digits/s1`` -> ``short4-digits-s1``, a search trial's ``#3`` -> ``-3``)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", key).strip("-")
+
+
+def _outage_or_raise(mlflow_client, what: str):
+    """A ``failed`` callback for retry_while_unreachable: warns once while the store is
+    unreachable, raises the error as it is when the store answers (not an outage)."""
+    warned = False
+
+    def failed(error: Exception) -> None:
+        nonlocal warned
+        try:
+            check_reachable(mlflow_client)
+        except TrackingUnreachable:
+            if not warned:
+                warned = True
+                log.warning("MLflow is unreachable (%s); retrying to %s", redact(first_line(error)), what)
+            return
+        raise error
+
+    return failed
+
+
+def create_model(
+    mlflow_client, run_id: str, name: str, params: dict[str, Any], tags: dict[str, str], deadline=None, should_stop=None
+) -> str:
+    """A cell's logged model, PENDING until ``log_model`` fills it: named after the cell, with its
+    params and tags (the cell's metrics are linked as they are logged with its id)."""
+
+    def attempt() -> str:
+        experiment_id = mlflow_client.get_run(run_id).info.experiment_id
+        params_ = {k: str(v) for k, v in params.items()}
+        return mlflow_client.create_logged_model(
+            experiment_id, name=name, source_run_id=run_id, params=params_, tags=tags
+        ).model_id
+
+    return retry_while_unreachable(attempt, deadline, should_stop, _outage_or_raise(mlflow_client, "create the model"))
+
+
+def log_model(
+    mlflow_client,
+    run_id: str,
+    model,
+    example,
+    step: int = 0,
+    deadline=None,
+    should_stop=None,
+    model_id: str | None = None,
+    weights: Path | None = None,
+) -> str:
+    """Log a cell's trained model (on the CPU, in eval mode) into the logged model ``model_id``
+    (default: a new one named ``MODEL_NAME``), with a signature and ``example`` (a few input
+    images, float32 numpy) as its input example; returns the model's id. The model is exported
+    with torch.export ("pt2"): loading it needs torch and mlflow, not sweeper. ``weights`` (a file
+    of ``cellmodel.save_weights``) goes with it as ``extra_files/weights.pt``: the trainable nn.Module
+    (``sweeper.api.load_model``). The run's metrics at ``step`` are linked to the model.
 
     While the store is unreachable it retries until ``deadline`` (or ``should_stop()``), then
     raises TrackingUnreachable, like ``RunLogger.flush``; any other failure is raised as it is."""
@@ -406,8 +461,6 @@ def log_model(mlflow_client, run_id: str, model, example, step: int = 0, deadlin
         f"torch=={torch.__version__.split('+')[0]}",
         f"numpy=={numpy.__version__}",
     ]
-    model_id = None
-    warned = False
 
     def attempt() -> str:
         nonlocal model_id
@@ -425,24 +478,14 @@ def log_model(mlflow_client, run_id: str, model, example, step: int = 0, deadlin
                 input_example=example,
                 serialization_format="pt2",
                 pip_requirements=requirements,
+                extra_files=[str(weights)] if weights is not None else None,
                 # MLflow would load the saved model back and run the example through it: as
                 # long again as the export for a big model. Loading is tested, not re-checked.
                 validate_serving_input=False,
             )
         return model_id
 
-    def failed(error: Exception) -> None:
-        nonlocal warned
-        try:
-            check_reachable(mlflow_client)
-        except TrackingUnreachable:
-            if not warned:
-                warned = True
-                log.warning("MLflow is unreachable (%s); retrying to log the model", redact(first_line(error)))
-            return
-        raise error  # MLflow answers: not an outage
-
-    return retry_while_unreachable(attempt, deadline, should_stop, failed)
+    return retry_while_unreachable(attempt, deadline, should_stop, _outage_or_raise(mlflow_client, "log the model"))
 
 
 @contextlib.contextmanager
@@ -462,12 +505,14 @@ def fluent_uri(uri: str) -> Iterator[None]:
 
 
 def logged_model(mlflow_client, experiment_id: str, run_id: str):
-    """The model that ``runs:/RUN_ID/model`` loads (the newest one the run logged as
-    ``MODEL_NAME``), or None."""
+    """A cell run's model: the newest READY one it logged, else its newest (None: none). Loads
+    with ``mlflow.pytorch.load_model(f"models:/{model.model_id}")``."""
     found = mlflow_client.search_logged_models(
-        [experiment_id], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run_id}'", max_results=1
+        [experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
     )
-    return found[0] if found else None
+    return next((m for m in found if m.status.name == "READY"), found[0] if found else None)
 
 
 def is_usable_model(model) -> bool:

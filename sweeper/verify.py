@@ -3,7 +3,7 @@
 For every finished (COMPLETE) trial: its run exists, is active and FINISHED, is the only
 finished run of its cell and recipe, logged each epoch's metrics exactly once and no step past
 the last epoch, agrees with Optuna's value and intermediate values, has params equal to the
-trial's recipe, and holds its MLflow model (``runs:/RUN_ID/model``). No cell's latest trial is
+trial's recipe, and holds its MLflow model (READY, named after the cell). No cell's latest trial is
 unfinished while its run is FINISHED, and no cell run lacks a trial.
 Each problem names the cell, the trial and the run, and the command that repairs it when
 one exists.
@@ -140,7 +140,7 @@ def _check_trial(client, t, by_id: dict[str, Any], metric: str, env: str, proble
         state = "none" if model is None else f"{model.model_id} is {model.status.name}"
         problem(
             "model_missing",
-            f"the run of trial {t.number} has no usable MLflow model (runs:/{run_id}/{tracking.MODEL_NAME}: {state})",
+            f"the run of trial {t.number} has no usable MLflow model ({state})",
             t,
             run_id,
         )

@@ -7,12 +7,12 @@ on any machine resumes), logs the epoch's metrics with ``step`` = epoch, and rep
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from sweeper import __version__, checkpoint, cores, device, lineage, settings, system_metrics, tracking, train
 from sweeper import study as studies
+from sweeper.cellmodel import WEIGHTS_FILE, Exporter, save_weights
 from sweeper.device import Engine
 from sweeper.errors import SweeperError, first_line, redact, redact_url, root_cause
 from sweeper.spec import SpecError, check_stored, decision_metric, variant_cfgs
@@ -103,6 +104,7 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
             processes_per_host=config.processes_per_host,
         )
         config = replace(config, engine=engine)
+    warm_up()
     tracking.configure_http()
     # A server is checked before an embedded store is opened (which creates its file), so an
     # unreachable URL or a refused password leaves nothing behind.
@@ -153,12 +155,43 @@ def _open_storage(config: WorkerConfig):
     return storage
 
 
+def warm_up() -> None:
+    """What a trial's first step needs, imported once per process before any claim: the first
+    torch.optim optimizer imports torch._dynamo (~900 modules, seconds), which would otherwise
+    fall between the first trial's claim and its first step."""
+    started = time.perf_counter()
+    param = torch.zeros(1, requires_grad=True)
+    for make in (torch.optim.AdamW, torch.optim.SGD, torch.optim.Adadelta):  # train.make_optimizer's
+        param.grad = torch.ones(1)
+        make([param], lr=0.1).step()
+    log.info("imported what training needs in %.1f s", time.perf_counter() - started)
+
+
 def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -> int:
+    exporter = Exporter(config.tracking_uri)
+    if config.max_trials != 0:
+        exporter.start()
+    # The trials whose model is being logged, one after the other, while this thread trains the next.
+    finishing = ThreadPoolExecutor(1, thread_name_prefix="finish")
+    pending: list[Future] = []
+    try:
+        return _trial_loop(config, stop, storage, mlflow_client, exporter, finishing, pending)
+    finally:
+        finishing.shutdown(wait=True)  # stopped or not: every trained model is logged and told
+        _finished(pending)
+        exporter.close()
+
+
+def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, exporter, finishing, pending) -> int:
     done = 0
     tracking_ok_at = time.monotonic()  # checked just now
     mlflow_ids: dict[str, tuple[str, str]] = {}  # study name -> (experiment id, parent run id)
     told_held: dict[str, dict[str, Any]] = {}  # studies not running whose waiting trials were last logged
     while not stop.is_set() and (config.max_trials is None or done < config.max_trials):
+        for trial_run in _finished(pending):
+            if trial_run.failed:  # perhaps MLflow is down (or its experiment deleted): look again
+                tracking_ok_at = float("-inf")
+                mlflow_ids.pop(trial_run.study.study_name, None)
         if time.monotonic() - tracking_ok_at > TRACKING_CHECK_EVERY:
             if not _wait_for_tracking(mlflow_client, config, stop):
                 break
@@ -182,6 +215,9 @@ def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) 
                 f"{config.grace_period}s: {redact(root_cause(e))}"
             ) from None
         if claimed is None:
+            if pending:  # a model still being logged: its trial may yet be re-queued
+                _finished(pending, wait=True)
+                continue
             if held != told_held:  # once per change: a --forever worker polls every few seconds
                 for name, life in held.items():
                     log.info(
@@ -202,16 +238,12 @@ def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) 
             stop.event.wait(config.poll_interval)
             continue
         study, trial_id = claimed
-        trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids)
+        trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids, exporter)
         trial_run.run()
-        ended_well = trial_run.told in (TrialState.COMPLETE, TrialState.PRUNED)
-        if ended_well:  # nothing resumes a finished cell: its local checkpoint only took disk space
-            drop_local_checkpoint(trial_run.checkpoint_path)
-        settle(study, mlflow_client, config, completed=trial_run.key if ended_well else None)
-        if trial_run.told == TrialState.COMPLETE and config.on_cell_complete is not None:
-            config.on_cell_complete(study.study_name)
-        if trial_run.failed:  # perhaps MLflow is down (or its experiment deleted): look again
-            tracking_ok_at = float("-inf")
+        if trial_run.deferred is not None:  # trained to its end: its model is logged meanwhile
+            pending.append(finishing.submit(_conclude, trial_run.complete_in_background, mlflow_client, config))
+        elif _conclude(lambda: trial_run, mlflow_client, config).failed:
+            tracking_ok_at = float("-inf")  # perhaps MLflow is down (or its experiment deleted): look again
             mlflow_ids.pop(study.study_name, None)
         done += 1
     return done
@@ -223,6 +255,27 @@ def drop_local_checkpoint(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def _conclude(end: Callable[[], TrialRun], mlflow_client, config: WorkerConfig) -> TrialRun:
+    """End the trial (``end``), then settle its study."""
+    trial_run = end()
+    ended_well = trial_run.told in (TrialState.COMPLETE, TrialState.PRUNED)
+    if ended_well:  # nothing resumes a finished cell: its local checkpoint only took disk space
+        drop_local_checkpoint(trial_run.checkpoint_path)
+    settle(trial_run.study, mlflow_client, config, completed=trial_run.key if ended_well else None)
+    if trial_run.told == TrialState.COMPLETE and config.on_cell_complete is not None:
+        config.on_cell_complete(trial_run.study.study_name)
+    return trial_run
+
+
+def _finished(pending: list[Future], wait: bool = False) -> list[TrialRun]:
+    """The trials of ``pending`` that have ended (all of them with ``wait``), taken off the list;
+    an error on the finishing thread is raised here, as it would have been on this one."""
+    ended = [f for f in pending if wait or f.done()]
+    for f in ended:
+        pending.remove(f)
+    return [f.result() for f in ended]
 
 
 def _wait_for_tracking(mlflow_client, config: WorkerConfig, stop: StopSignal) -> bool:
@@ -397,6 +450,7 @@ class TrialRun:
         mlflow_client,
         stop: StopSignal,
         mlflow_ids: dict[str, tuple[str, str]] | None = None,
+        exporter: Exporter | None = None,
     ):
         self.study, self.trial_id, self.config = study, trial_id, config
         self.client, self.stop = mlflow_client, stop
@@ -418,6 +472,8 @@ class TrialRun:
         self.core_share: cores.CoreShare | None = None
         self.failed = False
         self.told: TrialState | None = None  # COMPLETE or PRUNED once the trial ended so
+        self.exporter = exporter  # the worker's helper process that logs models
+        self.deferred: Callable[[], None] | None = None  # the model to log, then COMPLETE (_finish)
         self.timeout = studies.policy(self.spec)["trial_timeout"]
         self.started = time.monotonic()
 
@@ -443,10 +499,10 @@ class TrialRun:
     def run(self) -> None:
         number = self.trial.number
         log.info("trial %d: %s claimed", number, self.key)
-        with (
-            studies.Heartbeat(self.storage, self.trial_id, self.config.heartbeat_interval, label=f"trial {number}"),
-            self._core_share(),
-        ):
+        self.heartbeat = studies.Heartbeat(
+            self.storage, self.trial_id, self.config.heartbeat_interval, label=f"trial {number}"
+        )
+        with self._heartbeat(), self._core_share():
             try:
                 self._run()
             except TrialLost as e:
@@ -503,6 +559,17 @@ class TrialRun:
         log.warning(
             "trial %d: %s stopped after epoch %d and %s: %s", self.trial.number, self.key, epoch, outcome, reason
         )
+
+    @contextlib.contextmanager
+    def _heartbeat(self):
+        """The trial's heartbeat, until it is told: a trial whose model is still to log
+        (``deferred``) keeps it beating for complete_in_background."""
+        self.heartbeat.__enter__()
+        try:
+            yield
+        finally:
+            if self.deferred is None:
+                self.heartbeat.__exit__(None, None, None)
 
     @contextlib.contextmanager
     def _core_share(self):
@@ -642,65 +709,117 @@ class TrialRun:
             self._db(self.trial.report, m[ready.decide_on], m["epoch"])
 
     def _finish(self, ready: Prepared, result: FitResult, pruned_at: int | None) -> None:
-        """The run-level metrics, the model (unless pruned), then the outcome to MLflow and Optuna."""
+        """The run-level metrics, then the outcome: a pruned trial is told now; a trial that trained
+        to its end leaves its model to log (``deferred``: the worker's finishing thread runs it
+        while this thread claims the next trial), and is told COMPLETE only once it is logged."""
+        started = time.perf_counter()
         final = result.final
         value = getattr(final, ready.decide_on)
         # Recorded in Optuna before MLflow is waited for: an outage past the limit cannot lose it.
         self._db(self.trial.set_user_attr, "sweeper.final_value", value)
+        deadline = time.monotonic() + self.config.tracking_outage_limit
+        model_id = None
+        if pruned_at is None:  # the cell's model, named after it: its params now, its metrics as logged
+            model_id = self._until_deadline(
+                final.epoch,
+                tracking.create_model,
+                self.client,
+                self.run_id,
+                tracking.model_name(self.key),
+                {"variant": self.variant, "dataset": self.dataset, **ready.recipe.to_dict()},
+                {tracking.KEY_TAG: self.key, "optuna.study": self.study.study_name},
+                deadline=deadline,
+                should_stop=self.stop.is_set,
+            )
         self.logger.log_metrics(
             {
                 "num_params": ready.num_params,
                 "macs": ready.macs,
                 "train_seconds": result.train_seconds,
-                # Where the rest of the run's time went: the last part, logging the model, is the
-                # run's wall time minus these three.
+                # Where the rest of the run's time went (finish_seconds and model_log_seconds follow
+                # with the model; a pruned trial's last part is the run's wall time minus the rest).
                 "prepare_seconds": ready.prepare_seconds,
                 "setup_seconds": result.setup_seconds,
-            }
+            },
+            model_id=model_id,
         )
-        self.logger.set_tags({"sweeper.precision": result.precision, "sweeper.device": result.device})
-        self._send_final(ready.splits, final.epoch, with_model=pruned_at is None)
+        layout = "channels_last" if result.channels_last else "contiguous"
+        self.logger.set_tags(
+            {"sweeper.precision": result.precision, "sweeper.memory_format": layout, "sweeper.device": result.device}
+        )
+        self._until_deadline(final.epoch, self.logger.flush, deadline=deadline, should_stop=self.stop.is_set)
         if pruned_at is not None:
             self._end_run("KILLED", f"pruned by Optuna after epoch {pruned_at}")
             self._db(self.study.tell, self.trial, state=TrialState.PRUNED)
             self.told = TrialState.PRUNED
             log.info("trial %d: %s pruned after epoch %d", self.trial.number, self.key, pruned_at)
-        else:
+            return
+        model, example = self._model_to_log(ready.splits)
+        cfg = variant_cfgs(self.spec)[self.variant]
+        shape = (ready.splits.num_classes, ready.splits.in_channels)
+
+        def complete() -> None:
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="sweeper-model-") as tmp:
+                weights = save_weights(Path(tmp) / WEIGHTS_FILE, model, self.variant, cfg, *shape)
+                request = {"run_id": self.run_id, "example": example, "step": final.epoch, "model_id": model_id}
+                request.update(weights=str(weights), deadline=time.monotonic() + self.config.tracking_outage_limit)
+                self._until_deadline(final.epoch, self.exporter.log_model, request, should_stop=self.stop.is_set)
+            model_seconds = time.perf_counter() - started
+            log.info("trial %d: %s model logged in %.1f s", self.trial.number, self.key, model_seconds)
+            self.logger.log_metrics({"finish_seconds": finish_seconds, "model_log_seconds": model_seconds})
+            self.logger.flush()  # what MLflow does not take now is lost: these two are not worth a retry
             self._end_run("FINISHED")
             self._tell_complete(value)
             self.told = TrialState.COMPLETE
             log.info("trial %d: %s complete, %s %.4f", self.trial.number, self.key, ready.decide_on, value)
 
-    def _send_final(self, splits, epoch: int, with_model: bool) -> None:
-        """Wait (up to --tracking-outage-limit) for MLflow to take what is buffered, then the model."""
-        deadline = time.monotonic() + self.config.tracking_outage_limit
+        finish_seconds = time.perf_counter() - started  # the training thread's part after the last epoch
+        self.deferred = complete
+
+    def _until_deadline(self, epoch: int, fn, *args, **kwargs):
+        """``fn`` (an MLflow write that retries until its deadline): an outage past it fails the
+        trial for a retry, or, when the worker was told to stop meanwhile, re-queues it at once."""
         try:
-            self.logger.flush(deadline=deadline, should_stop=self.stop.is_set)
-            if with_model:  # after the metrics: log_model links the last epoch's to the model
-                model, example = self._model_to_log(splits)
-                tracking.log_model(
-                    self.client,
-                    self.run_id,
-                    model,
-                    example,
-                    step=epoch,
-                    deadline=deadline,
-                    should_stop=self.stop.is_set,
-                )
+            return fn(*args, **kwargs)
         except tracking.TrackingUnreachable:
-            if self.stop.is_set():  # told to stop while waiting for MLflow: requeue, resume at once
+            if self.stop.is_set():
                 raise Interrupted(epoch) from None
             raise SweeperError(self._outage_reason(epoch)) from None
 
     def _model_to_log(self, splits):
-        """A CPU copy of the trained model in eval mode (it loads on hosts without a GPU) and
-        MODEL_EXAMPLE_IMAGES images of the test split as the model takes them (float32, normalized)."""
+        """The trained model on the CPU in eval mode (it loads on hosts without a GPU; training is
+        over, so no copy) and MODEL_EXAMPLE_IMAGES images of the test split as the model takes
+        them (float32, normalized)."""
         from sweeper.data.loader import normalize
 
-        model = copy.deepcopy(self.model).cpu()
         # At least two images: torch.export fixes a batch dimension of one, any other stays free.
         images = torch.cat([splits.test_x[:MODEL_EXAMPLE_IMAGES], splits.train_x[:MODEL_EXAMPLE_IMAGES]])
-        return model.eval(), normalize(images[:MODEL_EXAMPLE_IMAGES]).numpy()
+        return self.model.cpu().eval(), normalize(images[:MODEL_EXAMPLE_IMAGES]).numpy()
+
+    def complete_in_background(self) -> TrialRun:
+        """(The worker's finishing thread.) Run ``deferred``: the model logged, then the trial told
+        COMPLETE. Its heartbeat beats until then; a failure fails the trial as on the training
+        thread (MLflow down past the limit: re-queued)."""
+        number = self.trial.number
+        try:
+            self.deferred()
+        except Interrupted as e:
+            reason = f"worker stopped by a signal after epoch {e.last_epoch}, while MLflow was unreachable"
+            self._end_run("KILLED", f"{reason}; the trial was re-queued")
+            self._db(studies.requeue, self.study, self.trial_id, reason)
+            log.warning("trial %d: %s re-queued: %s", number, self.key, reason)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            log.warning("trial %d: %s was finished by another worker; this worker stands down", number, self.key)
+        except SweeperError as e:
+            self._fail(str(e), retry=True)
+        except Exception as e:
+            log.exception("trial %d: %s failed", number, self.key)
+            self._fail(f"{type(e).__name__}: {redact(e)}", retry=True)
+        finally:
+            self.deferred = None
+            self.heartbeat.__exit__(None, None, None)
+        return self
 
     def _tell_complete(self, value: float) -> None:
         try:

@@ -325,17 +325,81 @@ def test_each_finished_cell_logs_a_model_that_mlflow_loads(study, mlflow_runs, m
 
     home, _ = study
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    for run in mlflow_runs.values():
-        signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").signature
+    for key, run in mlflow_runs.items():
+        name = key.replace("/", "-")  # the model is named after its cell
+        signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/{name}").signature
         assert [s.shape for s in signature.inputs.inputs] == [(-1, 1, 8, 8)], signature
         assert [s.shape for s in signature.outputs.inputs] == [(-1, 10)], signature
-    uri = f"runs:/{next(iter(mlflow_runs.values())).info.run_id}/model"
+    key, run = next(iter(mlflow_runs.items()))
+    uri = f"runs:/{run.info.run_id}/{key.replace('/', '-')}"
     local = mlflow.artifacts.download_artifacts(uri)
     example = Model.load(local).load_input_example(local)  # a few test images, as the model takes them
     assert example.dtype == "float32" and example.shape[1:] == (1, 8, 8) and len(example) > 1
     module = mlflow.pytorch.load_model(uri)
     with torch.no_grad():
         assert module(torch.from_numpy(example)).shape == (len(example), 10)
+
+
+@pytest.mark.slow
+def test_each_cells_model_is_named_by_cell_with_its_params_and_metrics(study, mlflow_runs):
+    from mlflow.tracking import MlflowClient
+
+    home, _ = study
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(STUDY)
+    models = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
+    assert sorted(models) == sorted(key.replace("/", "-") for key in mlflow_runs), "one model per cell, by cell"
+    for key, run in mlflow_runs.items():
+        model = models[key.replace("/", "-")]
+        assert model.status.name == "READY" and model.source_run_id == run.info.run_id
+        assert model.params == run.data.params  # the cell (variant, dataset, seed) and its recipe
+        assert model.params["variant"] == key.split("/")[0] and model.tags["sweeper.key"] == key
+        metrics = {m.key: m.value for m in model.metrics}
+        for name in ("top1_error", "top5_error", "num_params", "macs", "train_seconds"):
+            assert metrics[name] == run.data.metrics[name], name
+
+
+@pytest.mark.slow
+def test_load_model_gives_back_the_trained_module_ready_to_fine_tune(study, mlflow_runs, monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    import sweeper.api as sw
+    from sweeper.data import load
+    from sweeper.data.loader import normalize
+    from sweeper.errors import SweeperError
+    from sweeper.train import evaluate
+
+    home, _ = study
+    monkeypatch.setenv("SWEEPER_HOME", str(home))
+    for name in ("SWEEPER_STORAGE", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    key, run = sorted(mlflow_runs.items())[0]
+    model = sw.load_model(STUDY, key)
+    assert isinstance(model, torch.nn.Module) and type(model).__name__ == "GoogLeNet" and model.training
+    params = run.data.params
+    data = load("digits").limit(int(params["limit_train"]), int(params["limit_test"]))
+    bf16 = run.data.tags["sweeper.precision"] == "bf16"  # evaluated as it trained: precision and layout
+    layout = getattr(torch, run.data.tags["sweeper.memory_format"].replace("contiguous", "contiguous_format"))
+    model = model.to(memory_format=layout)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    _, top1, _ = evaluate(model, data.test_x, data.test_y, 1000, autocast, layout)
+    assert abs(top1 - run.data.metrics["top1_error"]) <= 1e-4  # the logged error, on the evaluation split
+
+    model.train()  # and it trains on
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = F.cross_entropy(model(normalize(data.train_x[:32])), data.train_y[:32])
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+    assert type(sw.load_model(STUDY, key.replace("/", "-"))).__name__ == "GoogLeNet"  # by model name too
+    with pytest.raises(SweeperError, match=f"study '{STUDY}' has no cell 'nope'; its cells: "):
+        sw.load_model(STUDY, "nope")
 
 
 @pytest.mark.slow

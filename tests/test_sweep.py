@@ -54,8 +54,8 @@ def assert_one_finished_run_per_cell(client, study: str, keys: set[str], epochs:
         assert trial.value == pytest.approx(run.data.metrics["top1_error"])
         models = client.search_logged_models(
             [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
-        )  # what mlflow.pytorch.load_model("runs:/RUN_ID/model") loads
-        assert [(m.name, m.status.name) for m in models] == [("model", "READY")]
+        )  # named after the cell: mlflow.pytorch.load_model(f"runs:/{RUN_ID}/{name}") loads it
+        assert [(m.name, m.status.name) for m in models] == [(f"{variant}-{dataset}-{seed}", "READY")]
 
 
 def test_launch_with_four_local_workers_on_sqlite(sweeper_env, tmp_path):
@@ -205,3 +205,52 @@ def test_checkpoint_cadence_in_seconds(sweeper_env, tmp_path):
             path = client.download_artifacts(run.info.run_id, "checkpoint/last.pt", str(tmp_path / study))
             assert torch.load(path, weights_only=True)["epoch"] == 2  # the last epoch needs none
     assert checkpoints == {"rare": [], "often": ["checkpoint/last.pt"]}
+
+
+def test_the_next_trial_is_claimed_while_the_model_is_logged_and_complete_means_logged(sweeper_env, tmp_path):
+    """A real worker hands a trained trial's model to its helper process and claims the next
+    trial at once; the trial stays RUNNING (heartbeat beating) until its model is READY, and only
+    then becomes COMPLETE. Watched from outside, every 50 ms, in both stores."""
+    import re
+    import time
+
+    home = tmp_path / "home"
+    spec = write_spec(tmp_path / "overlap.toml", variants=("short4", "short3"), epochs=1, limit_train=64, limit_test=32)
+    sweeper("launch", "--study", str(spec), env=sweeper_env)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sweeper", "worker", "--study", "overlap", "--no-system-metrics"],
+        env={**sweeper_env, "SWEEPER_HEARTBEAT_INTERVAL": "1", "SWEEPER_GRACE_PERIOD": "5"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    from sweeper import tracking
+
+    storage = f"sqlite:///{home / 'optuna.db'}"
+    client = None
+    seen_complete: set[int] = set()
+    deadline = time.monotonic() + 600
+    while worker.poll() is None:
+        assert time.monotonic() < deadline, "the worker did not finish"
+        if (home / "mlflow.db").exists():
+            client = client or tracking.client(f"sqlite:///{home / 'mlflow.db'}")  # waits for its schema
+            for t in optuna.load_study(study_name="overlap", storage=storage).get_trials(deepcopy=False):
+                if t.state.name == "COMPLETE" and t.number not in seen_complete:
+                    seen_complete.add(t.number)
+                    run = client.get_run(t.user_attrs["mlflow_run_id"])
+                    models = client.search_logged_models(
+                        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+                    )
+                    assert [m.status.name for m in models] == ["READY"], f"trial {t.number} COMPLETE without its model"
+        time.sleep(0.05)
+    out = worker.stdout.read()
+    assert worker.returncode == 0, out[-3000:]
+    lines = out.splitlines()
+
+    def at(pattern: str) -> int:
+        return next(i for i, line in enumerate(lines) if re.search(pattern, line))
+
+    assert at(r"trial 1: .* claimed") < at(r"trial 0: .* model logged") < at(r"trial 0: .* complete"), out[-3000:]
+    trials = optuna.load_study(study_name="overlap", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], "no trial failed as stale meanwhile"
+    assert "Traceback" not in out

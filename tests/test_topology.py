@@ -364,8 +364,8 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
             # One epoch: the trial ends with its model, and the last epoch is never checkpointed.
             assert not client.list_artifacts(run_id, "checkpoint")
             (model,) = client.search_logged_models(
-                [experiment.experiment_id], filter_string=f"name = 'model' AND source_run_id = '{run_id}'"
-            )  # what mlflow.pytorch.load_model("runs:/RUN_ID/model") loads
+                [experiment.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+            )  # named after the cell: what mlflow.pytorch.load_model(f"models:/{model.model_id}") loads
             assert model.status.name == "READY" and model.artifact_location.startswith("mlflow-artifacts:")
             on_disk = list(artifacts.rglob(f"models/{model.model_id}/artifacts/data/model.pt2"))
             assert len(on_disk) == 1 and on_disk[0].stat().st_size > 0, f"model {model.model_id} not in {artifacts}"

@@ -428,24 +428,23 @@ def test_fit_flips_only_training_images_and_only_where_the_dataset_allows(hflip)
 @pytest.mark.slow
 def test_precision_auto_measures_the_modes_and_caches_the_fastest(tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEPER_CACHE_DIR", str(tmp_path))
-    # Long enough for the probe to pay for itself: PAYBACK x the probe's steps, at batch 2.
-    steps = precision.PAYBACK * precision.probe_steps(precision.candidates(torch.device("cpu")))
-    data = load("digits").limit(steps * 2, 32)
-    seed_everything(1)
-    result = fit(build_model("short4", 10, 1), data, Recipe(epochs=1, batch_size=2), device="cpu")
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (0.5,) * 3)  # cached whoever shares the machine
+    cpu = torch.device("cpu")
+    # Every candidate timed, fp32 layouts included (auto itself probes only where precisions differ).
+    chosen = precision.choose(build_model("short4", 10, 1), (1, 8, 8), 2, cpu, modes=precision.candidates(cpu))
     (cache,) = tmp_path.glob("precision-torch*.json")
     (entry,) = json.loads(cache.read_text()).values()
     timings = entry["seconds_per_step"]
     precisions = ("fp32", "bf16") if HAS_FAST_BF16 else ("fp32",)
     assert set(timings) == {f"{p}/{f}" for p in precisions for f in ("contiguous", "channels_last")}
-    chosen = f"{entry['precision']}/{'channels_last' if entry['channels_last'] else 'contiguous'}"
-    assert timings[chosen] == min(timings.values())
-    assert (result.precision, result.channels_last) == (entry["precision"], entry["channels_last"])
+    assert timings[chosen.label] == min(timings.values())
+    assert (chosen.precision, chosen.channels_last) == (entry["precision"], entry["channels_last"])
 
-    # From now on the cache decides (no probe): an entry edited by hand is obeyed.
+    # From now on the cache decides (no probe), in fit() too: an entry edited by hand is obeyed.
     entry.update(precision="fp32", channels_last=not entry["channels_last"])
     cache.write_text(json.dumps({next(iter(json.loads(cache.read_text()))): entry}))
-    again = fit(build_model("short4", 10, 1), data.limit(16, 16), Recipe(epochs=1, batch_size=2), device="cpu")
+    data = load("digits").limit(16, 16)
+    again = fit(build_model("short4", 10, 1), data, Recipe(epochs=1, batch_size=2), device="cpu")
     assert (again.precision, again.channels_last) == ("fp32", entry["channels_last"])
 
 
@@ -455,14 +454,38 @@ def test_a_probe_on_an_overloaded_cpu_picks_the_mode_but_is_not_cached(tmp_path,
     cores = os.cpu_count() or 1
     monkeypatch.setattr(precision.os, "getloadavg", lambda: (cores * (precision.OVERLOAD + 3),) * 3)
     cpu = torch.device("cpu")
-    mode = precision.choose(build_model("short4", 10, 1), (1, 8, 8), 2, cpu, cache=tmp_path / "cache.json")
-    assert mode in precision.candidates(cpu)
+    modes = precision.candidates(cpu)
+    mode = precision.choose(build_model("short4", 10, 1), (1, 8, 8), 2, cpu, cache=tmp_path / "cache.json", modes=modes)
+    assert mode in modes
     assert not (tmp_path / "cache.json").exists()
 
     monkeypatch.setattr(precision.os, "getloadavg", lambda: (cores * precision.OVERLOAD * 0.5,) * 3)
-    precision.choose(build_model("short4", 10, 1), (1, 8, 8), 2, cpu, cache=tmp_path / "cache.json")
+    precision.choose(build_model("short4", 10, 1), (1, 8, 8), 2, cpu, cache=tmp_path / "cache.json", modes=modes)
     (entry,) = json.loads((tmp_path / "cache.json").read_text()).values()
     assert entry["load_per_core"] == precision.OVERLOAD * 0.5
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True], ids=["fp32-only CPU", "bf16 CPU"])
+def test_auto_probes_neither_short_cells_nor_fp32_layouts(tmp_path, monkeypatch, fast_bf16):
+    """No probe on a cell's critical path where it cannot pay: a quickstart cell (4 epochs x 16
+    steps) on any CPU, and any trial on a CPU without fast bf16, where the candidates are two fp32
+    layouts (the rule: channels_last). The CPU's bf16 flag is the one thing faked."""
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
+    probes = []
+    real_probe = precision.probe
+    monkeypatch.setattr(precision, "probe", lambda *a, **k: probes.append(a[1]) or real_probe(*a, **k))
+    cpu = torch.device("cpu")
+    cache = tmp_path / "cache.json"
+    quickstart_cell = 4 * 16
+    for shape in ((1, 8, 8), (3, 32, 32)):
+        mode = precision.choose(build_model("short4", 10, shape[0]), shape, 32, cpu, cache, total_steps=quickstart_cell)
+        assert mode == precision.rule(cpu)
+    assert probes == [] and not cache.exists()
+    if not fast_bf16:  # a seed-recipe cell (14 epochs x 782 steps): the rule still
+        for shape in ((1, 8, 8), (3, 32, 32)):
+            mode = precision.choose(build_model("short4", 10, shape[0]), shape, 64, cpu, cache, total_steps=14 * 782)
+            assert mode == precision.Mode("fp32", True)
+        assert probes == [] and not cache.exists()
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ def register_best(collected: Collected, model_name: str) -> dict[str, Any]:
     if not tracking.is_usable_model(model):
         raise SweeperError(
             f"the best finished cell of study {study!r}, {key} ({metric} {value:.4f}, run {run_id}), has no "
-            f"usable MLflow model (runs:/{run_id}/{tracking.MODEL_NAME}); cells finished by a sweeper older "
+            f"usable MLflow model ({tracking.model_name(key)}); cells finished by a sweeper older "
             "than the one that logs models have none"
         )
     tags = {"sweeper.study": study, tracking.KEY_TAG: key, "sweeper.metric": metric, "sweeper.value": str(value)}
