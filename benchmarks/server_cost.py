@@ -390,6 +390,7 @@ def pool_main(cfg_path: str) -> None:
             precision="fp32",
             system_metrics=False,
             fit=sweep_scale.sleep_fit,
+            build_model=sweep_scale.tiny_model,
         )
     )
     for obj in gc.get_objects():

@@ -12,7 +12,7 @@
 (b) W worker processes running ``sweeper.worker.run`` (real WorkerConfig, real Optuna storage,
     real MLflow tracking) whose training is a fixed sleep: ``WorkerConfig.fit`` is a function
     with fit's signature that sleeps per epoch and calls ``on_epoch``, and
-    ``sweeper.models.build_model``/``count_macs`` are replaced by tiny stand-ins. The workers are forked from
+    a tiny model (``WorkerConfig.build_model``) stands in for GoogLeNet. The workers are forked from
     one process that imported torch, mlflow and optuna once (a fresh interpreter per worker costs
     ~650 MB RSS and ~10 s of CPU here; forked, they share those pages). Trials per minute from
     the go signal to the last completion ("end to end") and from each worker's cycle time once
@@ -248,13 +248,12 @@ EPOCH_SLEEP = 0.0  # seconds per epoch of the fake fit
 
 
 def install_standins(epoch_sleep: float) -> None:
-    """Replace the model in this process by a tiny one; sleep_fit (passed as WorkerConfig.fit)
-    sleeps epoch_sleep seconds per epoch."""
+    """sleep_fit (passed as WorkerConfig.fit, with tiny_model as WorkerConfig.build_model) sleeps
+    epoch_sleep seconds per epoch; the model's MACs and parameters are counted cheaply."""
     global EPOCH_SLEEP
     import sweeper.models
 
     EPOCH_SLEEP = epoch_sleep
-    sweeper.models.build_model = tiny_model
     sweeper.models.count_macs = lambda model, shape: 1000
     sweeper.models.count_params = lambda model: sum(p.numel() for p in model.parameters())
 
@@ -370,6 +369,7 @@ def pool_main(cfg_path: str) -> None:
                 precision="fp32",
                 system_metrics=False,
                 fit=sleep_fit,
+                build_model=tiny_model,
             )
         )
     for obj in gc.get_objects():
@@ -576,6 +576,7 @@ def worker_child(run: dict[str, Any], index: int, go_file: Path, rundir: Path) -
         precision="fp32",
         system_metrics=False,
         fit=sleep_fit,
+        build_model=tiny_model,
     )
     (rundir / f"ready-{index}").write_text("")
     while not go_file.exists():
@@ -853,6 +854,7 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         precision="fp32",
         system_metrics=False,
         fit=sleep_fit,
+        build_model=tiny_model,
     )
     counter = {"i": 0}
     export_ms: list[float] = []  # the "sweeper" variant's model export, per round

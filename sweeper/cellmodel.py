@@ -48,12 +48,14 @@ def save_weights(path: Path, model, variant: str, cfg, num_classes: int, in_chan
     return path
 
 
-def load_weights(path: Path):
+def load_weights(path: Path, build_model: Callable[..., Any] | None = None):
     """The variant's nn.Module with the file's weights, on the CPU, in train mode."""
     import torch
 
     from sweeper.contract import VariantCfg
-    from sweeper.models import build_model
+
+    if build_model is None:
+        from sweeper.models import build_model
 
     saved = torch.load(path, map_location="cpu", weights_only=True)
     cfg = saved["cfg"]
@@ -70,8 +72,9 @@ class ExportFailed(SweeperError):
 class Exporter:
     """The worker's helper process that logs models; one model at a time."""
 
-    def __init__(self, tracking_uri: str):
+    def __init__(self, tracking_uri: str, build_model: Callable[..., Any] | None = None):
         self.tracking_uri = tracking_uri
+        self.build_model = build_model  # None: sweeper.models' (a benchmark's stand-in otherwise)
         self.process = None
         self.lock = threading.Lock()
 
@@ -83,7 +86,10 @@ class Exporter:
         self.stop = context.Event()
         self.conn, child = context.Pipe()
         self.process = context.Process(
-            target=_serve, args=(child, self.tracking_uri, self.stop), name="sweeper-model-export", daemon=True
+            target=_serve,
+            args=(child, self.tracking_uri, self.stop, self.build_model),
+            name="sweeper-model-export",
+            daemon=True,
         )
         self.process.start()
         child.close()
@@ -122,7 +128,7 @@ class Exporter:
         self.process = None
 
 
-def _serve(conn, tracking_uri: str, stop) -> None:
+def _serve(conn, tracking_uri: str, stop, build_model: Callable[..., Any] | None = None) -> None:
     """(The helper process.) Log each model asked for until the worker closes the pipe."""
     # Ctrl-C reaches the whole process group: the worker decides, the helper finishes its model.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -141,7 +147,7 @@ def _serve(conn, tracking_uri: str, stop) -> None:
             return
         try:
             weights = Path(request.pop("weights"))
-            model = load_weights(weights).eval()
+            model = load_weights(weights, build_model).eval()
             model_id = tracking.log_model(client, model=model, weights=weights, should_stop=stop.is_set, **request)
             conn.send(("ok", model_id))
         except tracking.TrackingUnreachable as e:

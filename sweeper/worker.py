@@ -65,6 +65,9 @@ class WorkerConfig:
     threads: int | None = None  # CPU threads per trial; None: share the host's cores by running trials
     notify_url: str | None = None  # JSON POST when a study completes or a cell fails for good
     fit: Callable[..., FitResult] = train.fit  # the training function (a benchmark passes a stand-in)
+    # The variant's network, build_model(variant, num_classes, in_channels, variant_cfgs); None:
+    # sweeper.models'. A stand-in must be a module-level function: the model helper process calls it too.
+    build_model: Callable[..., Any] | None = None
     # Called with the study's name after each cell that completes (the CLI refreshes the study's
     # report page in MLflow with it: sweeper.report.publish.Refresher); must return at once.
     on_cell_complete: Callable[[str], None] | None = None
@@ -168,7 +171,7 @@ def warm_up() -> None:
 
 
 def _run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -> int:
-    exporter = Exporter(config.tracking_uri)
+    exporter = Exporter(config.tracking_uri, config.build_model)
     if config.max_trials != 0:
         exporter.start()
     # The trials whose model is being logged, one after the other, while this thread trains the next.
@@ -649,7 +652,8 @@ class TrialRun:
         data_digest = lineage.dataset_digest(splits)
         seed_everything(self.seed)
         cfgs = variant_cfgs(self.spec)
-        self.model = build_model(self.variant, splits.num_classes, splits.in_channels, cfgs)
+        build = self.config.build_model or build_model
+        self.model = build(self.variant, splits.num_classes, splits.in_channels, cfgs)
         ready = Prepared(
             recipe=recipe,
             decide_on=decide_on,
