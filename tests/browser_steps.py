@@ -137,6 +137,14 @@ def new_page(browser):
     return page
 
 
+def close_assistant(page) -> None:
+    """MLflow 3's assistant panel takes a third of the page; close it when it is there (the e2e
+    stack's page, which clicks its way to the cells)."""
+    close = page.get_by_role("button", name="Close")
+    if close.count():
+        close.first.click()
+
+
 def open_ready(page, url: str, cells: list[str]) -> None:
     """Open ``url`` and wait, without a click, until the run of every cell in ``cells`` shows."""
     page.goto(url)
