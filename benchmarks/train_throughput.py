@@ -249,11 +249,7 @@ def share_table(args: argparse.Namespace) -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--_share", variant, dataset, str(batch_size)]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             print(f"measuring {variant} on {dataset}, batch {batch_size} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                raise SystemExit(f"the {variant}/{dataset} row failed (exit {proc.returncode})")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(_measure_row(cmd, variant, dataset))
             print(f"  share of the matmul rate: {rows[-1]['share']:.2f}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps({"machine": _cpu_name(), "cpus": os.cpu_count(), "rows": rows}, indent=2))
@@ -269,6 +265,15 @@ def share_table(args: argparse.Namespace) -> None:
         )
 
 
+def _measure_row(cmd: list[str], variant: str, dataset: str) -> dict:
+    """One table row, measured in a fresh process (``cmd``): the JSON of its last line."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"the {variant}/{dataset} row failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def precision_table(args: argparse.Namespace) -> None:
     from sweeper.models import VARIANTS
 
@@ -279,11 +284,7 @@ def precision_table(args: argparse.Namespace) -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--_row", variant, dataset]
             cmd += ["--batch-size", str(args.batch_size), "--steps", str(args.steps)]
             print(f"measuring {variant} on {dataset} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                raise SystemExit(f"the {variant}/{dataset} row failed (exit {proc.returncode})")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(_measure_row(cmd, variant, dataset))
             r = rows[-1]
             print(f"  auto {r['auto']}: {r['auto_vs_fastest']:.2f} of the fastest", file=sys.stderr, flush=True)
     if args.json:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from fault_helpers import FAST, enqueue
-from helpers import write_spec
+from helpers import sweeper, write_spec
 
 SPEC = """[grid]
 variant = ["short4"]
@@ -220,24 +220,12 @@ def test_commands_on_an_empty_postgresql_database_create_no_tables(main, tmp_pat
 @pytest.mark.slow
 def test_a_worker_for_a_misspelt_study_creates_no_store(tmp_path, sweeper_env):
     home = Path(sweeper_env["SWEEPER_HOME"])
-    done = subprocess.run(
-        [sys.executable, "-m", "sweeper", "worker", "--study", "typo", *FAST],
-        env=sweeper_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = sweeper("worker", "--study", "typo", *FAST, env=sweeper_env, check=False)
     assert done.returncode == 1 and "no study named 'typo'" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and files_under(home) == [], files_under(home)
 
     enqueue(write_spec(tmp_path / "tiny.toml"))
-    done = subprocess.run(
-        [sys.executable, "-m", "sweeper", "worker", "--study", "tinyy", *FAST],
-        env=sweeper_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = sweeper("worker", "--study", "tinyy", *FAST, env=sweeper_env, check=False)
     assert done.returncode == 1 and "no study named 'tinyy'" in done.stderr and "known studies: tiny" in done.stderr
     assert "mlflow.db" not in files_under(home), files_under(home)
 
