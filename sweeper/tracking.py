@@ -393,6 +393,21 @@ def model_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", key).strip("-")
 
 
+def is_transport_error(error: BaseException) -> bool:
+    """Whether ``error`` (or what it was raised from: MLflow wraps the requests error it caught)
+    is a failure to reach the server at all: refused, reset, timed out, no route."""
+    import requests
+
+    transport = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, transport):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _outage_or_raise(mlflow_client, what: str):
     """A ``failed`` callback for retry_while_unreachable: warns once while the store is
     unreachable, raises the error as it is when the store answers (not an outage)."""
@@ -401,6 +416,8 @@ def _outage_or_raise(mlflow_client, what: str):
     def failed(error: Exception) -> None:
         nonlocal warned
         try:
+            if is_transport_error(error):  # whatever the store says now: it may have just come back
+                raise TrackingUnreachable(str(error))
             check_reachable(mlflow_client)
         except TrackingUnreachable:
             if not warned:

@@ -102,3 +102,23 @@ def test_writes_to_a_store_that_is_not_there_retry_until_the_deadline_then_fail_
     with pytest.raises(MlflowException) as raised:  # an unknown run: an answer, not an outage
         tracking.log_model(answers, "0" * 32, model, example, deadline=time.monotonic() + 600)
     assert not isinstance(raised.value, tracking.TrackingUnreachable)
+
+
+def test_a_write_refused_by_a_server_that_is_back_when_checked_is_retried(tmp_path):
+    """The server restarts between a failed write and the reachability check that follows it: the
+    write's own error says the connection was refused, so it is an outage and the write is tried
+    again, even though the store answers by the time it is checked (CI saw a COMPLETE-to-be cell
+    failed here, the model never logged, when MLflow came back in that window)."""
+    answers = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    down = tracking.client(f"http://127.0.0.1:{free_port()}")
+    calls = []
+
+    def attempt() -> str:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            down.search_experiments(max_results=1)  # connection refused, for real
+        return "written"
+
+    failed = tracking._outage_or_raise(answers, "log the model")
+    assert tracking.retry_while_unreachable(attempt, time.monotonic() + 30, None, failed) == "written"
+    assert len(calls) == 2
