@@ -15,6 +15,7 @@ the full training state to ``on_epoch``, which may checkpoint, log, report or as
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -222,11 +223,7 @@ def fit(
     if recipe.val_fraction and data.val_x is None:
         data = data.split_validation(recipe.val_fraction)
     dev = resolve_device(device)
-    if precision == "auto" and resume is not None and "mode" in resume:
-        mode_ = Mode(**resume["mode"])  # the attempt that wrote the checkpoint measured it: same numbers
-    else:
-        total_steps = recipe.epochs * math.ceil(len(data.train_y) / recipe.batch_size)
-        mode_ = resolve_mode(precision, dev, model, data.info.shape, recipe.batch_size, total_steps)
+    mode_ = _choose_mode(precision, resume, dev, model, data, recipe)
     prec = mode_.precision
     bf16 = prec == "bf16"
     memory_format = torch.channels_last if mode_.channels_last else torch.contiguous_format
@@ -241,75 +238,25 @@ def fit(
     seed_everything(recipe.seed)  # dropout draws from the global generator
     result = FitResult(device=str(dev), precision=prec, channels_last=mode_.channels_last)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        loader_rng.set_state(resume["rng"]["loader"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if dev.type == "cuda" and "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"], dev)
+        _restore(resume, model, optimizer, scheduler, loader_rng, dev)
         result.history = [EpochMetrics(**m) for m in resume["history"]]
 
-    train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
-    test_x, test_y = data.test_x.to(dev), data.test_y.to(dev)
-    val = (data.val_x.to(dev), data.val_y.to(dev)) if data.val_x is not None else None
-    batches = BatchLoader(
-        train_x,
-        train_y,
-        recipe.batch_size,
-        shuffle=True,
-        hflip=data.info.hflip,
-        generator=loader_rng,
-        channels_last=memory_format == torch.channels_last,
-    )
+    batches, (test_x, test_y), val = _on_device(data, dev, recipe.batch_size, loader_rng, memory_format)
 
-    def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-
+    autocast = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=bf16)
     mode = compile_mode(compile, dev)
     step_model = torch.compile(model, mode=mode) if mode else model
 
     def state() -> dict[str, Any]:
-        rng = {"loader": loader_rng.get_state(), "torch": torch.get_rng_state()}
-        if dev.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(dev)
-        return {
-            "model": cpu_copy(model.state_dict()),
-            "optimizer": cpu_copy(optimizer.state_dict()),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng,
-            "epoch": len(result.history),
-            "recipe": recipe.to_dict(),
-            "mode": asdict(mode_),
-            "history": [asdict(m) for m in result.history],
-        }
+        return _training_state(model, optimizer, scheduler, loader_rng, dev, recipe, mode_, result.history)
 
     result.setup_seconds = time.perf_counter() - fit_started
     for epoch in range(len(result.history) + 1, recipe.epochs + 1):
         started = time.perf_counter()
-        model.train()
-        losses: list[torch.Tensor] = []
-        sizes: list[int] = []
-        for step, (xb, yb) in enumerate(batches, start=1):
-            if should_stop is not None and should_stop():
-                raise Interrupted(epoch - 1)
-            # A partial last batch (50,000 = 781 x 64 + 16) runs eagerly: through the compiled
-            # model its new shape would recompile (and re-record CUDA graphs) every epoch.
-            forward = step_model if len(yb) == recipe.batch_size else model
-            with autocast():
-                loss = F.cross_entropy(forward(xb).float(), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-            sizes.append(len(yb))
-            # Checking every step would sync the GPU each step; every 50 is cheap and still early.
-            if step % 50 == 0 or step == len(batches):
-                _check_finite(losses, epoch)
-            if on_step is not None:
-                on_step(step, len(batches))
+        train_loss, images = _train_epoch(
+            model, step_model, batches, optimizer, autocast, epoch, should_stop=should_stop, on_step=on_step
+        )
         train_seconds = time.perf_counter() - started
-        train_loss = (torch.stack(losses) * torch.tensor(sizes, device=dev)).sum().item() / sum(sizes)
         test_loss, top1, top5 = evaluate(model, test_x, test_y, recipe.eval_batch_size, autocast, memory_format)
         val_loss = val_top1 = val_top5 = None
         if val is not None:
@@ -324,7 +271,7 @@ def fit(
             top5_error=top5,
             lr=lr,
             epoch_seconds=time.perf_counter() - started,
-            images_per_s=sum(sizes) / train_seconds,
+            images_per_s=images / train_seconds,
             val_loss=val_loss,
             val_top1_error=val_top1,
             val_top5_error=val_top5,
@@ -333,6 +280,91 @@ def fit(
         if on_epoch is not None and on_epoch(metrics, state):
             break
     return result
+
+
+def _on_device(data: Splits, dev: torch.device, batch_size: int, loader_rng, memory_format):
+    """The splits on the training device: shuffled training batches, the test split, the
+    validation split (None without one)."""
+    train_x, train_y = data.train_x.to(dev), data.train_y.to(dev)
+    test = data.test_x.to(dev), data.test_y.to(dev)
+    val = (data.val_x.to(dev), data.val_y.to(dev)) if data.val_x is not None else None
+    channels_last = memory_format == torch.channels_last
+    loader = BatchLoader(
+        train_x,
+        train_y,
+        batch_size,
+        shuffle=True,
+        hflip=data.info.hflip,
+        generator=loader_rng,
+        channels_last=channels_last,
+    )
+    return loader, test, val
+
+
+def _choose_mode(precision: str, resume, dev: torch.device, model, data: Splits, recipe: Recipe) -> Mode:
+    if precision == "auto" and resume is not None and "mode" in resume:
+        return Mode(**resume["mode"])  # the attempt that wrote the checkpoint measured it: same numbers
+    total_steps = recipe.epochs * math.ceil(len(data.train_y) / recipe.batch_size)
+    return resolve_mode(precision, dev, model, data.info.shape, recipe.batch_size, total_steps)
+
+
+def _training_state(
+    model, optimizer, scheduler, loader_rng, dev, recipe: Recipe, mode: Mode, history
+) -> dict[str, Any]:
+    """Everything a resumed fit needs to continue exactly (a checkpoint's content)."""
+    rng = {"loader": loader_rng.get_state(), "torch": torch.get_rng_state()}
+    if dev.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(dev)
+    return {
+        "model": cpu_copy(model.state_dict()),
+        "optimizer": cpu_copy(optimizer.state_dict()),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng,
+        "epoch": len(history),
+        "recipe": recipe.to_dict(),
+        "mode": asdict(mode),
+        "history": [asdict(m) for m in history],
+    }
+
+
+def _restore(resume: dict[str, Any], model, optimizer, scheduler, loader_rng, dev: torch.device) -> None:
+    """Put a checkpoint's state back: weights, optimizer, schedule and every random generator."""
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    loader_rng.set_state(resume["rng"]["loader"])
+    torch.set_rng_state(resume["rng"]["torch"])
+    if dev.type == "cuda" and "cuda" in resume["rng"]:
+        torch.cuda.set_rng_state(resume["rng"]["cuda"], dev)
+
+
+def _train_epoch(
+    model, step_model, batches, optimizer, autocast, epoch: int, should_stop, on_step
+) -> tuple[float, int]:
+    """One pass over the training batches; the mean training loss and the images seen."""
+    model.train()
+    losses: list[torch.Tensor] = []
+    sizes: list[int] = []
+    for step, (xb, yb) in enumerate(batches, start=1):
+        if should_stop is not None and should_stop():
+            raise Interrupted(epoch - 1)
+        # A partial last batch (50,000 = 781 x 64 + 16) runs eagerly: through the compiled
+        # model its new shape would recompile (and re-record CUDA graphs) every epoch.
+        forward = step_model if len(yb) == batches.batch_size else model
+        with autocast():
+            loss = F.cross_entropy(forward(xb).float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        sizes.append(len(yb))
+        # Checking every step would sync the GPU each step; every 50 is cheap and still early.
+        if step % 50 == 0 or step == len(batches):
+            _check_finite(losses, epoch)
+        if on_step is not None:
+            on_step(step, len(batches))
+    weights = torch.tensor(sizes, device=losses[0].device)
+    return (torch.stack(losses) * weights).sum().item() / sum(sizes), sum(sizes)
 
 
 def _check_finite(losses: list[torch.Tensor], epoch: int) -> None:
