@@ -190,6 +190,7 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
     tracking_ok_at = time.monotonic()  # checked just now
     mlflow_ids: dict[str, tuple[str, str]] = {}  # study name -> (experiment id, parent run id)
     told_held: dict[str, dict[str, Any]] = {}  # studies not running whose waiting trials were last logged
+    told_running = 0  # the other workers' running trials last logged while this one waits to exit
     while not stop.is_set() and (config.max_trials is None or done < config.max_trials):
         for trial_run in _finished(pending):
             if trial_run.failed:  # perhaps MLflow is down (or its experiment deleted): look again
@@ -200,12 +201,14 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
                 break
             tracking_ok_at = time.monotonic()
         held: dict[str, dict[str, Any]] = {}
+        unfinished: dict[str, int] = {}
         try:
             claimed = studies.retry_db(
                 _claim_next,
                 storage,
                 config.study_names,
                 held=held,
+                unfinished=None if config.forever else unfinished,
                 on_stale=lambda study: settle(study, mlflow_client, config),
                 within=config.grace_period,
                 what="looking for a waiting trial",
@@ -231,6 +234,19 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
                         name,
                     )
                 told_held = held
+            running = sum(unfinished.values())
+            if not config.forever and running:
+                # Another worker's trial may come back (its host cut off, its heartbeat stale):
+                # the last workers of a fleet stay to fail it after the grace period and retry it.
+                if running != told_running:
+                    log.info(
+                        "no trial waiting; waiting for %d running trial(s) of other workers "
+                        "(one whose heartbeat stops is retried here)",
+                        running,
+                    )
+                    told_running = running
+                stop.event.wait(config.poll_interval)
+                continue
             if not config.forever:
                 log.info(
                     "%s; %d run by this worker",
@@ -313,9 +329,10 @@ def epoch_metrics(m: EpochMetrics) -> dict[str, float]:
     return {k: getattr(m, k) for k in names}
 
 
-def _claim_next(storage, names: tuple[str, ...], on_stale=None, held: dict[str, Any] | None = None):
+def _claim_next(storage, names: tuple[str, ...], on_stale=None, held: dict[str, Any] | None = None, unfinished=None):
     """The first trial claimed from the studies ``names`` (all when empty): (study, trial id), or
-    None. ``held`` collects the studies skipped for their lifecycle while trials of theirs wait."""
+    None. ``held`` collects the studies skipped for their lifecycle while trials of theirs wait;
+    ``unfinished``, when nothing was claimed, the trials still waiting or running per study."""
     for name in names or studies.study_names(storage):
         try:
             attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
@@ -339,6 +356,8 @@ def _claim_next(storage, names: tuple[str, ...], on_stale=None, held: dict[str, 
         trial_id = studies.claim(study)
         if trial_id is not None:
             return study, trial_id
+        if unfinished is not None:
+            unfinished[name] = studies.unfinished_count(study)
     return None
 
 
