@@ -17,14 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sweeper import names, study_state, tracking
 from sweeper import study as studies
-from sweeper import study_state, tracking
-from sweeper.errors import redact
+from sweeper.redact import redact, redact_url
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["history", "launch", "load_model", "plan", "results", "set_state", "status"]
+    from sweeper.spec import StudySpec
+
+__all__ = ["doctor", "history", "launch", "load_model", "plan", "results", "retry", "set_state", "status"]
 
 # What `sweeper stop/pause/resume/cancel` store, and what a worker does about it.
 ACTIONS = {
@@ -69,6 +71,56 @@ def set_state(study: str, action: str, storage: str | None = None, reason: str |
         "previous": previous["state"],
         "changed": True,
         "effect": effect,
+    }
+
+
+def retry(study: str, storage: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Re-enqueue the study's failed cells on purpose (after fixing the cause of a NaN or out of
+    memory); a finished study runs again, and so does its MLflow run. Returns ``{"study", "retried"}``."""
+    from sweeper.errors import SweeperError
+
+    loaded = studies.open_study(study, storage)
+    n = studies.retry_failed(loaded)
+    if n and studies.mark_running(loaded):  # the study runs again: so does its MLflow run
+        try:
+            client = tracking.client(tracking_uri, create=False)
+        except SweeperError:  # no embedded store yet: no run to mark
+            client = None
+        if client is not None:
+            tracking.set_study_run_status(client, loaded.study_name, "running")
+    return {"study": loaded.study_name, "retried": n}
+
+
+def doctor(storage: str | None = None, tracking_uri: str | None = None, facts: bool = True) -> dict[str, Any]:
+    """Whether the Optuna storage and the MLflow tracking store answer (``ok``, ``checks``: "ok" or
+    the error of each), with ``facts``: versions, the device and its capabilities, free disk
+    under SWEEPER_HOME and the stores' URLs, redacted."""
+    from sweeper import doctor as doctoring
+    from sweeper import settings
+    from sweeper.errors import SweeperError
+
+    url, uri = studies.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
+    checks = {}
+    for name, probe in (
+        ("storage", lambda: studies.open_storage(url, create=False)),
+        ("tracking", lambda: tracking.check_reachable(tracking.client(uri, create=False))),
+    ):
+        try:
+            probe()
+            checks[name] = "ok"
+        except SweeperError as e:
+            checks[name] = str(e)
+    ok = all(v == "ok" for v in checks.values())
+    if not facts:
+        return {"ok": ok, "checks": checks}
+    return {
+        "ok": ok,
+        "versions": doctoring.versions(),
+        **doctoring.device_facts(),
+        "disk": doctoring.disk(settings.home()),
+        "storage": redact_url(url),
+        "tracking_uri": redact_url(uri),
+        "checks": checks,
     }
 
 
@@ -146,7 +198,7 @@ def eta(latest: dict[str, Any], spec: dict[str, Any], uri: str) -> dict[str, Any
         cell = None
         for kind in ("cuda", "mps", "cpu"):  # the device kind finished runs of this cell's variant used
             estimator.device = kind
-            cell = estimator.cell(ua.get("variant"), ua.get("dataset"), train)
+            cell = estimator.cell(ua.get(names.VARIANT_ATTR), ua.get(names.DATASET_ATTR), train)
             if cell["estimate_s"] is not None:
                 devices[kind] = True
                 break
@@ -169,7 +221,7 @@ def results(study: str, storage: str | None = None, tracking_uri: str | None = N
     return report.build_frame(study, storage, tracking_uri)
 
 
-HISTORY_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
+HISTORY_METRICS = names.EPOCH_METRICS
 
 
 def history(
@@ -229,7 +281,7 @@ def load_model(study: str, cell: str, storage: str | None = None, tracking_uri: 
         raise SweeperError(f"cell {cell} of study {study!r} is {trial.state.name}, not COMPLETE: it has no model yet")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.client(uri, create=False)
-    run_id = trial.user_attrs["mlflow_run_id"]
+    run_id = trial.user_attrs[names.RUN_ID_ATTR]
     with tracking.read_errors(uri, f"the model of cell {cell}"):
         experiment_id = client.get_run(run_id).info.experiment_id
         model = tracking.logged_model(client, experiment_id, run_id)
@@ -275,13 +327,11 @@ def launch(
     Returns ``{"study", "storage", "tracking_uri", "enqueued", "already_enqueued", "spec_hash"}``;
     with ``dry_run=True`` nothing is written and the document is :func:`plan`'s.
     """
-    from sweeper import launcher
-
     parsed = load_spec(spec)
     if dry_run:
         return plan(parsed, storage, tracking_uri, device=device)
     url, uri = studies.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
-    result = launcher.enqueue(parsed, url, uri, force_update=force_update)
+    result = enqueue(parsed, url, uri, force_update=force_update)
     return {
         "study": parsed.name,
         "storage": redact(url),
@@ -290,6 +340,28 @@ def launch(
         "already_enqueued": result.existing,
         "spec_hash": parsed.hash,
     }
+
+
+def enqueue(
+    spec: StudySpec,
+    url: str,
+    uri: str,
+    force_update: bool = False,
+    heartbeat_interval: int = studies.DEFAULT_HEARTBEAT_INTERVAL,
+    grace_period: int = studies.DEFAULT_GRACE_PERIOD,
+) -> studies.EnqueueResult:
+    """Enqueue the study's missing trials.
+
+    Enqueueing writes only the Optuna queue: the first worker creates the study's MLflow
+    experiment and parent run (so launch never imports MLflow for an embedded store). A server
+    is probed first, so a bad URL or password is refused before anything is written."""
+    if tracking.is_server(uri):
+        tracking.check_reachable(tracking.client(uri))
+    storage = studies.open_storage(url, heartbeat_interval, grace_period)
+    result = studies.launch(storage, spec, force_update=force_update)
+    if result.added and studies.mark_running(result.study):  # a finished study got new cells: it runs again
+        tracking.set_study_run_status(tracking.client(uri), spec.name, "running")
+    return result
 
 
 def plan(

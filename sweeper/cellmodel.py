@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sweeper.errors import SweeperError, first_line, redact
+from sweeper.errors import SweeperError, first_line
+from sweeper.redact import redact
 
 log = logging.getLogger("sweeper.cellmodel")
 

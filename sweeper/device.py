@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sweeper import settings
 from sweeper.errors import SweeperError
 from sweeper.train import resolve_device, resolve_precision
 
@@ -84,7 +85,7 @@ def bind(spec: str = "auto", *, expect_gpu: bool = False) -> torch.device:
                 "container toolkit, or set SWEEPER_DEVICE=cpu if the CPU is intended. !!!",
                 torch.__version__,
                 torch.version.cuda or "none",
-                os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
+                "(unset)" if settings.cuda_visible_devices() is None else settings.cuda_visible_devices(),
                 dev.type.upper(),
             )
     else:
@@ -102,7 +103,7 @@ def bind(spec: str = "auto", *, expect_gpu: bool = False) -> torch.device:
 
 
 def _bind_cuda(spec: str, dev: torch.device) -> torch.device:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = settings.cuda_visible_devices()
     if not torch.cuda.is_available():
         raise BadDevice(
             f"--device {spec}: no CUDA GPU is visible to this process (torch {torch.__version__}, built for "
@@ -140,7 +141,7 @@ def resolve_compile(choice: str, device: torch.device) -> bool:
     eager elsewhere. Compiling needs a C compiler (Triton's launchers, inductor's C++ kernels)."""
     if choice == "off" or (choice == "auto" and device.type != "cuda"):
         return False
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+    if not (settings.c_compiler() or shutil.which("cc") or shutil.which("gcc")):
         message = "torch.compile needs a C compiler (cc or gcc on PATH, or $CC) and this host has none"
         if choice == "on":
             raise BadDevice(f"--compile on: {message}; install gcc, or use --compile off")

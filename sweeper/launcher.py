@@ -1,4 +1,5 @@
-"""`sweeper launch`: enqueue a study, then optionally run local workers under a live board."""
+"""What `sweeper launch` does: enqueue a study, then optionally run local workers under a live board
+(the command prints the report and exits with `Launched.exit_code`)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,34 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
-import click
-
-from sweeper import settings, tracking
+from sweeper import api, settings, tracking
 from sweeper import study as studies
-from sweeper.errors import redact_url
+from sweeper.redact import redact_url
 from sweeper.spec import StudySpec
 
 SHOW_TOTAL_ABOVE = 5_000  # trials: launch says how many before it enqueues more
 
 
-def launch(
+@dataclass
+class Launched:
+    """What `supervise` did: the stores it used, the enqueue summary, and how the workers ended."""
+
+    storage_url: str
+    tracking_uri: str
+    summary: dict[str, Any]  # study, storage, tracking_uri, enqueued, already_enqueued, spec_hash
+    interrupted: bool = False
+    failed_workers: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """130 when the user interrupted the workers, 1 when one failed, else 0."""
+        return 130 if self.interrupted else 1 if self.failed_workers else 0
+
+
+def supervise(
     spec: StudySpec,
     storage_url: str | None,
     tracking_uri: str | None,
@@ -32,41 +48,20 @@ def launch(
     heartbeat_interval: int,
     grace_period: int,
     data_dir: str | None,
-    fmt: str,
     workers_per_gpu: int = 1,
     notify_url: str | None = None,
-) -> None:
+) -> Launched:
+    """Enqueue the study's missing trials, then run ``workers`` local workers under a live board
+    on stderr until they exit (0: only enqueue, and say how to start workers)."""
     from rich.console import Console
     from rich.markup import escape
 
     console = Console(stderr=True, soft_wrap=True)
     url = studies.resolve_storage_url(storage_url)
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    if url == studies.default_storage_url() or uri == tracking.default_tracking_uri():
-        console.print(f"embedded stores in [bold]{escape(str(settings.home()))}[/] (set SWEEPER_HOME to move them)")
-    console.print(f"storage {redact_url(url)}\ntracking {redact_url(uri)}", markup=False)
-
-    total = len(spec.cells) * spec.trials_per_cell
-    if total > SHOW_TOTAL_ABOVE:
-        console.print(f"study {spec.name}: {len(spec.cells):,} cell(s) x {spec.trials_per_cell:,} = {total:,} trials")
-    result = enqueue(spec, url, uri, force_update, heartbeat_interval, grace_period)
-    state = studies.lifecycle(result.study._storage, result.study._study_id)
-    if state["state"] != "running":
-        console.print(
-            f"[yellow]study {spec.name} is {state['state']} ({escape(str(state['reason']))}): workers claim nothing "
-            f"until `sweeper resume --study {spec.name}`[/]"
-        )
-    if result.added:
-        console.print(
-            f"study [bold]{spec.name}[/]: enqueued {result.added} trial(s)"
-            + (f", {result.existing} already there" if result.existing else "")
-        )
-    else:
-        console.print(f"study [bold]{spec.name}[/]: all {result.existing} trial(s) already enqueued; nothing to add")
-
+    result = enqueue_and_say(spec, url, uri, force_update, heartbeat_interval, grace_period, console)
+    launched = Launched(url, uri, _summary(spec, url, uri, result))
     if workers == 0:
-        if fmt == "json":
-            click.echo(_summary_json(spec, url, uri, result))
         console.print(
             "start workers with:\n"
             f"  sweeper worker --study {spec.name}"
@@ -74,7 +69,7 @@ def launch(
             + ("" if uri == tracking.default_tracking_uri() else " --tracking-uri $MLFLOW_TRACKING_URI")
             + "\nor run them here with --workers N"
         )
-        return
+        return launched
 
     with StopFlag() as stop:  # before the workers start: no Ctrl-C from here on is lost
         procs = start_workers(
@@ -92,22 +87,47 @@ def launch(
         )
         log_dir = settings.home() / "logs"
         console.print(f"{workers} worker(s) started; their logs are in {log_dir}", markup=False)
-        interrupted = watch(Board(result.study, uri), procs, console, stop)
-    if interrupted:
+        launched.interrupted = watch(Board(result.study, uri), procs, console, stop)
+    if launched.interrupted:
         console.print(
             f"stopped. Finished epochs are checkpointed; resume with:\n"
             f"  sweeper launch --study {spec.name} --workers {workers}"
         )
-        sys.exit(130)
-    failed = [p for p in procs if p.returncode not in (0, None)]
-    if failed:
-        console.print(f"[red]{len(failed)} worker(s) exited with an error; see {escape(str(log_dir))}[/]")
-    from sweeper import report
+        return launched
+    launched.failed_workers = sum(p.returncode not in (0, None) for p in procs)
+    if launched.failed_workers:
+        console.print(f"[red]{launched.failed_workers} worker(s) exited with an error; see {escape(str(log_dir))}[/]")
+    return launched
 
-    report.print_report(spec.name, url, uri, fmt=fmt)
-    console.print(f"compare them in the MLflow UI: {comparison_hint(spec, uri)}", markup=False, soft_wrap=True)
-    if failed:
-        sys.exit(1)
+
+def enqueue_and_say(
+    spec: StudySpec, url: str, uri: str, force_update: bool, heartbeat_interval: int, grace_period: int, console
+) -> studies.EnqueueResult:
+    """`enqueue`, telling the user on ``console`` where the stores are and what was enqueued."""
+    from rich.markup import escape
+
+    if url == studies.default_storage_url() or uri == tracking.default_tracking_uri():
+        console.print(f"embedded stores in [bold]{escape(str(settings.home()))}[/] (set SWEEPER_HOME to move them)")
+    console.print(f"storage {redact_url(url)}\ntracking {redact_url(uri)}", markup=False)
+
+    total = len(spec.cells) * spec.trials_per_cell
+    if total > SHOW_TOTAL_ABOVE:
+        console.print(f"study {spec.name}: {len(spec.cells):,} cell(s) x {spec.trials_per_cell:,} = {total:,} trials")
+    result = api.enqueue(spec, url, uri, force_update, heartbeat_interval, grace_period)
+    state = studies.lifecycle(result.study._storage, result.study._study_id)
+    if state["state"] != "running":
+        console.print(
+            f"[yellow]study {spec.name} is {state['state']} ({escape(str(state['reason']))}): workers claim nothing "
+            f"until `sweeper resume --study {spec.name}`[/]"
+        )
+    if result.added:
+        console.print(
+            f"study [bold]{spec.name}[/]: enqueued {result.added} trial(s)"
+            + (f", {result.existing} already there" if result.existing else "")
+        )
+    else:
+        console.print(f"study [bold]{spec.name}[/]: all {result.existing} trial(s) already enqueued; nothing to add")
+    return result
 
 
 def comparison_hint(spec: StudySpec, uri: str) -> str:
@@ -116,7 +136,7 @@ def comparison_hint(spec: StudySpec, uri: str) -> str:
     if not tracking.is_server(uri):
         return command
     from sweeper import views
-    from sweeper.errors import strip_credentials
+    from sweeper.redact import strip_credentials
 
     try:
         client = tracking.client(uri)
@@ -128,41 +148,15 @@ def comparison_hint(spec: StudySpec, uri: str) -> str:
     return views.study_link(client, strip_credentials(uri), experiment, spec.to_dict(), spec.recipe_digest)
 
 
-def enqueue(
-    spec: StudySpec,
-    url: str,
-    uri: str,
-    force_update: bool = False,
-    heartbeat_interval: int = studies.DEFAULT_HEARTBEAT_INTERVAL,
-    grace_period: int = studies.DEFAULT_GRACE_PERIOD,
-) -> studies.EnqueueResult:
-    """Enqueue the study's missing trials.
-
-    Enqueueing writes only the Optuna queue: the first worker creates the study's MLflow
-    experiment and parent run (so launch never imports MLflow for an embedded store). A server
-    is probed first, so a bad URL or password is refused before anything is written."""
-    if tracking.is_server(uri):
-        tracking.check_reachable(tracking.client(uri))
-    storage = studies.open_storage(url, heartbeat_interval, grace_period)
-    result = studies.launch(storage, spec, force_update=force_update)
-    if result.added and studies.mark_running(result.study):  # a finished study got new cells: it runs again
-        tracking.set_study_run_status(tracking.client(uri), spec.name, "running")
-    return result
-
-
-def _summary_json(spec: StudySpec, url: str, uri: str, result) -> str:
-    import json
-
-    return json.dumps(
-        {
-            "study": spec.name,
-            "storage": redact_url(url),
-            "tracking_uri": redact_url(uri),
-            "enqueued": result.added,
-            "already_enqueued": result.existing,
-            "spec_hash": spec.hash,
-        }
-    )
+def _summary(spec: StudySpec, url: str, uri: str, result: studies.EnqueueResult) -> dict[str, Any]:
+    return {
+        "study": spec.name,
+        "storage": redact_url(url),
+        "tracking_uri": redact_url(uri),
+        "enqueued": result.added,
+        "already_enqueued": result.existing,
+        "spec_hash": spec.hash,
+    }
 
 
 def start_workers(
@@ -286,7 +280,7 @@ class Board:
         self._eta_at = float("-inf")
 
     def eta(self, state: str, latest: dict[str, Any], cells: dict[str, int]) -> str:
-        from sweeper import api, study_state
+        from sweeper import study_state
 
         if state in study_state.DONE:
             return ""
@@ -299,7 +293,7 @@ class Board:
                 self._eta = api.eta(latest, self.study.user_attrs.get(studies.SPEC_ATTR) or {}, self.uri)
             except Exception:  # MLflow down for a moment: the board keeps the last ETA
                 pass
-        from sweeper.cli import duration
+        from sweeper.humanize import duration
 
         if self._eta["eta_s"] is None:
             return "; eta: none yet (no finished run to estimate from)"

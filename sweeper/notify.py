@@ -23,7 +23,8 @@ import threading
 import urllib.parse
 from typing import Any
 
-from sweeper.errors import first_line, redact, remember
+from sweeper.errors import first_line
+from sweeper.redact import redact, remember
 
 log = logging.getLogger("sweeper.notify")
 

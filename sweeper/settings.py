@@ -1,6 +1,8 @@
 """The one place that reads environment variables.
 
-Command-line options override these (click reads the same names through ``envvar=``).
+Command-line options override these (click reads the same names through ``envvar=``, named
+here). Writes for child processes and libraries (a worker's environment, MLflow's HTTP settings)
+stay where they are made.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ ENV_CACHE_DIR = "SWEEPER_CACHE_DIR"
 ENV_NOTIFY_URL = "SWEEPER_NOTIFY_URL"
 # Set by containers (compose, k8s) to the physical host: a container's hostname is its own.
 ENV_HOST_ID = "SWEEPER_HOST_ID"
+# Read by click only (``envvar=`` of the option of the same name).
+ENV_STUDY = "SWEEPER_STUDY"
+ENV_YES = "SWEEPER_YES"
+ENV_THREADS = "SWEEPER_THREADS"
+ENV_TRACKING_OUTAGE_LIMIT = "SWEEPER_TRACKING_OUTAGE_LIMIT"
+ENV_GPUS = "SWEEPER_GPUS"
+# Other programs' variables sweeper reads.
+ENV_TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+ENV_OMP_THREADS = "OMP_NUM_THREADS"
+ENV_CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
+ENV_C_COMPILER = "CC"
+ENV_XDG_CACHE = "XDG_CACHE_HOME"
 
 
 def home() -> Path:
@@ -41,7 +55,7 @@ def cache_dir() -> Path:
     value = os.environ.get(ENV_CACHE_DIR)
     if value:
         return Path(value).expanduser().absolute()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "sweeper"
+    return Path(os.environ.get(ENV_XDG_CACHE) or Path.home() / ".cache").expanduser() / "sweeper"
 
 
 def storage_url() -> str | None:
@@ -50,6 +64,31 @@ def storage_url() -> str | None:
 
 def tracking_uri() -> str | None:
     return os.environ.get(ENV_TRACKING_URI) or None
+
+
+def tracking_uri_variable() -> str | None:
+    """``$MLFLOW_TRACKING_URI`` exactly as set (None: unset), to put back after a change."""
+    return os.environ.get(ENV_TRACKING_URI)
+
+
+def tracking_password() -> str:
+    """The password MLflow sends as basic auth (``$MLFLOW_TRACKING_PASSWORD``), "" if unset."""
+    return os.environ.get(ENV_TRACKING_PASSWORD, "")
+
+
+def omp_threads() -> int | None:
+    """``$OMP_NUM_THREADS`` when set to a count (None: not set)."""
+    return env_int(ENV_OMP_THREADS, 0) or None
+
+
+def cuda_visible_devices() -> str | None:
+    """``$CUDA_VISIBLE_DEVICES`` as set (None: unset, every GPU is visible)."""
+    return os.environ.get(ENV_CUDA_VISIBLE)
+
+
+def c_compiler() -> str | None:
+    """``$CC``: the C compiler torch.compile is told to use, if set."""
+    return os.environ.get(ENV_C_COMPILER) or None
 
 
 def expect_gpu() -> bool:

@@ -28,7 +28,8 @@ from optuna.trial import TrialState
 
 from sweeper import settings
 from sweeper.contract import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL
-from sweeper.errors import SweeperError, quote_password, redact, redact_url, remember, root_cause
+from sweeper.errors import SweeperError, root_cause
+from sweeper.redact import quote_password, redact, redact_url, remember
 from sweeper.spec import Cell, StudySpec, decision_metric, variant_cfgs
 
 log = logging.getLogger("sweeper.study")

@@ -16,7 +16,7 @@ from typing import Any
 from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
 
 from sweeper.device import normalize_uuid
-from sweeper.errors import redact
+from sweeper.redact import redact
 
 log = logging.getLogger("sweeper.worker")
 

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sweeper import settings
-from sweeper.errors import SweeperError, first_line, quote_password, redact, redact_url, remember
+from sweeper.errors import SweeperError, first_line
+from sweeper.redact import quote_password, redact, redact_url, remember
 
 log = logging.getLogger("sweeper.tracking")
 T = TypeVar("T")
@@ -296,7 +297,7 @@ UI_DEFAULT = "http://127.0.0.1:5000"  # where `sweeper ui` serves an embedded st
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI: on the tracking server, or, for an embedded store, where
     `sweeper ui` serves it with its default --port."""
-    from sweeper.errors import strip_credentials
+    from sweeper.redact import strip_credentials
 
     base = strip_credentials(uri).rstrip("/") if is_server(uri) else UI_DEFAULT
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
@@ -511,14 +512,14 @@ def fluent_uri(uri: str) -> Iterator[None]:
     URI: point it at ``uri`` for the call, then leave the process as it was."""
     import mlflow
 
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    before = settings.tracking_uri_variable()
     mlflow.set_tracking_uri(uri)  # sets the variable too
     try:
         yield
     finally:
         mlflow.set_tracking_uri(None)  # forgets it and unsets the variable
         if before is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = before
+            os.environ[settings.ENV_TRACKING_URI] = before
 
 
 def logged_model(mlflow_client, experiment_id: str, run_id: str):

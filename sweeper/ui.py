@@ -34,7 +34,8 @@ from pathlib import Path
 
 from sweeper import settings, tracking, views
 from sweeper import study as studies
-from sweeper.errors import SweeperError, redact_url, strip_credentials
+from sweeper.errors import SweeperError
+from sweeper.redact import redact_url, strip_credentials
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 120.0  # seconds for both servers to answer (MLflow alone takes 10-60 s to start on 2 busy CPUs)

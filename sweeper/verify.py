@@ -20,7 +20,7 @@ from typing import Any
 
 from sweeper import study as studies
 from sweeper import tracking
-from sweeper.errors import redact_url
+from sweeper.redact import redact_url
 from sweeper.spec import VAL_METRICS, decision_metric
 
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error")

@@ -20,7 +20,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from sweeper import tracking
-from sweeper.errors import SweeperError, first_line, redact
+from sweeper.errors import SweeperError, first_line
+from sweeper.redact import redact
 from sweeper.spec import decision_metric
 
 log = logging.getLogger("sweeper.views")

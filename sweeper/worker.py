@@ -29,7 +29,8 @@ from sweeper import __version__, checkpoint, cores, device, lineage, settings, s
 from sweeper import study as studies
 from sweeper.cellmodel import WEIGHTS_FILE, Exporter, save_weights
 from sweeper.device import Engine
-from sweeper.errors import SweeperError, first_line, redact, redact_url, root_cause
+from sweeper.errors import SweeperError, first_line, root_cause
+from sweeper.redact import redact, redact_url
 from sweeper.spec import SpecError, check_stored, decision_metric, variant_cfgs
 from sweeper.train import EpochMetrics, FitResult, Interrupted, NonFiniteLoss, Recipe, seed_everything
 

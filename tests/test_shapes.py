@@ -48,7 +48,7 @@ def test_api_calls_raise_no_optuna_experimental_warning(sweeper_env):
     ],
 )
 def test_bad_input_exits_2_before_anything_is_read(args, message, sweeper_env):
-    from sweeper.errors import friendly_errors
+    from sweeper.cli import friendly_errors
 
     result = CliRunner().invoke(cli, args)
     if isinstance(result.exception, SystemExit) or result.exception is None:

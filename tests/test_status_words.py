@@ -54,7 +54,7 @@ def test_the_board_names_the_state_groups_failures_and_ends_finished_or_failed(t
 
 
 def test_float_columns_have_their_own_places():
-    from sweeper.cli import _cell
+    from sweeper.cli.output import _cell
 
     assert _cell(428.7, "elapsed_s") == "428.7" and _cell(0.0512345, "top1_error") == "0.0512"
     assert _cell(1234.5678, "images_per_s") == "1234.6" and _cell(0.123456, "test_loss") == "0.1235"

@@ -270,6 +270,6 @@ def test_a_server_that_dies_is_a_clear_error(tmp_path):
 
 
 def test_printed_urls_carry_no_credentials():
-    from sweeper.errors import strip_credentials
+    from sweeper.redact import strip_credentials
 
     assert strip_credentials("https://me:secret@mlflow.example:5000/") == "https://mlflow.example:5000/"

@@ -14,7 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-from sweeper.errors import first_line, redact
+from sweeper.errors import first_line
+from sweeper.redact import redact
 from sweeper.report.formats import render
 from sweeper.report.plots import write_plots
 from sweeper.report.read import DONE, Collected, collect

@@ -20,7 +20,8 @@ import pandas as pd
 from sweeper import study as studies
 from sweeper import tracking
 from sweeper.contract import VARIANTS
-from sweeper.errors import SweeperError, redact, redact_url
+from sweeper.errors import SweeperError
+from sweeper.redact import redact, redact_url
 from sweeper.spec import decision_metric
 
 VARIANT_ORDER = tuple(VARIANTS)  # the seed post's row order

@@ -239,7 +239,7 @@ def test_a_password_with_a_raw_at_sign_never_shows(main, sweeper_env):
     assert "cannot open the Optuna storage postgresql://postgres:***@127.0.0.1:1/x" in result.output, result.output
     assert "TAILSECRET99" not in result.output and "abc" not in result.output, result.output
 
-    from sweeper.errors import redact, redact_url
+    from sweeper.redact import redact, redact_url
 
     assert redact_url(url) == "postgresql://postgres:***@127.0.0.1:1/x"
     assert "TAILSECRET99" not in redact(f"failed to resolve host 'TAILSECRET99@127.0.0.1' of {url}")

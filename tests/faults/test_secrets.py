@@ -103,7 +103,7 @@ def test_mlflow_going_away_shows_no_password_in_logs_or_report(tmp_path, sweeper
 
 def test_redaction_hides_passwords_with_slashes_spaces_and_at_signs():
     """Item 2: the redaction stopped at "/" and whitespace; SQLAlchemy accepts both in a password."""
-    from sweeper.errors import redact, redact_url, remember
+    from sweeper.redact import redact, redact_url, remember
 
     for password in ("pa/ss123", "pa@ss/1=", "p:a/s+s"):
         url = f"postgresql://user:{password}@127.0.0.1:1/db"
