@@ -206,13 +206,17 @@ def print_plan(plan: dict[str, Any], fmt: str) -> None:
     help=f"torch.compile the model (CUDA graphs on a GPU). auto: on CUDA, off elsewhere. [env: {settings.ENV_COMPILE}]",
 )
 @click.option("--max-trials", type=click.IntRange(1), help="Exit after running K trials.")
-@click.option("--forever", is_flag=True, help="Keep polling for new trials instead of exiting when none wait.")
+@click.option(
+    "--forever",
+    is_flag=True,
+    help="Keep polling for new trials instead of exiting when none wait or run.",
+)
 @click.option(
     "--poll-interval",
     type=click.FloatRange(0.1),
     default=5.0,
     show_default=True,
-    help="Seconds between looks at an empty queue with --forever.",
+    help="Seconds between looks at an empty queue (with --forever, or while other workers' trials run).",
 )
 @click.option(
     "--threads",
