@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from sweeper.data import cifar
+from sweeper.data import cifar, cifar_files
 from sweeper.data.base import DatasetError
 
 N_PER_BATCH = 4  # images per batch file in the test archives
@@ -102,7 +102,7 @@ def build_members(name: str, seed: int = 0, numpy1: bool = True) -> Built:
         xs, ys = [], []
         for i, f in enumerate(files):
             count = n * (5 if name == "cifar100" and split == "train" else 1)  # cifar100 has one big train file
-            rows = rng.integers(0, 256, size=(count, cifar.IMAGE_BYTES), dtype=np.uint8)
+            rows = rng.integers(0, 256, size=(count, cifar_files.IMAGE_BYTES), dtype=np.uint8)
             labels = rng.integers(0, classes, size=count)
             labels[0] = classes - 1  # the top class (99 for cifar100: a fine label, not a coarse one)
             members[f] = _batch(name, rows, labels, b"%s batch %d" % (split.encode(), i + 1), numpy1)
@@ -212,7 +212,7 @@ def test_import_and_load_cifar10(tmp_path, data_dir, register, numpy1):
 
 def test_pixels_land_in_the_right_channel_and_place(tmp_path, data_dir, register):
     built = build_members("cifar10")
-    rows = np.zeros((N_PER_BATCH, cifar.IMAGE_BYTES), dtype=np.uint8)
+    rows = np.zeros((N_PER_BATCH, cifar_files.IMAGE_BYTES), dtype=np.uint8)
     rows[1, 0 * 1024 + 5 * 32 + 7] = 11  # red, row 5, column 7
     rows[1, 1 * 1024 + 0 * 32 + 31] = 22  # green, row 0, column 31
     rows[1, 2 * 1024 + 31 * 32 + 0] = 33  # blue, row 31, column 0
@@ -381,7 +381,7 @@ def test_unpickler_allows_only_numpy_array_globals(tmp_path, payload):
     path = tmp_path / "batch"
     path.write_bytes(payload())
     with pytest.raises(DatasetError, match="which a CIFAR batch never does"):
-        cifar._read_batch("cifar10", path)
+        cifar_files.read_batch("cifar10", path)
 
 
 BAD_BATCHES = {
@@ -403,7 +403,7 @@ def test_invalid_batch_is_a_clear_error(tmp_path, kind):
     path.parent.mkdir()
     path.write_bytes(BAD_BATCHES[kind]())
     with pytest.raises(DatasetError) as e:
-        cifar._read_batch("cifar10", path)
+        cifar_files.read_batch("cifar10", path)
     assert str(path) in str(e.value) and "sweeper data fetch cifar10" in str(e.value)
 
 
