@@ -1,0 +1,134 @@
+"""A finished cell's MLflow logged model: created PENDING with its params, filled by
+``log_model``, looked up again by ``logged_model``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sweeper import settings
+from sweeper.tracking.connection import outage_or_raise, retry_while_unreachable
+
+log = logging.getLogger("sweeper.tracking")
+
+MODEL_NAME = "model"  # what cells finished by older sweepers named their model; see model_name()
+
+
+def model_name(key: str) -> str:
+    """A cell's model name: its key with dashes for what MLflow refuses in a name
+    (``short4/digits/s1`` -> ``short4-digits-s1``, a search trial's ``#3`` -> ``-3``)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", key).strip("-")
+
+
+def create_model(
+    mlflow_client, run_id: str, name: str, params: dict[str, Any], tags: dict[str, str], deadline=None, should_stop=None
+) -> str:
+    """A cell's logged model, PENDING until ``log_model`` fills it: named after the cell, with its
+    params and tags (the cell's metrics are linked as they are logged with its id)."""
+
+    def attempt() -> str:
+        experiment_id = mlflow_client.get_run(run_id).info.experiment_id
+        params_ = {k: str(v) for k, v in params.items()}
+        return mlflow_client.create_logged_model(
+            experiment_id, name=name, source_run_id=run_id, params=params_, tags=tags
+        ).model_id
+
+    return retry_while_unreachable(attempt, deadline, should_stop, outage_or_raise(mlflow_client, "create the model"))
+
+
+def log_model(
+    mlflow_client,
+    run_id: str,
+    model,
+    example,
+    step: int = 0,
+    deadline=None,
+    should_stop=None,
+    model_id: str | None = None,
+    weights: Path | None = None,
+) -> str:
+    """Log a cell's trained model (on the CPU, in eval mode) into the logged model ``model_id``
+    (default: a new one named ``MODEL_NAME``), with a signature and ``example`` (a few input
+    images, float32 numpy) as its input example; returns the model's id. The model is exported
+    with torch.export ("pt2"): loading it needs torch and mlflow, not sweeper. ``weights`` (a file
+    of ``cellmodel.save_weights``) goes with it as ``extra_files/weights.pt``: the trainable nn.Module
+    (``sweeper.api.load_model``). The run's metrics at ``step`` are linked to the model.
+
+    While the store is unreachable it retries until ``deadline`` (or ``should_stop()``), then
+    raises TrackingUnreachable, like ``RunLogger.flush``; any other failure is raised as it is."""
+    import mlflow
+    import numpy
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    # Listed, not inferred: inference loads the model again in a subprocess (seconds per cell).
+    requirements = [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={numpy.__version__}",
+    ]
+
+    def attempt() -> str:
+        nonlocal model_id
+        if model_id is None:  # created once, in the run's experiment: a retry fills the same model
+            experiment_id = mlflow_client.get_run(run_id).info.experiment_id
+            model_id = mlflow_client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id).model_id
+        with fluent_uri(mlflow_client.tracking_uri):
+            mlflow.pytorch.log_model(
+                model,
+                name=MODEL_NAME,
+                model_id=model_id,
+                run_id=run_id,
+                step=step,  # links the metrics of that epoch to the model
+                signature=signature,
+                input_example=example,
+                serialization_format="pt2",
+                pip_requirements=requirements,
+                extra_files=[str(weights)] if weights is not None else None,
+                # MLflow would load the saved model back and run the example through it: as
+                # long again as the export for a big model. Loading is tested, not re-checked.
+                validate_serving_input=False,
+            )
+        return model_id
+
+    return retry_while_unreachable(attempt, deadline, should_stop, outage_or_raise(mlflow_client, "log the model"))
+
+
+@contextlib.contextmanager
+def fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent functions (log_model, register_model) work through the process's tracking
+    URI: point it at ``uri`` for the call, then leave the process as it was."""
+    import mlflow
+
+    before = settings.tracking_uri_variable()
+    mlflow.set_tracking_uri(uri)  # sets the variable too
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # forgets it and unsets the variable
+        if before is not None:
+            os.environ[settings.ENV_TRACKING_URI] = before
+
+
+def logged_model(mlflow_client, experiment_id: str, run_id: str):
+    """A cell run's model: the newest READY one it logged, else its newest (None: none). Loads
+    with ``mlflow.pytorch.load_model(f"models:/{model.model_id}")``."""
+    found = mlflow_client.search_logged_models(
+        [experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+    )
+    return next((m for m in found if m.status.name == "READY"), found[0] if found else None)
+
+
+def is_usable_model(model) -> bool:
+    """Whether a logged model (``logged_model``'s answer) can be loaded: it exists and its upload
+    finished (MLflow marks it READY)."""
+    return model is not None and model.status.name == "READY"
