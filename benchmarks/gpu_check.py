@@ -384,9 +384,9 @@ def project_sweep(variant: str, rate: float, per_trial: float) -> dict[str, Any]
     """The seed's 14 cells (7 variants x CIFAR-100/10, 14 epochs of 50,000 + 10,000 images) at the
     aggregate rate measured on ``variant``, each variant's cost scaled by its MACs (an evaluation
     image counted as a third of a training one); never shorter than its longest cell on one slot."""
-    from sweeper.models import VARIANTS, build_model, count_macs
+    from sweeper.models import VARIANTS, count_macs
 
-    macs = {v: count_macs(build_model(v, 100), (3, 32, 32)) for v in VARIANTS}
+    macs = {v: count_macs(VARIANTS[v], (3, 32, 32), 100) for v in VARIANTS}
     per_cell = 14 * (50_000 + 10_000 / 3)
     equivalent = 2 * sum(per_cell * macs[v] / macs[variant] for v in VARIANTS)
     longest = per_cell * max(macs.values()) / macs[variant] / per_trial
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return NO_GPU_EXIT
 
-    from sweeper.models import build_model, count_macs
+    from sweeper.models import VARIANTS, count_macs
 
     sz = Sizes.dry_run_cpu() if args.dry_run_cpu else Sizes()
     if args.budget:
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = peak or next((v for k, v in PEAK_BF16.items() if k in name), None)
     env["peak_bf16_tflops"] = peak / 1e12 if peak else None
     # FLOPs per training image: a forward pass is 2 x MACs, the backward twice the forward
-    flops_per_image = 6 * count_macs(build_model(sz.variant, 100), (3, 32, 32))
+    flops_per_image = 6 * count_macs(VARIANTS[sz.variant], (3, 32, 32), 100)
     log(f"gpu_check: {json.dumps(env)}")
 
     results: dict[str, Any] = {"env": env, "sizes": asdict(sz), "phases": {}, "complete": False}

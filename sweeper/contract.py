@@ -145,8 +145,8 @@ STEM_CHANNELS = 192  # the 3x3 convolution before the first stage
 
 def count_macs(cfg: VariantCfg, input_shape: tuple[int, int, int], num_classes: int) -> int:
     """Multiply-accumulates of one forward pass of one image, from the table alone (no torch):
-    every convolution (all 'same'-padded, stride 1) and the classifier. ``sweeper.models.count_macs``
-    measures the built model and tests/test_models.py checks that the two agree.
+    every convolution (all 'same'-padded, stride 1) and the classifier; ``sweeper.models.count_macs``
+    is this function, and tests/test_models.py checks it against torch's flop counter on the built model.
 
     >>> count_macs(VARIANTS["short4"], (1, 8, 8), 10)
     37935104

@@ -33,7 +33,7 @@ def variant_rows(dataset: str | None = None, spec=None) -> list[dict[str, Any]]:
                     "dataset": name,
                     "num_classes": info.num_classes,
                     "params": count_params(model),
-                    "macs": count_macs(model, info.shape),
+                    "macs": count_macs(cfg, info.shape, info.num_classes),
                     "inception_modules": cfg.inception_modules,
                     **({"declared_in": "spec" if variant in spec.variants else "built-in"} if spec else {}),
                 }
@@ -71,7 +71,7 @@ def train_one(
     splits = splits.limit(overrides.get("limit_train"), overrides.get("limit_test"))
     seed_everything(recipe.seed)
     model = build_model(variant, splits.num_classes, splits.in_channels)
-    params, macs = count_params(model), count_macs(model, splits.info.shape)
+    params, macs = count_params(model), count_macs(VARIANTS[variant], splits.info.shape, splits.num_classes)
     meta = {"variant": variant, "dataset": dataset}
     state = ckpt.load(resume, expect=meta) if resume else None
     on_start({**meta, "params": params, "macs": macs, "train": len(splits.train_y), "test": len(splits.test_y)})

@@ -227,11 +227,11 @@ def _probe(info, device: str, batch_size: int) -> float:
     import torch
     import torch.nn.functional as F
 
-    from sweeper.models import build_model, count_macs
+    from sweeper.models import VARIANTS, build_model, count_macs
 
     torch.manual_seed(0)
     model = build_model(PROBE_VARIANT, info.num_classes, info.shape[0]).to(device)
-    macs = count_macs(model, info.shape)
+    macs = count_macs(VARIANTS[PROBE_VARIANT], info.shape, info.num_classes)
     optimizer = torch.optim.Adadelta(model.parameters())
     x = torch.randn(batch_size, *info.shape, device=device)
     y = torch.randint(0, info.num_classes, (batch_size,), device=device)

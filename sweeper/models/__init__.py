@@ -1,5 +1,5 @@
-from sweeper.contract import MODULES, VARIANTS, InceptionCfg, VariantCfg
-from sweeper.models.googlenet import GoogLeNet, UnknownVariant, build_model, count_macs, count_params
+from sweeper.contract import MODULES, VARIANTS, InceptionCfg, VariantCfg, count_macs
+from sweeper.models.googlenet import GoogLeNet, UnknownVariant, build_model, count_params
 
 __all__ = [
     "MODULES",

@@ -103,28 +103,3 @@ def build_model(
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one forward pass of one image: every convolution and the classifier
-    (what torch's FlopCounterMode counts, without its first-use cost of importing torch._dynamo)."""
-    total = 0
-
-    def count(mod: nn.Module, _inputs, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(mod, nn.Conv2d):
-            total += out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
-        else:
-            total += out.numel() * mod.in_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return total
