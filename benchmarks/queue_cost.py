@@ -25,8 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_scale import Databases
+from harness import Databases
 
 # One round in the checkout's interpreter: reads "round" lines on stdin, answers one JSON line each.
 CHILD = r"""

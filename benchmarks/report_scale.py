@@ -19,7 +19,8 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+import harness  # noqa: F401  (first: this checkout's sweeper)
 
 VARIANTS = ("standard", "long", "short", "short2", "short4")
 DATASETS = ("cifar100", "cifar10")
@@ -280,5 +281,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     raise SystemExit(main())

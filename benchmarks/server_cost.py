@@ -9,8 +9,8 @@
    ``mlflow server`` (uvicorn, ``--serve-artifacts``) on a free port, its uvicorn access log
    (one line per request, on the server's stdout) captured to a file.
 2. Light workers: the real ``sweeper.worker.run`` with ``WorkerConfig.fit`` = a fit that sleeps
-   per epoch (benchmarks/sweep_scale.py's ``sleep_fit``, tiny model, forked from one warmed-up
-   process by sweep_scale's ``run_workers``). Every storage and tracking call is real.
+   per epoch (benchmarks/harness.py's ``sleep_fit``, tiny model, forked from one warmed-up
+   process by the harness's ``run_workers``). Every storage and tracking call is real.
 3. Cost runs: one worker at a time, studies with each of ``--epochs`` epochs per trial and each
    checkpoint cadence of ``--cadences`` ("epoch": a checkpoint every epoch; "default": the spec's
    default, every 60 s, i.e. none inside these short trials). Around each run:
@@ -55,14 +55,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import harness  # first: this checkout's sweeper
+from harness import PG_ADMIN_URL, Databases, dispose, grid_spec, log
+
+from sweeper.contract import DEFAULT_HEARTBEAT_INTERVAL
+
 SCRIPT = Path(__file__).resolve()
-sys.path.insert(0, str(SCRIPT.parent.parent))  # run from a checkout without installing
-sys.path.insert(0, str(SCRIPT.parent))  # sweep_scale, the light workers
-
-import sweep_scale  # noqa: E402
-from sweep_scale import PG_ADMIN_URL, Databases, dispose, grid_spec, log  # noqa: E402
-
-from sweeper.contract import DEFAULT_HEARTBEAT_INTERVAL  # noqa: E402
 
 HEARTBEAT_INTERVAL = DEFAULT_HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
 STATS_FLUSH_WAIT = 11.0  # an idle PostgreSQL 15 backend reports its counters within 10 s
@@ -349,63 +347,25 @@ def count_sql() -> None:
 
 
 def counting_worker_child(run: dict[str, Any], index: int, go_file: Path, rundir: Path) -> int:
-    """sweep_scale's worker, which then writes the statements it sent."""
+    """The harness's light worker, which then writes the statements it sent."""
     SQL_COUNTS.clear()
-    code = ORIGINAL_WORKER_CHILD(run, index, go_file, rundir)
+    code = harness.worker_child(run, index, go_file, rundir)
     (rundir / f"sql-{index}.json").write_text(json.dumps(dict(SQL_COUNTS)))
     return code
 
 
-ORIGINAL_WORKER_CHILD = sweep_scale.worker_child
-
-
 def pool_main(cfg_path: str) -> None:
-    """Import and warm up once (sweep_scale.pool_main does the same), then run each run's
-    workers when the driver says so: the driver reads the counters between runs."""
-    import gc
-    import logging
-
-    import sqlalchemy.engine
-
+    """Import and warm up once (harness.warm_pool, as sweep_scale's pool does), then run each run's workers when the
+    driver says so: the driver reads the counters between runs."""
     cfg = json.loads(Path(cfg_path).read_text())
-    import torch
-
-    torch.set_num_threads(1)
-    import mlflow  # noqa: F401  (loaded once, shared by the forked workers)
-    import optuna  # noqa: F401
-    import psycopg2  # noqa: F401
-
-    import sweeper.worker
-
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    sweeper.worker.load_data("synthetic", None)
-    sweep_scale.install_standins(0.0)
-    warm = cfg["warmup"]
-    sweeper.worker.run(
-        sweeper.worker.WorkerConfig(
-            storage_url=warm["storage_url"],
-            tracking_uri=warm["tracking_uri"],
-            study_names=(warm["study"],),
-            device="cpu",
-            precision="fp32",
-            system_metrics=False,
-            fit=sweep_scale.sleep_fit,
-            build_model=sweep_scale.tiny_model,
-        )
-    )
-    for obj in gc.get_objects():
-        with contextlib.suppress(Exception):
-            if isinstance(obj, sqlalchemy.engine.Engine):
-                obj.dispose()
-    gc.collect()
+    harness.warm_pool([cfg["warmup"]])
     count_sql()
-    sweep_scale.worker_child = counting_worker_child  # run_workers looks it up at each fork
     control = Path(cfg["control"])
     for k, run in enumerate(cfg["runs"]):
         (control / f"want-{k}").write_text("")
         while not (control / f"go-{k}").exists():
             time.sleep(0.05)
-        result = sweep_scale.run_workers(run)
+        result = harness.run_workers(run, child=counting_worker_child)
         Path(run["result"]).write_text(json.dumps(result))
         (control / f"ended-{k}").write_text("")
 

@@ -30,7 +30,6 @@ used to create and drop throwaway databases. Everything else lives in a temporar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -41,10 +40,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-SCRIPT = Path(__file__).resolve()
-sys.path.insert(0, str(SCRIPT.parent.parent))  # run from a checkout without installing
+import harness  # first: this checkout's sweeper
+from harness import PG_ADMIN_URL, Databases, dispose, grid_spec, log
 
-PG_ADMIN_URL = os.environ.get("SWEEPER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+SCRIPT = Path(__file__).resolve()
 ERROR_PATTERNS = {  # counted in the workers' output (stdout + stderr, logging at INFO)
     "database_is_locked": "database is locked",
     "too_many_clients": "too many clients",
@@ -56,77 +55,6 @@ ERROR_PATTERNS = {  # counted in the workers' output (stdout + stderr, logging a
     "storage_unreachable_at_start": "cannot open the Optuna storage",
     "warning_lines": " WARNING ",  # e.g. a database call retried, MLflow buffered: listed, not errors
 }
-
-
-def log(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-# --- databases ---------------------------------------------------------------------------------
-
-
-class Databases:
-    """Fresh SQLite files and PostgreSQL databases; the PostgreSQL ones are dropped at close()."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.pg_created: list[str] = []
-
-    def new(self, kind: str, tag: str) -> str:
-        if kind == "sqlite":
-            path = self.root / f"{tag}-{uuid.uuid4().hex[:6]}.db"
-            return f"sqlite:///{path}"
-        if kind == "postgresql":
-            name = f"sweeper_bench_{tag.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
-            conn = self._admin()
-            conn.cursor().execute(f'CREATE DATABASE "{name}"')
-            conn.close()
-            self.pg_created.append(name)
-            return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-        raise ValueError(f"unknown backend {kind!r}; choose sqlite or postgresql")
-
-    @staticmethod
-    def _admin():
-        import psycopg2
-
-        conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=5)
-        conn.autocommit = True
-        return conn
-
-    @classmethod
-    def postgres_reachable(cls) -> str | None:
-        try:
-            cls._admin().close()
-            return None
-        except Exception as e:
-            return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-
-    def close(self) -> None:
-        if not self.pg_created:
-            return
-        conn = self._admin()
-        for name in self.pg_created:
-            conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
-        self.pg_created.clear()
-
-
-def grid_spec(name: str, cells: int, epochs: int = 2, **train: Any):
-    from sweeper import spec
-
-    return spec.parse(
-        {
-            "description": "sweep_scale benchmark",
-            "grid": {"variant": ["standard"], "dataset": ["synthetic"], "seed": list(range(cells))},
-            "train": {"epochs": epochs, **train},
-        },
-        name=name,
-    )
-
-
-def dispose(storage) -> None:
-    with contextlib.suppress(Exception):
-        storage.engine.dispose()
 
 
 # --- (a) enqueue ---------------------------------------------------------------------------------
@@ -242,144 +170,20 @@ def part_a(dbs: Databases, backend: str, cells: int, baseline_cells: int, repeat
     return out
 
 
-# --- the stand-ins for training (parts b and c) --------------------------------------------------
-
-EPOCH_SLEEP = 0.0  # seconds per epoch of the fake fit
-
-
-def install_standins(epoch_sleep: float) -> None:
-    """sleep_fit (passed as WorkerConfig.fit, with tiny_model as WorkerConfig.build_model) sleeps
-    epoch_sleep seconds per epoch; the model's MACs and parameters are counted cheaply."""
-    global EPOCH_SLEEP
-    import sweeper.models
-
-    EPOCH_SLEEP = epoch_sleep
-    sweeper.models.count_macs = lambda model, shape: 1000
-    sweeper.models.count_params = lambda model: sum(p.numel() for p in model.parameters())
-
-
-def tiny_model(variant: str, num_classes: int, in_channels: int = 3, variant_cfgs=None):
-    from torch import nn
-
-    class Tiny(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(4, num_classes)
-
-        def forward(self, x):
-            return self.linear(x.flatten(1)[:, :4].float())
-
-    return Tiny()
-
-
-def sleep_fit(
-    model,
-    data,
-    recipe=None,
-    *,
-    device="auto",
-    precision="auto",
-    compile=False,
-    resume=None,
-    on_epoch=None,
-    should_stop=None,
-    on_step=None,
-):
-    """fit()'s signature and callbacks, with each epoch's training replaced by a fixed sleep."""
-    from dataclasses import asdict
-
-    import torch
-
-    from sweeper.train import EpochMetrics, FitResult, Interrupted, Recipe
-
-    recipe = recipe or Recipe()
-    history = [EpochMetrics(**m) for m in resume["history"]] if resume else []
-    n = len(data.train_y)
-    for epoch in range(len(history) + 1, recipe.epochs + 1):
-        if should_stop is not None and should_stop():
-            raise Interrupted(epoch - 1)
-        started = time.perf_counter()
-        if EPOCH_SLEEP:
-            time.sleep(EPOCH_SLEEP)
-        seconds = max(time.perf_counter() - started, 1e-6)
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=2.0 / epoch,
-            test_loss=2.1 / epoch,
-            top1_error=0.9 / epoch,
-            top5_error=0.5 / epoch,
-            lr=recipe.lr * recipe.lr_gamma ** (epoch - 1),
-            epoch_seconds=seconds,
-            images_per_s=n / seconds,
-        )
-        history.append(metrics)
-
-        def state(history=history):  # the epochs so far, as fit's state() returns them
-            return {
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "epoch": len(history),
-                "recipe": recipe.to_dict(),
-                "history": [asdict(m) for m in history],
-                "rng": {"torch": torch.get_rng_state()},
-            }
-
-        if on_epoch is not None and on_epoch(metrics, state):
-            break
-    return FitResult(history=history, device="cpu", precision="fp32")
-
-
 # --- (b) many worker processes --------------------------------------------------------------------
 
 
 def pool_main(cfg_path: str) -> None:
     """One process per backend: import everything once, then for each W fork W workers and
     start them together. Workers forked from here share the imported modules' pages."""
-    import gc
-    import logging
     import resource
     import threading
 
     cfg = json.loads(Path(cfg_path).read_text())
-    import torch
-
-    torch.set_num_threads(1)
-    import mlflow  # noqa: F401  (loaded once, shared by the forked workers)
-    import optuna  # noqa: F401
-    import sqlalchemy.engine
-
-    import sweeper.models
-    import sweeper.worker
-
-    with contextlib.suppress(ImportError):
-        import psycopg2  # noqa: F401
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    sweeper.worker.load_data("synthetic", None)  # the 2,000-image synthetic set, shared too
-    # One warm-up trial of its own study, so that what a worker imports on first use (MLflow's
-    # store, alembic, Optuna's models, SQLAlchemy's caches) is loaded once here, as in a worker
-    # that has been running for a while; then every connection is closed before the forks.
-    install_standins(0.0)
-    warm = 0
-    for w in cfg["warmups"]:  # one per backend
-        warm += sweeper.worker.run(
-            sweeper.worker.WorkerConfig(
-                storage_url=w["storage_url"],
-                tracking_uri=w["tracking_uri"],
-                study_names=(w["study"],),
-                device="cpu",
-                precision="fp32",
-                system_metrics=False,
-                fit=sleep_fit,
-                build_model=tiny_model,
-            )
-        )
-    for obj in gc.get_objects():
-        with contextlib.suppress(Exception):
-            if isinstance(obj, sqlalchemy.engine.Engine):
-                obj.dispose()
-    gc.collect()
+    warm = harness.warm_pool(cfg["warmups"])  # one warm-up trial per backend
     usage = resource.getrusage(resource.RUSAGE_SELF)
     startup = {
-        **(_mem(os.getpid()) or {}),
+        **(harness.memory(os.getpid()) or {}),
         "startup_cpu_s": usage.ru_utime + usage.ru_stime,
         "threads_before_fork": threading.active_count(),
         "warmup_trials": warm,
@@ -387,224 +191,11 @@ def pool_main(cfg_path: str) -> None:
     print(f"warm-up (imports + one trial): {startup}", flush=True)
     Path(cfg["startup_result"]).write_text(json.dumps(startup))
     for run in cfg["runs"]:
-        result = run_workers(run)
+        result = harness.run_workers(run)
         Path(run["result"]).write_text(json.dumps(result))
         print(
             f"{run['backend']} W={run['workers']}: exits {[e['status'] for e in result['exits'].values()]}", flush=True
         )
-
-
-def run_workers(run: dict[str, Any]) -> dict[str, Any]:
-    import logging
-    import signal
-
-    rundir = Path(run["rundir"])
-    go_file = rundir / "go"
-    pids: dict[int, int] = {}
-    for i in range(run["workers"]):
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                fd = os.open(rundir / f"worker-{i}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                sys.stdout = os.fdopen(1, "w", buffering=1)
-                sys.stderr = os.fdopen(2, "w", buffering=1)
-                logging.basicConfig(
-                    level=logging.INFO,
-                    stream=sys.stderr,
-                    force=True,
-                    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                )
-                code = worker_child(run, i, go_file, rundir)
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(code)
-        pids[pid] = i
-    exits: dict[int, dict[str, Any]] = {}
-
-    def reap() -> None:
-        while True:
-            try:
-                pid, status, ru = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            exits[pids[pid]] = {
-                "status": os.waitstatus_to_exitcode(status),
-                "cpu_s": ru.ru_utime + ru.ru_stime,
-                "maxrss_mb": ru.ru_maxrss / 1024,
-                "exited_at": time.time(),
-            }
-
-    deadline = time.time() + run["ready_timeout"]
-    while sum(1 for i in range(run["workers"]) if (rundir / f"ready-{i}").exists()) < run["workers"]:
-        reap()
-        if time.time() > deadline or exits:
-            break
-        time.sleep(0.05)
-    ready_s = run["ready_timeout"] - (deadline - time.time())
-    go = time.time()
-    go_file.write_text(repr(go))
-    peak = {"rss_mb": 0.0, "pss_mb": 0.0}
-    per_worker_peak: dict[int, dict[str, float]] = {}
-    deadline = go + run["run_timeout"]
-    timed_out = False
-    pg = _pg_sampler(run.get("pg_dbs") or [])
-    connections: dict[str, int] = {}
-    next_sample = 0.0
-    while len(exits) < len(pids):
-        reap()
-        if pg and time.time() >= next_sample:
-            next_sample = time.time() + 0.5
-            for db, count in pg().items():
-                connections[db] = max(connections.get(db, 0), count)
-        total_rss = total_pss = 0.0
-        for pid, i in pids.items():
-            if i in exits:
-                continue
-            m = _mem(pid)
-            if m:
-                total_rss += m["rss_mb"]
-                total_pss += m["pss_mb"]
-                p = per_worker_peak.setdefault(i, {"rss_mb": 0.0, "pss_mb": 0.0})
-                p["rss_mb"], p["pss_mb"] = max(p["rss_mb"], m["rss_mb"]), max(p["pss_mb"], m["pss_mb"])
-        peak["rss_mb"], peak["pss_mb"] = max(peak["rss_mb"], total_rss), max(peak["pss_mb"], total_pss)
-        if time.time() > deadline and not timed_out:
-            timed_out = True
-            for pid, i in pids.items():
-                if i not in exits:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-        time.sleep(0.25)
-    return {
-        "go": go,
-        "ready_s": ready_s,
-        "exits": exits,
-        "timed_out": timed_out,
-        "peak_workers_total": peak,
-        "peak_pg_connections": connections,
-        "per_worker_peak": per_worker_peak,
-        "loadavg_end": os.getloadavg(),
-    }
-
-
-def _pg_sampler(dbs: list[str]):
-    """A function returning {database: open connections} for the run's PostgreSQL databases."""
-    if not dbs:
-        return None
-    try:
-        import psycopg2
-
-        conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=5)
-        conn.autocommit = True
-    except Exception:  # the figure is optional
-        return None
-
-    def sample() -> dict[str, int]:
-        try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT datname, count(*) FROM pg_stat_activity WHERE datname = ANY(%s) GROUP BY datname", (dbs,)
-                )
-                return dict(cur.fetchall())
-        except Exception:
-            return {}
-
-    return sample
-
-
-def _mem(pid: int) -> dict[str, float] | None:
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return None
-    values = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if parts and parts[0] in ("Rss:", "Pss:"):
-            values[parts[0][:-1].lower() + "_mb"] = int(parts[1]) / 1024
-    return values
-
-
-def _schedstat() -> tuple[int, int] | None:
-    """(ns on a CPU, ns runnable but waiting for one) of this process's threads so far."""
-    total = [0, 0]
-    try:
-        for task in Path("/proc/self/task").iterdir():
-            run_ns, wait_ns, _ = (task / "schedstat").read_text().split()
-            total[0] += int(run_ns)
-            total[1] += int(wait_ns)
-    except (OSError, ValueError):
-        return None
-    return total[0], total[1]
-
-
-def worker_child(run: dict[str, Any], index: int, go_file: Path, rundir: Path) -> int:
-    import gc
-
-    import sweeper.worker as worker
-
-    install_standins(run["epoch_sleep"])
-    # A worker started on its own has a private heap; here the first collection after the fork
-    # copies the shared pages it touches. Pay that before the clock starts.
-    gc.collect()
-    intervals: list[tuple[float, float]] = []
-    real_run = worker.TrialRun.run
-
-    def timed_run(self):  # records when each trial ran; the trial itself is untouched
-        started = time.time()
-        try:
-            return real_run(self)
-        finally:
-            intervals.append((started, time.time()))
-
-    worker.TrialRun.run = timed_run
-    config = worker.WorkerConfig(
-        storage_url=run["storage_url"],
-        tracking_uri=run["tracking_uri"],
-        study_names=(run["study"],),
-        device="cpu",
-        precision="fp32",
-        system_metrics=False,
-        fit=sleep_fit,
-        build_model=tiny_model,
-    )
-    (rundir / f"ready-{index}").write_text("")
-    while not go_file.exists():
-        time.sleep(0.01)
-    started, cpu0, sched0 = time.time(), time.process_time(), _schedstat()
-    if run.get("profile"):
-        import cProfile
-
-        prof = cProfile.Profile(time.process_time)  # CPU seconds, not wall
-        done = prof.runcall(worker.run, config)
-        prof.dump_stats(str(rundir / f"worker-{index}.prof"))
-    else:
-        done = worker.run(config)
-    ended, sched1 = time.time(), _schedstat()
-    (rundir / f"done-{index}.json").write_text(
-        json.dumps(
-            {
-                "done": done,
-                "started": started,
-                "ended": ended,
-                "cpu_s": time.process_time() - cpu0,
-                # seconds this process was runnable but waiting for a CPU (all its threads)
-                "runqueue_wait_s": (sched1[1] - sched0[1]) / 1e9 if sched0 and sched1 else None,
-                "intervals": intervals,
-            }
-        )
-    )
-    return 0
 
 
 def part_b(dbs: Databases, tmp: Path, backends: list[str], worker_counts: list[int], args) -> list[dict[str, Any]]:
@@ -839,7 +430,6 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
     from sweeper import study as studies
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*MLflowCallback.*")
-    install_standins(0.0)
     sw_storage_url = dbs.new("sqlite", "c-sweeper-optuna")
     sw_mlflow = dbs.new("sqlite", "c-sweeper-mlflow")
     base_storage_url = dbs.new("sqlite", "c-base-optuna")
@@ -847,31 +437,12 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
     for uri in (sw_mlflow, base_mlflow):
         MlflowClient(uri).search_experiments(max_results=1)  # schema created outside the timings
     os.environ["SWEEPER_HOME"] = str(tmp / "home-c")
-    config = worker.WorkerConfig(
-        storage_url=sw_storage_url,
-        tracking_uri=sw_mlflow,
-        device="cpu",
-        precision="fp32",
-        system_metrics=False,
-        fit=sleep_fit,
-        build_model=tiny_model,
-    )
-    counter = {"i": 0}
+    config = harness.light_config(sw_storage_url, sw_mlflow)
+    counter = {"i": 0, "timed_trials": 0}
     export_ms: list[float] = []  # the "sweeper" variant's model export, per round
-
-    from sweeper.cellmodel import Exporter
-
-    log_model = Exporter.log_model  # the worker's wait for its helper process to log a model
-    export = {"s": 0.0}
-
-    def timed_log_model(*args, **kwargs):  # the model export, which the baseline does not do
-        t0 = time.perf_counter()
-        try:
-            return log_model(*args, **kwargs)
-        finally:
-            export["s"] += time.perf_counter() - t0
-
-    Exporter.log_model = timed_log_model
+    # the worker's phases in the "sweeper" variant's timed trials: the profile table; its "model"
+    # phase is the model export (the wait for the helper process), which the baseline does not do
+    phases = harness.PhaseTimes()
 
     def sweeper_round(n: int, prof=None, system_metrics: bool = False) -> float:
         counter["i"] += 1
@@ -884,9 +455,12 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         t0 = time.perf_counter()
         worker.run(replace(cfg, max_trials=0))  # setup of run() alone
         setup = time.perf_counter() - t0
+        plain = not system_metrics and prof is None
+        if plain:
+            cfg = replace(cfg, on_phase=phases)
+        model_before = phases.seconds.get("model", 0.0)
         if prof:
             prof.enable()
-        export["s"] = 0.0
         t0 = time.perf_counter()
         try:
             done = worker.run(cfg)
@@ -895,8 +469,9 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
             if prof:
                 prof.disable()
         assert done == n, (done, n)
-        if not system_metrics and prof is None:
-            export_ms.append(export["s"] / n * 1000)
+        if plain:
+            export_ms.append((phases.seconds.get("model", 0.0) - model_before) / n * 1000)
+            counter["timed_trials"] += n
         return (elapsed - setup) / n
 
     def objective(trial: optuna.Trial) -> float:
@@ -974,63 +549,22 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
     out["ratio_per_round"] = [a / b for a, b in zip(ms["sweeper"], ms["baseline"])]
     out["ratio_per_round_median"] = statistics.median(out["ratio_per_round"])
     out["target_met"] = out["sweeper_ms_per_trial"] <= out["baseline_ms_per_trial"]
+    # per trial, by the worker's phases (WorkerConfig.on_phase); nested: "trial" holds prepare,
+    # train and finish, "train" holds the epochs' reports
+    out["sweeper_profile"] = phases.rows(counter["timed_trials"])
     if profile:
         import cProfile
 
         prof = cProfile.Profile()
         sweeper_round(trials, prof)
-        out["sweeper_profile"] = profile_rows(prof, trials, SWEEPER_CALLS)
         out["sweeper_profile_by_call_site"] = call_site_rows(prof, trials)
         prof = cProfile.Profile()
         baseline_round(trials, prof)
         out["baseline_profile"] = profile_rows(prof, trials, BASELINE_CALLS)
-    Exporter.log_model = log_model
     return out
 
 
-# Functions whose cumulative time per trial says where a trial's orchestration goes.
-SWEEPER_CALLS = (
-    ("sweeper/worker.py", "run"),
-    ("sweeper/worker.py", "_wait_for_tracking"),
-    ("sweeper/worker.py", "_claim_next"),
-    ("sweeper/study.py", "fail_stale_trials"),
-    ("sweeper/study.py", "claim"),
-    ("sweeper/study.py", "study_names"),
-    ("optuna/study/study.py", "load_study"),
-    ("sweeper/worker.py", "__init__"),
-    ("sweeper/study.py", "__enter__"),
-    ("sweeper/worker.py", "_run"),
-    ("sweeper/worker.py", "_prepare"),
-    ("sweeper/worker.py", "_open_run"),
-    ("sweeper/tracking.py", "ensure_experiment"),
-    ("sweeper/tracking.py", "ensure_study_run"),
-    ("sweeper/tracking.py", "find_run"),
-    ("sweeper/worker.py", "_fetch_checkpoint"),
-    ("sweeper/worker.py", "on_epoch"),
-    ("sweeper/study.py", "trial_state"),
-    ("sweeper/worker.py", "_persist"),
-    ("sweeper/checkpoint.py", "save"),
-    ("sweeper/tracking.py", "flush"),
-    ("sweeper/tracking.py", "_send"),
-    ("optuna/trial/_trial.py", "set_user_attr"),
-    ("optuna/trial/_trial.py", "report"),
-    ("optuna/trial/_trial.py", "should_prune"),
-    ("sweeper/worker.py", "_finish"),
-    ("sweeper/worker.py", "_tell_complete"),
-    ("sweeper/worker.py", "_end_run"),
-    ("sweeper/tracking.py", "check_reachable"),
-    ("mlflow/tracking/client.py", "log_batch"),
-    ("mlflow/tracking/client.py", "log_artifact"),
-    ("mlflow/tracking/client.py", "create_run"),
-    ("mlflow/tracking/client.py", "search_runs"),
-    ("mlflow/tracking/client.py", "list_artifacts"),
-    ("mlflow/tracking/client.py", "set_terminated"),
-    ("mlflow/tracking/client.py", "get_experiment_by_name"),
-    ("mlflow/tracking/client.py", "search_experiments"),
-    ("torch/serialization.py", "save"),
-    ("posix", "fsync"),
-    ("gc", "collect"),
-)
+# Optuna's and MLflow's functions whose cumulative time per trial says where the baseline's time goes.
 BASELINE_CALLS = (
     ("optuna/study/_optimize.py", "_run_trial"),
     ("optuna/study/study.py", "ask"),
@@ -1183,10 +717,7 @@ def main(argv: list[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result, indent=1, default=str))
-    else:
-        print_summary(result)
+    harness.emit(result, args.json, print_summary)
     return 0
 
 
@@ -1222,7 +753,7 @@ def print_summary(result: dict[str, Any]) -> None:
             f"{c['sweeper_system_metrics_ms_per_trial']:.0f} ms/trial"
         )
         for row in c.get("sweeper_profile", []):
-            print(f"    {row['function']:<48} {row['calls_per_trial']:6.1f} calls {row['ms_per_trial']:8.1f} ms/trial")
+            print(f"    {row['phase']:<12} {row['calls_per_trial']:6.1f} calls {row['ms_per_trial']:8.1f} ms/trial")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ on any machine resumes), logs the epoch's metrics with ``step`` = epoch, and rep
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -72,6 +73,24 @@ class WorkerConfig:
     # Called with the study's name after each cell that completes (the CLI refreshes the study's
     # report page in MLflow with it: sweeper.report.publish.Refresher); must return at once.
     on_cell_complete: Callable[[str], None] | None = None
+    # Called with (phase, seconds) as each phase of a trial ends (benchmarks time the worker with
+    # it): "claim" (looking for a waiting trial and claiming it), "trial" (a claimed trial on the
+    # training thread, until trained), within it "prepare", "train" (the fit, its epochs' reports
+    # included) and "finish" (the run's metrics after training); "epoch" (each epoch's report:
+    # Optuna, pruning, the checkpoint handed off), "checkpoint" (one saved and sent, on a background
+    # thread) and "model" (the model logged, on the finishing thread). Must return at once.
+    on_phase: Callable[[str, float], None] | None = None
+
+
+def _timed(config: WorkerConfig, phase: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, its seconds given to ``config.on_phase`` as ``phase``."""
+    if config.on_phase is None:
+        return fn(*args, **kwargs)
+    started = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        config.on_phase(phase, time.perf_counter() - started)
 
 
 class StopSignal:
@@ -204,7 +223,10 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
         held: dict[str, dict[str, Any]] = {}
         unfinished: dict[str, int] = {}
         try:
-            claimed = studies.retry_db(
+            claimed = _timed(
+                config,
+                "claim",
+                studies.retry_db,
                 _claim_next,
                 storage,
                 config.study_names,
@@ -259,7 +281,7 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
             continue
         study, trial_id = claimed
         trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids, exporter)
-        trial_run.run()
+        _timed(config, "trial", trial_run.run)
         if trial_run.deferred is not None:  # trained to its end: its model is logged meanwhile
             pending.append(finishing.submit(_conclude, trial_run.complete_in_background, mlflow_client, config))
         elif _conclude(lambda: trial_run, mlflow_client, config).failed:
@@ -618,7 +640,7 @@ class TrialRun:
     def _run(self) -> None:
         """Prepare, train (an EpochReporter takes each epoch), finish."""
         started = time.perf_counter()
-        ready = self._prepare()
+        ready = _timed(self.config, "prepare", self._prepare)
         ready.prepare_seconds = time.perf_counter() - started
         # The first epoch of a big model can be minutes away: say what the wait is for.
         log.info(
@@ -632,13 +654,16 @@ class TrialRun:
         )
         reporter = EpochReporter(self, ready.recipe, ready.decide_on, ready.already_logged)
         try:
-            result = self.config.fit(
+            result = _timed(
+                self.config,
+                "train",
+                self.config.fit,
                 self.model,
                 ready.splits,
                 ready.recipe,
                 **self.engine.fit_options(),
                 resume=ready.resume,
-                on_epoch=reporter.on_epoch,
+                on_epoch=functools.partial(_timed, self.config, "epoch", reporter.on_epoch),
                 should_stop=self.stop.is_set,  # a timeout stops at the epoch's end (EpochReporter)
                 on_step=self._set_threads,
             )
@@ -651,7 +676,7 @@ class TrialRun:
                 "checkpoint_background_seconds": reporter.checkpoint_background_seconds,
             }
         )
-        self._finish(ready, result, reporter.pruned_at)
+        _timed(self.config, "finish", self._finish, ready, result, reporter.pruned_at)
 
     def _prepare(self) -> Prepared:
         """Everything before the first epoch: the recipe, the cell's MLflow run, the resume
@@ -788,7 +813,15 @@ class TrialRun:
                 weights = save_weights(Path(tmp) / WEIGHTS_FILE, model, self.variant, cfg, *shape)
                 request = {"run_id": self.run_id, "example": example, "step": final.epoch, "model_id": model_id}
                 request.update(weights=str(weights), deadline=time.monotonic() + self.config.tracking_outage_limit)
-                self._until_deadline(final.epoch, self.exporter.log_model, request, should_stop=self.stop.is_set)
+                _timed(
+                    self.config,
+                    "model",
+                    self._until_deadline,
+                    final.epoch,
+                    self.exporter.log_model,
+                    request,
+                    should_stop=self.stop.is_set,
+                )
             model_seconds = time.perf_counter() - started
             log.info("trial %d: %s model logged in %.1f s", self.trial.number, self.key, model_seconds)
             self.logger.log_metrics({"finish_seconds": finish_seconds, "model_log_seconds": model_seconds})
@@ -1057,7 +1090,10 @@ class EpochReporter:
 
     def _checkpoint(self, snapshot: dict[str, Any]) -> None:
         self.wait()  # at most one checkpoint in flight
-        self.in_flight.append(self.background.submit(self._persist, snapshot, self.held[:]))
+        config = self.trial_run.config
+        self.in_flight.append(
+            self.background.submit(_timed, config, "checkpoint", self._persist, snapshot, self.held[:])
+        )
         self.held.clear()
         self.last_checkpoint = time.monotonic()
 
