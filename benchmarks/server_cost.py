@@ -55,7 +55,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import harness  # first: this checkout's sweeper
+import pool
 from harness import PG_ADMIN_URL, Databases, dispose, grid_spec, log
 
 from sweeper.contract import DEFAULT_HEARTBEAT_INTERVAL
@@ -349,7 +349,7 @@ def count_sql() -> None:
 def counting_worker_child(run: dict[str, Any], index: int, go_file: Path, rundir: Path) -> int:
     """The harness's light worker, which then writes the statements it sent."""
     SQL_COUNTS.clear()
-    code = harness.worker_child(run, index, go_file, rundir)
+    code = pool.worker_child(run, index, go_file, rundir)
     (rundir / f"sql-{index}.json").write_text(json.dumps(dict(SQL_COUNTS)))
     return code
 
@@ -358,14 +358,14 @@ def pool_main(cfg_path: str) -> None:
     """Import and warm up once (harness.warm_pool, as sweep_scale's pool does), then run each run's workers when the
     driver says so: the driver reads the counters between runs."""
     cfg = json.loads(Path(cfg_path).read_text())
-    harness.warm_pool([cfg["warmup"]])
+    pool.warm_pool([cfg["warmup"]])
     count_sql()
     control = Path(cfg["control"])
     for k, run in enumerate(cfg["runs"]):
         (control / f"want-{k}").write_text("")
         while not (control / f"go-{k}").exists():
             time.sleep(0.05)
-        result = harness.run_workers(run, child=counting_worker_child)
+        result = pool.run_workers(run, child=counting_worker_child)
         Path(run["result"]).write_text(json.dumps(result))
         (control / f"ended-{k}").write_text("")
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import harness  # first: this checkout's sweeper
+import pool
 from harness import PG_ADMIN_URL, Databases, dispose, grid_spec, log
 
 SCRIPT = Path(__file__).resolve()
@@ -180,10 +181,10 @@ def pool_main(cfg_path: str) -> None:
     import threading
 
     cfg = json.loads(Path(cfg_path).read_text())
-    warm = harness.warm_pool(cfg["warmups"])  # one warm-up trial per backend
+    warm = pool.warm_pool(cfg["warmups"])  # one warm-up trial per backend
     usage = resource.getrusage(resource.RUSAGE_SELF)
     startup = {
-        **(harness.memory(os.getpid()) or {}),
+        **(pool.memory(os.getpid()) or {}),
         "startup_cpu_s": usage.ru_utime + usage.ru_stime,
         "threads_before_fork": threading.active_count(),
         "warmup_trials": warm,
@@ -191,7 +192,7 @@ def pool_main(cfg_path: str) -> None:
     print(f"warm-up (imports + one trial): {startup}", flush=True)
     Path(cfg["startup_result"]).write_text(json.dumps(startup))
     for run in cfg["runs"]:
-        result = harness.run_workers(run)
+        result = pool.run_workers(run)
         Path(run["result"]).write_text(json.dumps(result))
         print(
             f"{run['backend']} W={run['workers']}: exits {[e['status'] for e in result['exits'].values()]}", flush=True

@@ -273,3 +273,79 @@ def test_server_cost_model_splits_per_trial_and_per_epoch_and_takes_the_tightest
     assert doubled["workers"] == int(0.7 * 62.0 / 1.0)
     inputs["connections"]["max_connections"] = 41
     assert server_cost.project({"default": plain}, inputs, 60.0, cores=1)["bound_by"] == "postgres_connections"
+
+
+# --- the profile tables: sweep_scale (c) times a trial by the worker's public phases --------------
+
+PHASES = ("claim", "trial", "prepare", "train", "epoch", "finish", "model")  # what every completed trial meets
+
+
+def test_phase_times_make_one_row_per_phase_per_trial_in_a_trials_order():
+    harness = _load("harness")
+    phases = harness.PhaseTimes()
+    for _ in range(2):  # two trials, as the worker reports them (inner phases end first)
+        phases("claim", 0.01)
+        phases("prepare", 0.1)
+        phases("epoch", 0.02)
+        phases("epoch", 0.02)
+        phases("train", 0.05)
+        phases("finish", 0.03)
+        phases("trial", 0.2)
+        phases("model", 0.5)
+    rows = phases.rows(trials=2)
+    assert [r["phase"] for r in rows] == ["claim", "trial", "prepare", "train", "epoch", "finish", "model"]
+    epoch = next(r for r in rows if r["phase"] == "epoch")
+    assert epoch == {"phase": "epoch", "calls_per_trial": 2.0, "ms_per_trial": 40.0}
+    assert len(phases.intervals) == 2 and all(end - start == pytest.approx(0.2) for start, end in phases.intervals)
+
+
+@pytest.mark.slow  # starts workers (and their model helper processes): about a minute on 2 busy cores
+def test_sweep_scale_part_c_prints_a_profile_table_by_phase(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "sweep_scale.py"), "--part", "c", "--c-trials", "1", "--c-rounds", "1"]
+        + ["--c-epochs", "2", "--no-profile"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line.split() for line in proc.stdout.splitlines() if line.startswith("    ")]
+    assert [row[0] for row in table] == list(PHASES), proc.stdout
+    for row in table:
+        assert float(row[1]) > 0 and row[2] == "calls" and float(row[3]) >= 0 and row[4] == "ms/trial", row
+    assert "model export" in proc.stdout
+
+
+def _sweeper_names(tree) -> set[str]:
+    """The names a benchmark binds to sweeper or one of its modules (import sweeper.x as y, from sweeper import x)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.split(".")[0] == "sweeper"}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sweeper":
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def test_benchmarks_assign_nothing_inside_sweeper():
+    """They use the worker's public hooks (WorkerConfig.fit, build_model, on_phase), never patch it."""
+    import ast
+
+    patched = []
+    for path in sorted(BENCH.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = _sweeper_names(tree)
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in targets:
+                root = target
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if target is not root and isinstance(root, ast.Name) and root.id in names:
+                    patched.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr":
+                patched.append(f"{path.name}:{node.lineno} setattr")
+    assert not patched, patched
