@@ -121,8 +121,9 @@ def measure_sweeper(variant: str, batch_size: int, steps: int, warmup: int, comp
 
 def measure_modes(variant: str, dataset: str, batch_size: int, steps: int) -> dict:
     """One row of the precision table, in a fresh process: cold first step and warm rate per mode."""
+    import functools
+
     import torch
-    import torch.nn.functional as F
 
     from sweeper import precision
     from sweeper.data import DATASETS
@@ -134,23 +135,12 @@ def measure_modes(variant: str, dataset: str, batch_size: int, steps: int) -> di
     model = build_model(variant, info.num_classes, info.shape[0])
     x = torch.randn(batch_size, *info.shape, device=device)
     y = torch.randint(info.num_classes, (batch_size,), device=device)
+    adadelta = functools.partial(torch.optim.Adadelta, lr=1.0)
     modes = {}
     for mode in precision.candidates(device):
-        fmt = torch.channels_last if mode.channels_last else torch.contiguous_format
-        net = build_model(variant, info.num_classes, info.shape[0]).to(device, memory_format=fmt).train()
-        optimizer = torch.optim.Adadelta(net.parameters(), lr=1.0)
-        xb = x.contiguous(memory_format=fmt)
-        times = []
-        with precision.tf32(device, mode.precision == "tf32"):
-            for _ in range(1 + steps):
-                started = time.perf_counter()
-                with precision.autocast(device, mode.precision):
-                    loss = F.cross_entropy(net(xb).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss.item()
-                times.append(time.perf_counter() - started)
+        net = build_model(variant, info.num_classes, info.shape[0])
+        stepper = precision.Stepper(net, x, y, device, mode, adadelta)
+        times = [stepper.step() for _ in range(1 + steps)]  # the first one cold
         warm = min(times[1:])
         modes[mode.label] = {"cold_first_step_s": times[0], "warm_step_s": warm, "images_per_s": batch_size / warm}
     # What auto picks with its own short probe (a fresh cache: it measures), in a new process state.

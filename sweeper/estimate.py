@@ -225,35 +225,21 @@ def probe_macs_per_s(info, device: str, batch_size: int = 64) -> float:
 
 def _probe(info, device: str, batch_size: int) -> float:
     import torch
-    import torch.nn.functional as F
 
     from sweeper.models import VARIANTS, build_model, count_macs
+    from sweeper.precision import Mode, Stepper
 
     torch.manual_seed(0)
     model = build_model(PROBE_VARIANT, info.num_classes, info.shape[0]).to(device)
     macs = count_macs(VARIANTS[PROBE_VARIANT], info.shape, info.num_classes)
-    optimizer = torch.optim.Adadelta(model.parameters())
     x = torch.randn(batch_size, *info.shape, device=device)
     y = torch.randint(0, info.num_classes, (batch_size,), device=device)
-
-    def step():
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    model.train()
-    step()  # warm-up: allocations, kernels chosen
-    if device == "cuda":
-        torch.cuda.synchronize()
+    stepper = Stepper(model, x, y, torch.device(device), Mode("fp32", channels_last=False), torch.optim.Adadelta)
+    stepper.step()  # warm-up: allocations, kernels chosen
     started = time.perf_counter()
     fastest = float("inf")
     steps = 0
     while steps < PROBE_STEPS and (steps == 0 or time.perf_counter() - started < PROBE_SECONDS):
-        began = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        fastest = min(fastest, time.perf_counter() - began)
+        fastest = min(fastest, stepper.step())
         steps += 1
     return macs * batch_size / fastest

@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -191,7 +192,7 @@ def probe(
         x = torch.randn(batch_size, *shape, device=device)
         classes = model.linear.out_features if hasattr(model, "linear") else 10
         y = torch.randint(classes, (batch_size,), device=device)
-        runs = [_Stepper(model, x, y, device, mode) for mode in modes]
+        runs = [Stepper(copy.deepcopy(model), x, y, device, mode) for mode in modes]
         for _ in range(WARMUP_STEPS):
             for run in runs:
                 run.step()
@@ -202,14 +203,29 @@ def probe(
     return best
 
 
-class _Stepper:
-    """A copy of the model training in one mode, a step at a time."""
+def sgd(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=1e-3)
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, mode: Mode):
+
+class Stepper:
+    """``net`` training on one batch in one mode, a step at a time; ``step()`` returns the step's
+    seconds, the device waited for. The one timed training step of the probes here and in
+    ``estimate`` and of the benchmarks (``fit`` has its own loop: batches, a compiled model, the
+    partial last batch run eagerly)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        device: torch.device,
+        mode: Mode,
+        optimizer: Callable[..., torch.optim.Optimizer] = sgd,
+    ):
         fmt = torch.channels_last if mode.channels_last else torch.contiguous_format
-        self.net = copy.deepcopy(model).to(device, memory_format=fmt).train()
+        self.net = net.to(device, memory_format=fmt).train()
         self.x, self.y, self.device, self.mode = x.contiguous(memory_format=fmt), y, device, mode
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=1e-3)
+        self.optimizer = optimizer(self.net.parameters())
 
     def step(self) -> float:
         started = time.perf_counter()
