@@ -119,6 +119,6 @@ def test_a_write_refused_by_a_server_that_is_back_when_checked_is_retried(tmp_pa
             down.search_experiments(max_results=1)  # connection refused, for real
         return "written"
 
-    failed = tracking._outage_or_raise(answers, "log the model")
+    failed = tracking.outage_or_raise(answers, "log the model")
     assert tracking.retry_while_unreachable(attempt, time.monotonic() + 30, None, failed) == "written"
     assert len(calls) == 2
