@@ -208,10 +208,9 @@ def sgd(params) -> torch.optim.Optimizer:
 
 
 class Stepper:
-    """``net`` training on one batch in one mode, a step at a time; ``step()`` returns the step's
-    seconds, the device waited for. The one timed training step of the probes here and in
-    ``estimate`` and of the benchmarks (``fit`` has its own loop: batches, a compiled model, the
-    partial last batch run eagerly)."""
+    """``net`` training on one batch in one mode, a ``train_step`` at a time; ``step()`` returns the
+    step's seconds, the device waited for: what the probes here and in ``estimate`` and the
+    benchmarks time (``fit`` runs the same step over its batches)."""
 
     def __init__(
         self,
@@ -229,13 +228,21 @@ class Stepper:
 
     def step(self) -> float:
         started = time.perf_counter()
-        with tf32(self.device, self.mode.precision == "tf32"), autocast(self.device, self.mode.precision):
-            loss = F.cross_entropy(self.net(self.x).float(), self.y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        with tf32(self.device, self.mode.precision == "tf32"):
+            loss = train_step(self.net, self.optimizer, self.x, self.y, autocast(self.device, self.mode.precision))
         loss.item()  # waits for the device
         return time.perf_counter() - started
+
+
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, autocast):
+    """One training step, fit's and the probes': the forward under ``autocast`` (a context), the
+    cross-entropy in fp32, backward, update. Returns the loss, not waited for."""
+    with autocast:
+        loss = F.cross_entropy(net(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def autocast(device: torch.device, precision: str):

@@ -29,7 +29,7 @@ from torch import nn
 from sweeper.contract import PRECISIONS, Recipe
 from sweeper.data import BatchLoader, Splits
 from sweeper.data.loader import normalize
-from sweeper.precision import Mode, choose, cpu_has_fast_bf16, cuda_has_native_bf16, rule  # noqa: F401
+from sweeper.precision import Mode, choose, cpu_has_fast_bf16, cuda_has_native_bf16, rule, train_step  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -351,11 +351,7 @@ def _train_epoch(
         # A partial last batch (50,000 = 781 x 64 + 16) runs eagerly: through the compiled
         # model its new shape would recompile (and re-record CUDA graphs) every epoch.
         forward = step_model if len(yb) == batches.batch_size else model
-        with autocast():
-            loss = F.cross_entropy(forward(xb).float(), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(forward, optimizer, xb, yb, autocast())
         losses.append(loss.detach())
         sizes.append(len(yb))
         # Checking every step would sync the GPU each step; every 50 is cheap and still early.
