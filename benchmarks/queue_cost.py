@@ -4,7 +4,7 @@
     python benchmarks/queue_cost.py --checkout . --waiting 1000 --rounds 20 --json
 
 Each checkout runs in its own interpreter (its ``sweeper`` first on the path) against a fresh
-PostgreSQL database: ``--waiting`` cells enqueued with ``study.enqueue_many``, then ``--rounds``
+PostgreSQL database: ``--waiting`` cells enqueued with ``storage.internals.enqueue_many``, then ``--rounds``
 times what a worker does around one trial: ``claim`` (time), a suggested parameter and a
 COMPLETE tell, and ``settle`` (time; told which cell completed where the checkout's ``settle``
 takes it). Medians and maxima in milliseconds. The checkouts alternate round by round, so a
@@ -33,24 +33,29 @@ import inspect, json, sys, time, warnings
 warnings.simplefilter("ignore")
 import optuna
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-from sweeper import study as studies
+try:
+    from sweeper.storage import connect, internals
+    from sweeper.trials import claims, outcomes
+except ImportError:  # a checkout from before sweeper.study was split into storage/ and trials/
+    from sweeper import study as connect
+    internals = claims = outcomes = connect
 
 url, waiting = sys.argv[1], int(sys.argv[2])
-owner = optuna.create_study(study_name="queue", storage=studies.open_storage(url))
-studies.enqueue_many(owner, [{"sweeper.key": f"cell{i}"} for i in range(waiting)])
-worker = optuna.load_study(study_name="queue", storage=studies.open_storage(url))
-takes_completed = "completed" in inspect.signature(studies.settle).parameters
-print(json.dumps({"ready": True, "settle_told_the_cell": takes_completed, "sweeper": studies.__file__, "trials": len(owner.get_trials(deepcopy=False))}), flush=True)
+owner = optuna.create_study(study_name="queue", storage=connect.open_storage(url))
+internals.enqueue_many(owner, [{"sweeper.key": f"cell{i}"} for i in range(waiting)])
+worker = optuna.load_study(study_name="queue", storage=connect.open_storage(url))
+takes_completed = "completed" in inspect.signature(outcomes.settle).parameters
+print(json.dumps({"ready": True, "settle_told_the_cell": takes_completed, "sweeper": connect.__file__, "trials": len(owner.get_trials(deepcopy=False))}), flush=True)
 for line in sys.stdin:
     t0 = time.perf_counter()
-    trial_id = studies.claim(worker)
+    trial_id = claims.claim(worker)
     claim_s = time.perf_counter() - t0
     trial = optuna.Trial(worker, trial_id)
     trial.suggest_float("lr", 1e-4, 1e-1, log=True)
     worker.tell(trial, 0.5)
     key = worker._storage.get_trial(trial_id).user_attrs["sweeper.key"]
     t0 = time.perf_counter()
-    studies.settle(worker, completed=key) if takes_completed else studies.settle(worker)
+    outcomes.settle(worker, completed=key) if takes_completed else outcomes.settle(worker)
     settle_s = time.perf_counter() - t0
     print(json.dumps({"claim_s": claim_s, "settle_s": settle_s}), flush=True)
 """

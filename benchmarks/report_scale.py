@@ -51,8 +51,9 @@ def populate(n: int, study_name: str, log=print) -> None:
     import optuna
     from mlflow.entities import Metric, Param, RunTag
 
-    from sweeper import study as studies
     from sweeper import tracking
+    from sweeper.names import KEY_ATTR, SPEC_ATTR
+    from sweeper.storage import connect
 
     seeds = range(1, -(-n // (len(VARIANTS) * len(DATASETS))) + 1)
     cells = [(v, d, s) for s in seeds for d in DATASETS for v in VARIANTS][:n]
@@ -165,9 +166,9 @@ def populate(n: int, study_name: str, log=print) -> None:
     con.close()
     log(f"  {len(cells)} runs in MLflow")
 
-    storage = studies.open_storage()
+    storage = connect.open_storage()
     study = optuna.create_study(study_name=study_name, storage=storage)
-    study.set_user_attr(studies.SPEC_ATTR, spec)
+    study.set_user_attr(SPEC_ATTR, spec)
     study.add_trials(
         [
             optuna.trial.create_trial(
@@ -176,7 +177,7 @@ def populate(n: int, study_name: str, log=print) -> None:
                 params={},
                 distributions={},
                 user_attrs={
-                    studies.KEY_ATTR: f"{v}/{d}/s{s}",
+                    KEY_ATTR: f"{v}/{d}/s{s}",
                     "variant": v,
                     "dataset": d,
                     "seed": s,
@@ -195,9 +196,9 @@ def naive_frame(study_name: str):
     import pandas as pd
 
     from sweeper import report, tracking
-    from sweeper import study as studies
+    from sweeper.storage import connect
 
-    study = studies.load_study(studies.open_storage(), study_name)
+    study = connect.load_study(connect.open_storage(), study_name)
     client = tracking.client()
     rows = []
     for t in study.get_trials(deepcopy=False):

@@ -418,9 +418,9 @@ def heartbeat_cost(storage_url: str, server, meter, databases, idle_rate: float,
     import optuna
     from sqlalchemy import event
 
-    from sweeper import study as studies
+    from sweeper.storage import connect
 
-    storage = studies.open_storage(storage_url)
+    storage = connect.open_storage(storage_url)
     trial_id = optuna.create_study(study_name=f"heartbeat-{uuid.uuid4().hex[:6]}", storage=storage).ask()._trial_id
     counts: Counter = Counter()
     event.listen(storage.engine, "before_cursor_execute", lambda *a: counts.update(["statements"]))
@@ -681,8 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     server = meter = pool = None
     started = time.perf_counter()
     try:
-        from sweeper import study as studies
         from sweeper import tracking
+        from sweeper.storage import connect
+        from sweeper.trials import enqueue
 
         optuna_url = dbs.new("postgresql", "cost_optuna")
         mlflow_url = dbs.new("postgresql", "cost_mlflow")
@@ -700,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  ready in {result['mlflow_server_start_s']:.1f}s; idle CPU {idle_rate * 1000:.1f} ms/s")
 
         client = tracking.client(server.uri)
-        storage = studies.open_storage(optuna_url)
+        storage = connect.open_storage(optuna_url)
         tag = uuid.uuid4().hex[:4]
         rundirs = tmp / "runs"
 
@@ -709,10 +710,10 @@ def main(argv: list[str] | None = None) -> int:
             if cadence == "epoch":
                 train["checkpoint_every"] = "epoch"
             spec = grid_spec(name, trials, epochs=epochs, **train)
-            launched = studies.launch(storage, spec)
+            launched = enqueue.enqueue_study(storage, spec)
             # once per study, as its first trial does: not part of what a trial costs
             experiment_id = tracking.ensure_experiment(client, name)
-            tracking.ensure_study_run(client, experiment_id, studies.stored_spec(launched.study))
+            tracking.ensure_study_run(client, experiment_id, connect.stored_spec(launched.study))
             return name
 
         runs = []

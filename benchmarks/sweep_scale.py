@@ -4,7 +4,7 @@
     python benchmarks/sweep_scale.py --part a --json      # one JSON document on stdout
     python benchmarks/sweep_scale.py --part b --workers 1,4,16,32 --backends sqlite,postgresql
 
-(a) ``sweeper.study.launch`` of a 1,000-cell grid (``seed = list(range(1000))``) and its
+(a) ``sweeper.trials.enqueue.enqueue_study`` of a 1,000-cell grid (``seed = list(range(1000))``) and its
     re-launch, on SQLite and PostgreSQL, next to Optuna's ``study.enqueue_trial(params,
     skip_if_exists=True)`` on the same storage (quadratic: run on ``--baseline-cells`` cells, 300
     by default, and projected to the full grid from a fit t(n) = a*n + b*n^2). Also the time of
@@ -77,29 +77,31 @@ def fit_quadratic(points: list[tuple[int, float]]) -> tuple[float, float]:
 def part_a(dbs: Databases, backend: str, cells: int, baseline_cells: int, repeats: int) -> dict[str, Any]:
     import optuna
 
-    from sweeper import study as studies
+    from sweeper.names import KEY_ATTR
+    from sweeper.storage import connect
+    from sweeper.trials import claims, enqueue
 
     out: dict[str, Any] = {"backend": backend, "cells": cells, "baseline_cells": baseline_cells}
     runs = []
     for r in range(repeats):
         url = dbs.new(backend, f"a{r}")
         t0 = time.perf_counter()
-        storage = studies.open_storage(url)
+        storage = connect.open_storage(url)
         t_open = time.perf_counter() - t0
         spec = grid_spec("scale-a", cells)
         t0 = time.perf_counter()
-        first = studies.launch(storage, spec)
+        first = enqueue.enqueue_study(storage, spec)
         t_launch = time.perf_counter() - t0
         t0 = time.perf_counter()
-        again = studies.launch(storage, spec)
+        again = enqueue.enqueue_study(storage, spec)
         t_relaunch = time.perf_counter() - t0
         trials = storage.get_all_trials(first.study._study_id, deepcopy=False)
-        keys = {t.user_attrs.get(studies.KEY_ATTR) for t in trials}
+        keys = {t.user_attrs.get(KEY_ATTR) for t in trials}
         assert first.added == cells and again.added == 0 and again.existing == cells, (first.added, again.added)
         assert len(trials) == cells and len(keys) == cells, "one WAITING trial per cell"
         assert [t.number for t in trials] == list(range(cells)), "trials numbered as Optuna numbers them"
         t0 = time.perf_counter()
-        claimed = studies.claim(first.study)
+        claimed = claims.claim(first.study)
         t_claim = time.perf_counter() - t0
         assert claimed is not None
         runs.append(
@@ -121,7 +123,7 @@ def part_a(dbs: Databases, backend: str, cells: int, baseline_cells: int, repeat
 
     # Baseline: the public API, one trial at a time, each checking every existing trial.
     url = dbs.new(backend, "abase")
-    storage = studies.open_storage(url)
+    storage = connect.open_storage(url)
     spec = grid_spec("scale-a-baseline", baseline_cells)
     study = optuna.create_study(study_name=spec.name, storage=storage)
     cum, marks = [], max(1, baseline_cells // 6)
@@ -204,8 +206,9 @@ def part_b(dbs: Databases, tmp: Path, backends: list[str], worker_counts: list[i
     W=4 sqlite, ...) so that the other load on the machine hits both backends alike."""
     import subprocess
 
-    from sweeper import study as studies
     from sweeper import tracking
+    from sweeper.storage import connect
+    from sweeper.trials import enqueue
 
     tag = uuid.uuid4().hex[:4]
     base = tmp / "runs" / f"b-{tag}"
@@ -220,9 +223,9 @@ def part_b(dbs: Databases, tmp: Path, backends: list[str], worker_counts: list[i
         client.search_experiments(max_results=1)  # creates the MLflow schema once
         log(f"  (b) {backend}: MLflow store on {kind} ready in {time.perf_counter() - t0:.1f}s")
         url = dbs.new(backend, "bwarm")
-        storage = studies.open_storage(url)
+        storage = connect.open_storage(url)
         study = f"scale-b-{backend}-warmup-{tag}"
-        studies.launch(storage, grid_spec(study, 1, epochs=args.epochs, limit_train=256, limit_test=64))
+        enqueue.enqueue_study(storage, grid_spec(study, 1, epochs=args.epochs, limit_train=256, limit_test=64))
         dispose(storage)
         client.create_experiment(study, artifact_location=(tmp / "mlartifacts" / study).as_uri())
         warmups.append({"storage_url": url, "tracking_uri": uri, "study": study})
@@ -234,8 +237,8 @@ def part_b(dbs: Databases, tmp: Path, backends: list[str], worker_counts: list[i
             name = f"scale-b-{backend}-w{w}-{tag}"
             n = max(w * args.trials_per_worker, 6)
             url = dbs.new(backend, f"b{w}")
-            storage = studies.open_storage(url)
-            studies.launch(storage, grid_spec(name, n, epochs=args.epochs, limit_train=256, limit_test=64))
+            storage = connect.open_storage(url)
+            enqueue.enqueue_study(storage, grid_spec(name, n, epochs=args.epochs, limit_train=256, limit_test=64))
             dispose(storage)
             experiment_id = info["client"].create_experiment(
                 name, artifact_location=(tmp / "mlartifacts" / name).as_uri()
@@ -317,13 +320,13 @@ def part_b(dbs: Databases, tmp: Path, backends: list[str], worker_counts: list[i
 
 
 def collect_run(run: dict[str, Any], client, backend: str, mlflow_kind: str, args) -> dict[str, Any]:
-    from sweeper import study as studies
     from sweeper import tracking
+    from sweeper.storage import connect
 
     rundir, n, name = Path(run["rundir"]), run["trials"], run["study"]
     pool = json.loads(Path(run["result"]).read_text())
     go = pool["go"]
-    storage = studies.open_storage(run["storage_url"])
+    storage = connect.open_storage(run["storage_url"])
     trials = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)
     dispose(storage)
     states: dict[str, int] = {}
@@ -428,7 +431,8 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
     from optuna_integration.mlflow import MLflowCallback
 
     import sweeper.worker as worker
-    from sweeper import study as studies
+    from sweeper.storage import connect
+    from sweeper.trials import enqueue
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*MLflowCallback.*")
     sw_storage_url = dbs.new("sqlite", "c-sweeper-optuna")
@@ -448,8 +452,8 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
     def sweeper_round(n: int, prof=None, system_metrics: bool = False) -> float:
         counter["i"] += 1
         name = f"scale-c-{counter['i']}"
-        storage = studies.open_storage(sw_storage_url)
-        studies.launch(storage, grid_spec(name, n + 1, epochs=epochs, limit_train=256, limit_test=64))
+        storage = connect.open_storage(sw_storage_url)
+        enqueue.enqueue_study(storage, grid_spec(name, n + 1, epochs=epochs, limit_train=256, limit_test=64))
         dispose(storage)
         cfg = replace(config, study_names=(name,), system_metrics=system_metrics)
         worker.run(replace(cfg, max_trials=1))  # experiment, parent run: once per study
@@ -488,7 +492,7 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
         name = f"scale-c-base-{counter['i']}"
         MlflowClient(base_mlflow).create_experiment(name, artifact_location=(tmp / "mlartifacts-c" / name).as_uri())
         # plain: the storage URL as an Optuna user passes it; wal: sweeper's SQLite settings
-        storage = studies.open_storage(base_storage_url) if wal else base_storage_url
+        storage = connect.open_storage(base_storage_url) if wal else base_storage_url
         study = optuna.create_study(study_name=name, storage=storage)
         callback = MLflowCallback(tracking_uri=base_mlflow, metric_name="top1_error")
         study.optimize(objective, n_trials=1, callbacks=[callback])  # first trial: lazy imports, experiment
@@ -526,7 +530,7 @@ def part_c(dbs: Databases, tmp: Path, trials: int, rounds: int, epochs: int, pro
             "sweeper_system_metrics": "the same with WorkerConfig(system_metrics=True), the CLI's default "
             "(MLflow's sampler thread per trial); the others run without it",
             "baseline": "study.optimize + MLflowCallback, 14 trial.report per trial, plain Optuna SQLite URL",
-            "baseline_wal": "the same on sweeper.study.open_storage (WAL, synchronous=NORMAL, BEGIN IMMEDIATE)",
+            "baseline_wal": "the same on sweeper.storage.connect.open_storage (WAL, synchronous=NORMAL, BEGIN IMMEDIATE)",
         },
     }
     for k, v in ms.items():

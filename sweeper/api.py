@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper import names, study_state, tracking
-from sweeper import study as studies
+from sweeper.contract import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL
 from sweeper.redact import redact, redact_url
+from sweeper.storage import connect, stale
+from sweeper.trials import claims, outcomes, summary
+from sweeper.trials.enqueue import EnqueueResult, enqueue_study
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,12 +53,12 @@ def set_state(study: str, action: str, storage: str | None = None, reason: str |
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
     state, effect = ACTIONS[action]
-    loaded = studies.open_study(study, storage)
-    rules = studies.policy(loaded.user_attrs.get(studies.SPEC_ATTR) or {})
-    latest = studies.latest_trials(loaded.get_trials(deepcopy=False))
-    outcome = studies.outcome(latest, rules["max_retries"])
+    loaded = connect.open_study(study, storage)
+    rules = stale.policy(loaded.user_attrs.get(names.SPEC_ATTR) or {})
+    latest = outcomes.latest_trials(loaded.get_trials(deepcopy=False), outcomes.by_key)
+    outcome = outcomes.outcome(latest, rules["max_retries"])
     if outcome in study_state.DONE:  # nothing waits or runs: a lifecycle change would mean nothing
-        done, why = study_state.word({}, outcome, studies.counts(list(latest.values())))
+        done, why = study_state.word({}, outcome, summary.counts(list(latest.values())))
         hint = "`sweeper retry` re-enqueues its failed cells" if done == "failed" else "new cells need `launch`"
         return {
             "study": loaded.study_name,
@@ -64,7 +67,7 @@ def set_state(study: str, action: str, storage: str | None = None, reason: str |
             "changed": False,
             "effect": f"nothing: the study is {done} ({why}); {hint}",
         }
-    previous = studies.set_lifecycle(loaded, state, reason or f"`sweeper {action}`")
+    previous = outcomes.set_lifecycle(loaded, state, reason or f"`sweeper {action}`")
     return {
         "study": loaded.study_name,
         "state": state,
@@ -79,9 +82,9 @@ def retry(study: str, storage: str | None = None, tracking_uri: str | None = Non
     memory); a finished study runs again, and so does its MLflow run. Returns ``{"study", "retried"}``."""
     from sweeper.errors import SweeperError
 
-    loaded = studies.open_study(study, storage)
-    n = studies.retry_failed(loaded)
-    if n and studies.mark_running(loaded):  # the study runs again: so does its MLflow run
+    loaded = connect.open_study(study, storage)
+    n = claims.retry_failed(loaded)
+    if n and outcomes.mark_running(loaded):  # the study runs again: so does its MLflow run
         try:
             client = tracking.client(tracking_uri, create=False)
         except SweeperError:  # no embedded store yet: no run to mark
@@ -99,10 +102,10 @@ def doctor(storage: str | None = None, tracking_uri: str | None = None, facts: b
     from sweeper import settings
     from sweeper.errors import SweeperError
 
-    url, uri = studies.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
+    url, uri = connect.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
     checks = {}
     for name, probe in (
-        ("storage", lambda: studies.open_storage(url, create=False)),
+        ("storage", lambda: connect.open_storage(url, create=False)),
         ("tracking", lambda: tracking.check_reachable(tracking.client(uri, create=False))),
     ):
         try:
@@ -135,16 +138,15 @@ def status(study: str, storage: str | None = None, tracking_uri: str | None = No
     ``eta_s`` and ``eta_source`` (None, and why, for a study that is not running or that no
     worker runs), ``home_bytes`` (the embedded stores' SWEEPER_HOME, else None) and ``trials``.
     """
-    url = studies.resolve_storage_url(storage)
-    loaded = studies.open_study(study, url)
-    storage_ = loaded._storage
+    url = connect.resolve_storage_url(storage)
+    loaded = connect.open_study(study, url)
     trials = loaded.get_trials(deepcopy=False)
     attrs = loaded.user_attrs
-    rules = studies.policy(attrs.get(studies.SPEC_ATTR) or {})
-    latest = studies.latest_trials(trials)
-    life = studies.lifecycle(storage_, loaded._study_id)
-    outcome = studies.outcome(latest, rules["max_retries"])
-    cells = studies.counts(list(latest.values()))
+    rules = stale.policy(attrs.get(names.SPEC_ATTR) or {})
+    latest = outcomes.latest_trials(trials, outcomes.by_key)
+    life = outcomes.lifecycle(loaded)
+    outcome = outcomes.outcome(latest, rules["max_retries"])
+    cells = summary.counts(list(latest.values()))
     state, reason = study_state.word(life, outcome, cells)
     withheld = study_state.eta_withheld(state, cells["RUNNING"])
     return {
@@ -156,16 +158,16 @@ def status(study: str, storage: str | None = None, tracking_uri: str | None = No
         "storage": redact(url),
         "tracking_uri": redact(tracking.resolve_tracking_uri(tracking_uri)),
         "policy": rules,
-        "counts": studies.counts(trials),
+        "counts": summary.counts(trials),
         "cells": cells,
-        "failures": studies.failure_groups(trials, rules["max_retries"]),
+        "failures": summary.failure_groups(trials, rules["max_retries"]),
         **(
             {"eta_s": None, "eta_source": withheld}
             if withheld
-            else eta(latest, attrs.get(studies.SPEC_ATTR) or {}, tracking.resolve_tracking_uri(tracking_uri))
+            else eta(latest, attrs.get(names.SPEC_ATTR) or {}, tracking.resolve_tracking_uri(tracking_uri))
         ),
         **home_size(url, tracking.resolve_tracking_uri(tracking_uri)),
-        "trials": studies.trial_rows(trials),
+        "trials": summary.trial_rows(trials),
     }
 
 
@@ -173,7 +175,7 @@ def home_size(url: str, uri: str) -> dict[str, Any]:
     """``home_bytes``: what SWEEPER_HOME holds, when an embedded store of the study lives there."""
     from sweeper import doctor, settings
 
-    if url != studies.default_storage_url() and uri != tracking.default_tracking_uri():
+    if url != connect.default_storage_url() and uri != tracking.default_tracking_uri():
         return {"home_bytes": None}
     return {"home_bytes": doctor.dir_size(settings.home())}
 
@@ -204,7 +206,7 @@ def eta(latest: dict[str, Any], spec: dict[str, Any], uri: str) -> dict[str, Any
                 break
         if cell is None or cell["estimate_s"] is None:
             return {"eta_s": None, "eta_source": None}
-        done = (studies.last_epoch(t) or 0) / epochs if t.state.name == "RUNNING" else 0.0
+        done = (summary.last_epoch(t) or 0) / epochs if t.state.name == "RUNNING" else 0.0
         left.append(cell["estimate_s"] * (1 - done))
     running = sum(t.state.name == "RUNNING" for t in pending)
     # the work left packed onto the workers running now, as `launch --dry-run --workers N` packs it
@@ -272,8 +274,8 @@ def load_model(study: str, cell: str, storage: str | None = None, tracking_uri: 
     from sweeper import cellmodel
     from sweeper.errors import SweeperError
 
-    loaded = studies.load_study(studies.open_storage(studies.resolve_storage_url(storage), create=False), study)
-    latest = studies.latest_trials(loaded.get_trials(deepcopy=False))
+    loaded = connect.load_study(connect.open_storage(connect.resolve_storage_url(storage), create=False), study)
+    latest = outcomes.latest_trials(loaded.get_trials(deepcopy=False), outcomes.by_key)
     trial = next((t for key, t in latest.items() if cell in (key, tracking.model_name(key))), None)
     if trial is None:
         raise SweeperError(f"study {study!r} has no cell {cell!r}; its cells: {', '.join(latest)}")
@@ -330,7 +332,7 @@ def launch(
     parsed = load_spec(spec)
     if dry_run:
         return plan(parsed, storage, tracking_uri, device=device)
-    url, uri = studies.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
+    url, uri = connect.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
     result = enqueue(parsed, url, uri, force_update=force_update)
     return {
         "study": parsed.name,
@@ -347,9 +349,9 @@ def enqueue(
     url: str,
     uri: str,
     force_update: bool = False,
-    heartbeat_interval: int = studies.DEFAULT_HEARTBEAT_INTERVAL,
-    grace_period: int = studies.DEFAULT_GRACE_PERIOD,
-) -> studies.EnqueueResult:
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL,
+    grace_period: int = DEFAULT_GRACE_PERIOD,
+) -> EnqueueResult:
     """Enqueue the study's missing trials.
 
     Enqueueing writes only the Optuna queue: the first worker creates the study's MLflow
@@ -357,9 +359,9 @@ def enqueue(
     is probed first, so a bad URL or password is refused before anything is written."""
     if tracking.is_server(uri):
         tracking.check_reachable(tracking.client(uri))
-    storage = studies.open_storage(url, heartbeat_interval, grace_period)
-    result = studies.launch(storage, spec, force_update=force_update)
-    if result.added and studies.mark_running(result.study):  # a finished study got new cells: it runs again
+    storage = connect.open_storage(url, heartbeat_interval, grace_period)
+    result = enqueue_study(storage, spec, force_update=force_update)
+    if result.added and outcomes.mark_running(result.study):  # a finished study got new cells: it runs again
         tracking.set_study_run_status(tracking.client(uri), spec.name, "running")
     return result
 
@@ -381,18 +383,21 @@ def plan(
     from sweeper.spec import variant_cfgs
 
     parsed = spec if not isinstance(spec, (str, Path, dict)) else load_spec(spec)
-    url, uri = studies.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
+    url, uri = connect.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
     existing: dict[str, str] = {}
     spec_changed = False
     try:
-        storage_ = studies.open_storage(url, create=False)  # a dry run creates no store
-    except studies.NoStore:
+        storage_ = connect.open_storage(url, create=False)  # a dry run creates no store
+    except connect.NoStore:
         storage_ = None
-    if storage_ is not None and parsed.name in studies.study_names(storage_):
-        loaded = studies.load_study(storage_, parsed.name)
-        old_hash = loaded.user_attrs.get(studies.SPEC_HASH_ATTR)
+    if storage_ is not None and parsed.name in connect.study_names(storage_):
+        loaded = connect.load_study(storage_, parsed.name)
+        old_hash = loaded.user_attrs.get(names.SPEC_HASH_ATTR)
         spec_changed = old_hash is not None and old_hash != parsed.hash
-        existing = {k: t.state.name for k, t in studies.latest_trials(loaded.get_trials(deepcopy=False)).items()}
+        existing = {
+            k: t.state.name
+            for k, t in outcomes.latest_trials(loaded.get_trials(deepcopy=False), outcomes.by_key).items()
+        }
     client = tracking.client(uri, create=False) if _store_exists(uri) else None
     estimator = estimate.Estimator(
         device,

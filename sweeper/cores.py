@@ -15,11 +15,12 @@ seconds, so the last long trial of a study takes the cores the others leave behi
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import time
 from pathlib import Path
+
+from sweeper.storage import locks
 
 
 def host_cores() -> int:
@@ -45,8 +46,7 @@ class CoreShare:
         self.dir.mkdir(parents=True, exist_ok=True)
         # Locked under a temporary name, then renamed into place: a counter never sees it unlocked.
         tmp = self.dir / f".{self.path.name}.tmp"
-        self._file = open(tmp, "w")
-        fcntl.flock(self._file, fcntl.LOCK_EX)
+        self._file = locks.hold_file_lock(tmp)
         os.replace(tmp, self.path)
         return self
 
@@ -66,15 +66,14 @@ class CoreShare:
                 count += 1
                 continue
             try:
-                with open(path) as f:
-                    try:
-                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        count += 1  # held: that trial runs
-                        continue
-                    path.unlink(missing_ok=True)  # its worker died without cleaning up
+                held = locks.hold_file_lock(path, wait=False, create=False)
             except FileNotFoundError:
                 continue  # finished while we looked
+            if held is None:
+                count += 1  # held: that trial runs
+                continue
+            with held:
+                path.unlink(missing_ok=True)  # its worker died without cleaning up
         return max(1, count)
 
     def threads(self) -> int:

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from sweeper import api, settings, tracking
-from sweeper import study as studies
+from sweeper.names import SPEC_ATTR
 from sweeper.redact import redact_url
 from sweeper.spec import StudySpec
+from sweeper.storage import connect, stale
+from sweeper.trials import outcomes, summary
+from sweeper.trials.enqueue import EnqueueResult
 
 SHOW_TOTAL_ABOVE = 5_000  # trials: launch says how many before it enqueues more
 
@@ -57,7 +60,7 @@ def supervise(
     from rich.markup import escape
 
     console = Console(stderr=True, soft_wrap=True)
-    url = studies.resolve_storage_url(storage_url)
+    url = connect.resolve_storage_url(storage_url)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     result = enqueue_and_say(spec, url, uri, force_update, heartbeat_interval, grace_period, console)
     launched = Launched(url, uri, _summary(spec, url, uri, result))
@@ -65,7 +68,7 @@ def supervise(
         console.print(
             "start workers with:\n"
             f"  sweeper worker --study {spec.name}"
-            + ("" if url == studies.default_storage_url() else " --storage $SWEEPER_STORAGE")
+            + ("" if url == connect.default_storage_url() else " --storage $SWEEPER_STORAGE")
             + ("" if uri == tracking.default_tracking_uri() else " --tracking-uri $MLFLOW_TRACKING_URI")
             + "\nor run them here with --workers N"
         )
@@ -102,11 +105,11 @@ def supervise(
 
 def enqueue_and_say(
     spec: StudySpec, url: str, uri: str, force_update: bool, heartbeat_interval: int, grace_period: int, console
-) -> studies.EnqueueResult:
+) -> EnqueueResult:
     """`enqueue`, telling the user on ``console`` where the stores are and what was enqueued."""
     from rich.markup import escape
 
-    if url == studies.default_storage_url() or uri == tracking.default_tracking_uri():
+    if url == connect.default_storage_url() or uri == tracking.default_tracking_uri():
         console.print(f"embedded stores in [bold]{escape(str(settings.home()))}[/] (set SWEEPER_HOME to move them)")
     console.print(f"storage {redact_url(url)}\ntracking {redact_url(uri)}", markup=False)
 
@@ -114,7 +117,7 @@ def enqueue_and_say(
     if total > SHOW_TOTAL_ABOVE:
         console.print(f"study {spec.name}: {len(spec.cells):,} cell(s) x {spec.trials_per_cell:,} = {total:,} trials")
     result = api.enqueue(spec, url, uri, force_update, heartbeat_interval, grace_period)
-    state = studies.lifecycle(result.study._storage, result.study._study_id)
+    state = outcomes.lifecycle(result.study)
     if state["state"] != "running":
         console.print(
             f"[yellow]study {spec.name} is {state['state']} ({escape(str(state['reason']))}): workers claim nothing "
@@ -148,7 +151,7 @@ def comparison_hint(spec: StudySpec, uri: str) -> str:
     return views.study_link(client, strip_credentials(uri), experiment, spec.to_dict(), spec.recipe_digest)
 
 
-def _summary(spec: StudySpec, url: str, uri: str, result: studies.EnqueueResult) -> dict[str, Any]:
+def _summary(spec: StudySpec, url: str, uri: str, result: EnqueueResult) -> dict[str, Any]:
     return {
         "study": spec.name,
         "storage": redact_url(url),
@@ -290,7 +293,7 @@ class Board:
         if self.uri is not None and time.monotonic() - self._eta_at > self.ETA_EVERY:
             self._eta_at = time.monotonic()
             try:
-                self._eta = api.eta(latest, self.study.user_attrs.get(studies.SPEC_ATTR) or {}, self.uri)
+                self._eta = api.eta(latest, self.study.user_attrs.get(SPEC_ATTR) or {}, self.uri)
             except Exception:  # MLflow down for a moment: the board keeps the last ETA
                 pass
         from sweeper.humanize import duration
@@ -307,11 +310,11 @@ class Board:
         from sweeper import study_state
 
         trials = self.study.get_trials(deepcopy=False)
-        latest = studies.latest_trials(trials)
-        cells = studies.counts(list(latest.values()))
-        rules = studies.policy(self.study.user_attrs.get(studies.SPEC_ATTR) or {})
-        life = studies.lifecycle(self.study._storage, self.study._study_id)
-        state, _reason = study_state.word(life, studies.outcome(latest, rules["max_retries"]), cells)
+        latest = outcomes.latest_trials(trials, outcomes.by_key)
+        cells = summary.counts(list(latest.values()))
+        rules = stale.policy(self.study.user_attrs.get(SPEC_ATTR) or {})
+        life = outcomes.lifecycle(self.study)
+        state, _reason = study_state.word(life, outcomes.outcome(latest, rules["max_retries"]), cells)
         title = Text(  # above the table, not its title: a title wraps at the table's width
             f"{self.study.study_name} ({state}): {cells['COMPLETE']} done, {cells['RUNNING']} running, "
             f"{cells['WAITING']} waiting, {cells['PRUNED']} pruned, {cells['FAIL']} failed"
@@ -320,13 +323,13 @@ class Board:
         table = Table()
         for col in ("cell", "state", "epoch", "top1_error", "host"):
             table.add_column(col)
-        rows = studies.trial_rows(list(latest.values()))
+        rows = summary.trial_rows(list(latest.values()))
         failed = sorted(
-            (r for r in rows if r["state"] == "FAIL"), key=lambda r: studies.failure_cause(r["fail_reason"])[0]
+            (r for r in rows if r["state"] == "FAIL"), key=lambda r: summary.failure_cause(r["fail_reason"])[0]
         )
         for row in [r for r in rows if r["state"] in ("RUNNING", "COMPLETE")] + failed:
             err = row["top1_error"]
-            cause = studies.failure_cause(row["fail_reason"])[0] if row["state"] == "FAIL" else None
+            cause = summary.failure_cause(row["fail_reason"])[0] if row["state"] == "FAIL" else None
             values = (
                 row["cell"],
                 row["state"] if cause is None else f"FAIL: {cause}",
@@ -335,7 +338,7 @@ class Board:
                 row["host"] or "",
             )
             table.add_row(*(Text(str(c)) for c in values))
-        groups = studies.failure_groups(trials, rules["max_retries"])
+        groups = summary.failure_groups(trials, rules["max_retries"])
         lines = [
             f"failed: {g['cause']}: {g['trials']} trial(s), {g['cells_failed_for_good']} cell(s) for good"
             + (f"; fix: {g['fix']}" if g["fix"] else "")

@@ -27,7 +27,6 @@ True
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
 import os
@@ -41,6 +40,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sweeper.storage import locks
 
 KINDS = ("fp32", "tf32", "bf16")
 WARMUP_STEPS = 1  # untimed: builds the kernels (oneDNN primitives, cuDNN plans) for the shapes
@@ -277,8 +278,7 @@ def _write(path: Path, key: str, value: dict) -> None:
     """Merge one entry into the cache file under a lock; a cache that cannot be written is skipped."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locks.file_lock(path.with_suffix(".lock")):
             entries = _read(path)
             entries[key] = value
             tmp = path.with_name(f".{path.name}.{os.getpid()}")

@@ -9,13 +9,12 @@ K workers per GPU (``--workers-per-gpu``) only double up once every GPU has one.
 
 from __future__ import annotations
 
-import fcntl
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from sweeper import settings
 from sweeper.errors import SweeperError
+from sweeper.storage import locks
 
 
 @dataclass
@@ -51,22 +50,7 @@ def claim(gpus: list[str], workers_per_gpu: int, storage_url: str | None = None)
 
 def _try_lock(storage_url: str | None, name: str):
     if storage_url and storage_url.startswith("postgresql"):
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
-        conn = engine.connect()
-        key = zlib.crc32(f"sweeper.slot:{name}".encode())
-        if conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
-            conn.commit()
-            return conn
-        conn.close()
-        return None
+        return locks.try_advisory_lock(storage_url, f"sweeper.slot:{name}")
     folder = settings.home() / "slots"
     folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / f"{name.replace(':', '_')}.lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
+    return locks.hold_file_lock(folder / f"{name.replace(':', '_')}.lock", wait=False)

@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweeper import settings, tracking, views
-from sweeper import study as studies
 from sweeper.errors import SweeperError
+from sweeper.names import RECIPE_DIGEST_ATTR, SPEC_ATTR
 from sweeper.redact import redact_url, strip_credentials
+from sweeper.storage import connect, internals
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 120.0  # seconds for both servers to answer (MLflow alone takes 10-60 s to start on 2 busy CPUs)
@@ -278,11 +279,11 @@ def serve(
     compare: str | None = None,
 ) -> None:
     """Serve the study's MLflow experiment and Optuna study until Ctrl-C / SIGTERM (or ``stop``)."""
-    url = studies.resolve_storage_url(storage)
+    url = connect.resolve_storage_url(storage)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()
-    study = studies.open_study(study_name, url)
-    optuna_storage = study._storage
+    study = connect.open_study(study_name, url)
+    optuna_storage = internals.storage_of(study)
     study_id = optuna_storage.get_study_id_from_name(study.study_name)
     client = tracking.client(uri, create=False)
     tracking.check_reachable(client)
@@ -362,8 +363,8 @@ def _mlflow_links(client, base, experiment, study, storage, tracking_uri, compar
         if compare:
             raise SweeperError(f"study {study.study_name!r} has no MLflow run yet, so nothing to compare")
         return f"{base}/", None
-    spec = study.user_attrs.get(studies.SPEC_ATTR) or {}
-    digest = study.user_attrs.get(studies.RECIPE_DIGEST_ATTR)
+    spec = study.user_attrs.get(SPEC_ATTR) or {}
+    digest = study.user_attrs.get(RECIPE_DIGEST_ATTR)
     compare_url = None
     if compare:
         from sweeper.report.read import collect

@@ -18,10 +18,12 @@ import math
 from collections import Counter
 from typing import Any
 
-from sweeper import study as studies
 from sweeper import tracking
+from sweeper.names import KEY_ATTR, RECIPE_ATTR, SPEC_ATTR
 from sweeper.redact import redact_url
 from sweeper.spec import VAL_METRICS, decision_metric
+from sweeper.storage import connect
+from sweeper.trials import outcomes, summary
 
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error")
 
@@ -29,7 +31,7 @@ EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error")
 def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()
-    study = studies.open_study(study_name, storage_url)
+    study = connect.open_study(study_name, storage_url)
     client = tracking.client(uri, create=False)
     tracking.check_reachable(client)
     env = f"MLFLOW_TRACKING_URI={redact_url(uri)}"
@@ -39,7 +41,7 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
         problems.append(
             {
                 "check": check,
-                "cell": trial.user_attrs.get(studies.KEY_ATTR) if trial is not None else cell,
+                "cell": trial.user_attrs.get(KEY_ATTR) if trial is not None else cell,
                 "trial": trial.number if trial is not None else None,
                 "run_id": run_id,
                 "message": message,
@@ -50,11 +52,11 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
     trials = study.get_trials(deepcopy=False)
     runs = _cell_runs(client, study_name)
     by_id = {r.info.run_id: r for r in runs}
-    metric = (study.user_attrs.get(studies.SPEC_ATTR) or {}).get("metric", "top1_error")
+    metric = (study.user_attrs.get(SPEC_ATTR) or {}).get("metric", "top1_error")
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     for t in complete:
         _check_trial(client, t, by_id, metric, env, problem)
-    latest = studies.latest_trials(trials)
+    latest = outcomes.latest_trials(trials, outcomes.by_key)
     for t in latest.values():  # the state each cell ended in, as Optuna and MLflow have it
         run = by_id.get(t.user_attrs.get("mlflow_run_id"))
         if run is not None and run.info.status == "FINISHED" and t.state.name != "COMPLETE":
@@ -74,7 +76,7 @@ def verify(study_name: str, storage_url: str | None = None, tracking_uri: str | 
         "ok": not problems,
         "trials_checked": len(complete),
         "runs_checked": len(runs),
-        "cells": studies.counts(list(latest.values())),  # by Optuna state
+        "cells": summary.counts(list(latest.values())),  # by Optuna state
         "runs": dict(Counter(r.info.status for r in active)),  # by MLflow status
         "problems": problems,
     }
@@ -187,7 +189,7 @@ def _check_leftover_runs(active: list, claimed: set[str], study_name: str, env: 
 
 
 def _recipe(trial) -> dict[str, Any]:
-    return {**(trial.user_attrs.get(studies.RECIPE_ATTR) or {}), **trial.params}
+    return {**(trial.user_attrs.get(RECIPE_ATTR) or {}), **trial.params}
 
 
 def _check_epochs(client, trial, run, problem) -> None:

@@ -27,13 +27,25 @@ import torch
 from optuna.trial import TrialState
 
 from sweeper import __version__, checkpoint, cores, device, lineage, settings, system_metrics, tracking, train
-from sweeper import study as studies
 from sweeper.cellmodel import WEIGHTS_FILE, Exporter, save_weights
+from sweeper.contract import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL
 from sweeper.device import Engine
 from sweeper.errors import SweeperError, first_line, root_cause
+from sweeper.names import (
+    FAIL_REASON_ATTR,
+    KEY_ATTR,
+    LIFECYCLE_ATTR,
+    NO_RETRY_ATTR,
+    RECIPE_ATTR,
+    RECIPE_DIGEST_ATTR,
+    SPEC_ATTR,
+    TOP1_ERROR_ATTR,
+)
 from sweeper.redact import redact, redact_url
 from sweeper.spec import SpecError, check_stored, decision_metric, variant_cfgs
+from sweeper.storage import connect, dberrors, internals, locks, stale
 from sweeper.train import EpochMetrics, FitResult, Interrupted, NonFiniteLoss, Recipe, seed_everything
+from sweeper.trials import cellsearch, claims, enqueue, outcomes, summary
 
 log = logging.getLogger("sweeper.worker")
 
@@ -60,8 +72,8 @@ class WorkerConfig:
     max_trials: int | None = None
     forever: bool = False
     poll_interval: float = 5.0  # seconds between looks at an empty queue (--forever)
-    heartbeat_interval: int = studies.DEFAULT_HEARTBEAT_INTERVAL
-    grace_period: int = studies.DEFAULT_GRACE_PERIOD
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL
+    grace_period: int = DEFAULT_GRACE_PERIOD
     tracking_outage_limit: float = 300.0  # seconds MLflow may stay down before a trial fails
     system_metrics: bool = True
     threads: int | None = None  # CPU threads per trial; None: share the host's cores by running trials
@@ -162,19 +174,19 @@ def _open_storage(config: WorkerConfig):
     (a typo must not leave an empty optuna.db and mlflow.db behind)."""
     names = config.study_names
     try:
-        storage = studies.open_storage(
+        storage = connect.open_storage(
             config.storage_url,
             config.heartbeat_interval,
             config.grace_period,
             stall_timeout=config.grace_period,
             create=not names,
         )
-    except studies.NoStore as e:
+    except connect.NoStore as e:
         raise SweeperError(f"no study named {names[0]!r}: {e}") from None
-    known = studies.study_names(storage) if names else []
+    known = connect.study_names(storage) if names else []
     for name in names:
         if name not in known:
-            raise SweeperError(studies.unknown_study(name, known))
+            raise SweeperError(connect.unknown_study(name, known))
     return storage
 
 
@@ -226,7 +238,7 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
             claimed = _timed(
                 config,
                 "claim",
-                studies.retry_db,
+                dberrors.retry_db,
                 _claim_next,
                 storage,
                 config.study_names,
@@ -237,7 +249,7 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
                 what="looking for a waiting trial",
             )
         except Exception as e:
-            if not studies.is_db_error(e):
+            if not dberrors.is_db_error(e):
                 raise
             raise SweeperError(
                 f"the Optuna storage {redact_url(config.storage_url)} stayed unreachable for over "
@@ -356,31 +368,31 @@ def _claim_next(storage, names: tuple[str, ...], on_stale=None, held: dict[str, 
     """The first trial claimed from the studies ``names`` (all when empty): (study, trial id), or
     None. ``held`` collects the studies skipped for their lifecycle while trials of theirs wait;
     ``unfinished``, when nothing was claimed, the trials still waiting or running per study."""
-    for name in names or studies.study_names(storage):
+    for name in names or connect.study_names(storage):
         try:
             attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
         except KeyError:
             if names:
-                raise SweeperError(studies.unknown_study(name, studies.study_names(storage))) from None
+                raise SweeperError(connect.unknown_study(name, connect.study_names(storage))) from None
             continue
-        spec = attrs.get(studies.SPEC_ATTR)
+        spec = attrs.get(SPEC_ATTR)
         if spec is None:
             continue  # not a sweeper study
         study = optuna.load_study(
-            study_name=name, storage=storage, sampler=studies.make_sampler(spec), pruner=studies.make_pruner(spec)
+            study_name=name, storage=storage, sampler=cellsearch.make_sampler(spec), pruner=cellsearch.make_pruner(spec)
         )
-        if studies.fail_stale_trials(study) and on_stale is not None:
+        if claims.fail_stale_trials(study) and on_stale is not None:
             on_stale(study)  # a retry may have been the last one
-        life = attrs.get(studies.LIFECYCLE_ATTR) or {"state": "running"}
+        life = attrs.get(LIFECYCLE_ATTR) or {"state": "running"}
         if life["state"] != "running":  # stopped, paused or cancelled: claim nothing (`sweeper resume` allows it again)
-            if held is not None and studies.waiting_trial_ids(study, limit=1):
+            if held is not None and internals.waiting_trial_ids(study, limit=1):
                 held[name] = life
             continue
-        trial_id = studies.claim(study)
+        trial_id = claims.claim(study)
         if trial_id is not None:
             return study, trial_id
         if unfinished is not None:
-            unfinished[name] = studies.unfinished_count(study)
+            unfinished[name] = internals.unfinished_count(study)
     return None
 
 
@@ -391,7 +403,7 @@ def settle(study: optuna.Study, mlflow_client, config: WorkerConfig | None, comp
     from sweeper import notify
 
     try:
-        settled = studies.settle(study, completed)
+        settled = outcomes.settle(study, completed)
     except Exception as e:
         log.warning("could not settle study %s: %s", study.study_name, redact(e))
         return
@@ -406,8 +418,8 @@ def settle(study: optuna.Study, mlflow_client, config: WorkerConfig | None, comp
                 "cell_failed",
                 study.study_name,
                 uri,
-                cell=trial.user_attrs.get(studies.KEY_ATTR),
-                reason=trial.system_attrs.get(studies.FAIL_REASON_ATTR),
+                cell=trial.user_attrs.get(KEY_ATTR),
+                reason=trial.system_attrs.get(FAIL_REASON_ATTR),
                 run_id=trial.user_attrs.get("mlflow_run_id"),
                 paused=settled.paused,
             ),
@@ -416,7 +428,9 @@ def settle(study: optuna.Study, mlflow_client, config: WorkerConfig | None, comp
         if mlflow_client is not None:
             tracking.set_study_run_status(mlflow_client, study.study_name, settled.outcome)
         if settled.outcome != "running":
-            counts = studies.counts(list(studies.latest_trials(study.get_trials(deepcopy=False)).values()))
+            counts = summary.counts(
+                list(outcomes.latest_trials(study.get_trials(deepcopy=False), outcomes.by_key).values())
+            )
             log.info("study %s %s: %s", study.study_name, settled.outcome, counts)
             notify.send(
                 url, notify.event("study_complete", study.study_name, uri, outcome=settled.outcome, counts=counts)
@@ -500,14 +514,14 @@ class TrialRun:
         self.study, self.trial_id, self.config = study, trial_id, config
         self.client, self.stop = mlflow_client, stop
         self.mlflow_ids = {} if mlflow_ids is None else mlflow_ids  # the worker's, kept between trials
-        self.storage = study._storage
+        self.storage = internals.storage_of(study)
         self.trial = self._db(optuna.Trial, study, trial_id)
-        self.spec = self._db(studies.stored_spec, study)
-        attrs = self.trial._cached_frozen_trial.user_attrs
+        self.spec = self._db(connect.stored_spec, study)
+        attrs = internals.frozen_trial(self.trial).user_attrs
         self.attrs = attrs
-        self.key = attrs[studies.KEY_ATTR]
+        self.key = attrs[KEY_ATTR]
         self.variant, self.dataset, self.seed = attrs["variant"], attrs["dataset"], int(attrs["seed"])
-        self.recipe_digest = attrs.get(studies.RECIPE_DIGEST_ATTR)
+        self.recipe_digest = attrs.get(RECIPE_DIGEST_ATTR)
         cell = self.key + (f"@{self.recipe_digest}" if self.recipe_digest else "")  # one folder per recipe
         self.checkpoint_path = checkpoint.cell_path(settings.home() / "checkpoints", study.study_name, cell)
         self.logger: tracking.RunLogger | None = None
@@ -519,7 +533,7 @@ class TrialRun:
         self.told: TrialState | None = None  # COMPLETE or PRUNED once the trial ended so
         self.exporter = exporter  # the worker's helper process that logs models
         self.deferred: Callable[[], None] | None = None  # the model to log, then COMPLETE (_finish)
-        self.timeout = studies.policy(self.spec)["trial_timeout"]
+        self.timeout = stale.policy(self.spec)["trial_timeout"]
         self.started = time.monotonic()
 
     def timed_out(self) -> bool:
@@ -533,7 +547,7 @@ class TrialRun:
         """A storage call that survives a database blip shorter than the grace period."""
         trial = getattr(self, "trial", None)
         label = f"trial {trial.number}" if trial is not None else f"trial id {self.trial_id}"
-        return studies.retry_db(
+        return dberrors.retry_db(
             fn,
             *args,
             within=self.config.grace_period,
@@ -544,7 +558,7 @@ class TrialRun:
     def run(self) -> None:
         number = self.trial.number
         log.info("trial %d: %s claimed", number, self.key)
-        self.heartbeat = studies.Heartbeat(
+        self.heartbeat = claims.Heartbeat(
             self.storage, self.trial_id, self.config.heartbeat_interval, label=f"trial {number}"
         )
         with self._heartbeat(), self._core_share():
@@ -555,7 +569,7 @@ class TrialRun:
             except HandBack as e:
                 self._flush_quietly()
                 self._end_run("KILLED", e.reason)
-                self._db(studies.hand_back, self.study, self.trial_id, e.reason)
+                self._db(claims.hand_back, self.study, self.trial_id, e.reason)
                 log.warning("trial %d: %s handed back after epoch %d: %s", number, self.key, e.epoch, e.reason)
             except TimedOut as e:
                 self._flush_quietly()  # this epoch's checkpoint: the next attempt goes on from it
@@ -596,11 +610,11 @@ class TrialRun:
         """Fail the trial and enqueue its retry, unless its retries are used up: then it failed
         for good, and the run's reason and the log say so."""
         history = self._db(self.storage.get_trial, self.trial_id).system_attrs.get("retry_history", [])
-        max_retries = studies.policy(self.spec)["max_retries"]
+        max_retries = stale.policy(self.spec)["max_retries"]
         retry = len(history) < max_retries  # as the retry callback decides
         outcome = "re-queued" if retry else f"failed for good (max_retries = {max_retries} reached)"
         self._end_run("KILLED" if retry else "FAILED", f"{reason}; the trial {'was ' if retry else ''}{outcome}")
-        self._db(studies.requeue, self.study, self.trial_id, reason)
+        self._db(claims.requeue, self.study, self.trial_id, reason)
         log.warning(
             "trial %d: %s stopped after epoch %d and %s: %s", self.trial.number, self.key, epoch, outcome, reason
         )
@@ -719,12 +733,12 @@ class TrialRun:
         """The trial's recipe with its searched values, and the metric the trial is decided on."""
         check_stored(self.spec, self.study.study_name)  # stored by an older sweeper, or by hand
         # The recipe stored on the trial at enqueue time: a spec updated meanwhile never changes it.
-        values = dict(self.attrs.get(studies.RECIPE_ATTR) or self.spec["train"], seed=self.seed)
+        values = dict(self.attrs.get(RECIPE_ATTR) or self.spec["train"], seed=self.seed)
         for name, dist in ((self.spec.get("search") or {}).get("space") or {}).items():
             values[name] = self._db(suggest, self.trial, name, dist)
         self.recipe = recipe = Recipe.from_dict(values)
         decide_on = decision_metric(self.spec["metric"], recipe.val_fraction)
-        self._db(studies.set_cell_params, self.study, self.trial_id, self.spec, self.attrs)
+        self._db(internals.set_cell_params, self.study, self.trial_id, self.spec, self.attrs)
         self._db(self.trial.set_user_attr, "sweeper.host", socket.gethostname())
         self._db(self.trial.set_user_attr, "sweeper.epochs", recipe.epochs)
         return recipe, decide_on
@@ -864,7 +878,7 @@ class TrialRun:
         except Interrupted as e:
             reason = f"worker stopped by a signal after epoch {e.last_epoch}, while MLflow was unreachable"
             self._end_run("KILLED", f"{reason}; the trial was re-queued")
-            self._db(studies.requeue, self.study, self.trial_id, reason)
+            self._db(claims.requeue, self.study, self.trial_id, reason)
             log.warning("trial %d: %s re-queued: %s", number, self.key, reason)
         except optuna.exceptions.UpdateFinishedTrialError:
             log.warning("trial %d: %s was finished by another worker; this worker stands down", number, self.key)
@@ -898,12 +912,12 @@ class TrialRun:
         """Open (or reopen) the cell's MLflow run; True when it was created just now."""
         name = self.study.study_name
         if name not in self.mlflow_ids:
-            with studies.study_lock(self.storage, name):  # one parent run, however many workers start
+            with locks.study_lock(self.storage, name):  # one parent run, however many workers start
                 experiment_id = tracking.ensure_experiment(self.client, name)
                 self.mlflow_ids[name] = experiment_id, tracking.ensure_study_run(self.client, experiment_id, self.spec)
                 # Studies launched before metrics were named get theirs here.
                 val_fraction = Recipe.from_dict(self.spec["train"]).val_fraction
-                self._db(studies.name_metric, self.study, decision_metric(self.spec["metric"], val_fraction))
+                self._db(enqueue.name_metric, self.study, decision_metric(self.spec["metric"], val_fraction))
         experiment_id, parent_id = self.mlflow_ids[name]
         run_id = self.attrs.get("mlflow_run_id")
         if run_id is None:
@@ -1000,10 +1014,10 @@ class TrialRun:
         log.error("trial %d: %s failed: %s", self.trial.number, self.key, reason)
         self._end_run("FAILED", reason)
         if retry:
-            self._db(studies.requeue, self.study, self.trial_id, reason)
+            self._db(claims.requeue, self.study, self.trial_id, reason)
         else:
-            self._db(self.storage.set_trial_system_attr, self.trial_id, studies.FAIL_REASON_ATTR, reason)
-            self._db(self.storage.set_trial_system_attr, self.trial_id, studies.NO_RETRY_ATTR, True)
+            self._db(self.storage.set_trial_system_attr, self.trial_id, FAIL_REASON_ATTR, reason)
+            self._db(self.storage.set_trial_system_attr, self.trial_id, NO_RETRY_ATTR, True)
             self._db(self.study.tell, self.trial, state=TrialState.FAIL)
 
 
@@ -1048,7 +1062,7 @@ class EpochReporter:
             self.held.append(m)
             self.already_logged.add(m.epoch)
         if self.decide_on != "top1_error":  # `sweeper status` shows the test error; Optuna has the other
-            run._db(run.trial.set_user_attr, studies.TOP1_ERROR_ATTR, m.top1_error)
+            run._db(run.trial.set_user_attr, TOP1_ERROR_ATTR, m.top1_error)
         log.info(
             "trial %d: %s epoch %d/%d %s %.4f",
             run.trial.number,
@@ -1086,7 +1100,7 @@ class EpochReporter:
             return False
         run = self.trial_run
         self.lifecycle_checked = time.monotonic()
-        return run._db(studies.lifecycle, run.storage, run.study._study_id)["state"] == "cancelled"
+        return run._db(outcomes.lifecycle, run.study)["state"] == "cancelled"
 
     def _checkpoint(self, snapshot: dict[str, Any]) -> None:
         self.wait()  # at most one checkpoint in flight
@@ -1118,7 +1132,7 @@ class EpochReporter:
         the grace period wakes up to find its trial retried by another: what it held back then
         belongs to that worker's attempt, and writing it would log an epoch twice."""
         run = self.trial_run
-        if run._db(studies.trial_state, run.storage, run.trial_id) == TrialState.RUNNING:
+        if run._db(internals.trial_state, run.storage, run.trial_id) == TrialState.RUNNING:
             return True
         self.lost = True
         return False

@@ -13,8 +13,10 @@ import torch
 from helpers import sweeper, write_spec
 from mlflow.tracking import MlflowClient
 
-from sweeper import study as studies
 from sweeper.data import load
+from sweeper.names import KEY_ATTR, RECIPE_DIGEST_ATTR
+from sweeper.storage import connect
+from sweeper.trials import cellsearch, enqueue
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
@@ -82,13 +84,13 @@ def _finished(study, key: str, digest: str, curve: list[float]) -> None:
         optuna.trial.create_trial(
             value=curve[-1],
             intermediate_values=dict(enumerate(curve, start=1)),
-            user_attrs={studies.KEY_ATTR: key, studies.RECIPE_DIGEST_ATTR: digest},
+            user_attrs={KEY_ATTR: key, RECIPE_DIGEST_ATTR: digest},
         )
     )
 
 
 def test_pruning_compares_a_trial_with_its_own_cell_only(tmp_path):
-    storage = studies.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage = connect.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study = optuna.create_study(study_name="cells", storage=storage)
     for k in range(1, 6):  # a hard cell: errors near 0.9
         _finished(study, f"long/cifar100/s1#{k}", "r1", [0.95, 0.92, 0.9])
@@ -99,25 +101,25 @@ def test_pruning_compares_a_trial_with_its_own_cell_only(tmp_path):
 
     def running(key: str, curve: list[float]):
         trial = study.ask()
-        trial.set_user_attr(studies.KEY_ATTR, key)
-        trial.set_user_attr(studies.RECIPE_DIGEST_ATTR, "r1")
+        trial.set_user_attr(KEY_ATTR, key)
+        trial.set_user_attr(RECIPE_DIGEST_ATTR, "r1")
         for step, value in enumerate(curve, start=1):
             trial.report(value, step)
         return storage.get_trial(trial._trial_id)
 
     median = dict(n_startup_trials=5, n_warmup_steps=2)
-    per_cell = studies.CellPruner(optuna.pruners.MedianPruner(**median))
+    per_cell = cellsearch.CellPruner(optuna.pruners.MedianPruner(**median))
     pooled = optuna.pruners.MedianPruner(**median)
     good_hard = running("long/cifar100/s1#6", [0.9, 0.88, 0.85])  # better than its own cell's median
     assert pooled.prune(study, good_hard), "pooled, the easy cell's curves would prune it"
     assert not per_cell.prune(study, good_hard), "against its own cell it is a good trial"
     bad_easy = running("short4/digits/s1#11", [0.4, 0.3, 0.3])  # worse than its own cell's median
     assert per_cell.prune(study, bad_easy)
-    assert not studies.make_pruner({"search": {"pruner": "median"}}).prune(study, good_hard)
-    view = studies.CellStudy(study, ("long/cifar100/s1", "r1"))
-    assert {t.user_attrs[studies.KEY_ATTR] for t in view.get_trials()} == {
-        *(f"long/cifar100/s1#{k}" for k in range(1, 7))
-    }, "the sampler's and pruner's view: this cell and recipe only"
+    assert not cellsearch.make_pruner({"search": {"pruner": "median"}}).prune(study, good_hard)
+    view = cellsearch.CellStudy(study, ("long/cifar100/s1", "r1"))
+    assert {t.user_attrs[KEY_ATTR] for t in view.get_trials()} == {*(f"long/cifar100/s1#{k}" for k in range(1, 7))}, (
+        "the sampler's and pruner's view: this cell and recipe only"
+    )
 
 
 def test_changed_recipe_is_new_rows_and_each_trial_keeps_its_own(sweeper_env, tmp_path):
@@ -129,7 +131,7 @@ def test_changed_recipe_is_new_rows_and_each_trial_keeps_its_own(sweeper_env, tm
     storage, client = stores(sweeper_env)
     trials = optuna.load_study(study_name="recipes", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
-    assert trials[0].user_attrs[studies.RECIPE_DIGEST_ATTR] != trials[1].user_attrs[studies.RECIPE_DIGEST_ATTR]
+    assert trials[0].user_attrs[RECIPE_DIGEST_ATTR] != trials[1].user_attrs[RECIPE_DIGEST_ATTR]
     runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials]
     assert runs[0].info.run_id != runs[1].info.run_id, "a new recipe is a new run, not the old cell's"
     assert [r.data.params["lr"] for r in runs] == ["1.0", "0.5"], (
@@ -361,19 +363,19 @@ def test_a_study_launched_before_cells_were_params_keeps_working(sweeper_env, tm
     from sweeper import spec as specs
 
     path = write_spec(tmp_path / "older.toml", variants=("short4", "short3"), epochs=1, limit_train=64, limit_test=32)
-    storage = studies.open_storage(f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db")
-    monkeypatch.setattr(studies, "name_metric", lambda study, metric: None)  # the older launch
-    studies.launch(storage, specs.load(str(path)))
+    storage = connect.open_storage(f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db")
+    monkeypatch.setattr(enqueue, "name_metric", lambda study, metric: None)  # the older launch
+    enqueue.enqueue_study(storage, specs.load(str(path)))
     before = optuna.load_study(study_name="older", storage=storage)
     assert before.metric_names is None and [t.params for t in before.trials] == [{}, {}]
-    keys = [t.user_attrs[studies.KEY_ATTR] for t in before.trials]
+    keys = [t.user_attrs[KEY_ATTR] for t in before.trials]
 
     again = sweeper("launch", "--study", str(path), env=sweeper_env)
     assert "all 2 trial(s) already enqueued; nothing to add" in again.stderr
     sweeper("worker", "--study", "older", "--max-trials", "1", env=sweeper_env, timeout=600)
     after = optuna.load_study(study_name="older", storage=storage)
     assert after.metric_names == ["top1_error"]
-    assert [t.user_attrs[studies.KEY_ATTR] for t in after.trials] == keys, "no trial added, no key changed"
+    assert [t.user_attrs[KEY_ATTR] for t in after.trials] == keys, "no trial added, no key changed"
     done, waiting = after.trials
     assert done.state.name == "COMPLETE" and waiting.state.name == "WAITING"
     assert done.params == {"variant": done.user_attrs["variant"], "dataset": "digits", "seed": 1}

@@ -26,9 +26,11 @@ def test_library_modules_leave_process_wide_settings_to_the_commands(tmp_path):
             optuna.logging.get_verbosity(), quiet_about_experimental(), gc.get_freeze_count(),
             logging.getLogger("urllib3.connectionpool").level, matplotlib.get_backend(),
         )
-        from sweeper import launcher, report, spec, study, worker
+        from sweeper import launcher, report, spec, worker
+        from sweeper.storage import connect
+        from sweeper.trials import enqueue
         url, uri = "sqlite:///{tmp_path}/optuna.db", "sqlite:///{tmp_path}/mlflow.db"
-        study.launch(study.open_storage(url), spec.load("quickstart"))
+        enqueue.enqueue_study(connect.open_storage(url), spec.load("quickstart"))
         worker.run(worker.WorkerConfig(url, uri, max_trials=0, system_metrics=False))
         report.print_report("quickstart", url, uri, fmt="json", plots_dir="{tmp_path}/plots")
         after = (
@@ -50,21 +52,22 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
     cache must fail here: a suggested parameter and the final state must still reach the store."""
     import optuna
 
-    from sweeper import study as studies
+    from sweeper.storage import connect, internals
+    from sweeper.trials import claims
 
     url = f"sqlite:///{tmp_path}/optuna.db"
-    owner = optuna.create_study(study_name="s", storage=studies.open_storage(url))
-    studies.enqueue_many(owner, [{"sweeper.key": f"k{i}"} for i in range(5)])
-    worker = optuna.load_study(study_name="s", storage=studies.open_storage(url))
+    owner = optuna.create_study(study_name="s", storage=connect.open_storage(url))
+    internals.enqueue_many(owner, [{"sweeper.key": f"k{i}"} for i in range(5)])
+    worker = optuna.load_study(study_name="s", storage=connect.open_storage(url))
 
-    trial_id = studies.claim(worker)
+    trial_id = claims.claim(worker)
     cached = worker._storage._studies[worker._study_id].trials
     assert [t._trial_id for t in cached.values()] == [trial_id]  # one trial read, not five
     trial = optuna.Trial(worker, trial_id)
     trial.suggest_float("lr", 1e-4, 1e-1, log=True)
     worker.tell(trial, 0.25)
 
-    for study in (worker, optuna.load_study(study_name="s", storage=studies.open_storage(url))):
+    for study in (worker, optuna.load_study(study_name="s", storage=connect.open_storage(url))):
         first = study.get_trials(deepcopy=False)[0]
         assert (first._trial_id, first.state, first.value, list(first.params)) == (
             trial_id,
@@ -81,12 +84,13 @@ def test_settle_after_a_completed_trial_reads_nothing_until_the_last_one(tmp_pat
     the last trial must still turn the outcome to finished, exactly once."""
     import optuna
 
-    from sweeper import study as studies
+    from sweeper.storage import connect, internals
+    from sweeper.trials import claims, outcomes
 
     url = f"sqlite:///{tmp_path}/optuna.db"
-    owner = optuna.create_study(study_name="s", storage=studies.open_storage(url))
-    studies.enqueue_many(owner, [{"sweeper.key": f"k{i}"} for i in range(3)])
-    worker = optuna.load_study(study_name="s", storage=studies.open_storage(url))
+    owner = optuna.create_study(study_name="s", storage=connect.open_storage(url))
+    internals.enqueue_many(owner, [{"sweeper.key": f"k{i}"} for i in range(3)])
+    worker = optuna.load_study(study_name="s", storage=connect.open_storage(url))
     backend = worker._storage._backend
     reads = []
     read_all = backend.get_all_trials
@@ -94,15 +98,15 @@ def test_settle_after_a_completed_trial_reads_nothing_until_the_last_one(tmp_pat
 
     settled = []
     for i in range(3):
-        trial_id = studies.claim(worker)
+        trial_id = claims.claim(worker)
         worker.tell(optuna.Trial(worker, trial_id), 0.1)
-        settled.append((studies.settle(worker, completed=f"k{i}"), len(reads)))
+        settled.append((outcomes.settle(worker, completed=f"k{i}"), len(reads)))
     assert [(s.outcome, s.outcome_changed, n) for s, n in settled] == [
         ("running", False, 0),
         ("running", False, 0),
         ("finished", True, 1),
     ]
-    assert not studies.settle(worker, completed="k2").outcome_changed  # settled once
+    assert not outcomes.settle(worker, completed="k2").outcome_changed  # settled once
 
 
 def test_bulk_enqueue_makes_the_trials_optunas_public_api_makes(tmp_path):
@@ -110,15 +114,15 @@ def test_bulk_enqueue_makes_the_trials_optunas_public_api_makes(tmp_path):
     moves them must fail here, not in a user's launch."""
     import optuna
 
-    from sweeper import study as studies
+    from sweeper.storage import connect, internals
 
-    storage = studies.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    storage = connect.open_storage(f"sqlite:///{tmp_path}/optuna.db")
     attrs = [{"sweeper.key": f"short4/digits/s{seed}", "variant": "short4", "seed": seed} for seed in (1, 2, 3)]
     public = optuna.create_study(study_name="public", storage=storage)
     public.enqueue_trial({}, user_attrs=attrs[0])
     bulk = optuna.create_study(study_name="bulk", storage=storage)
-    studies.enqueue_many(bulk, attrs[:1])
-    studies.enqueue_many(bulk, attrs[1:])  # numbering continues across calls
+    internals.enqueue_many(bulk, attrs[:1])
+    internals.enqueue_many(bulk, attrs[1:])  # numbering continues across calls
     for attr in attrs[1:]:
         public.enqueue_trial({}, user_attrs=attr)
 
@@ -140,7 +144,7 @@ def test_bulk_enqueue_makes_the_trials_optunas_public_api_makes(tmp_path):
         ]
 
     assert seen(bulk) == seen(public)
-    assert studies.trial_keys(bulk) == {(a["sweeper.key"], None) for a in attrs}
+    assert internals.trial_keys(bulk) == {(a["sweeper.key"], None) for a in attrs}
     # A claimed bulk trial is an ordinary trial to Optuna: asked, suggested, told.
     trial = bulk.ask()
     assert trial.number == 0 and trial.user_attrs == attrs[0]

@@ -45,10 +45,10 @@ def test_a_new_recipe_key_without_its_line_fails_the_generator(monkeypatch):
 
 
 def test_the_documented_defaults_are_the_code_s():
-    from sweeper import study
+    from sweeper.storage import stale
 
-    assert specdoc.POLICY_DEFAULTS["max_retries"] == study.MAX_RETRY
-    assert study.policy({}) == specdoc.POLICY_DEFAULTS
+    assert specdoc.POLICY_DEFAULTS["max_retries"] == stale.MAX_RETRY
+    assert stale.policy({}) == specdoc.POLICY_DEFAULTS
     assert "| `epochs` | integer | `14` | >= 1 |" in specdoc.render()
 
 

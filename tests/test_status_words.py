@@ -13,8 +13,10 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from sweeper import spec as specs
-from sweeper import study as studies
 from sweeper.launcher import Board
+from sweeper.names import FAIL_REASON_ATTR, NO_RETRY_ATTR
+from sweeper.storage import connect
+from sweeper.trials import claims, enqueue
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) \S+\[\d+\]: ")
 
@@ -27,18 +29,18 @@ def render(board: Board) -> str:
 
 def test_the_board_names_the_state_groups_failures_and_ends_finished_or_failed(tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEPER_HOME", str(tmp_path))
-    storage = studies.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    storage = connect.open_storage(f"sqlite:///{tmp_path}/optuna.db")
     spec = specs.load(str(write_spec(tmp_path / "board.toml", seeds=(1, 2, 3), epochs=1)))
-    study = studies.launch(storage, spec).study
+    study = enqueue.enqueue_study(storage, spec).study
     board = Board(study)
     text = render(board)
     assert "board (running): 0 done, 0 running, 3 waiting" in text and "eta: none (no worker running)" in text
 
-    first = studies.claim(study)
-    study._storage.set_trial_system_attr(first, studies.FAIL_REASON_ATTR, "training loss became nan at epoch 1")
-    study._storage.set_trial_system_attr(first, studies.NO_RETRY_ATTR, True)
+    first = claims.claim(study)
+    study._storage.set_trial_system_attr(first, FAIL_REASON_ATTR, "training loss became nan at epoch 1")
+    study._storage.set_trial_system_attr(first, NO_RETRY_ATTR, True)
     study._storage.set_trial_state_values(first, TrialState.FAIL)
-    second = studies.claim(study)
+    second = claims.claim(study)
     text = render(board)
     assert "board (running): 0 done, 1 running, 1 waiting, 0 pruned, 1 failed" in text
     assert "eta: none yet" in text  # a worker runs, but no finished run tells the rate yet
@@ -46,7 +48,7 @@ def test_the_board_names_the_state_groups_failures_and_ends_finished_or_failed(t
     assert "failed: non-finite loss: 1 trial(s), 1 cell(s) for good; fix: lower [train] lr" in text
 
     study._storage.set_trial_state_values(second, TrialState.COMPLETE, values=[0.25])
-    third = studies.claim(study)
+    third = claims.claim(study)
     study._storage.set_trial_state_values(third, TrialState.COMPLETE, values=[0.5])
     text = render(board)
     assert "board (failed): 2 done, 0 running, 0 waiting" in text and "eta" not in text

@@ -10,9 +10,10 @@ import optuna
 import pandas as pd
 import pytest
 
-from sweeper import study as studies
 from sweeper import views
 from sweeper.errors import SweeperError
+from sweeper.storage import connect, internals
+from sweeper.trials import claims
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -102,21 +103,21 @@ def test_pick_runs_takes_variants_or_cells_and_names_what_is_missing():
 def test_cell_params_are_written_as_they_are_never_sampled(tmp_path):
     """A cell's variant, dataset and seed become categorical params over the grid, whatever the
     sampler; a value the study's earlier distribution cannot hold is left out, without an error."""
-    storage = studies.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    storage = connect.open_storage(f"sqlite:///{tmp_path}/optuna.db")
     study = optuna.create_study(study_name="s", storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
     spec = {"grid": {"variant": ["short4", "short3", "short2"], "dataset": ["digits"], "seed": [1, 2]}}
     cells = [{"variant": v, "dataset": "digits", "seed": s} for v in ("short2", "short3") for s in (2, 1)]
-    studies.enqueue_many(study, cells)
+    internals.enqueue_many(study, cells)
     for attrs in cells:
-        trial_id = studies.claim(study)
-        studies.set_cell_params(study, trial_id, spec, attrs)
-        studies.set_cell_params(study, trial_id, spec, attrs)  # a second time changes nothing
+        trial_id = claims.claim(study)
+        internals.set_cell_params(study, trial_id, spec, attrs)
+        internals.set_cell_params(study, trial_id, spec, attrs)  # a second time changes nothing
         study.tell(optuna.Trial(study, trial_id), 0.5)
     assert [t.params for t in study.trials] == cells
     assert study.trials[0].distributions["variant"].choices == ("short4", "short3", "short2")
 
     grown = {"grid": {**spec["grid"], "variant": ["short4", "short3", "short2", "long"]}}
-    studies.enqueue_many(study, [{"variant": "long", "dataset": "digits", "seed": 1}])
-    trial_id = studies.claim(study)
-    studies.set_cell_params(study, trial_id, grown, {"variant": "long", "dataset": "digits", "seed": 1})
+    internals.enqueue_many(study, [{"variant": "long", "dataset": "digits", "seed": 1}])
+    trial_id = claims.claim(study)
+    internals.set_cell_params(study, trial_id, grown, {"variant": "long", "dataset": "digits", "seed": 1})
     assert storage.get_trial(trial_id).params == {"dataset": "digits", "seed": 1}

@@ -208,15 +208,12 @@ def study_name(study: str) -> str:
 
 
 def study_layer():
-    """sweeper.study, with Optuna set up for the whole process as every command wants it: its log
+    """Optuna set up for the whole process as every command wants it: its log
     at WARNING (not a line per trial), and quiet about the experimental heartbeat API that sweeper
     relies on knowingly. Library modules leave such process-wide settings to the commands."""
     import warnings
 
     import optuna
 
-    from sweeper import study
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return study

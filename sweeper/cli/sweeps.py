@@ -280,12 +280,12 @@ def worker(
 
     from sweeper import device as devices
     from sweeper import tracking
+    from sweeper.storage.connect import resolve_storage_url
     from sweeper.worker import StopSignal, WorkerConfig, run
 
     gpu_list: list[str] = []
     if device in ("auto", "cuda"):
         from sweeper import slots
-        from sweeper.study import resolve_storage_url
 
         gpu_list = gpus.split(",") if gpus else slots.visible_gpus()
         if gpu_list:  # take a free host:gpu slot so replicas spread over the GPUs
@@ -303,12 +303,12 @@ def worker(
     except devices.BadDevice as e:
         raise click.UsageError(str(e)) from None
 
-    st = study_layer()
+    study_layer()
     stop = StopSignal()
     stop.install()
     from sweeper.report.publish import Refresher
 
-    storage_url, uri = st.resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
+    storage_url, uri = resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
     reports = Refresher(storage_url, uri)  # the study's report page in MLflow, after each cell
     config = WorkerConfig(
         storage_url=storage_url,

@@ -15,7 +15,6 @@ batches are read with an unpickler that can build numpy arrays and nothing else.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from sweeper.data import cifar_archive, cifar_files
 from sweeper.data.base import DatasetError, Splits
 from sweeper.data.cifar_archive import Progress
 from sweeper.data.cifar_files import INFOS, SOURCES, Source, reason
+from sweeper.storage import locks
 
 # --------------------------------------------------------------------------- public API
 
@@ -155,23 +155,19 @@ def _make_dir(data_dir: Path) -> None:
 def _lock(name: str, data_dir: Path) -> Iterator[None]:
     """Exclusive across processes; also clears temp files a crashed holder left behind."""
     path = data_dir / f".{name}.lock"
-    try:
-        f = open(path, "a+b")  # held for the whole block
-    except OSError as e:
-        raise DatasetError(
-            f"cannot create the lock file {path} ({reason(e)}); set SWEEPER_DATA_DIR to a writable folder."
-        ) from None
-    with f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    with contextlib.ExitStack() as held:
         try:
-            for stale in data_dir.glob(f".{name}-*"):
-                if stale.is_dir() and not stale.is_symlink():
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            held.enter_context(locks.file_lock(path))
+        except OSError as e:
+            raise DatasetError(
+                f"cannot create the lock file {path} ({reason(e)}); set SWEEPER_DATA_DIR to a writable folder."
+            ) from None
+        for stale in data_dir.glob(f".{name}-*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        yield
 
 
 __all__ = ["INFOS", "SOURCES", "Source", "fetch", "import_archive", "load", "status"]

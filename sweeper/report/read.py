@@ -17,12 +17,14 @@ from typing import Any
 
 import pandas as pd
 
-from sweeper import study as studies
 from sweeper import tracking
 from sweeper.contract import VARIANTS
 from sweeper.errors import SweeperError
+from sweeper.names import KEY_ATTR, RECIPE_DIGEST_ATTR, SPEC_ATTR
 from sweeper.redact import redact, redact_url
 from sweeper.spec import decision_metric
+from sweeper.storage import connect
+from sweeper.trials import outcomes
 
 VARIANT_ORDER = tuple(VARIANTS)  # the seed post's row order
 DATASET_ORDER = ("cifar100", "cifar10", "digits", "synthetic")  # the seed's table order, then ours
@@ -103,14 +105,14 @@ def collect(
 
 
 def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None, recipe: str = "current") -> Collected:
-    url = studies.resolve_storage_url(storage_url)
+    url = connect.resolve_storage_url(storage_url)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.configure_http()
-    study = studies.open_study(study_name, url)
-    spec = study.user_attrs.get(studies.SPEC_ATTR) or {}
+    study = connect.open_study(study_name, url)
+    spec = study.user_attrs.get(SPEC_ATTR) or {}
     epochs = int((spec.get("train") or {}).get("epochs") or DEFAULT_EPOCHS)
     trials = _cell_trials(study.get_trials(deepcopy=False), spec)
-    trials = _of_recipe(trials, recipe, study.user_attrs.get(studies.RECIPE_DIGEST_ATTR))
+    trials = _of_recipe(trials, recipe, study.user_attrs.get(RECIPE_DIGEST_ATTR))
 
     client = tracking.client(uri, create=False)
     experiment = _experiment(client, study_name, uri)
@@ -131,10 +133,10 @@ def _collect(study_name: str, storage_url: str | None, tracking_uri: str | None,
     finished = {}
     for trial in trials:
         ua = trial.user_attrs
-        digest = ua.get(studies.RECIPE_DIGEST_ATTR)
-        run = runs_by_id.get(ua.get("mlflow_run_id")) or runs_by_key.get((ua.get(studies.KEY_ATTR), digest))
+        digest = ua.get(RECIPE_DIGEST_ATTR)
+        run = runs_by_id.get(ua.get("mlflow_run_id")) or runs_by_key.get((ua.get(KEY_ATTR), digest))
         if run is not None and trial.state.name == DONE and trial.value is not None:
-            finished[run.info.run_id] = (ua.get(studies.KEY_ATTR), trial.value)
+            finished[run.info.run_id] = (ua.get(KEY_ATTR), trial.value)
         metrics = run.data.metrics if run is not None else {}
         tags = run.data.tags if run is not None else {}
         rows.append(
@@ -217,11 +219,11 @@ def _of_recipe(trials: list, recipe: str, current: str | None) -> list:
     want = current if recipe == "current" else recipe
     if want is None:  # a study launched before recipes had digests
         return trials
-    kept = [t for t in trials if (t.user_attrs.get(studies.RECIPE_DIGEST_ATTR) or "").startswith(want)]
+    kept = [t for t in trials if (t.user_attrs.get(RECIPE_DIGEST_ATTR) or "").startswith(want)]
     if recipe != "current" and not kept:
-        digests = sorted({t.user_attrs.get(studies.RECIPE_DIGEST_ATTR) or "none" for t in trials})
+        digests = sorted({t.user_attrs.get(RECIPE_DIGEST_ATTR) or "none" for t in trials})
         raise SweeperError(f"no trial with recipe {recipe!r}; this study's recipes: {', '.join(digests)}")
-    hidden = {t.user_attrs.get(studies.RECIPE_DIGEST_ATTR) for t in trials} - {want}
+    hidden = {t.user_attrs.get(RECIPE_DIGEST_ATTR) for t in trials} - {want}
     if recipe == "current" and len(kept) < len(trials):
         note(
             f"{len(trials) - len(kept)} row(s) of {len(hidden)} earlier recipe(s) not shown "
@@ -233,15 +235,11 @@ def _of_recipe(trials: list, recipe: str, current: str | None) -> list:
 def _cell_trials(trials, spec: dict[str, Any]) -> list:
     """The trial that speaks for each grid cell and recipe: the latest trial of each trial key
     (a retry replaces the trial it retries); in a search study, the best finished trial."""
-    latest: dict[tuple, Any] = {}
-    for t in sorted(trials, key=lambda t: t.number):
-        key = t.user_attrs.get(studies.KEY_ATTR)
-        if key is not None:
-            latest[(key, t.user_attrs.get(studies.RECIPE_DIGEST_ATTR))] = t
+    latest = outcomes.latest_trials(trials, outcomes.by_key_and_recipe)
     by_cell: dict[tuple, list] = {}
     for t in latest.values():
         ua = t.user_attrs
-        cell = (ua.get("variant"), ua.get("dataset"), _int(ua.get("seed")), ua.get(studies.RECIPE_DIGEST_ATTR))
+        cell = (ua.get("variant"), ua.get("dataset"), _int(ua.get("seed")), ua.get(RECIPE_DIGEST_ATTR))
         by_cell.setdefault(cell, []).append(t)
     maximize = spec.get("direction") == "maximize"
     chosen = []

@@ -60,7 +60,8 @@ def client(uri: str | None = None, create: bool = True):
     ``create=False`` (commands that only read), refused when its file does not exist."""
     from mlflow.tracking import MlflowClient
 
-    from sweeper.study import check_sqlite_file, file_lock, sqlite_path
+    from sweeper.storage.connect import check_sqlite_file, sqlite_path
+    from sweeper.storage.locks import file_lock
 
     configure_http()
     uri = resolve_tracking_uri(uri)
@@ -109,7 +110,7 @@ def _create_embedded(uri: str):
     "Circular dependency detected"). It finishes in seconds: wait for it and try again."""
     from mlflow.tracking import MlflowClient
 
-    from sweeper.study import sqlite_path
+    from sweeper.storage.connect import sqlite_path
 
     _wait_while_migrating(sqlite_path(uri))
     deadline = time.monotonic() + STORE_CREATE_WAIT

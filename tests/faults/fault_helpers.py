@@ -85,7 +85,9 @@ class Proc:
 READY_THEN_RUN = """
 import os, sys, time
 import mlflow.tracking, optuna, psycopg2, sqlalchemy, torch  # the slow imports, before the start line
-from sweeper import cli, launcher, spec, study, tracking
+from sweeper import cli, launcher, spec, tracking
+from sweeper.storage import connect
+from sweeper.trials import claims, enqueue
 ready, go = sys.argv[1:3]
 open(ready, "w").close()
 while not os.path.exists(go):
@@ -128,9 +130,10 @@ def run_together(tmp_path: Path, env: dict[str, str], *commands: list[str]) -> l
 def enqueue(spec_path: Path, storage_url: str | None = None) -> None:
     """What `sweeper launch` does to the queue (the launch race test runs the real command)."""
     from sweeper import spec
-    from sweeper import study as studies
+    from sweeper.storage import connect
+    from sweeper.trials import enqueue
 
-    studies.launch(studies.open_storage(storage_url), spec.load(str(spec_path)))
+    enqueue.enqueue_study(connect.open_storage(storage_url), spec.load(str(spec_path)))
 
 
 def cli(*args: str, env: dict[str, str] | None = None, code: int | None = 0):
@@ -146,9 +149,9 @@ def cli(*args: str, env: dict[str, str] | None = None, code: int | None = 0):
 
 
 def storage_of(url: str, grace_period: int = 60):
-    from sweeper import study as studies
+    from sweeper.storage import connect
 
-    return studies.open_storage(url, heartbeat_interval=1, grace_period=grace_period)
+    return connect.open_storage(url, heartbeat_interval=1, grace_period=grace_period)
 
 
 def trials_of(url: str, study: str):

@@ -61,10 +61,10 @@ epochs = 1
 def old_schema_storage(path: Path) -> str:
     """A storage made by this Optuna, then made to look like one made by Optuna 3.0: its
     alembic_version row and version_info table as an older release left them."""
-    from sweeper import study as studies
+    from sweeper.storage import connect
 
     url = f"sqlite:///{path}"
-    studies.open_storage(url).engine.dispose()
+    connect.open_storage(url).engine.dispose()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE alembic_version SET version_num = 'v3.0.0.c'")
         db.execute("UPDATE version_info SET library_version = '3.0.0'")
@@ -447,15 +447,17 @@ def test_stored_bad_values_and_path_like_names_fail_their_cell_without_a_traceba
     import optuna
 
     from sweeper import spec as specs
-    from sweeper import study as studies
+    from sweeper.names import SPEC_ATTR
+    from sweeper.storage import connect
+    from sweeper.trials import enqueue
 
     home = Path(sweeper_env["SWEEPER_HOME"])
-    storage = studies.open_storage(f"sqlite:///{home / 'optuna.db'}")
+    storage = connect.open_storage(f"sqlite:///{home / 'optuna.db'}")
     good = specs.load(spec_file(tmp_path, "good", GOOD + "limit_train = 64\nlimit_test = 32\n"))
     for spec in (dataclasses.replace(good, name="../../../escaped"), dataclasses.replace(good, name="negative")):
-        studies.launch(storage, spec)
+        enqueue.enqueue_study(storage, spec)
     stored = {**good.to_dict(), "name": "negative", "train": {**good.train, "limit_train": -1}}  # by hand
-    storage.set_study_user_attr(storage.get_study_id_from_name("negative"), studies.SPEC_ATTR, stored)
+    storage.set_study_user_attr(storage.get_study_id_from_name("negative"), SPEC_ATTR, stored)
     proc = subprocess.run(
         [sys.executable, "-m", "sweeper", "worker", "--device", "cpu", "--no-system-metrics"],
         env=sweeper_env,
@@ -485,7 +487,8 @@ def test_user_text_is_shown_as_written_never_as_markup(tmp_path, sweeper_env, mo
     from fault_helpers import cli
 
     from sweeper import spec as specs
-    from sweeper import study as studies
+    from sweeper.storage import connect
+    from sweeper.trials import enqueue
 
     nasty = "[/x] [bold]not bold[/bold] [red"
     (tmp_path / "experiments").mkdir()
@@ -494,8 +497,8 @@ def test_user_text_is_shown_as_written_never_as_markup(tmp_path, sweeper_env, mo
     result = cli("studies", env=sweeper_env)
     assert nasty in result.output.replace("\n", ""), result.output
 
-    storage = studies.open_storage(f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db")
-    studies.launch(storage, specs.load("nasty"))
+    storage = connect.open_storage(f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db")
+    enqueue.enqueue_study(storage, specs.load("nasty"))
     (trial,) = optuna.load_study(study_name="nasty", storage=storage).get_trials(deepcopy=False)
     storage.set_trial_system_attr(trial._trial_id, "sweeper.fail_reason", nasty)
     result = cli("status", "--study", "nasty", env=sweeper_env)
@@ -504,10 +507,10 @@ def test_user_text_is_shown_as_written_never_as_markup(tmp_path, sweeper_env, mo
 
 def test_read_only_storage_is_one_clear_line_at_launch(tmp_path, sweeper_env):
     """A real read-only filesystem (a read-only bind mount: root ignores file modes)."""
-    from sweeper import study as studies
+    from sweeper.storage import connect
 
     home = Path(sweeper_env["SWEEPER_HOME"])
-    studies.open_storage(f"sqlite:///{home / 'optuna.db'}").engine.dispose()
+    connect.open_storage(f"sqlite:///{home / 'optuna.db'}").engine.dispose()
     spec = spec_file(tmp_path, "readonly", GOOD)
     if subprocess.run(["mount", "--bind", str(home), str(home)]).returncode != 0:
         pytest.skip("cannot bind-mount here (not root?)")
@@ -533,9 +536,9 @@ def test_read_only_storage_is_one_clear_line_at_launch(tmp_path, sweeper_env):
 
 def test_unreachable_stores_are_given_up_on_in_seconds(monkeypatch):
     """Bounded waits: seconds, not MLflow's default of about two minutes of HTTP retries."""
-    from sweeper import study as studies
     from sweeper import tracking
     from sweeper.errors import SweeperError
+    from sweeper.storage import connect
 
     for name in (
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
@@ -544,7 +547,7 @@ def test_unreachable_stores_are_given_up_on_in_seconds(monkeypatch):
     ):
         monkeypatch.delenv(name, raising=False)
     tracking.configure_http()
-    for probe in (lambda: studies.open_storage(BAD_PG), lambda: tracking.check_reachable(tracking.client(BAD_HTTP))):
+    for probe in (lambda: connect.open_storage(BAD_PG), lambda: tracking.check_reachable(tracking.client(BAD_HTTP))):
         started = time.monotonic()
         with pytest.raises(SweeperError) as info:
             probe()

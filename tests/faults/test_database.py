@@ -15,7 +15,8 @@ from helpers import write_spec
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from sweeper import study as studies
+from sweeper.storage import dberrors, stale
+from sweeper.trials import claims
 
 pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
 
@@ -36,9 +37,9 @@ def test_database_blip_shorter_than_the_grace_period_does_not_fail_a_live_trial(
         study = optuna.load_study(study_name="blip", storage=storage_of(url, grace_period=20))
         while not done.wait(0.5):
             try:
-                taken_over.extend(studies.fail_stale_trials(study))
+                taken_over.extend(claims.fail_stale_trials(study))
             except Exception as e:  # the watchdog lives through the outage too
-                if not studies.is_db_error(e):
+                if not dberrors.is_db_error(e):
                     raise
 
     thread = threading.Thread(target=watchdog, daemon=True)
@@ -73,8 +74,8 @@ def test_a_dead_workers_trial_is_retried_once_by_racing_workers_and_at_most_max_
     study = optuna.load_study(study_name="stale", storage=storage)
     racers = [optuna.load_study(study_name="stale", storage=storage_of(url, grace_period=5)) for _ in range(4)]
 
-    for attempt in range(studies.MAX_RETRY + 1):
-        trial_id = studies.claim(study)  # a worker claims the trial ...
+    for attempt in range(stale.MAX_RETRY + 1):
+        trial_id = claims.claim(study)  # a worker claims the trial ...
         assert trial_id is not None, f"attempt {attempt}: nothing to claim"
         with storage.engine.begin() as conn:  # ... and dies: its heartbeat is an hour old
             conn.execute(
@@ -88,7 +89,7 @@ def test_a_dead_workers_trial_is_retried_once_by_racing_workers_and_at_most_max_
 
         def race(s):
             barrier.wait()
-            failed.append(studies.fail_stale_trials(s))
+            failed.append(claims.fail_stale_trials(s))
 
         threads = [threading.Thread(target=race, args=(s,)) for s in racers]
         for t in threads:
@@ -97,11 +98,11 @@ def test_a_dead_workers_trial_is_retried_once_by_racing_workers_and_at_most_max_
             t.join()
         assert sorted(map(len, failed)) == [0, 0, 0, 1], failed  # exactly one racer failed it
         states = [t.state for t in study.get_trials(deepcopy=False)]
-        expected_waiting = 1 if attempt < studies.MAX_RETRY else 0
+        expected_waiting = 1 if attempt < stale.MAX_RETRY else 0
         assert states.count(TrialState.WAITING) == expected_waiting, states
     trials = study.get_trials(deepcopy=False)
-    assert len(trials) == 1 + studies.MAX_RETRY and all(t.state == TrialState.FAIL for t in trials)
-    assert trials[-1].system_attrs["retry_history"] == list(range(studies.MAX_RETRY))
+    assert len(trials) == 1 + stale.MAX_RETRY and all(t.state == TrialState.FAIL for t in trials)
+    assert trials[-1].system_attrs["retry_history"] == list(range(stale.MAX_RETRY))
     assert all("no heartbeat for over 5s" in t.system_attrs["sweeper.fail_reason"] for t in trials)
 
 

@@ -12,7 +12,7 @@ from fault_helpers import enqueue, run_together, storage_of, trials_of
 from helpers import write_spec
 from optuna.trial import TrialState
 
-from sweeper import study as studies
+from sweeper.names import KEY_ATTR
 
 pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
 
@@ -37,7 +37,7 @@ def test_two_retries_at_once_re_enqueue_each_failed_cell_once(tmp_path, sweeper_
 
     trials = trials_of(url, "again")
     waiting = [t for t in trials if t.state == TrialState.WAITING]
-    keys = Counter(t.user_attrs[studies.KEY_ATTR] for t in waiting)
+    keys = Counter(t.user_attrs[KEY_ATTR] for t in waiting)
     assert len(keys) == 30 and set(keys.values()) == {1}, [k for k, n in keys.items() if n > 1]
     runs = Counter(t.user_attrs["mlflow_run_id"] for t in waiting)
     assert set(runs.values()) == {1}
@@ -54,5 +54,5 @@ def test_two_launches_at_once_on_a_fresh_sqlite_home_both_succeed(tmp_path, swee
         assert "Traceback" not in proc.stderr, proc.stderr
     added = sorted(int(m[1]) if m else 0 for m in (re.search(r"enqueued (\d+) trial", p.stderr) for p in done))
     assert added == [0, 6], [p.stderr for p in done]
-    keys = [t.user_attrs[studies.KEY_ATTR] for t in trials_of(f"sqlite:///{tmp_path}/home/optuna.db", "fresh")]
+    keys = [t.user_attrs[KEY_ATTR] for t in trials_of(f"sqlite:///{tmp_path}/home/optuna.db", "fresh")]
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 6

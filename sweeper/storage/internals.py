@@ -1,0 +1,230 @@
+"""The fast paths through Optuna's private API, and the few private attributes sweeper reads.
+
+Every use of Optuna's internals in sweeper is here (``Study._storage``, the cached storage's
+backend and cache, the RDB table models). Each fast path falls back to the public API where a
+future Optuna moved what it uses; tests/test_layers.py checks that each still does what the public
+API does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from sweeper.names import KEY_ATTR, RECIPE_DIGEST_ATTR
+
+log = logging.getLogger("sweeper.study")
+
+CELL_PARAMS = ("variant", "dataset", "seed")
+
+
+def storage_of(study: optuna.Study):
+    """The study's storage (Optuna's trial cache over the RDB storage, as Optuna opens it)."""
+    return study._storage
+
+
+def study_id(study: optuna.Study) -> int:
+    return study._study_id
+
+
+def backend(storage):
+    """The RDB storage under Optuna's trial cache: what it reads comes from the database now."""
+    return getattr(storage, "_backend", storage)
+
+
+def study_attrs_now(study: optuna.Study) -> dict[str, Any]:
+    """The study's user attrs as the database has them now (``Study.user_attrs`` may be cached)."""
+    return backend(study._storage).get_study_user_attrs(study._study_id)
+
+
+def trials_now(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Every trial of the study as the database has it now (not through Optuna's trial cache)."""
+    return backend(study._storage).get_all_trials(study._study_id, deepcopy=False)
+
+
+def frozen_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """The trial as it was read when the ``optuna.Trial`` was made (no database read)."""
+    return trial._cached_frozen_trial
+
+
+def stale_trial_ids(study: optuna.Study) -> list[int]:
+    """The study's RUNNING trials whose heartbeat is older than the grace period."""
+    return study._storage._get_stale_trial_ids(study._study_id)
+
+
+def trial_state(storage, trial_id: int) -> TrialState:
+    """The trial's state as the database has it now (a finished trial may come from the cache)."""
+    return backend(storage).get_trial(trial_id).state
+
+
+def _rdb(study: optuna.Study):
+    """Optuna's RDB table models and the storage's session factory, or None where a future
+    Optuna moved them (callers then take the public API)."""
+    try:
+        from optuna.storages._rdb import models
+
+        storage = backend(study._storage)
+        return models, storage.scoped_session
+    except (ImportError, AttributeError):  # pragma: no cover - other Optuna versions
+        return None
+
+
+def trial_keys(study: optuna.Study) -> set[tuple[str | None, str | None]]:
+    """(``sweeper.key``, recipe digest) of every trial in the study, in one query
+    (``get_all_trials`` builds every trial with all its rows: over a second for 1,000 trials)."""
+    import json
+
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        return {
+            (t.user_attrs.get(KEY_ATTR), t.user_attrs.get(RECIPE_DIGEST_ATTR)) for t in study.get_trials(deepcopy=False)
+        }
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import select
+
+    attrs, trials = models.TrialUserAttributeModel, models.TrialModel
+    query = (
+        select(attrs.trial_id, attrs.key, attrs.value_json)
+        .join(trials, attrs.trial_id == trials.trial_id)
+        .where(trials.study_id == study._study_id, attrs.key.in_((KEY_ATTR, RECIPE_DIGEST_ATTR)))
+    )
+    by_trial: dict[int, dict[str, Any]] = {}
+    with _create_scoped_session(scoped_session) as session:
+        for trial_id, key, value in session.execute(query):
+            by_trial.setdefault(trial_id, {})[key] = json.loads(value)
+    return {(a.get(KEY_ATTR), a.get(RECIPE_DIGEST_ATTR)) for a in by_trial.values()}
+
+
+def enqueue_many(study: optuna.Study, user_attrs: list[dict[str, Any]]) -> None:
+    """Enqueue one WAITING trial per entry, as a few bulk INSERTs in one transaction.
+
+    ``Study.enqueue_trial`` commits each trial on its own and looks up every attribute row
+    (~14 statements a trial: 23 s for 1,000 cells on PostgreSQL here). This writes the same rows
+    through Optuna's own table models, holding the study row lock that Optuna's trial creation
+    takes, and numbers the trials as Optuna does; tests/test_layers.py checks that the trials are
+    the ones ``enqueue_trial`` makes. If a future Optuna moves those internals, it falls back to
+    the public API.
+    """
+    import json
+
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        for attrs in user_attrs:
+            study.enqueue_trial({}, user_attrs=attrs)
+        return
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func, insert, select
+
+    trials, study_id = models.TrialModel, study._study_id
+    for start in range(0, len(user_attrs), 1000):  # bounded transactions
+        chunk = user_attrs[start : start + 1000]
+        with _create_scoped_session(scoped_session) as session:
+            models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+            first = session.scalar(select(func.count()).select_from(trials).where(trials.study_id == study_id))
+            ids = session.scalars(
+                insert(trials).returning(trials.trial_id, sort_by_parameter_order=True),
+                [{"number": first + i, "study_id": study_id, "state": TrialState.WAITING} for i in range(len(chunk))],
+            ).all()
+            session.execute(
+                insert(models.TrialUserAttributeModel),
+                [
+                    {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                    for trial_id, attrs in zip(ids, chunk)
+                    for key, value in attrs.items()
+                ],
+            )
+            # What enqueue_trial({}) records: the (empty) parameters a claimed trial must take.
+            session.execute(
+                insert(models.TrialSystemAttributeModel),
+                [{"trial_id": trial_id, "key": "fixed_params", "value_json": json.dumps({})} for trial_id in ids],
+            )
+
+
+def read_into_cache(study: optuna.Study, trial_id: int) -> None:
+    """Read the claimed trial into Optuna's trial cache: its ``set_trial_param`` writes a suggested
+    parameter only for a trial it has read. ``get_all_trials`` would read every unfinished trial
+    of the study, all 1,000 waiting ones of a big grid, on every claim; this reads one, and marks
+    it unfinished so the cache re-reads it once it ends (tests/test_layers.py holds the contract)."""
+    storage = study._storage
+    try:
+        from optuna.storages._cached_storage import _StudyInfo
+
+        uncached, lock, studies = storage._backend, storage._lock, storage._studies
+    except (ImportError, AttributeError):  # pragma: no cover - not cached, or another Optuna
+        storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return
+    trial = uncached.get_trial(trial_id)
+    with lock:
+        info = studies.setdefault(study._study_id, _StudyInfo())
+        storage._add_trials_to_cache(study._study_id, [trial])
+        info.unfinished_trial_ids.add(trial_id)
+
+
+def waiting_trial_ids(study: optuna.Study, limit: int = 16) -> list[int]:
+    """The ids of the first ``limit`` WAITING trials, oldest first, in one indexed query
+    (``get_all_trials`` builds every waiting trial with all its rows)."""
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        trials = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+        return [t._trial_id for t in trials[:limit]]
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import select
+
+    trials = models.TrialModel
+    query = (
+        select(trials.trial_id)
+        .where(trials.study_id == study._study_id, trials.state == TrialState.WAITING)
+        .order_by(trials.trial_id)
+        .limit(limit)
+    )
+    with _create_scoped_session(scoped_session) as session:
+        return list(session.scalars(query))
+
+
+def unfinished_count(study: optuna.Study) -> int:
+    """How many of the study's trials wait or run, in one indexed count."""
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        states = (TrialState.WAITING, TrialState.RUNNING)
+        return len(study._storage.get_all_trials(study._study_id, deepcopy=False, states=states))
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func, select
+
+    trials = models.TrialModel
+    query = (
+        select(func.count())
+        .select_from(trials)
+        .where(trials.study_id == study._study_id, trials.state.in_([TrialState.WAITING, TrialState.RUNNING]))
+    )
+    with _create_scoped_session(scoped_session) as session:
+        return session.scalar(query)
+
+
+def set_cell_params(study: optuna.Study, trial_id: int, spec: dict[str, Any], attrs: dict[str, Any]) -> None:
+    """The trial's cell (its ``variant``, ``dataset`` and ``seed`` user attrs) also as Optuna
+    params, so optuna-dashboard's plots and importance split by them. They are written to the
+    storage as they are, never asked of the sampler (the per-cell search is unchanged), as
+    categorical params over the study's grid; a cell's identity stays its user attrs. A value
+    Optuna refuses (the grid changed under --force-update since the first trial recorded it)
+    is left out."""
+    from optuna.distributions import CategoricalDistribution
+
+    storage = study._storage
+    have = storage.get_trial(trial_id).params
+    grid = spec.get("grid") or {}
+    for name in CELL_PARAMS:
+        value = int(attrs[name]) if name == "seed" else attrs.get(name)
+        if name in have or value is None:
+            continue
+        try:
+            distribution = CategoricalDistribution(list(grid.get(name) or [value]))
+            storage.set_trial_param(trial_id, name, distribution.to_internal_repr(value), distribution)
+        except ValueError as e:
+            log.info("trial id %d: %s=%s not recorded as an Optuna param: %s", trial_id, name, value, e)
