@@ -3,7 +3,7 @@
 The recipe and its choices, the GoogLeNet variants as a table of Inception modules, the
 datasets by name, and the heartbeat defaults. A spec is checked against this module alone,
 so refusing a bad spec costs no engine imports; ``sweeper.models``, ``sweeper.data``,
-``sweeper.train`` and ``sweeper.study`` build on the same objects.
+``sweeper.train`` and ``sweeper.trials`` build on the same objects.
 
 >>> Recipe.from_dict({"epochs": 3}).epochs
 3
