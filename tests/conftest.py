@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import PG_ADMIN_URL, REQUIRE_POSTGRES, MlflowServer, pg_admin
+from helpers import PG_ADMIN_URL, REQUIRE_POSTGRES, MlflowServer, PgBouncer, pg_admin, pgbouncer_binary
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +39,29 @@ def pg_database(postgres_available):
     for name in created:
         conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     conn.close()
+
+
+@pytest.fixture
+def pgbouncer(postgres_available, tmp_path):
+    """pgbouncer(pool_size=3, **settings) -> a running PgBouncer in transaction pooling mode in
+    front of the test PostgreSQL (see helpers.PgBouncer); every one started is stopped at the end.
+    Skipped when pgbouncer is not installed, unless SWEEPER_REQUIRE_POSTGRES=1 (CI)."""
+    if pgbouncer_binary() is None:
+        message = "pgbouncer is not installed (apt-get install pgbouncer)"
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"{message}: SWEEPER_REQUIRE_POSTGRES=1 needs it for the connection pooler tests")
+        pytest.skip(message)
+    started: list[PgBouncer] = []
+
+    def start(pool_size: int = 3, **settings) -> PgBouncer:
+        root = tmp_path / f"pgbouncer-{len(started)}"
+        root.mkdir()
+        started.append(PgBouncer(root, pool_size, **settings))
+        return started[-1].start()
+
+    yield start
+    for bouncer in started:
+        bouncer.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

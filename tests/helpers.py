@@ -148,3 +148,112 @@ class MlflowServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+def pgbouncer_binary() -> str | None:
+    """The `pgbouncer` executable (Debian installs it in /usr/sbin, often not on PATH)."""
+    import shutil
+
+    return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
+
+
+class PgBouncer:
+    """A real `pgbouncer` process in front of the test PostgreSQL, in transaction pooling mode:
+    config and userlist in ``root``, listening on a free 127.0.0.1 port, trust auth for the
+    admin URL's user (the local test server trusts it too). ``url(db_url)`` is that database's
+    URL through the pooler; ``admin()`` is its console (SHOW POOLS, SHOW SERVERS)."""
+
+    def __init__(self, root: Path, pool_size: int = 3, **settings: str | int):
+        from urllib.parse import urlsplit
+
+        server = urlsplit(PG_ADMIN_URL)
+        self.root, self.port, self.user = root, free_port(), server.username or "postgres"
+        self.pool_size = pool_size
+        options = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": self.port,
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": root / "userlist.txt",
+            "admin_users": self.user,
+            "pool_mode": "transaction",
+            "default_pool_size": pool_size,
+            "min_pool_size": 0,
+            "reserve_pool_size": 0,
+            "max_client_conn": 500,
+            **settings,
+        }
+        (root / "userlist.txt").write_text(f'"{self.user}" ""\n')
+        # Any database name goes to the test server: the `*` fallback entry.
+        host, port = server.hostname or "127.0.0.1", server.port or 5432
+        (root / "pgbouncer.ini").write_text(
+            f"[databases]\n* = host={host} port={port}\n[pgbouncer]\n"
+            + "".join(f"{k} = {v}\n" for k, v in options.items())
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> PgBouncer:
+        import psycopg2
+
+        # pgbouncer refuses to run as root: then it drops to the `postgres` user (-u), which must
+        # read the config: the folder is made readable for it.
+        as_user = ["-u", "postgres"] if os.geteuid() == 0 else []
+        if as_user:
+            for path in (self.root, *self.root.iterdir()):
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        log = open(self.root / "pgbouncer.log", "ab")
+        self.proc = subprocess.Popen(
+            [pgbouncer_binary(), *as_user, str(self.root / "pgbouncer.ini")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg2.connect(self.admin_url, connect_timeout=2).close()
+                return self
+            except psycopg2.Error:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"pgbouncer did not start:\n{self.log()}") from None
+                time.sleep(0.1)
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/pgbouncer"
+
+    def url(self, db_url: str, driver: str = "") -> str:
+        """``db_url``'s database, reached through this pooler (``driver``: e.g. ``+psycopg2``)."""
+        return f"postgresql{driver}://{self.user}@127.0.0.1:{self.port}/{db_url.rsplit('/', 1)[1]}"
+
+    def show(self, what: str) -> list[dict]:
+        """A SHOW command of the admin console (POOLS, SERVERS, CLIENTS...) as dicts."""
+        import psycopg2
+
+        conn = psycopg2.connect(self.admin_url, connect_timeout=3)
+        conn.autocommit = True  # the console knows no transactions
+        try:
+            cur = conn.cursor()
+            cur.execute(f"SHOW {what}")
+            names = [c.name for c in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+        finally:
+            conn.close()
+
+    def server_connections(self, database: str) -> int:
+        """Server connections this pooler holds to ``database`` now (any state)."""
+        return sum(1 for s in self.show("SERVERS") if s["database"] == database)
+
+    def log(self) -> str:
+        path = self.root / "pgbouncer.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

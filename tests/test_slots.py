@@ -38,10 +38,12 @@ def claim_in_processes(n: int, gpus: str, per_gpu: int, storage: str, env) -> li
     return results
 
 
-@pytest.mark.parametrize("backend", ["file", "postgresql"])
+@pytest.mark.parametrize("backend", ["file", "postgresql", "pgbouncer"])
 def test_workers_spread_over_gpus_then_pack(backend, sweeper_env, request):
-    # Only the PostgreSQL case asks for the database: the file backend must run where there is none.
-    storage = request.getfixturevalue("pg_database")() if backend == "postgresql" else ""
+    # Only the PostgreSQL cases ask for the database: the file backend must run where there is none.
+    storage = request.getfixturevalue("pg_database")() if backend != "file" else ""
+    if backend == "pgbouncer":  # transaction pooling, one server connection that every claim shares
+        storage = request.getfixturevalue("pgbouncer")(pool_size=1).url(storage)
     got = claim_in_processes(4, "0,1", 2, storage, sweeper_env)
     devices = sorted(g.split()[0] for g in got)
     assert devices == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"], got
