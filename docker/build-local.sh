@@ -13,7 +13,7 @@
 #   sweeper-base-postgres:local  + Debian's postgresql: for postgres:16 (same entrypoint contract)
 # and the images the compose file names:
 #   sweeper:latest (or $SWEEPER_IMAGE), sweeper-mlflow:latest, sweeper-dashboard:latest,
-#   sweeper-postgres:latest
+#   sweeper-postgres:latest, sweeper-pgbouncer:latest
 #
 # Needs: podman, mmdebstrap (only while the rootfs of this recipe is missing), and python3.
 # pip inside the builds uses this machine's pip configuration (`pip config list`: index,
@@ -116,6 +116,8 @@ build sweeper-base-postgres:local docker/local/postgres.Dockerfile docker/local 
 build sweeper-postgres:latest docker/postgres.Dockerfile docker --build-arg POSTGRES_BASE=sweeper-base-postgres:local
 build sweeper-mlflow:latest docker/mlflow.Dockerfile docker --build-arg MLFLOW_BASE_IMAGE=sweeper-base:local
 build sweeper-dashboard:latest docker/dashboard.Dockerfile docker --build-arg PYTHON_IMAGE=sweeper-base:local
+# Debian's pgbouncer: one apt layer on the local base (no new root filesystem).
+build sweeper-pgbouncer:latest docker/pgbouncer.Dockerfile docker --build-arg BASE_IMAGE=sweeper-base:local
 build "$IMAGE" docker/worker.Dockerfile . --build-arg BASE_IMAGE=sweeper-base-torch:local
 
 # Images left untagged by earlier builds (the layers still in use stay cached).
@@ -123,4 +125,4 @@ podman image prune --force > /dev/null
 
 log "done in $(($(date +%s) - start)) s"
 podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' \
-    | grep -E '/sweeper(-postgres|-mlflow|-dashboard)?:latest|/sweeper-base' >&2 || true
+    | grep -E '/sweeper(-postgres|-pgbouncer|-mlflow|-dashboard)?:latest|/sweeper-base' >&2 || true

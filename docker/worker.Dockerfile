@@ -65,7 +65,7 @@ RUN pip install --no-deps --no-build-isolation . \
 # /data is the datasets volume (filled by the `data` service, read-only for workers); it is
 # created here owned by the user so a fresh named volume inherits that ownership.
 RUN useradd --create-home --uid "${SWEEPER_UID}" --user-group --shell /bin/bash sweeper \
- && mkdir -p /data /home/sweeper/.sweeper/cores \
+ && mkdir -p /data /home/sweeper/.sweeper/cores /home/sweeper/.sweeper/slots \
  && chown -R sweeper:sweeper /data /home/sweeper
 
 ENV SWEEPER_HOME=/home/sweeper/.sweeper \

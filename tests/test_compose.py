@@ -35,12 +35,14 @@ MLFLOW_DOCKERFILE = ROOT / "docker" / "mlflow.Dockerfile"
 DASHBOARD_DOCKERFILE = ROOT / "docker" / "dashboard.Dockerfile"
 DASHBOARD_SERVE = ROOT / "docker" / "dashboard" / "serve.py"
 POSTGRES_DOCKERFILE = ROOT / "docker" / "postgres.Dockerfile"
+PGBOUNCER_DOCKERFILE = ROOT / "docker" / "pgbouncer.Dockerfile"
+PGBOUNCER_ENTRYPOINT = ROOT / "docker" / "pgbouncer" / "entrypoint.sh"
 POSTGRES_ENTRYPOINT = ROOT / "docker" / "postgres" / "entrypoint.sh"
 INIT_DATABASES = ROOT / "docker" / "postgres" / "init-databases.sh"
 BUILD_LOCAL = ROOT / "docker" / "build-local.sh"
 K8S_JOB = ROOT / "docker" / "k8s" / "worker-job.yaml"
 
-LONG_RUNNING = ("postgres", "mlflow", "dashboard", "worker")
+LONG_RUNNING = ("postgres", "pgbouncer", "mlflow", "dashboard", "worker")
 PUBLISHED_ON_LOOPBACK = ("mlflow", "mlflow-auth", "dashboard")
 SWEEPER_SERVICES = ("worker", "worker-cpu", "data", "launcher", "report")
 REQUIRE_COMPOSE = os.environ.get("SWEEPER_REQUIRE_COMPOSE") == "1"
@@ -178,7 +180,7 @@ def test_worker_gets_both_urls_and_a_host_id(services):
     env = {k: interpolate(v, env_example()) for k, v in environment(services["worker"]).items()}
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["SWEEPER_STORAGE"].startswith("postgresql+psycopg2://")
-    assert "@postgres:5432/" in env["SWEEPER_STORAGE"]
+    assert "@pgbouncer:6432/" in env["SWEEPER_STORAGE"]  # through the pooler (docs/DEPLOY.md)
     assert env["SWEEPER_DATA_DIR"] == "/data"
     assert env["SWEEPER_HOST_ID"], "replicas must share a host id for GPU slots"
 
@@ -215,7 +217,8 @@ def test_depends_on_conditions(services):
                 assert services[dep].get("healthcheck"), f"{name} waits for {dep}, which has no healthcheck"
     for name in ("mlflow", "dashboard"):
         assert "postgres" in depends_on(services[name])
-    assert set(depends_on(services["worker"])) == {"postgres", "mlflow", "data"}
+    assert set(depends_on(services["worker"])) == {"postgres", "pgbouncer", "mlflow", "data"}
+    assert set(depends_on(services["pgbouncer"])) == {"postgres"}
 
 
 def test_tools_are_behind_a_profile(services):
@@ -227,7 +230,7 @@ def test_tools_are_behind_a_profile(services):
     for name in ("mlflow-auth", "worker-cpu"):
         assert services[name].get("profiles"), f"{name} must be opt-in"
     enabled_by_default = {n for n, s in services.items() if not s.get("profiles")}
-    assert enabled_by_default == {"postgres", "mlflow", "dashboard", "data", "worker"}
+    assert enabled_by_default == {"postgres", "pgbouncer", "mlflow", "dashboard", "data", "worker"}
 
 
 def test_sweeper_services_share_one_image(services):
@@ -380,6 +383,37 @@ def test_service_dockerfiles():
         assert any(i == "HEALTHCHECK" for i, _ in steps), path.name
 
 
+def test_pgbouncer_serves_the_optuna_storage_in_transaction_mode(services, tmp_path):
+    """The pooler of docs/DEPLOY.md: Debian's pgbouncer, not root, a healthcheck; the entrypoint
+    writes a transaction-pooling config for the Optuna database (run here with a stand-in
+    `pgbouncer` that prints the config it is given)."""
+    steps = dockerfile(PGBOUNCER_DOCKERFILE)
+    assert "pgbouncer" in " ".join(a for i, a in steps if i == "RUN")
+    users = [a for i, a in steps if i == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert any(i == "HEALTHCHECK" for i, _ in steps)
+    assert PGBOUNCER_ENTRYPOINT.stat().st_mode & stat.S_IXUSR
+    env = {k: interpolate(v, env_example()) for k, v in environment(services["pgbouncer"]).items()}
+    fake = tmp_path / "bin" / "pgbouncer"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\ncat "$1"\n')
+    fake.chmod(0o755)
+    run_env = {**env, "PATH": f"{fake.parent}:{os.environ['PATH']}", "PGBOUNCER_CONFIG_DIR": str(tmp_path / "conf")}
+    run_env["POSTGRES_PASSWORD"] = 'pa"ss'
+    ini = subprocess.run(
+        ["bash", str(PGBOUNCER_ENTRYPOINT)], env=run_env, capture_output=True, text=True, check=True
+    ).stdout
+    settings = dict(line.split(" = ", 1) for line in ini.splitlines() if " = " in line)
+    assert settings["pool_mode"] == "transaction"
+    assert settings["default_pool_size"] == settings["max_db_connections"] == "30"
+    assert settings["optuna"] == "host=postgres port=5432"
+    assert settings["auth_type"] == "scram-sha-256"
+    assert "options" not in settings.get("ignore_startup_parameters", "")  # would drop settings silently
+    assert (tmp_path / "conf" / "userlist.txt").read_text() == '"sweeper" "pa""ss"\n'
+    assert stat.S_IMODE((tmp_path / "conf" / "userlist.txt").stat().st_mode) == 0o600
+    assert "pa" not in " ".join(services["pgbouncer"].get("command") or [])
+
+
 def test_postgres_dockerfile_keeps_the_official_image_by_default():
     steps = dockerfile(POSTGRES_DOCKERFILE)
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in steps if i == "ARG" and "=" in a}
@@ -485,12 +519,17 @@ def test_build_local_script():
     subprocess.run(["bash", "-n", str(BUILD_LOCAL)], check=True)
     # The images docker-compose.yml names, each built from the published Dockerfile.
     services = load_compose()["services"]
-    for name in ("postgres", "mlflow", "dashboard", "worker"):
+    for name in ("postgres", "pgbouncer", "mlflow", "dashboard", "worker"):
         build = services[name]["build"]
         dockerfile_path = (Path(build["context"]) / build["dockerfile"]).as_posix()
         dockerfile_path = dockerfile_path.removeprefix("./")
         assert f" {dockerfile_path} " in text, f"build-local.sh does not build {dockerfile_path}"
-    for image in ("sweeper-postgres:latest", "sweeper-mlflow:latest", "sweeper-dashboard:latest"):
+    for image in (
+        "sweeper-postgres:latest",
+        "sweeper-pgbouncer:latest",
+        "sweeper-mlflow:latest",
+        "sweeper-dashboard:latest",
+    ):
         assert f"build {image} " in text
     assert 'build "$IMAGE" docker/worker.Dockerfile' in text and "SWEEPER_IMAGE:-sweeper:latest" in text
 

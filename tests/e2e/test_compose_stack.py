@@ -31,7 +31,13 @@ from helpers import free_port
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "sweeper-e2e"
 PODMAN_SOCKET = "unix:///run/podman/podman.sock"
-IMAGES = ("sweeper:latest", "sweeper-postgres:latest", "sweeper-mlflow:latest", "sweeper-dashboard:latest")
+IMAGES = (
+    "sweeper:latest",
+    "sweeper-postgres:latest",
+    "sweeper-pgbouncer:latest",
+    "sweeper-mlflow:latest",
+    "sweeper-dashboard:latest",
+)
 REQUIRE = os.environ.get("SWEEPER_REQUIRE_CONTAINERS") == "1"
 # The stack takes minutes even warm: it runs only when asked for (SWEEPER_RUN_CONTAINERS=1, or
 # REQUIRE), not whenever podman and the images happen to be on the machine.
@@ -360,7 +366,7 @@ def test_postgres_image_refuses_the_placeholder_password(images):
 
 def test_1_up_scaled(stack):
     stack.compose("up", "-d", "--scale", "worker-cpu=3", timeout=900)
-    for service in ("postgres", "mlflow", "dashboard"):
+    for service in ("postgres", "pgbouncer", "mlflow", "dashboard"):
         stack.wait_healthy(service)
     (data,) = stack.containers("data", all=True)
     assert stack.inspect(data, "{{.State.Status}} {{.State.ExitCode}}") == "exited 0"
@@ -475,7 +481,7 @@ def test_4_down_and_up_keeps_everything(stack):
     stack.compose("down", "--timeout", str(STOP_GRACE))
     assert not stack.containers("postgres", all=True)
     stack.compose("up", "-d", "--scale", "worker-cpu=1", timeout=900)
-    for service in ("postgres", "mlflow", "dashboard"):
+    for service in ("postgres", "pgbouncer", "mlflow", "dashboard"):
         stack.wait_healthy(service)
     study, _ = GRID
     again = json.loads(
