@@ -41,6 +41,7 @@ POSTGRES_ENTRYPOINT = ROOT / "docker" / "postgres" / "entrypoint.sh"
 INIT_DATABASES = ROOT / "docker" / "postgres" / "init-databases.sh"
 BUILD_LOCAL = ROOT / "docker" / "build-local.sh"
 K8S_JOB = ROOT / "docker" / "k8s" / "worker-job.yaml"
+K8S_PGBOUNCER = ROOT / "docker" / "k8s" / "pgbouncer.yaml"
 
 LONG_RUNNING = ("postgres", "pgbouncer", "mlflow", "dashboard", "worker")
 PUBLISHED_ON_LOOPBACK = ("mlflow", "mlflow-auth", "dashboard")
@@ -590,6 +591,28 @@ def test_kubernetes_job():
     assert {"SWEEPER_STORAGE", "MLFLOW_TRACKING_URI"} <= from_secret
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert not any(d["kind"] == "Secret" for d in docs), "credentials belong in a Secret made apart"
+
+
+def test_kubernetes_pgbouncer():
+    """The pooler of the Kubernetes workers: one replica (each pools on its own), the image's
+    numeric non-root user, credentials from a Secret, a Service the workers' URL names."""
+    import kubernetes_validate
+
+    docs = [d for d in yaml.safe_load_all(K8S_PGBOUNCER.read_text()) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    assert deployment["spec"]["replicas"] == 1
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert f"ARG PGBOUNCER_UID={pod['securityContext']['runAsUser']}" in PGBOUNCER_DOCKERFILE.read_text()
+    (container,) = pod["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "sweeper-pgbouncer"}}]
+    assert not any("PASSWORD" in v["name"] for v in container.get("env", []))
+    assert service["spec"]["ports"][0]["port"] == 6432
+    assert not any(d["kind"] == "Secret" for d in docs)
+    assert f"@{service['metadata']['name']}:6432/" in K8S_JOB.read_text()
 
 
 def test_kubernetes_job_matches_the_api_schema():

@@ -17,7 +17,7 @@ set -euo pipefail
 
 : "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is not set: set it (docker-compose reads it from .env)}"
 user="${POSTGRES_USER:-postgres}"
-conf="${PGBOUNCER_CONFIG_DIR:-/run/sweeper-pgbouncer}"
+conf="${PGBOUNCER_CONFIG_DIR:-/var/lib/sweeper-pgbouncer}"
 umask 077
 mkdir -p "$conf"
 
