@@ -14,7 +14,8 @@ ARG PGBOUNCER_UID=10002
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends pgbouncer postgresql-client \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid "${PGBOUNCER_UID}" --user-group --no-create-home pgbouncer \
+ && groupadd --gid "${PGBOUNCER_UID}" pgbouncer \
+ && useradd --uid "${PGBOUNCER_UID}" --gid pgbouncer --no-create-home pgbouncer \
  && install -d -o pgbouncer -g pgbouncer -m 0700 /var/lib/sweeper-pgbouncer
 COPY pgbouncer/entrypoint.sh /usr/local/bin/sweeper-pgbouncer-entrypoint.sh
 # PgBouncer refuses to run as root.
