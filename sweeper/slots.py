@@ -3,12 +3,15 @@
 ``docker compose up --scale worker=N`` gives every replica the same GPU reservation (all GPUs), so
 the workers themselves agree who takes which GPU: a PostgreSQL advisory lock per slot when the
 storage is PostgreSQL (it works across containers and dies with the worker's connection), a file
-lock under ``$SWEEPER_HOME/slots`` otherwise (one machine). Slots are filled GPU by GPU first, so
+lock under ``$SWEEPER_HOME/slots`` otherwise (one machine), and also when the storage goes through
+a connection pooler such as PgBouncer: a session's advisory lock would stay on a server connection
+that the pooler hands to other clients (replicas then share that folder, as compose's do). Slots are filled GPU by GPU first, so
 K workers per GPU (``--workers-per-gpu``) only double up once every GPU has one.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +53,13 @@ def claim(gpus: list[str], workers_per_gpu: int, storage_url: str | None = None)
 
 def _try_lock(storage_url: str | None, name: str):
     if storage_url and storage_url.startswith("postgresql"):
-        return locks.try_advisory_lock(storage_url, f"sweeper.slot:{name}")
+        if not locks.behind_pooler(storage_url):
+            return locks.try_advisory_lock(storage_url, f"sweeper.slot:{name}")
+        logging.getLogger("sweeper.worker").info(
+            "the storage goes through a connection pooler: GPU slot %s is a file lock in %s",
+            name,
+            settings.home() / "slots",
+        )
     folder = settings.home() / "slots"
     folder.mkdir(parents=True, exist_ok=True)
     return locks.hold_file_lock(folder / f"{name.replace(':', '_')}.lock", wait=False)

@@ -44,7 +44,10 @@ def open_storage(
 
     ``stall_timeout`` (workers pass their grace period): on PostgreSQL, the server ends a session
     of this process that sits idle inside a transaction that long, so a frozen worker (a paused
-    VM, SIGSTOP) cannot hold row locks that the workers retrying its trial wait on."""
+    VM, SIGSTOP) cannot hold row locks that the workers retrying its trial wait on.
+
+    PostgreSQL URLs may go through a transaction-pooling PgBouncer (docs/DEPLOY.md,
+    "Connections"): no startup parameters, no session state, no server-side prepared statements."""
     url = resolve_storage_url(url)
     sqlite = url.startswith("sqlite")
     if sqlite:
@@ -52,10 +55,8 @@ def open_storage(
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-    storage_kwargs = engine_kwargs
-    if stall_timeout and url.startswith("postgresql"):
-        options = f"-c idle_in_transaction_session_timeout={int(stall_timeout * 1000)}"
-        storage_kwargs = {**engine_kwargs, "connect_args": {**engine_kwargs["connect_args"], "options": options}}
+        if _driver(url) == "psycopg":  # psycopg 3 prepares a query server-side after 5 runs
+            engine_kwargs["connect_args"]["prepare_threshold"] = None
     try:
         if not create and not sqlite and not _has_schema(url, engine_kwargs):
             raise NoStore(
@@ -70,7 +71,7 @@ def open_storage(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = RDBStorage(
                 url,
-                engine_kwargs=storage_kwargs,
+                engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=RetryCallback(max_retry=max_retry),
@@ -89,7 +90,29 @@ def open_storage(
         ) from None
     if sqlite:
         _serialize_sqlite_writes(storage)
+    elif stall_timeout and url.startswith("postgresql"):
+        _end_stalled_transactions(storage, stall_timeout)
     return storage
+
+
+def _driver(url: str) -> str:
+    """The DBAPI driver a URL gets (plain postgresql:// is psycopg 3 on SQLAlchemy 2.1)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).get_dialect().driver
+
+
+def _end_stalled_transactions(storage: RDBStorage, stall_timeout: float) -> None:
+    """Every transaction starts with SET LOCAL idle_in_transaction_session_timeout: scoped to the
+    transaction, so it works through a transaction pooler, which refuses the ``options`` startup
+    parameter and hands the session to other clients between transactions."""
+    from sqlalchemy import event
+
+    statement = f"SET LOCAL idle_in_transaction_session_timeout = {int(stall_timeout * 1000)}"
+
+    @event.listens_for(storage.engine, "begin")
+    def _begin(connection):
+        connection.exec_driver_sql(statement)
 
 
 class NoStore(SweeperError):

@@ -2,6 +2,10 @@
 locks (every host of a cluster). A lock dies with its holder: the kernel drops a dead process's
 ``flock``, the server a dead connection's advisory lock.
 
+The waited-for advisory locks are transaction-scoped, so they hold behind a transaction-pooling
+PgBouncer too (docs/DEPLOY.md, "Connections"); a session-level one, held for a worker's life, is
+taken only where no pooler stands between (``behind_pooler``).
+
 Standard library only at import: the dataset and precision caches use it without Optuna.
 """
 
@@ -9,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import random
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,17 +60,25 @@ def lock_key(name: str) -> int:
 
 @contextlib.contextmanager
 def advisory_lock(engine: Any, name: str) -> Iterator[None]:
-    """A PostgreSQL advisory lock on one connection of ``engine``, waited for."""
+    """A PostgreSQL advisory lock, waited for, held by one open transaction of ``engine`` for the
+    block.
+
+    Safe behind a transaction-pooling PgBouncer: the lock lives exactly as long as the
+    transaction (which keeps its server connection), and a waiter retries the try outside any
+    transaction, holding no server connection; a waiter blocked in pg_advisory_lock would, and a
+    few of them take the pool's connections that the holder needs to finish."""
     from sqlalchemy import text
 
-    key = lock_key(name)
+    key, delay = lock_key(name), 0.02
     with engine.connect() as conn:
-        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        while not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar():
+            conn.rollback()
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.5)
         try:
             yield
         finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            conn.commit()
+            conn.rollback()  # releases the lock
 
 
 def try_advisory_lock(url: str, name: str) -> Any | None:
@@ -78,6 +93,22 @@ def try_advisory_lock(url: str, name: str) -> Any | None:
         return conn
     conn.close()
     return None
+
+
+@functools.cache
+def behind_pooler(url: str) -> bool:
+    """Whether connections to ``url`` go through a pooler such as PgBouncer: the server process
+    that runs a query is not the one the connection announced at login (a pooler makes that one
+    up), and a session-level lock would outlive the client's transaction on a shared connection."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            announced = conn.connection.dbapi_connection.info.backend_pid
+            return conn.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar() != announced
+    finally:
+        engine.dispose()
 
 
 @contextlib.contextmanager
@@ -113,7 +144,21 @@ def schema_lock(url: str, engine_kwargs: dict[str, Any], sqlite_file: Path | Non
     kwargs = {k: v for k, v in engine_kwargs.items() if k != "pool_pre_ping"}
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **kwargs)
     try:
-        with advisory_lock(engine, SCHEMA_LOCK):
+        with contextlib.nullcontext() if _schema_ready(engine) else advisory_lock(engine, SCHEMA_LOCK):
             yield
     finally:
         engine.dispose()
+
+
+def _schema_ready(engine: Any) -> bool:
+    """Whether Optuna's schema is created and stamped: opening the storage then only reads it, and
+    takes no lock (a lock's transaction holds a server connection that a small pool of a
+    transaction pooler may need for the holders of other locks)."""
+    import sqlalchemy
+
+    with engine.connect() as conn:
+        inspector = sqlalchemy.inspect(conn)
+        if not all(inspector.has_table(t) for t in ("studies", "version_info", "alembic_version")):
+            return False
+        rows = "SELECT (SELECT count(*) FROM version_info) > 0 AND (SELECT count(*) FROM alembic_version) > 0"
+        return bool(conn.execute(sqlalchemy.text(rows)).scalar())

@@ -18,7 +18,8 @@ from fault_helpers import FAST, cli, enqueue, storage_of, trials_of
 from helpers import pg_admin, write_spec
 from optuna.trial import TrialState
 
-from sweeper import study as studies
+from sweeper.storage import connect, internals, locks
+from sweeper.trials import claims
 
 pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
 
@@ -88,23 +89,24 @@ def test_launch_six_workers_status_and_report_through_transaction_pooling(
 
 
 def test_concurrent_launches_and_study_locks_with_a_pool_smaller_than_the_waiters(tmp_path, pg_database, pgbouncer):
-    """Three launches at once on a fresh database, through a pool of two server connections: the
-    schema lock and the study lock must not hold a server connection while they wait (a waiter
-    blocked in pg_advisory_lock takes the connection the holder needs: a deadlock until the
-    pooler's query_wait_timeout)."""
+    """Three launches at once on a fresh database, through a pool of three server connections
+    (what one opener needs: the schema lock's and two of Optuna's schema check): the schema
+    lock and the study lock must not hold a server connection while they wait (waiters blocked
+    in pg_advisory_lock take the connections the holder needs: a deadlock until the pooler's
+    query_wait_timeout)."""
     direct = pg_database()
-    url = pgbouncer(pool_size=2, query_wait_timeout=15).url(direct)
+    url = pgbouncer(pool_size=3, query_wait_timeout=15).url(direct)
     spec_path = write_spec(tmp_path / "race.toml", variants=("short4", "short3"), seeds=(1, 2, 3))
     inside, overlap, errors = [], [], []
 
     def launch() -> None:
         try:
             enqueue(spec_path, url)
-            storage = studies.open_storage(url)
-            with studies.study_lock(storage, "race"):
+            storage = connect.open_storage(url)
+            with locks.study_lock(storage, "race"):
                 inside.append(1)
                 overlap.append(len(inside))
-                studies.study_names(storage)  # work on another connection while holding the lock
+                connect.study_names(storage)  # work on another connection while holding the lock
                 time.sleep(0.3)
                 inside.pop()
         except Exception as e:  # reported below, with the thread's error
@@ -123,10 +125,10 @@ def test_concurrent_launches_and_study_locks_with_a_pool_smaller_than_the_waiter
 
 def test_heartbeats_and_racing_stale_trial_checks_through_the_pooler(tmp_path, pg_database, pgbouncer):
     direct = pg_database()
-    url = pgbouncer(pool_size=2).url(direct)
+    url = pgbouncer(pool_size=3).url(direct)
     enqueue(write_spec(tmp_path / "stale.toml"), url)
     study = optuna.load_study(study_name="stale", storage=storage_of(url))
-    trial_id = studies.claim(study)  # heartbeat first, then the compare-and-set
+    trial_id = claims.claim(study)  # heartbeat first, then the compare-and-set
     storage = storage_of(direct)
     with storage.engine.begin() as conn:  # the worker died an hour ago
         conn.execute(
@@ -141,7 +143,7 @@ def test_heartbeats_and_racing_stale_trial_checks_through_the_pooler(tmp_path, p
 
     def race(s):
         barrier.wait()
-        failed.append(studies.fail_stale_trials(s))
+        failed.append(claims.fail_stale_trials(s))
 
     threads = [threading.Thread(target=race, args=(s,)) for s in racers]
     for t in threads:
@@ -155,18 +157,19 @@ def test_heartbeats_and_racing_stale_trial_checks_through_the_pooler(tmp_path, p
 def test_worker_stall_timeout_works_through_the_pooler_and_leaks_to_no_other_client(pg_database, pgbouncer):
     """PgBouncer refuses the `options` startup parameter; the stall timeout still ends a
     transaction that sits idle, and stays out of the server connection other clients reuse."""
-    bouncer = pgbouncer(pool_size=1)
+    bouncer = pgbouncer(pool_size=3)
     url = bouncer.url(pg_database())
-    storage = studies.open_storage(url, heartbeat_interval=1, grace_period=2, stall_timeout=2)
+    storage = connect.open_storage(url, heartbeat_interval=1, grace_period=2, stall_timeout=2)
     with storage.engine.connect() as conn:
         conn.execute(sqlalchemy.text("SELECT 1"))  # a transaction, left open
         time.sleep(4)
         with pytest.raises(sqlalchemy.exc.DBAPIError):
             conn.execute(sqlalchemy.text("SELECT 1"))
-    assert studies.study_names(storage) == []  # the pool replaces the dead connection
+    assert connect.study_names(storage) == []  # the pool replaces the dead connection
     other = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    with other.connect() as conn:  # the pool's one server connection, as another client gets it
-        assert conn.execute(sqlalchemy.text("SHOW idle_in_transaction_session_timeout")).scalar() == "0"
+    for _ in range(3):  # the server connections the worker used, as other clients get them
+        with other.connect() as conn:
+            assert conn.execute(sqlalchemy.text("SHOW idle_in_transaction_session_timeout")).scalar() == "0"
     other.dispose()
 
 
@@ -176,10 +179,10 @@ def test_psycopg3_prepared_statements_do_not_clash_between_clients(tmp_path, pg_
     connection."""
     pytest.importorskip("psycopg")
     direct = pg_database()
-    url = pgbouncer(pool_size=1).url(direct, "+psycopg")
+    url = pgbouncer(pool_size=3).url(direct, "+psycopg")
     enqueue(write_spec(tmp_path / "prep.toml", seeds=(1, 2)), url)
     first, second = (optuna.load_study(study_name="prep", storage=storage_of(url)) for _ in range(2))
     for _ in range(8):
         for study in (first, second):
-            assert len(studies.waiting_trial_ids(study)) == 2
-            assert studies.unfinished_count(study) == 2
+            assert len(internals.waiting_trial_ids(study)) == 2
+            assert internals.unfinished_count(study) == 2
