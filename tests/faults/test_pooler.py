@@ -174,13 +174,14 @@ def test_worker_stall_timeout_works_through_the_pooler_and_leaks_to_no_other_cli
     other.dispose()
 
 
-def test_psycopg3_prepared_statements_do_not_clash_between_clients(tmp_path, pg_database, pgbouncer):
+@pytest.mark.parametrize("driver", ["+psycopg", ""])  # plain postgresql:// is psycopg 3 on SQLAlchemy 2.1
+def test_psycopg3_prepared_statements_do_not_clash_between_clients(tmp_path, pg_database, pgbouncer, driver):
     """psycopg 3 prepares a query server-side after five runs; through transaction pooling two
     clients then meet each other's (or miss their own) prepared statements on one server
     connection."""
     pytest.importorskip("psycopg")
     direct = pg_database()
-    url = pgbouncer(pool_size=3).url(direct, "+psycopg")
+    url = pgbouncer(pool_size=3).url(direct, driver)
     enqueue(write_spec(tmp_path / "prep.toml", seeds=(1, 2)), url)
     first, second = (optuna.load_study(study_name="prep", storage=storage_of(url)) for _ in range(2))
     for _ in range(8):
