@@ -25,11 +25,12 @@ import harness  # noqa: F401  (first: this checkout's sweeper)
 VARIANTS = ("standard", "long", "short", "short2", "short4")
 DATASETS = ("cifar100", "cifar10")
 EPOCHS = 14
-EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
 
 
 def _metrics(i: int, variant: str) -> list[tuple[str, float, int]]:
     """(key, value, step) of one synthetic cell: 14 epochs of per-epoch metrics + run metrics."""
+    from sweeper.names import EPOCH_METRICS
+
     rows = [(k, 1.0 / (epoch + i % 7 + 1), epoch) for epoch in range(1, EPOCHS + 1) for k in EPOCH_METRICS]
     return rows + [
         ("num_params", 1_000_000.0 + 1000 * VARIANTS.index(variant), 0),

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from sweeper import api, settings, tracking
 from sweeper.names import SPEC_ATTR
 from sweeper.redact import redact_url
+from sweeper.signals import StopSignal
 from sweeper.spec import StudySpec
 from sweeper.storage import connect, stale
 from sweeper.trials import outcomes, summary
@@ -74,7 +74,7 @@ def supervise(
         )
         return launched
 
-    with StopFlag() as stop:  # before the workers start: no Ctrl-C from here on is lost
+    with StopSignal() as stop:  # before the workers start: no Ctrl-C from here on is lost
         procs = start_workers(
             spec.name,
             url,
@@ -216,33 +216,7 @@ def start_workers(
     return procs
 
 
-class StopFlag:
-    """SIGINT/SIGTERM set a flag that the watch loop checks, as the worker's StopSignal does. A
-    KeyboardInterrupt raised wherever the main thread happens to be (a storage query, rich's
-    refresh, a finalizer) can be swallowed as "Exception ignored"; a flag cannot be lost."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.count = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, _signum, _frame) -> None:
-        self.count += 1
-        self.event.set()
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-
-def watch(board, procs: list[subprocess.Popen], console, stop: StopFlag) -> bool:
+def watch(board, procs: list[subprocess.Popen], console, stop: StopSignal) -> bool:
     """A live board until every worker exits; True when the user interrupted (the workers are
     then stopped in order: SIGTERM, each checkpoints and re-queues its trial; a second Ctrl-C
     kills them)."""
@@ -307,7 +281,7 @@ class Board:
         from rich.table import Table
         from rich.text import Text
 
-        from sweeper import study_state
+        from sweeper import causes, study_state
 
         trials = self.study.get_trials(deepcopy=False)
         latest = outcomes.latest_trials(trials, outcomes.by_key)
@@ -324,12 +298,11 @@ class Board:
         for col in ("cell", "state", "epoch", "top1_error", "host"):
             table.add_column(col)
         rows = summary.trial_rows(list(latest.values()))
-        failed = sorted(
-            (r for r in rows if r["state"] == "FAIL"), key=lambda r: summary.failure_cause(r["fail_reason"])[0]
-        )
+        named = {t.number: causes.of_trial(t)[0] for t in latest.values() if t.state.name == "FAIL"}
+        failed = sorted((r for r in rows if r["state"] == "FAIL"), key=lambda r: named[r["number"]])
         for row in [r for r in rows if r["state"] in ("RUNNING", "COMPLETE")] + failed:
             err = row["top1_error"]
-            cause = summary.failure_cause(row["fail_reason"])[0] if row["state"] == "FAIL" else None
+            cause = named.get(row["number"])
             values = (
                 row["cell"],
                 row["state"] if cause is None else f"FAIL: {cause}",

@@ -1,5 +1,5 @@
-"""Names sweeper stores in Optuna (trial and study attrs) and MLflow (tags, metrics): other
-programs and older studies read them, so they never change."""
+"""Names sweeper stores in Optuna (trial and study attrs) and MLflow (tags, metrics, artifacts):
+other programs and older studies read them, so they never change."""
 
 from __future__ import annotations
 
@@ -24,12 +24,17 @@ TOP1_ERROR_ATTR = "sweeper.top1_error"
 HOST_ATTR = "sweeper.host"
 EPOCHS_ATTR = "sweeper.epochs"
 
-# Optuna trial system attrs
-FAIL_REASON_ATTR = "sweeper.fail_reason"
+# Optuna trial system attrs (of a failed trial)
+FAIL_REASON_ATTR = "sweeper.fail_reason"  # the cause in words, for people
+FAIL_CAUSE_ATTR = "sweeper.fail_cause"  # the cause as a code of sweeper.causes.CAUSES (absent on older trials)
 NO_RETRY_ATTR = "sweeper.no_retry"  # a trial failed for a reason retrying cannot fix
 # Written by Optuna's RetryHeartbeatStaleTrialCallback (and by sweeper's own retries alike)
 FAILED_TRIAL_ATTR = "failed_trial"
-RETRY_HISTORY_ATTR = "retry_history"
+RETRY_HISTORY_ATTR = "retry_history"  # the numbers of the attempts this trial retries
 
 # MLflow metrics a cell run logs once per epoch (step: the epoch)
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
+VAL_EPOCH_METRICS = ("val_loss", "val_top1_error", "val_top5_error")  # when the recipe holds out a slice
+
+# MLflow artifact folder of a cell run that holds its latest checkpoint (last.pt), for resuming
+CHECKPOINT_ARTIFACT = "checkpoint"

@@ -36,6 +36,7 @@ from sweeper import settings, tracking, views
 from sweeper.errors import SweeperError
 from sweeper.names import RECIPE_DIGEST_ATTR, SPEC_ATTR
 from sweeper.redact import redact_url, strip_credentials
+from sweeper.signals import StopSignal
 from sweeper.storage import connect, internals
 
 HOST = "127.0.0.1"
@@ -321,8 +322,8 @@ def serve(
         )
     )
 
-    stop = stop or threading.Event()
-    previous = _install_signal_handlers(stop)
+    signals = StopSignal(stop).install()
+    stop = signals.event
     try:
         # The MLflow server's GenAI job runner (a pool of huey consumers) is of no use here.
         env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "PYTHONUNBUFFERED": "1"}
@@ -352,7 +353,7 @@ def serve(
     finally:
         stop_all(servers)
         config.unlink(missing_ok=True)
-        _restore_signal_handlers(previous)
+        signals.restore()
     _note("stopped")
 
 
@@ -372,21 +373,6 @@ def _mlflow_links(client, base, experiment, study, storage, tracking_uri, compar
         run_ids = views.pick_runs(collect(study.study_name, storage, tracking_uri).frame, compare)
         compare_url = views.compare_link(client, base, experiment, spec, run_ids)
     return views.study_link(client, base, experiment, spec, digest), compare_url
-
-
-def _install_signal_handlers(stop: threading.Event):
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handle(signum, _frame):
-        stop.set()
-
-    return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_signal_handlers(previous) -> None:
-    for sig, handler in (previous or {}).items():
-        signal.signal(sig, handler)
 
 
 def _note(message: str) -> None:

@@ -272,52 +272,27 @@ def worker(
     notify_url,
 ):
     """Claim waiting trials, train them and log to MLflow until the queue is empty."""
-    import gc
-    import logging
-
     check_grace(heartbeat_interval, grace_period)
     from pathlib import Path
 
     from sweeper import device as devices
-    from sweeper import tracking
+    from sweeper import tracking, worker
+    from sweeper.report.publish import Refresher
     from sweeper.storage.connect import resolve_storage_url
-    from sweeper.worker import StopSignal, WorkerConfig, run
-
-    gpu_list: list[str] = []
-    if device in ("auto", "cuda"):
-        from sweeper import slots
-
-        gpu_list = gpus.split(",") if gpus else slots.visible_gpus()
-        if gpu_list:  # take a free host:gpu slot so replicas spread over the GPUs
-            slot = slots.claim(gpu_list, workers_per_gpu, resolve_storage_url(storage))
-            device = slot.device
-            logging.getLogger("sweeper.worker").info("GPU slot %s:%s:%d -> %s", slot.host, slot.gpu, slot.index, device)
-    try:  # before the stores are touched and anything is claimed
-        engine = devices.prepare(
-            device,
-            precision,
-            compile_,
-            expect_gpu=settings.expect_gpu(),
-            processes_per_host=workers_per_gpu * max(1, len(gpu_list)),
-        )
-    except devices.BadDevice as e:
-        raise click.UsageError(str(e)) from None
 
     study_layer()
-    stop = StopSignal()
-    stop.install()
-    from sweeper.report.publish import Refresher
-
     storage_url, uri = resolve_storage_url(storage), tracking.resolve_tracking_uri(tracking_uri)
     reports = Refresher(storage_url, uri)  # the study's report page in MLflow, after each cell
-    config = WorkerConfig(
+    config = worker.WorkerConfig(
         storage_url=storage_url,
         tracking_uri=uri,
         study_names=tuple(study_name(s) for s in studies_),
-        device=str(engine.device),
-        precision=engine.precision,
-        compile="on" if engine.compile else "off",
-        engine=engine,
+        device=device,
+        precision=precision,
+        compile=compile_,
+        expect_gpu=settings.expect_gpu(),
+        gpus=tuple(gpus.split(",")) if gpus else None,
+        workers_per_gpu=workers_per_gpu,
         data_dir=Path(data_dir) if data_dir else None,
         max_trials=max_trials,
         forever=forever,
@@ -331,13 +306,11 @@ def worker(
         notify_url=notify_url,
         on_cell_complete=reports.request,
     )
-    # What is imported by now lives as long as the worker: keep it out of every later collection
-    # (the worker's per-trial gc.collect() then costs a fraction: ~45% of a trial's orchestration
-    # time before this, in benchmarks/sweep_scale.py --part c).
-    gc.collect()
-    gc.freeze()
+    stop = worker.stop_signal()
     try:
-        run(config, stop)
+        worker.serve(config, stop)
+    except devices.BadDevice as e:
+        raise click.UsageError(str(e)) from None
     finally:
         reports.close(10.0 if stop.is_set() else 120.0)  # told to stop: a refresh in flight gets seconds
 

@@ -14,8 +14,10 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from sweeper import causes
 from sweeper.errors import root_cause
 from sweeper.names import (
+    FAIL_CAUSE_ATTR,
     FAIL_REASON_ATTR,
     FAILED_CELLS_ATTR,
     FAILED_TRIAL_ATTR,
@@ -105,6 +107,7 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
             storage.set_trial_system_attr(
                 trial_id, FAIL_REASON_ATTR, f"no heartbeat for over {grace}s: the worker was killed or lost"
             )
+            storage.set_trial_system_attr(trial_id, FAIL_CAUSE_ATTR, causes.WORKER_LOST)
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 failed.append(trial_id)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -120,11 +123,12 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
-def requeue(study: optuna.Study, trial_id: int, reason: str) -> None:
+def requeue(study: optuna.Study, trial_id: int, reason: str, cause: str) -> None:
     """Fail a trial and enqueue its retry at once (a worker that was told to stop), counting
     towards the same retry history a dead worker's trial would have."""
     storage = storage_of(study)
     storage.set_trial_system_attr(trial_id, FAIL_REASON_ATTR, reason)
+    storage.set_trial_system_attr(trial_id, FAIL_CAUSE_ATTR, cause)
     storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     callback = storage.get_heartbeat_stale_trial_callback()
     callback(study, storage.get_trial(trial_id))
@@ -135,6 +139,7 @@ def hand_back(study: optuna.Study, trial_id: int, reason: str) -> None:
     cancelled: nothing went wrong with the trial). The copy keeps the cell's MLflow run."""
     storage = storage_of(study)
     storage.set_trial_system_attr(trial_id, FAIL_REASON_ATTR, reason)
+    storage.set_trial_system_attr(trial_id, FAIL_CAUSE_ATTR, causes.STUDY_CANCELLED)
     storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     trial = storage.get_trial(trial_id)
     history = {k: v for k, v in trial.system_attrs.items() if k in (FAILED_TRIAL_ATTR, RETRY_HISTORY_ATTR)}

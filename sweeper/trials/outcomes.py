@@ -11,14 +11,13 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from sweeper import causes
 from sweeper.names import (
     FAILED_CELLS_ATTR,
     KEY_ATTR,
     LIFECYCLE_ATTR,
-    NO_RETRY_ATTR,
     OUTCOME_ATTR,
     RECIPE_DIGEST_ATTR,
-    RETRY_HISTORY_ATTR,
     SPEC_ATTR,
 )
 from sweeper.storage.internals import storage_of, study_attrs_now, study_id, trials_now, unfinished_count
@@ -68,21 +67,11 @@ def set_lifecycle(study: optuna.Study, state: str, reason: str | None = None) ->
     return previous
 
 
-def failed_for_good(trial: optuna.trial.FrozenTrial, max_retries: int) -> bool:
-    """A FAILed trial that no retry follows: a cause retrying cannot fix, or retries used up."""
-    if trial.state != TrialState.FAIL:
-        return False
-    return (
-        bool(trial.system_attrs.get(NO_RETRY_ATTR))
-        or len(trial.system_attrs.get(RETRY_HISTORY_ATTR, [])) >= max_retries
-    )
-
-
 def outcome(latest: dict[str, optuna.trial.FrozenTrial], max_retries: int) -> str:
     """running while any trial waits or runs (or a retry is on its way); else failed or finished."""
     states = [t.state for t in latest.values()]
     pending = any(s in (TrialState.WAITING, TrialState.RUNNING) for s in states) or any(
-        t.state == TrialState.FAIL and not failed_for_good(t, max_retries) for t in latest.values()
+        t.state == TrialState.FAIL and not causes.failed_for_good(t, max_retries) for t in latest.values()
     )
     if pending or not states:
         return "running"
@@ -123,7 +112,7 @@ def settle(study: optuna.Study, completed: str | None = None) -> Settled:
         known = set(attrs.get(FAILED_CELLS_ATTR) or [])
         was = attrs.get(OUTCOME_ATTR, "running")
         latest = latest_trials(trials_now(study), by_key)
-        failed = {k: t for k, t in latest.items() if failed_for_good(t, rules["max_retries"])}
+        failed = {k: t for k, t in latest.items() if causes.failed_for_good(t, rules["max_retries"])}
         new = [t for k, t in failed.items() if k not in known]
         if set(failed) != known:
             storage.set_study_user_attr(sid, FAILED_CELLS_ATTR, sorted(failed))

@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from sweeper import causes
 from sweeper.names import (
     EPOCHS_ATTR,
     FAIL_REASON_ATTR,
@@ -20,7 +21,7 @@ from sweeper.names import (
     RUN_ID_ATTR,
     TOP1_ERROR_ATTR,
 )
-from sweeper.trials.outcomes import by_key, failed_for_good, latest_trials
+from sweeper.trials.outcomes import by_key, latest_trials
 
 STATES = ("WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL")
 
@@ -64,48 +65,11 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
     return rows
 
 
-# Known causes of failure: (pattern in the recorded reason, cause, fix).
-FAILURE_CAUSES = (
-    (r"loss became (nan|inf)", "non-finite loss", "lower [train] lr (or use another optimizer), then `sweeper retry`"),
-    (r"out of memory", "out of memory", "lower [train] batch_size or use a larger GPU, then `sweeper retry`"),
-    (
-        r"no heartbeat",
-        "worker lost",
-        "a worker was killed or lost its host (look for the OOM killer in `dmesg`); the trial is retried by itself",
-    ),
-    (r"MLflow .* unreachable", "tracking outage", "check the MLflow server (`sweeper doctor`); the trial is retried"),
-    (r"trial_timeout", "trial timeout", "raise [policy] trial_timeout or lower [train] epochs"),
-    (r"stopped by a signal", "worker stopped", None),
-    (r"study cancelled", "study cancelled", "`sweeper resume` continues the handed-back trials"),
-)
-
-
-def failure_cause(reason: str | None) -> tuple[str, str | None]:
-    """(cause, fix) of a recorded fail reason; an unknown one is named by its first words."""
-    import re
-
-    text = reason or "no reason recorded"
-    for pattern, cause, fix in FAILURE_CAUSES:
-        if re.search(pattern, text):
-            return cause, fix
-    head = re.split(r"[:;(]", text, maxsplit=1)[0].strip()
-    return re.sub(r"\d+", "N", head)[:80], None
+def failure_cause(reason: str | None, code: str | None = None) -> tuple[str, str | None]:
+    """(cause, fix) of a failed trial's stored cause code and reason (sweeper.causes)."""
+    return causes.name(code, reason)
 
 
 def failure_groups(trials: list[optuna.trial.FrozenTrial], max_retries: int) -> list[dict[str, Any]]:
     """FAILed trials grouped by cause: how many trials, how many cells failed for good, the fix."""
-    for_good = {t.number for t in latest_trials(trials, by_key).values() if failed_for_good(t, max_retries)}
-    groups: dict[str, dict[str, Any]] = {}
-    for t in trials:
-        if t.state != TrialState.FAIL:
-            continue
-        reason = t.system_attrs.get(FAIL_REASON_ATTR)
-        cause, fix = failure_cause(reason)
-        if cause == "study cancelled":  # handed back, continued by its copy: nothing failed
-            continue
-        group = groups.setdefault(
-            cause, {"cause": cause, "trials": 0, "cells_failed_for_good": 0, "fix": fix, "example": reason}
-        )
-        group["trials"] += 1
-        group["cells_failed_for_good"] += t.number in for_good
-    return sorted(groups.values(), key=lambda g: (-g["cells_failed_for_good"], -g["trials"]))
+    return causes.groups(trials, list(latest_trials(trials, by_key).values()), max_retries)
