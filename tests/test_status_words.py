@@ -14,9 +14,9 @@ from rich.console import Console
 
 from sweeper import spec as specs
 from sweeper.launcher import Board
-from sweeper.names import FAIL_REASON_ATTR, NO_RETRY_ATTR
+from sweeper.names import FAIL_CAUSE_ATTR, FAIL_REASON_ATTR, NO_RETRY_ATTR
 from sweeper.storage import connect
-from sweeper.trials import claims, enqueue
+from sweeper.trials import claims, enqueue, summary
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) \S+\[\d+\]: ")
 
@@ -53,6 +53,41 @@ def test_the_board_names_the_state_groups_failures_and_ends_finished_or_failed(t
     text = render(board)
     assert "board (failed): 2 done, 0 running, 0 waiting" in text and "eta" not in text
     assert "(running)" not in text
+
+
+def test_failures_group_by_their_stored_cause_code_whatever_their_words(tmp_path, monkeypatch):
+    """A failed trial stores its cause as a code (sweeper.fail_cause): `status` and the board group
+    by it, so a reworded message stays in its group; a trial stored before codes existed is
+    still grouped by its message."""
+    from sweeper import causes
+
+    monkeypatch.setenv("SWEEPER_HOME", str(tmp_path))
+    storage = connect.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    spec = specs.load(str(write_spec(tmp_path / "codes.toml", seeds=(1, 2, 3), epochs=1)))
+    study = enqueue.enqueue_study(storage, spec).study
+    reworded, legacy, outage = (claims.claim(study) for _ in range(3))
+    for trial_id, reason, code in (
+        (reworded, "the loss went to NaN at step 7 (reworded)", causes.NON_FINITE_LOSS),
+        (legacy, "training loss became nan at epoch 1", None),  # stored before codes existed
+    ):
+        study._storage.set_trial_system_attr(trial_id, FAIL_REASON_ATTR, reason)
+        if code is not None:
+            study._storage.set_trial_system_attr(trial_id, FAIL_CAUSE_ATTR, code)
+        study._storage.set_trial_system_attr(trial_id, NO_RETRY_ATTR, True)
+        study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    claims.requeue(study, outage, "the tracking server went away for 301s", causes.TRACKING_OUTAGE)
+    assert study._storage.get_trial(outage).system_attrs[FAIL_CAUSE_ATTR] == "tracking_outage"
+
+    groups = {g["cause"]: g for g in summary.failure_groups(study.get_trials(deepcopy=False), max_retries=3)}
+    assert set(groups) == {"non-finite loss", "tracking outage"}, groups
+    assert groups["non-finite loss"]["trials"] == 2 and groups["non-finite loss"]["cells_failed_for_good"] == 2
+    assert groups["non-finite loss"]["fix"].startswith("lower [train] lr")
+    assert groups["tracking outage"]["trials"] == 1 and groups["tracking outage"]["cells_failed_for_good"] == 0
+    assert summary.failure_cause("the loss went to NaN", causes.NON_FINITE_LOSS)[0] == "non-finite loss"
+    assert summary.failure_cause("training loss became inf at epoch 2")[0] == "non-finite loss"
+    text = render(Board(study))
+    assert re.search(r"short4/digits/s1 +│ FAIL: non-finite loss", text), text
+    assert "failed: non-finite loss: 2 trial(s), 2 cell(s) for good" in text
 
 
 def test_float_columns_have_their_own_places():

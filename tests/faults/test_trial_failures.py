@@ -33,6 +33,7 @@ def test_nan_loss_fails_the_trial_without_retry_and_the_worker_goes_on(tmp_path,
     assert nan.state == TrialState.FAIL
     reason = nan.system_attrs["sweeper.fail_reason"]
     assert reason.startswith("training loss became nan at epoch 1") and "lower the learning rate" in reason
+    assert nan.system_attrs["sweeper.fail_cause"] == "non_finite_loss"  # `status` groups by the code
     client = MlflowClient(tracking.url)
     run = client.get_run(nan.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["sweeper.reason"] == reason
@@ -99,6 +100,7 @@ def test_out_of_memory_fails_the_trial_frees_memory_and_the_worker_goes_on(
     assert (
         reason.startswith("out of memory on cpu at batch size 64: CUDA out of memory") and "lower batch_size" in reason
     )
+    assert oom.system_attrs["sweeper.fail_cause"] == "out_of_memory"
     run = MlflowClient(tracking.url).get_run(oom.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["sweeper.reason"] == reason
     # The failed trial's model was gone before the next one was built.
