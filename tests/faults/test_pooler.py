@@ -89,21 +89,27 @@ def test_launch_six_workers_status_and_report_through_transaction_pooling(
     assert "unsupported startup parameter" not in bouncer.log()
 
 
-def test_concurrent_launches_and_study_locks_with_a_pool_smaller_than_the_waiters(tmp_path, pg_database, pgbouncer):
-    """Three launches at once on a fresh database, through a pool of three server connections
-    (what one opener needs: the schema lock's and two of Optuna's schema check): the schema
-    lock and the study lock must not hold a server connection while they wait (waiters blocked
-    in pg_advisory_lock take the connections the holder needs: a deadlock until the pooler's
-    query_wait_timeout)."""
+def test_study_lock_waiters_hold_no_server_connection_with_a_pool_smaller_than_the_waiters(
+    tmp_path, pg_database, pgbouncer
+):
+    """Three holders-to-be of one study lock at once, through a pool of three server connections:
+    the holder needs two (the lock's transaction and its work), so waiters that kept a server
+    connection while they wait (blocked in pg_advisory_lock) would take the connection it needs:
+    a deadlock until the pooler's query_wait_timeout. One holder at a time, nobody errors.
+
+    The storages are opened before the race: opening one holds a connection while it asks for
+    another (Optuna's schema check), so openers that all start at the same instant on a pool this
+    small wait on each other whatever sweeper's locks do (docs/DEPLOY.md, "Connections")."""
     direct = pg_database()
     url = pgbouncer(pool_size=3, query_wait_timeout=15).url(direct)
-    spec_path = write_spec(tmp_path / "race.toml", variants=("short4", "short3"), seeds=(1, 2, 3))
+    enqueue(write_spec(tmp_path / "race.toml", variants=("short4", "short3"), seeds=(1, 2, 3)), url)
+    storages = [connect.open_storage(url) for _ in range(3)]
     inside, overlap, errors = [], [], []
+    start = threading.Barrier(len(storages))
 
-    def launch() -> None:
+    def hold(storage) -> None:
         try:
-            enqueue(spec_path, url)
-            storage = connect.open_storage(url)
+            start.wait()
             with locks.study_lock(storage, "race"):
                 inside.append(1)
                 overlap.append(len(inside))
@@ -113,13 +119,13 @@ def test_concurrent_launches_and_study_locks_with_a_pool_smaller_than_the_waiter
         except Exception as e:  # reported below, with the thread's error
             errors.append(e)
 
-    threads = [threading.Thread(target=launch) for _ in range(3)]
+    threads = [threading.Thread(target=hold, args=(s,)) for s in storages]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert not errors, errors
-    assert overlap and max(overlap) == 1, overlap  # one holder at a time
+    assert len(overlap) == 3 and max(overlap) == 1, overlap  # each held it, one holder at a time
     keys = [t.user_attrs["sweeper.key"] for t in trials_of(direct, "race")]
     assert len(keys) == 6 and len(set(keys)) == 6, keys
 
