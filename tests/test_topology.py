@@ -5,6 +5,7 @@ anchors), so this test breaks when the compose file and the CLI drift apart:
 
   postgres   two fresh databases from `pg_database()`: the Optuna storage and the MLflow
              backend store that docker/postgres/init-databases.sh creates.
+  pgbouncer  a real PgBouncer (transaction pooling) in front of the Optuna storage, as in compose.
   mlflow     a real `mlflow server` with the service's own `command` and environment.
   worker     three `sweeper worker --forever` replicas (`--scale worker=3`) with the service's
              command and environment, each with a home of its own (a container's filesystem).
@@ -12,7 +13,7 @@ anchors), so this test breaks when the compose file and the CLI drift apart:
   report     the service's entrypoint + `--study NAME --format json`.
 
 Only what names the compose network or a container path is rewritten, explicitly: the
-`postgres:5432` host, `http://mlflow:5000`, /data, /home/sweeper/.sweeper, /mlflow/artifacts,
+`postgres:5432` and `pgbouncer:6432` hosts, `http://mlflow:5000`, /data, /home/sweeper/.sweeper, /mlflow/artifacts,
 --host/--port. Every other variable reaches the processes as compose would pass it (defaults
 of .env.example applied, empty strings kept). The test asserts that every value it rewrites
 still has the shape it expects, so a renamed host or path fails here with a message.
@@ -53,6 +54,7 @@ EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "e
 
 # Compose-network names and container paths, and what stands in for them here.
 PG_HOST_IN_COMPOSE = "@postgres:5432/"
+POOLER_IN_COMPOSE = "@pgbouncer:6432/"  # the Optuna storage goes through PgBouncer
 TRACKING_IN_COMPOSE = "http://mlflow:5000"
 DATA_DIR_IN_COMPOSE = "/data"
 HOME_IN_COMPOSE = "/home/sweeper/.sweeper"
@@ -85,6 +87,12 @@ def local_postgres(url: str, pg) -> str:
     return url.replace(PG_HOST_IN_COMPOSE, f"@{pg.hostname}:{pg.port or 5432}/")
 
 
+def local_pooler(url: str, bouncer) -> str:
+    """A compose storage URL pointed at a real local PgBouncer instead of the `pgbouncer` service."""
+    assert POOLER_IN_COMPOSE in url, f"expected {POOLER_IN_COMPOSE!r} in the compose URL {url!r}"
+    return url.replace(POOLER_IN_COMPOSE, f"@127.0.0.1:{bouncer.port}/")
+
+
 def process_env(compose_env: dict[str, str]) -> dict[str, str]:
     """A container's environment: the image's ENV, then the service's; nothing of this shell's
     sweeper/MLflow settings leaks in."""
@@ -96,12 +104,12 @@ def process_env(compose_env: dict[str, str]) -> dict[str, str]:
 
 
 def sweeper_env(
-    service: dict, variables: dict[str, str], pg, tracking_uri: str, data_dir: Path, home: Path
+    service: dict, variables: dict[str, str], pooler, tracking_uri: str, data_dir: Path, home: Path
 ) -> dict[str, str]:
     """The service's environment with the compose-network URLs and container paths made local."""
     env = service_environment(service, variables)
     rewritten = {
-        "SWEEPER_STORAGE": local_postgres(env["SWEEPER_STORAGE"], pg),
+        "SWEEPER_STORAGE": local_pooler(env["SWEEPER_STORAGE"], pooler),
         "MLFLOW_TRACKING_URI": tracking_uri,
         "SWEEPER_DATA_DIR": str(data_dir),
         "SWEEPER_HOME": str(home),
@@ -182,7 +190,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) ->
 
 
 @pytest.mark.slow
-def test_compose_topology_without_containers(pg_database, tmp_path):
+def test_compose_topology_without_containers(pg_database, pgbouncer, tmp_path):
     started = time.monotonic()
 
     def phase(name: str) -> None:  # shown with -s: where the time goes on a loaded machine
@@ -192,6 +200,7 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
 
     # postgres: the two databases of init-databases.sh
     optuna_db, mlflow_db = pg_database(), pg_database()
+    pooler = pgbouncer(pool_size=10)  # the `pgbouncer` service: the workers' storage goes through it
     pg = urlsplit(optuna_db)
     assert urlsplit(mlflow_db).netloc == pg.netloc, "both databases live on the one `postgres` service"
     port = free_port()
@@ -278,12 +287,14 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
         assert worker_argv[3:5] == ["worker", "--forever"], worker_argv
         for i in range(N_WORKERS):
             root = tmp_path / f"worker-{i + 1}"
-            env = sweeper_env(worker_service, variables, pg, server_url, data_dir, root / "home")
+            env = sweeper_env(worker_service, variables, pooler, server_url, data_dir, root / "home")
             workers.append(start(worker_argv, env, cwd=root / "cwd", log=worker_logs[i]))
 
         # launcher: `docker compose run --rm launcher launch --study SPEC`
         launcher_service = services["launcher"]
-        tools_env = sweeper_env(launcher_service, variables, pg, server_url, data_dir, tmp_path / "launcher" / "home")
+        tools_env = sweeper_env(
+            launcher_service, variables, pooler, server_url, data_dir, tmp_path / "launcher" / "home"
+        )
         sweeper(
             *sweeper_argv(launcher_service, ["launch", "--study", str(spec)]),
             env=tools_env,
@@ -297,7 +308,7 @@ def test_compose_topology_without_containers(pg_database, tmp_path):
         assert check[:2] == ["CMD", "sweeper"], check
         doctor = sweeper(
             *check[2:],
-            env=sweeper_env(worker_service, variables, pg, server_url, data_dir, tmp_path / "doctor" / "home"),
+            env=sweeper_env(worker_service, variables, pooler, server_url, data_dir, tmp_path / "doctor" / "home"),
             check=False,
             timeout=120,
         )
