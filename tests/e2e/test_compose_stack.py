@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,7 @@ REQUIRE = os.environ.get("SWEEPER_REQUIRE_CONTAINERS") == "1"
 RUN = REQUIRE or os.environ.get("SWEEPER_RUN_CONTAINERS") == "1"
 CHROMIUM = "/usr/bin/chromium"
 LABEL = f"label=com.docker.compose.project={PROJECT}"
+READY = re.compile(r"worker \d+ on \S+: storage ")  # sweeper/worker/boot.py, right before the first claim
 STOP_GRACE = 60  # SWEEPER_STOP_GRACE_PERIOD in the test's .env, seconds
 EPOCH_METRICS = ("train_loss", "test_loss", "top1_error", "top5_error", "lr", "epoch_seconds", "images_per_s")
 
@@ -84,12 +86,14 @@ GRID = ("e2e-grid", spec_text("e2e: 3 variants x 2 seeds", VARIANTS, ["digits"],
 # Step 3: one cell long enough to be killed in the middle; then three cells for the scale-down.
 RESUME_EPOCHS = 10  # the kill comes after epoch 2: the rest must outlast it on a quiet machine
 RESUME = ("e2e-resume", spec_text("e2e: kill -9 in the middle", ["short4"], ["digits"], RESUME_EPOCHS, 512))
-# Long enough that none of the three ends before the slowest has started (a worker recreated by
-# `up --scale` starts some 20 s after the others); the survivor then finishes all three.
+# Three cells of one variant, so that each costs the same (with three variants, short2's first
+# epoch, with its precision probe, once came after short3 and short4 had trained all 30 on a
+# loaded 2-core machine), long enough that none ends before the last has started; the test waits
+# for the three workers to be up before it launches. The survivor then finishes all three.
 HANDBACK_EPOCHS = 30
 HANDBACK = (
     "e2e-handback",
-    spec_text("e2e: scale down hands back", ["short4", "short3", "short2"], ["digits"], HANDBACK_EPOCHS, 512),
+    spec_text("e2e: scale down hands back", ["short4"], ["digits"], HANDBACK_EPOCHS, 512, seeds=(1, 2, 3)),
 )
 
 
@@ -240,6 +244,26 @@ class Stack:
                     f"{study}: {[r['info']['status'] for r in runs]} after {timeout:.0f}s\n{self.worker_logs()}"
                 )
             time.sleep(2)
+
+    def wait_workers_ready(self, count: int, timeout: float = 600) -> None:
+        """Until ``count`` workers run and each has opened its stores (the line it logs right before
+        it starts claiming): a study launched earlier could be done by the first ones before a
+        late one, just re-created, gets any trial of it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            containers = self.containers("worker-cpu")
+            ready = [c for c in containers if READY.search(self.logs_of_last_start(c))]
+            if len(containers) == count and len(ready) == count:
+                return
+            assert time.monotonic() < deadline, (
+                f"{len(ready)} of {count} workers ready after {timeout:.0f}s\n{self.worker_logs()}"
+            )
+            time.sleep(2)
+
+    def logs_of_last_start(self, container: str) -> str:
+        """What the container's current process logged (a restarted container keeps the old one's)."""
+        started = int(self.inspect(container, "{{.State.StartedAt.Unix}}"))
+        return podman("logs", "--since", str(started - 1), container, check=False).stderr
 
     def worker_logs(self, tail: int = 25) -> str:
         return "\n".join(
@@ -429,7 +453,7 @@ def test_3a_kill_9_a_worker_the_trial_resumes_elsewhere(stack):
 def test_3b_scale_down_hands_trials_back(stack):
     study, _ = HANDBACK
     stack.compose("up", "-d", "--scale", "worker-cpu=3")  # the killed one back, if it was not restarted
-    assert len(stack.containers("worker-cpu")) == 3
+    stack.wait_workers_ready(3)
     stack.sweeper("launcher", "launch", "--study", f"/specs/{study}.toml")
     deadline = time.monotonic() + 600
     while True:  # every worker in the middle of a trial
@@ -438,6 +462,8 @@ def test_3b_scale_down_hands_trials_back(stack):
             break
         assert time.monotonic() < deadline, f"three trials not started after 600s\n{stack.worker_logs()}"
         time.sleep(1)
+    running = {tags(r)["sweeper.host"] for r in runs if r["info"]["status"] == "RUNNING"}
+    assert len(running) == 3, f"not one trial on each of three workers at once: {[(tags(r), r['info']) for r in runs]}"
     before = set(stack.containers("worker-cpu"))
     since = str(int(time.time()) - 1)
     scaled_at_ms = int(time.time() * 1000)
