@@ -73,9 +73,15 @@ class ExportFailed(SweeperError):
 class Exporter:
     """The worker's helper process that logs models; one model at a time."""
 
-    def __init__(self, tracking_uri: str, build_model: Callable[..., Any] | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        build_model: Callable[..., Any] | None = None,
+        unacknowledged_timeout: float | None = None,
+    ):
         self.tracking_uri = tracking_uri
         self.build_model = build_model  # None: sweeper.models' (a benchmark's stand-in otherwise)
+        self.unacknowledged_timeout = unacknowledged_timeout  # tracking.configure_http's, as in the worker
         self.process = None
         self.lock = threading.Lock()
 
@@ -88,7 +94,7 @@ class Exporter:
         self.conn, child = context.Pipe()
         self.process = context.Process(
             target=_serve,
-            args=(child, self.tracking_uri, self.stop, self.build_model),
+            args=(child, self.tracking_uri, self.stop, self.build_model, self.unacknowledged_timeout),
             name="sweeper-model-export",
             daemon=True,
         )
@@ -129,7 +135,9 @@ class Exporter:
         self.process = None
 
 
-def _serve(conn, tracking_uri: str, stop, build_model: Callable[..., Any] | None = None) -> None:
+def _serve(
+    conn, tracking_uri: str, stop, build_model: Callable[..., Any] | None = None, unacknowledged_timeout=None
+) -> None:
     """(The helper process.) Log each model asked for until the worker closes the pipe."""
     # Ctrl-C reaches the whole process group: the worker decides, the helper finishes its model.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -141,6 +149,13 @@ def _serve(conn, tracking_uri: str, stop, build_model: Callable[..., Any] | None
 
     torch.set_num_threads(1)  # tracing is Python; the cores are the training's
     client = tracking.client(tracking_uri)
+    with tracking.unacknowledged_timeout(unacknowledged_timeout):
+        _log_models(conn, client, stop, build_model)
+
+
+def _log_models(conn, client, stop, build_model) -> None:
+    from sweeper import tracking
+
     while True:
         try:
             request = conn.recv()

@@ -30,3 +30,13 @@ class SweeperError(Exception):
 class BadInput(SweeperError):
     """Input refused once the data it names was read (a variant not in the study): exit 2, as
     click's own refusals of bad options."""
+
+
+class TrialLost(Exception):
+    """Another worker owns the trial now: this one's heartbeat went stale (a freeze, a partition,
+    a long database outage), the trial was failed and its retry enqueued. Stand down, touch nothing."""
+
+
+class LeaseLapsed(Exception):
+    """The worker has not renewed its hold on a trial for too long to write for it (the database
+    unreachable): its writes wait until a renewal succeeds, or the trial turns out lost."""

@@ -151,3 +151,42 @@ def test_bulk_enqueue_makes_the_trials_optunas_public_api_makes(tmp_path):
     assert trial.suggest_float("lr", 0.1, 1.0) > 0
     bulk.tell(trial, 0.5)
     assert bulk.best_trial.number == 0
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_renewed_heartbeat_keeps_its_trial_and_a_failed_trial_renews_no_lease(database, tmp_path, request):
+    """The takeover judges the heartbeat again under the trial's row lock (a worker that renewed
+    after the staleness was read keeps its trial), and a worker back from a partition cannot renew
+    a trial that was failed meanwhile (Optuna's record_heartbeat would: its lease would look fresh)."""
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from sweeper.errors import TrialLost
+    from sweeper.storage import connect, internals
+    from sweeper.trials import claims
+
+    url = f"sqlite:///{tmp_path}/optuna.db" if database == "sqlite" else request.getfixturevalue("pg_database")()
+    storage = connect.open_storage(url, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, study_name="lease")
+    study.enqueue_trial({})
+    trial_id = claims.claim(study)
+    reason = {"sweeper.fail_reason": "no heartbeat"}
+    time.sleep(3.5)  # SQLite keeps whole seconds
+    assert internals.stale_trial_ids(study) == [trial_id]
+    assert internals.renew_lease(storage, trial_id)  # its worker, between that look and the fail
+    assert not internals.fail_if_stale(storage, trial_id, 2, reason)
+    assert internals.trial_state(storage, trial_id) == TrialState.RUNNING
+
+    time.sleep(3.5)  # SQLite keeps whole seconds
+    assert claims.fail_stale_trials(study) == [trial_id]
+    failed = storage.get_trial(trial_id)
+    assert failed.state == TrialState.FAIL and "no heartbeat" in failed.system_attrs["sweeper.fail_reason"]
+    assert not internals.renew_lease(storage, trial_id)
+    heartbeat = claims.Heartbeat(storage, trial_id, interval=1, grace=2)
+    with pytest.raises(TrialLost):
+        heartbeat.renew()
+    with pytest.raises(TrialLost):
+        heartbeat.check()  # every later write of that worker is refused without asking the database
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]  # one retry

@@ -44,7 +44,10 @@ def open_storage(
 
     ``stall_timeout`` (workers pass their grace period): on PostgreSQL, the server ends a session
     of this process that sits idle inside a transaction that long, so a frozen worker (a paused
-    VM, SIGSTOP) cannot hold row locks that the workers retrying its trial wait on.
+    VM, SIGSTOP) cannot hold row locks that the workers retrying its trial wait on; and this
+    process notices a dead connection within a quarter of it whatever the network does (TCP
+    keepalives and user timeout: a partition that drops packets costs seconds, not the kernel's
+    ~15 minutes of retransmissions), the bound a worker's lease on its trial relies on.
 
     PostgreSQL URLs may go through a transaction-pooling PgBouncer (docs/DEPLOY.md,
     "Connections"): no startup parameters, no session state, no server-side prepared statements."""
@@ -55,6 +58,9 @@ def open_storage(
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+        if stall_timeout:
+            engine_kwargs["connect_args"].update(dead_connection_args(stall_timeout / 4))
+            engine_kwargs["connect_args"]["connect_timeout"] = min(10, max(2, int(stall_timeout / 4)))
         if _driver(url) == "psycopg":  # psycopg 3 prepares a query server-side after 5 runs
             engine_kwargs["connect_args"]["prepare_threshold"] = None
     try:
@@ -93,6 +99,20 @@ def open_storage(
     elif stall_timeout and url.startswith("postgresql"):
         _end_stalled_transactions(storage, stall_timeout)
     return storage
+
+
+def dead_connection_args(within: float) -> dict[str, int]:
+    """libpq's settings (psycopg 2 and 3 pass them on) that end a connection the network stopped
+    answering within about ``within`` seconds: data left unacknowledged that long (a query sent
+    into a partition), or an idle connection whose keepalive probes go unanswered."""
+    within = max(int(within), 2)
+    return {
+        "keepalives": 1,
+        "keepalives_idle": max(within // 2, 1),
+        "keepalives_interval": 1,
+        "keepalives_count": max(within - within // 2, 1),
+        "tcp_user_timeout": within * 1000,
+    }
 
 
 def _driver(url: str) -> str:

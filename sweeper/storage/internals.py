@@ -63,13 +63,7 @@ def trial_state(storage, trial_id: int) -> TrialState:
 def _rdb(study: optuna.Study):
     """Optuna's RDB table models and the storage's session factory, or None where a future
     Optuna moved them (callers then take the public API)."""
-    try:
-        from optuna.storages._rdb import models
-
-        storage = backend(study._storage)
-        return models, storage.scoped_session
-    except (ImportError, AttributeError):  # pragma: no cover - other Optuna versions
-        return None
+    return _rdb_of(study._storage)
 
 
 def trial_keys(study: optuna.Study) -> set[tuple[str | None, str | None]]:
@@ -228,3 +222,80 @@ def set_cell_params(study: optuna.Study, trial_id: int, spec: dict[str, Any], at
             storage.set_trial_param(trial_id, name, distribution.to_internal_repr(value), distribution)
         except ValueError as e:
             log.info("trial id %d: %s=%s not recorded as an Optuna param: %s", trial_id, name, value, e)
+
+
+def renew_lease(storage, trial_id: int) -> bool:
+    """Record the trial's heartbeat if it is still RUNNING; False (nothing written) once it is not.
+
+    One transaction holding the trial's row (FOR SHARE) while it reads the state and writes the
+    heartbeat: ``fail_if_stale`` takes that row FOR UPDATE before it judges the heartbeat, so a
+    renewal and a takeover never interleave. Optuna's ``record_heartbeat`` beats for any trial,
+    a failed one included, which would let a worker cut off and taken over believe it still
+    holds the trial when its network comes back."""
+    rdb = _rdb_of(storage)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        if trial_state(storage, trial_id) != TrialState.RUNNING:
+            return False
+        storage.record_heartbeat(trial_id)
+        return True
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func, select
+
+    trials = models.TrialModel
+    with _create_scoped_session(scoped_session, True) as session:
+        state = session.scalar(select(trials.state).where(trials.trial_id == trial_id).with_for_update(read=True))
+        if state != TrialState.RUNNING:
+            return False
+        heartbeat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, True)
+        if heartbeat is None:
+            session.add(models.TrialHeartbeatModel(trial_id=trial_id))
+        else:
+            heartbeat.heartbeat = session.execute(func.now()).scalar_one()
+    return True
+
+
+def fail_if_stale(storage, trial_id: int, grace: float, system_attrs: dict[str, Any]) -> bool:
+    """FAIL the trial, with ``system_attrs``, if it is RUNNING and its heartbeat is older than
+    ``grace`` seconds, judged in the transaction that fails it while it holds the trial's row (FOR
+    UPDATE); False when it is not (finished meanwhile, or its worker renewed its heartbeat since
+    the staleness was read: ``renew_lease`` waits on that row)."""
+    rdb = _rdb_of(storage)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        for key, value in system_attrs.items():
+            storage.set_trial_system_attr(trial_id, key, value)
+        return storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    import json
+    from datetime import datetime, timedelta
+
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func
+
+    with _create_scoped_session(scoped_session, True) as session:
+        trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+        if trial.state != TrialState.RUNNING:
+            return False
+        heartbeat = models.TrialHeartbeatModel.where_trial_id(trial_id, session)
+        now = session.execute(func.now()).scalar_one().replace(tzinfo=None)
+        if heartbeat is None or now - heartbeat.heartbeat.replace(tzinfo=None) <= timedelta(seconds=grace):
+            return False
+        for key, value in system_attrs.items():
+            row = models.TrialSystemAttributeModel.find_by_trial_and_key(trial, key, session)
+            if row is None:
+                session.add(models.TrialSystemAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
+            else:
+                row.value_json = json.dumps(value)
+        trial.state = TrialState.FAIL
+        trial.datetime_complete = datetime.now()  # as Optuna's set_trial_state_values records it
+    return True
+
+
+def _rdb_of(storage):
+    """``_rdb`` for a storage."""
+    try:
+        from optuna.storages._rdb import models
+
+        return models, backend(storage).scoped_session
+    except (ImportError, AttributeError):  # pragma: no cover - other Optuna versions
+        return None

@@ -24,6 +24,7 @@ from sweeper.tracking.connection import (
     read_errors,
     resolve_tracking_uri,
     retry_while_unreachable,
+    unacknowledged_timeout,
 )
 from sweeper.tracking.models import (
     MODEL_NAME,
@@ -89,6 +90,7 @@ __all__ = [
     "read_errors",
     "resolve_tracking_uri",
     "retry_while_unreachable",
+    "unacknowledged_timeout",
     "run_link",
     "run_url",
     "set_study_run_status",

@@ -52,6 +52,29 @@ def configure_http(request_timeout: int = 20, max_retries: int = 2) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
+@contextlib.contextmanager
+def unacknowledged_timeout(seconds: float | None) -> Iterator[None]:
+    """While inside: this process's HTTP connections give up on bytes the server has not
+    acknowledged for ``seconds`` (TCP user timeout), so a request sent into a partition cannot be
+    delivered once the network heals, after another worker took the trial over (a worker's lease,
+    claims.Heartbeat). urllib3's default socket options, restored on the way out. None: as they are."""
+    if seconds is None:
+        yield
+        return
+    import socket
+
+    from urllib3.connection import HTTPConnection
+
+    option = (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(max(seconds, 1) * 1000))
+    options = HTTPConnection.default_socket_options  # changed in place: urllib3 binds this list as a default
+    before = list(options)
+    options[:] = [o for o in options if o[:2] != option[:2]] + [option]
+    try:
+        yield
+    finally:
+        options[:] = before
+
+
 def client(uri: str | None = None, create: bool = True):
     """An MlflowClient whose HTTP calls give up in seconds (every command gets bounded waits).
 

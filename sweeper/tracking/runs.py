@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sweeper import settings
-from sweeper.errors import first_line
+from sweeper.errors import LeaseLapsed, TrialLost, first_line
 from sweeper.redact import redact
 from sweeper.tracking.connection import TrackingUnreachable, is_server, retry_while_unreachable
 
@@ -120,10 +121,15 @@ class RunLogger:
 
     What cannot be sent stays queued and goes with the next flush; ``flush(deadline=...)``
     keeps trying until the deadline, then raises SweeperError.
+
+    ``fence()``, when given, runs before each request: a worker's lease on its trial
+    (``claims.Heartbeat.check``). LeaseLapsed keeps what is queued for a later flush; TrialLost
+    is raised, and nothing more goes to the run.
     """
 
-    def __init__(self, mlflow_client, run_id: str):
+    def __init__(self, mlflow_client, run_id: str, fence: Callable[[], None] | None = None):
         self.client, self.run_id = mlflow_client, run_id
+        self.fence = fence or (lambda: None)
         self.metrics: list[Any] = []
         self.params: list[Any] = []
         self.tags: list[Any] = []
@@ -159,7 +165,7 @@ class RunLogger:
         (or until ``should_stop()``), then raise TrackingUnreachable."""
         pending = self.pending()
         try:
-            retry_while_unreachable(self._send, deadline, should_stop, self._went_down)
+            retry_while_unreachable(self._send, deadline, should_stop, self._failed)
         except TrackingUnreachable:
             if deadline is None:
                 return False  # what is queued goes with the next flush
@@ -173,7 +179,12 @@ class RunLogger:
         self.down_since = None
         return True
 
-    def _went_down(self, error: Exception) -> None:
+    def _failed(self, error: Exception) -> None:
+        if isinstance(error, TrialLost):
+            raise error
+        if isinstance(error, LeaseLapsed):
+            log.info("%s; holding %d item(s) for MLflow until it is", error, self.pending())
+            return
         if self.down_since is None:  # one warning per outage, however many flushes it lasts
             self.down_since = time.monotonic()
             log.warning("MLflow is unreachable (%s); buffering and retrying", redact(first_line(error)))
@@ -187,13 +198,16 @@ class RunLogger:
         # Sent items leave the queue as they go, so a retry after a failure sends nothing twice.
         while self.artifacts:
             local, path = self.artifacts[0]
+            self.fence()
             self.client.log_artifact(self.run_id, local, path)
             self.artifacts.pop(0)
         if self.inputs:
+            self.fence()
             self.client.log_inputs(self.run_id, datasets=self.inputs)
             self.inputs = []
         # One request for what fits in one batch (MLflow: 100 params, 100 tags, 1000 items in all).
         while self.params or self.tags or self.metrics:
+            self.fence()
             params, tags = self.params[:100], self.tags[:100]
             metrics = self.metrics[: 1000 - len(params) - len(tags)]
             self.client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from sweeper import causes
-from sweeper.errors import root_cause
+from sweeper.errors import LeaseLapsed, TrialLost, root_cause
 from sweeper.names import (
     FAIL_CAUSE_ATTR,
     FAIL_REASON_ATTR,
@@ -26,9 +27,12 @@ from sweeper.names import (
     RETRY_HISTORY_ATTR,
 )
 from sweeper.redact import redact
+from sweeper.storage.dberrors import retry_db
 from sweeper.storage.internals import (
     backend,
+    fail_if_stale,
     read_into_cache,
+    renew_lease,
     stale_trial_ids,
     storage_of,
     study_attrs_now,
@@ -62,13 +66,23 @@ def claim(study: optuna.Study) -> int | None:
 
 
 class Heartbeat:
-    """Records a trial's heartbeat every ``interval`` seconds. Unlike Optuna's own thread, a
-    database error is logged and retried, so a blip shorter than the grace period does not kill
-    a live trial."""
+    """Renews a trial's heartbeat every ``interval`` seconds, and with it this worker's lease: the
+    right to write for the trial (its MLflow run, its checkpoint) for ``grace / 2`` seconds after a
+    renewal was sent. Other workers take a trial over only once its heartbeat is older than
+    ``grace``, judged under the trial's row lock that a renewal also takes (storage.internals), and
+    a worker's connections give up on what is not acknowledged within ``grace / 4`` (TCP user
+    timeout): so a write started inside the lease lands before anyone else can hold the trial, and
+    a worker cut off and taken over writes nothing when its network comes back.
 
-    def __init__(self, storage: RDBStorage, trial_id: int, interval: float, label: str | None = None):
+    A database error is logged and retried, so a blip shorter than the grace period does not kill
+    a live trial; a renewal refused because the trial is no longer RUNNING ends the lease for good."""
+
+    def __init__(self, storage: RDBStorage, trial_id: int, interval: float, grace: float, label: str | None = None):
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.lease = grace / 2
         self.label = label or f"trial id {trial_id}"
+        self.renewed_at: float | None = None  # time.monotonic() when the last renewal that held was sent
+        self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
 
@@ -82,14 +96,50 @@ class Heartbeat:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(self.interval) and not self.lost:
             self._beat()
 
     def _beat(self) -> None:
         try:
-            self.storage.record_heartbeat(self.trial_id)
+            self.renew()
+        except TrialLost as e:
+            log.warning("%s; this worker writes nothing more for it", e)
         except Exception as e:
             log.warning("heartbeat for %s failed (%s); retrying", self.label, redact(root_cause(e)))
+
+    def renew(self) -> None:
+        """Renew the lease now: raises TrialLost when the trial is no longer RUNNING, the database's
+        error when it cannot be reached (the lease then runs down)."""
+        if not self.lost:
+            sent = time.monotonic()
+            if renew_lease(self.storage, self.trial_id):
+                self.renewed_at = max(sent, self.renewed_at or sent)
+                return
+            self.lost = True
+        raise TrialLost(f"{self.label} is no longer RUNNING: another worker has it")
+
+    def hold(self, within: float) -> None:
+        """``check``, renewing a lapsed lease now, through database errors for up to ``within``
+        seconds; TrialLost when the trial is another worker's."""
+        try:
+            self.check()
+        except LeaseLapsed:
+            retry_db(self.renew, within=within, what=f"{self.label}: heartbeat")
+
+    def held(self) -> bool:
+        try:
+            self.check()
+        except (LeaseLapsed, TrialLost):
+            return False
+        return True
+
+    def check(self) -> None:
+        """The fence each write for the trial passes first: raises TrialLost once the trial is
+        known lost, LeaseLapsed while the last renewal that held is older than the lease."""
+        if self.lost:
+            raise TrialLost(f"{self.label} is no longer RUNNING: another worker has it")
+        if self.renewed_at is None or time.monotonic() - self.renewed_at > self.lease:
+            raise LeaseLapsed(f"no heartbeat of {self.label} recorded for over {self.lease:.0f}s")
 
 
 def fail_stale_trials(study: optuna.Study) -> list[int]:
@@ -102,16 +152,15 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     rdb = backend(storage)
     grace = rdb.grace_period or 2 * rdb.heartbeat_interval
     failed = []
+    reason = {
+        FAIL_REASON_ATTR: f"no heartbeat for over {grace}s: the worker was killed or lost",
+        FAIL_CAUSE_ATTR: causes.WORKER_LOST,
+    }
     for trial_id in stale_trial_ids(study):
-        try:
-            storage.set_trial_system_attr(
-                trial_id, FAIL_REASON_ATTR, f"no heartbeat for over {grace}s: the worker was killed or lost"
-            )
-            storage.set_trial_system_attr(trial_id, FAIL_CAUSE_ATTR, causes.WORKER_LOST)
-            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed.append(trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker failed it first (and enqueued its retry)
+        # Judged again under the trial's row lock: its worker may have renewed meanwhile, and
+        # another worker may have failed it first (and enqueued its retry).
+        if fail_if_stale(storage, trial_id, grace, reason):
+            failed.append(trial_id)
     callback = storage.get_heartbeat_stale_trial_callback()
     for trial_id in failed:
         trial = storage.get_trial(trial_id)

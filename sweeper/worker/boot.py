@@ -94,7 +94,8 @@ def run(config: WorkerConfig, stop: StopSignal | None = None) -> int:
     gc.collect()
     gc.freeze()
     try:
-        return run_trials(config, stop, storage, mlflow_client)
+        with tracking.unacknowledged_timeout(config.grace_period / 4):
+            return run_trials(config, stop, storage, mlflow_client)
     finally:
         gc.unfreeze()
 

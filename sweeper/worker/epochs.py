@@ -9,11 +9,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from sweeper import checkpoint
 from sweeper.names import CHECKPOINT_ARTIFACT, EPOCH_METRICS, TOP1_ERROR_ATTR, VAL_EPOCH_METRICS
-from sweeper.storage import internals
 from sweeper.train import EpochMetrics, Recipe
 from sweeper.trials import outcomes
 from sweeper.worker.config import timed
@@ -92,7 +90,8 @@ class EpochReporter:
         stopping = cancelled or timed_out
         if not last and (every == "epoch" or stopping or time.monotonic() - self.last_checkpoint >= every):
             started = time.perf_counter()
-            self._checkpoint({**state(), "variant": run.variant, "dataset": run.dataset, "seed": run.seed})
+            cell = {"variant": run.variant, "dataset": run.dataset, "seed": run.seed}
+            self._checkpoint({**state(), **cell, "trial": run.trial.number})  # which attempt wrote it
             self.checkpoint_blocking_seconds += time.perf_counter() - started
         if pruned:
             self.pruned_at = m.epoch
@@ -137,14 +136,16 @@ class EpochReporter:
             self.run.logger.log_metrics(epoch_metrics(m), step=m.epoch)
 
     def _still_owned(self) -> bool:
-        """Whether this worker still holds the trial. A worker frozen (SIGSTOP, a paused VM) past
-        the grace period wakes up to find its trial retried by another: what it held back then
-        belongs to that worker's attempt, and writing it would log an epoch twice."""
-        run = self.run
-        if run.db(internals.trial_state, run.storage, run.trial_id) == TrialState.RUNNING:
-            return True
-        self.lost = True
-        return False
+        """Whether this worker still holds the trial: its lease holds, or renews now. A worker
+        frozen (SIGSTOP, a paused VM) or cut off past the grace period comes back to find its
+        trial retried by another: what it held back then belongs to that worker's attempt, and
+        writing it would log an epoch twice."""
+        try:
+            self.run.fence()
+        except TrialLost:
+            self.lost = True
+            return False
+        return True
 
     def _persist(self, snapshot: dict[str, Any], metrics: list[EpochMetrics]) -> None:
         """(Background thread.) Write the checkpoint, then send it and the epochs it covers to

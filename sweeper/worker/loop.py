@@ -30,7 +30,7 @@ TRACKING_CHECK_EVERY = 30.0  # seconds between looks at MLflow before claiming, 
 
 def run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -> int:
     """Claim and run trials; returns how many ran."""
-    exporter = Exporter(config.tracking_uri, config.build_model)
+    exporter = Exporter(config.tracking_uri, config.build_model, unacknowledged_timeout=config.grace_period / 4)
     if config.max_trials != 0:
         exporter.start()
     # The trials whose model is being logged, one after the other, while this thread trains the next.

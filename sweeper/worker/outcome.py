@@ -13,11 +13,11 @@ import torch
 from optuna.trial import TrialState
 
 from sweeper import causes, settings, tracking
-from sweeper.errors import SweeperError, first_line
+from sweeper.errors import SweeperError, TrialLost, first_line
 from sweeper.names import FAIL_CAUSE_ATTR, FAIL_REASON_ATTR, KEY_ATTR, NO_RETRY_ATTR
 from sweeper.redact import redact, redact_url
 from sweeper.spec import SpecError
-from sweeper.storage import stale
+from sweeper.storage import dberrors, stale
 from sweeper.train import Interrupted, NonFiniteLoss
 from sweeper.trials import claims, outcomes, summary
 
@@ -42,11 +42,6 @@ class TimedOut(Exception):
     def __init__(self, epoch: int):
         super().__init__(f"trial_timeout after epoch {epoch}")
         self.epoch = epoch
-
-
-class TrialLost(Exception):
-    """Another worker owns the trial now: this one's heartbeat went stale (a freeze, a long
-    database outage), the trial was failed and its retry enqueued. Stand down, touch nothing."""
 
 
 class TrackingOutage(SweeperError):
@@ -132,9 +127,17 @@ def apply(outcome: Outcome, run) -> Outcome:
     if outcome.kind != LOST:
         try:
             fate = _record(outcome, run)
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except (optuna.exceptions.UpdateFinishedTrialError, TrialLost):
             outcome = Outcome(LOST, reason="finished by another worker")
+        except Exception as e:
+            if not dberrors.is_db_error(e):
+                raise
+            # Its heartbeat lapsed with it: the trial is any worker's to retry once reachable.
+            grace = run.config.grace_period
+            outcome = Outcome(LOST, reason=f"the Optuna storage stayed unreachable for over {grace}s")
     _log(outcome, run, fate)
+    if outcome.kind == LOST:  # recorded by the worker that has the trial now
+        return outcome
     ended_well = outcome.kind in (COMPLETED, PRUNED)
     if ended_well:  # nothing resumes a finished cell: its local checkpoint only took disk space
         drop_local_checkpoint(run.checkpoint_path)
@@ -192,6 +195,7 @@ def _flush_quietly(run) -> None:
 def _end_run(run, status: str, reason: str | None = None) -> None:
     if run.run_id is None:
         return
+    run.fence()  # the run is this attempt's to end (TrialLost: another worker's now)
     try:
         if reason:
             run.client.set_tag(run.run_id, "sweeper.reason", reason)

@@ -164,7 +164,7 @@ def open_run(run) -> bool:
     run.run_id = run_id
     run.db(run.trial.set_user_attr, "mlflow_run_id", run_id)
     run.db(run.trial.set_user_attr, "mlflow_run_url", tracking.run_url(run.config.tracking_uri, experiment_id, run_id))
-    run.logger = tracking.RunLogger(run.client, run_id)
+    run.logger = tracking.RunLogger(run.client, run_id, fence=run.heartbeat.check)
     return fresh
 
 

@@ -62,8 +62,7 @@ class TrialRun:
         self.storage = internals.storage_of(study)
         self.trial = self.db(optuna.Trial, study, trial_id)
         self.spec = self.db(connect.stored_spec, study)
-        attrs = internals.frozen_trial(self.trial).user_attrs
-        self.attrs = attrs
+        self.attrs = attrs = internals.frozen_trial(self.trial).user_attrs
         self.key = attrs[KEY_ATTR]
         self.variant, self.dataset, self.seed = attrs["variant"], attrs["dataset"], int(attrs["seed"])
         self.recipe_digest = attrs.get(RECIPE_DIGEST_ATTR)
@@ -90,15 +89,9 @@ class TrialRun:
 
     def db(self, fn, *args, **kwargs):
         """A storage call that survives a database blip shorter than the grace period."""
-        trial = getattr(self, "trial", None)
-        label = f"trial {trial.number}" if trial is not None else f"trial id {self.trial_id}"
-        return dberrors.retry_db(
-            fn,
-            *args,
-            within=self.config.grace_period,
-            what=f"{label}: {getattr(fn, '__name__', 'storage call')}",
-            **kwargs,
-        )
+        label = f"trial {self.trial.number}" if hasattr(self, "trial") else f"trial id {self.trial_id}"
+        what = f"{label}: {getattr(fn, '__name__', 'storage call')}"
+        return dberrors.retry_db(fn, *args, within=self.config.grace_period, what=what, **kwargs)
 
     def run(self) -> None:
         """Run the trial and record its outcome; a trial that trained to its end leaves its model
@@ -106,7 +99,7 @@ class TrialRun:
         number = self.trial.number
         log.info("trial %d: %s claimed", number, self.key)
         self.heartbeat = claims.Heartbeat(
-            self.storage, self.trial_id, self.config.heartbeat_interval, label=f"trial {number}"
+            self.storage, self.trial_id, self.config.heartbeat_interval, self.config.grace_period, f"trial {number}"
         )
         with self._heartbeat(), self._core_share():
             try:
@@ -234,7 +227,6 @@ class TrialRun:
                 {"variant": self.variant, "dataset": self.dataset, **ready.recipe.to_dict()},
                 {tracking.KEY_TAG: self.key, "optuna.study": self.study.study_name},
                 deadline=deadline,
-                should_stop=self.stop.is_set,
             )
         self.logger.log_metrics(
             {
@@ -252,7 +244,7 @@ class TrialRun:
         self.logger.set_tags(
             {"sweeper.precision": result.precision, "sweeper.memory_format": layout, "sweeper.device": result.device}
         )
-        self._until_deadline(final.epoch, self.logger.flush, deadline=deadline, should_stop=self.stop.is_set)
+        self._until_deadline(final.epoch, self.logger.flush, deadline=deadline)
         if pruned_at is not None:
             return Outcome(PRUNED, reason=f"pruned by Optuna after epoch {pruned_at}", epoch=pruned_at)
         model, example = model_to_log(self.model, ready.splits)
@@ -272,7 +264,6 @@ class TrialRun:
                     final.epoch,
                     self.exporter.log_model,
                     request,
-                    should_stop=self.stop.is_set,
                 )
             model_seconds = time.perf_counter() - started
             log.info("trial %d: %s model logged in %.1f s", self.trial.number, self.key, model_seconds)
@@ -284,14 +275,21 @@ class TrialRun:
         self.deferred = complete
         return None
 
+    def fence(self) -> None:
+        """Before a write for the trial: its lease holds or renews now (claims.Heartbeat.hold)."""
+        self.heartbeat.hold(within=self.config.grace_period)
+
     def _until_deadline(self, epoch: int, fn, *args, **kwargs):
-        """``fn`` (an MLflow write that retries until its deadline): an outage past it fails the
-        trial for a retry, or, when the worker was told to stop meanwhile, re-queues it at once."""
+        """``fn`` (an MLflow write that retries until its deadline, or until the worker is told to
+        stop or its lease lapses: cut off from the database, the trial may be another's), inside
+        the lease: an outage past the deadline fails the trial for a retry, a stop re-queues it."""
+        self.fence()
         try:
-            return fn(*args, **kwargs)
+            return fn(*args, should_stop=lambda: self.stop.is_set() or not self.heartbeat.held(), **kwargs)
         except tracking.TrackingUnreachable:
             if self.stop.is_set():
                 raise StoppedDuringOutage(epoch) from None
+            self.fence()  # the lease lapsed: the trial's own or lost, and then nothing is recorded
             raise outage(self.config, epoch) from None
 
 

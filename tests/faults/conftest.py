@@ -20,9 +20,10 @@ def spawn(tmp_path):
     """spawn(*args, env=...) -> Proc; every process still running when the test ends is killed."""
     procs: list[Proc] = []
 
-    def start(*args: str, env: dict[str, str], name: str | None = None) -> Proc:
+    def start(*args: str, env: dict[str, str], name: str | None = None, host=None) -> Proc:
+        """``host``: a tests/hosts.py Host the process runs on (its network namespace)."""
         log = tmp_path / f"{name or args[0]}-{len(procs) + 1}.log"
-        proc = Proc(list(args), env, log)
+        proc = Proc(list(args), env, log, prefix=("ip", "netns", "exec", host.name) if host else ())
         procs.append(proc)
         return proc
 

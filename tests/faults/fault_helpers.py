@@ -25,12 +25,13 @@ FAST = ["--heartbeat-interval", "1", "--device", "cpu", "--precision", "fp32", "
 class Proc:
     """A real `sweeper ...` subprocess; stdout and stderr go to a log file that tests wait on."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, prefix: tuple[str, ...] = ()):
+        """``prefix``: what runs it (``ip netns exec HOST`` for a worker on another host)."""
         self.args, self.log = args, log
         self._fh = open(log, "ab")
         self.started = time.monotonic()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "sweeper", *args],
+            [*prefix, sys.executable, "-m", "sweeper", *args],
             env=env,
             stdout=self._fh,
             stderr=subprocess.STDOUT,
