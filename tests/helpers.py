@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,8 +153,6 @@ class MlflowServer:
 
 def pgbouncer_binary() -> str | None:
     """The `pgbouncer` executable (Debian installs it in /usr/sbin, often not on PATH)."""
-    import shutil
-
     return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
 
 
@@ -257,3 +256,50 @@ class PgBouncer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (initdb in a temporary folder, the machine's
+    binaries, a free 127.0.0.1 port, trust auth), which the test may restart for real: the
+    machine's server is never restarted or reconfigured. Runs as the `postgres` user, as
+    PostgreSQL refuses root."""
+
+    def __init__(self):
+        import glob
+        import tempfile
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+        if not bins:
+            raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql")
+        self.bin = Path(bins[-1]).parent
+        self.root = Path(tempfile.mkdtemp(prefix="sweeper-pg-"))
+        self.data, self.port = self.root / "data", free_port()
+        shutil.chown(self.root, "postgres", "postgres")
+        self._as_postgres(self.bin / "initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync")
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *cmd) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *map(str, cmd)], check=True, capture_output=True, timeout=120
+        )
+
+    def _ctl(self, action: str, *extra: str) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} -c fsync=off"
+        self._as_postgres(
+            self.bin / "pg_ctl", action, "-D", self.data, "-l", self.root / "server.log", "-w", "-o", options, *extra
+        )
+
+    def start(self) -> PrivatePostgres:
+        self._ctl("start")
+        return self
+
+    def restart(self) -> None:
+        """A real restart: every session is ended (fast shutdown), the server starts again."""
+        self._ctl("restart", "-m", "fast")
+
+    def stop(self) -> None:
+        try:
+            self._ctl("stop", "-m", "immediate")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
