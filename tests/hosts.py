@@ -146,6 +146,28 @@ class Host:
     def run(self, cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", self.name, *cmd], capture_output=True, text=True, timeout=timeout)
 
+    def limit_rate(self, rate: str) -> None:
+        """What this host sends goes out at ``rate`` (tc's token bucket, e.g. "40mbit"): a
+        checkpoint upload then takes seconds, long enough to cut the link in the middle of it."""
+        _run(
+            [
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                f"{self.name}b",
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "64kb",
+                "latency",
+                "400ms",
+            ],
+            netns=self.name,
+        )
+
     def _iptables(self, *rule: str) -> None:
         _run(["iptables", *rule], netns=self.name)
 

@@ -83,6 +83,7 @@ class Heartbeat:
         self.label = label or f"trial id {trial_id}"
         self.renewed_at: float | None = None  # time.monotonic() when the last renewal that held was sent
         self.lost = False
+        self.ending = False  # the worker is recording the trial's end: a refused renewal is its own doing
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
 
@@ -103,7 +104,8 @@ class Heartbeat:
         try:
             self.renew()
         except TrialLost as e:
-            log.warning("%s; this worker writes nothing more for it", e)
+            if not self.ending:
+                log.warning("%s; this worker writes nothing more for it", e)
         except Exception as e:
             log.warning("heartbeat for %s failed (%s); retrying", self.label, redact(root_cause(e)))
 

@@ -13,7 +13,7 @@ import torch
 from optuna.trial import TrialState
 
 from sweeper import causes, settings, tracking
-from sweeper.errors import SweeperError, TrialLost, first_line
+from sweeper.errors import SweeperError, TrialLost, first_line, root_cause
 from sweeper.names import FAIL_CAUSE_ATTR, FAIL_REASON_ATTR, KEY_ATTR, NO_RETRY_ATTR
 from sweeper.redact import redact, redact_url
 from sweeper.spec import SpecError
@@ -114,6 +114,9 @@ def outcome_of(e: Exception, run) -> Outcome:
         return Outcome.failed(causes.TRACKING_OUTAGE, str(e))
     if isinstance(e, SweeperError):  # a known cause: retry later
         return Outcome.failed(causes.ERROR, str(e))
+    if dberrors.is_db_error(e):  # past the retries of the grace period: no traceback, a reason
+        reason = f"the Optuna storage stayed unreachable for over {run.config.grace_period}s: {redact(root_cause(e))}"
+        return Outcome.failed(causes.ERROR, reason)
     log.exception("trial %d: %s failed", run.trial.number, run.key)  # any other failure: retry later
     return Outcome.failed(causes.ERROR, f"{type(e).__name__}: {redact(e)}")
 
@@ -124,6 +127,7 @@ def apply(outcome: Outcome, run) -> Outcome:
     study (the finished cell's local checkpoint dropped, the study settled, on_cell_complete).
     Returns the outcome recorded: LOST when another worker finished the trial meanwhile."""
     fate = None
+    run.heartbeat.ending = True
     if outcome.kind != LOST:
         try:
             fate = _record(outcome, run)
