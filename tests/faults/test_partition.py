@@ -84,8 +84,12 @@ def test_a_cut_off_worker_taken_over_writes_nothing_when_the_network_heals(
         uploading = int(sent[1]) + 1
         worker_b.wait_for(rf"epoch {uploading}/{EPOCHS}", after=sent.end())
         time.sleep(1)
+    at_cut = len(worker_b.text())
     b.partition(port=pg_port if cut == "postgresql only" else None)
     cut_at = time.monotonic()
+    # A dead connection is noticed in seconds (TCP user timeout, keepalives), not the kernel's
+    # ~15 minutes of retransmissions: the heartbeat's query into the cut fails well within the grace.
+    worker_b.wait_for(r"heartbeat for trial \d+ failed", after=at_cut, timeout=GRACE)
     if mid_upload:
         assert f"checkpoint of epoch {uploading} sent" not in worker_b.text(), "the cut came after the upload"
     resumed = worker_a.wait_for(r"resumes after epoch (\d+) ", timeout=120)
