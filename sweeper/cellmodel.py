@@ -78,18 +78,25 @@ class Exporter:
         tracking_uri: str,
         build_model: Callable[..., Any] | None = None,
         unacknowledged_timeout: float | None = None,
+        start_method: str = "spawn",
     ):
         self.tracking_uri = tracking_uri
         self.build_model = build_model  # None: sweeper.models' (a benchmark's stand-in otherwise)
         self.unacknowledged_timeout = unacknowledged_timeout  # tracking.configure_http's, as in the worker
+        # spawn: a fresh process, no fork of a threaded one. A benchmark's light workers fork theirs
+        # from a warmed-up process that has no threads yet (pages shared: ~50 MB, not ~500).
+        self.start_method = start_method
         self.process = None
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # workers sharing one helper (WorkerConfig.exporter) take turns
 
     def start(self) -> None:
         """Spawn the helper now (its imports, seconds, overlap the worker's first trial)."""
-        if self.process is not None and self.process.is_alive():
-            return
-        context = multiprocessing.get_context("spawn")  # a fresh process: no fork of a threaded one
+        with self.lock:
+            if self.process is None or not self.process.is_alive():
+                self._spawn()
+
+    def _spawn(self) -> None:
+        context = multiprocessing.get_context(self.start_method)
         self.stop = context.Event()
         self.conn, child = context.Pipe()
         self.process = context.Process(

@@ -349,3 +349,27 @@ def test_benchmarks_assign_nothing_inside_sweeper():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr":
                 patched.append(f"{path.name}:{node.lineno} setattr")
     assert not patched, patched
+
+
+@pytest.mark.slow  # a PgBouncer, an mlflow server, a pool of light workers: about two minutes on 2 busy cores
+def test_fleet_runs_every_trial_once_through_pgbouncer_and_the_mlflow_server(tmp_path, pgbouncer):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "fleet.py"), "--workers", "3", "--trials", "4", "--trial-seconds", "1", "--json"]
+        + ["--workers-per-process", "2"],  # two processes: threads and forks both
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    keys = {"workers", "trials_done", "lost", "duplicated", "efficiency", "pg_connections_max"}
+    keys |= {"sql_transactions_per_trial", "http_requests_per_trial", "mlflow_server_cpu_ms_per_trial"}
+    assert keys | {"claim_p50_ms", "claim_p99_ms"} <= set(result)
+    assert result["workers"] == 3 and result["processes"] == 2
+    assert result["trials_done"] == 4 and result["lost"] == 0 and result["duplicated"] == 0
+    assert result["outcome"]["runs_checked"] == 4 and result["error_lines"] == 0 and not result["errors"]
+    assert 0 < result["efficiency"] <= 1 and 0 < result["pg_connections_max"] <= 30
+    assert result["http_requests_per_trial"] > 0 and result["sql_transactions_per_trial"] > 0
+    assert 0 < result["claim_p50_ms"] <= result["claim_p99_ms"]
+    assert all(row["first_bottleneck"] for row in result["projection"])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import train
+from sweeper.cellmodel import Exporter
 from sweeper.contract import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL
 from sweeper.device import Engine
 from sweeper.signals import StopSignal
@@ -59,6 +60,9 @@ class WorkerConfig:
     # Optuna, pruning, the checkpoint handed off), "checkpoint" (one saved and sent, on a background
     # thread) and "model" (the model logged, on the finishing thread). Must return at once.
     on_phase: Callable[[str, float], None] | None = None
+    # A model-export helper shared by several workers of one process (a benchmark's fleet of light
+    # workers: each helper is a ~400 MB process); they leave it running. None: the worker starts its own.
+    exporter: Exporter | None = None
 
 
 def timed(config: WorkerConfig, phase: str, fn, *args, **kwargs):

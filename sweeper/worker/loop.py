@@ -30,7 +30,9 @@ TRACKING_CHECK_EVERY = 30.0  # seconds between looks at MLflow before claiming, 
 
 def run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -> int:
     """Claim and run trials; returns how many ran."""
-    exporter = Exporter(config.tracking_uri, config.build_model, unacknowledged_timeout=config.grace_period / 4)
+    exporter = config.exporter or Exporter(
+        config.tracking_uri, config.build_model, unacknowledged_timeout=config.grace_period / 4
+    )
     if config.max_trials != 0:
         exporter.start()
     # The trials whose model is being logged, one after the other, while this thread trains the next.
@@ -41,7 +43,8 @@ def run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -
     finally:
         finishing.shutdown(wait=True)  # stopped or not: every trained model is logged and told
         _finished(pending)
-        exporter.close()
+        if exporter is not config.exporter:  # a shared one outlives this worker
+            exporter.close()
 
 
 def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, exporter, finishing, pending) -> int:
