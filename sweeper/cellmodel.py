@@ -84,7 +84,7 @@ class Exporter:
         self.build_model = build_model  # None: sweeper.models' (a benchmark's stand-in otherwise)
         self.unacknowledged_timeout = unacknowledged_timeout  # tracking.configure_http's, as in the worker
         # spawn: a fresh process, no fork of a threaded one. A benchmark's light workers fork theirs
-        # from a warmed-up process that has no threads yet (pages shared: ~50 MB, not ~500).
+        # from a warmed-up process that has no threads yet (pages shared: ~140 MB each, not ~500).
         self.start_method = start_method
         self.process = None
         self.lock = threading.RLock()  # workers sharing one helper (WorkerConfig.exporter) take turns
