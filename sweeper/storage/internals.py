@@ -299,3 +299,61 @@ def _rdb_of(storage):
         return models, backend(storage).scoped_session
     except (ImportError, AttributeError):  # pragma: no cover - other Optuna versions
         return None
+
+
+def claim_waiting(study: optuna.Study) -> int | None:
+    """Move the study's oldest WAITING trial that no other worker is claiming right now to RUNNING,
+    with its heartbeat, in one transaction; its id, or None when none is left to take.
+
+    ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: workers claiming at once take different trials instead
+    of queueing on the same row and writing heartbeats on each other's (benchmarks/fleet.py: with
+    200 workers the claim through the public API took 673 transactions per trial, p50 111 s).
+    SQLite serializes writers anyway (it has no SKIP LOCKED and needs none). The heartbeat goes in
+    with the state change: a worker killed right after leaves a trial that goes stale and is retried
+    (Optuna ignores RUNNING trials that have no heartbeat at all)."""
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        return _claim_public(study)
+    models, scoped_session = rdb
+    from datetime import datetime
+
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func, select
+
+    trials = models.TrialModel
+    query = (
+        select(trials)
+        .where(trials.study_id == study._study_id, trials.state == TrialState.WAITING)
+        .order_by(trials.trial_id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    with _create_scoped_session(scoped_session, True) as session:
+        trial = session.scalars(query).one_or_none()
+        if trial is None:
+            return None
+        trial.state, trial.datetime_start = TrialState.RUNNING, datetime.now()  # as set_trial_state_values
+        heartbeat = models.TrialHeartbeatModel.where_trial_id(trial.trial_id, session, True)
+        if heartbeat is None:
+            session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
+        else:
+            heartbeat.heartbeat = session.execute(func.now()).scalar_one()
+        trial_id = trial.trial_id
+    read_into_cache(study, trial_id)
+    return trial_id
+
+
+def _claim_public(study: optuna.Study) -> int | None:  # pragma: no cover - other Optuna versions
+    """``claim_waiting`` through Optuna's public storage API: the heartbeat first, then a
+    compare-and-set on the state."""
+    storage = study._storage
+    while waiting := waiting_trial_ids(study):
+        for trial_id in waiting:
+            try:
+                storage.record_heartbeat(trial_id)
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    read_into_cache(study, trial_id)
+                    return trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker claimed and finished it meanwhile
+    return None

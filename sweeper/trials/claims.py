@@ -30,14 +30,13 @@ from sweeper.redact import redact
 from sweeper.storage.dberrors import retry_db
 from sweeper.storage.internals import (
     backend,
+    claim_waiting,
     fail_if_stale,
-    read_into_cache,
     renew_lease,
     stale_trial_ids,
     storage_of,
     study_attrs_now,
     study_id,
-    waiting_trial_ids,
 )
 from sweeper.storage.locks import study_lock
 from sweeper.trials.outcomes import by_key_and_recipe, latest_trials
@@ -46,23 +45,10 @@ log = logging.getLogger("sweeper.study")
 
 
 def claim(study: optuna.Study) -> int | None:
-    """Move one WAITING trial to RUNNING and return its id, or None when nothing waits.
-
-    The heartbeat is written before the compare-and-set: a worker killed right after winning
-    the trial leaves a heartbeat that goes stale, so the trial is retried and never stays
-    RUNNING forever (Optuna ignores RUNNING trials that have no heartbeat at all)."""
-    storage = storage_of(study)
-    while waiting := waiting_trial_ids(study):
-        for trial_id in waiting:
-            try:
-                storage.record_heartbeat(trial_id)
-                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                    read_into_cache(study, trial_id)
-                    return trial_id
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # another worker claimed and finished it meanwhile
-        # Other workers took every one of these meanwhile: look again.
-    return None
+    """Move one WAITING trial to RUNNING, its heartbeat written with it, and return its id; None
+    when nothing waits (or every waiting trial is being claimed by other workers right now).
+    One transaction; workers claiming at once take different trials (storage.internals)."""
+    return claim_waiting(study)
 
 
 class Heartbeat:
