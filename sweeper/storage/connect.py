@@ -73,7 +73,7 @@ def open_storage(
         # ExperimentalWarning would only reach a user (every command, every sweeper.api call).
         # A reader writes no lock file.
         lock_file = sqlite_path(url) if sqlite and create else None
-        with schema_lock(url, engine_kwargs, lock_file), warnings.catch_warnings():
+        with schema_lock(url, engine_kwargs, lock_file) as ready, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = RDBStorage(
                 url,
@@ -81,7 +81,14 @@ def open_storage(
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=RetryCallback(max_retry=max_retry),
+                # Optuna's own check holds a connection in a transaction while it takes a second one:
+                # openers at one instant on a small pooler pool then wait on each other for ever
+                # (benchmarks/fleet.py, 200 workers). A made schema is checked here, one at a time.
+                skip_table_creation=ready,
+                skip_compatibility_check=ready,
             )
+            if ready:
+                _check_schema_version(storage)
     except SweeperError:
         raise
     except RuntimeError as e:  # Optuna's message for an old schema names the upgrade command
@@ -99,6 +106,16 @@ def open_storage(
     elif stall_timeout and url.startswith("postgresql"):
         _end_stalled_transactions(storage, stall_timeout)
     return storage
+
+
+def _check_schema_version(storage: RDBStorage) -> None:
+    """Optuna's compatibility check, through its public version calls (one connection at a time)."""
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current != head:
+        raise RuntimeError(
+            f"The runtime optuna version {optuna.__version__} is no longer compatible with the table "
+            f"schema (revision {current}, this Optuna needs {head})."
+        )
 
 
 def dead_connection_args(within: float) -> dict[str, int]:

@@ -130,22 +130,25 @@ def study_lock(storage: Any, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def schema_lock(url: str, engine_kwargs: dict[str, Any], sqlite_file: Path | None) -> Iterator[None]:
+def schema_lock(url: str, engine_kwargs: dict[str, Any], sqlite_file: Path | None) -> Iterator[bool]:
     """One process at a time creates or checks the schema: RDBStorage's create_all and alembic
     stamp are not safe when two processes start on a fresh database (two `sweeper launch` at
-    once would both stamp alembic_version). PostgreSQL: an advisory lock; SQLite: a file lock
-    next to the database file (None: no lock, e.g. a reader that must write no lock file)."""
+    once would both stamp alembic_version). PostgreSQL: an advisory lock, only while the schema
+    is not made yet; SQLite: a file lock next to the database file (None: no lock, e.g. a reader
+    that must write no lock file). Yields whether the PostgreSQL schema was made and stamped
+    already (the storage then has nothing to create)."""
     if not url.startswith("postgresql"):
         with file_lock(Path(f"{sqlite_file}.lock")) if sqlite_file else contextlib.nullcontext():
-            yield
+            yield False
         return
     import sqlalchemy
 
     kwargs = {k: v for k, v in engine_kwargs.items() if k != "pool_pre_ping"}
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **kwargs)
     try:
-        with contextlib.nullcontext() if _schema_ready(engine) else advisory_lock(engine, SCHEMA_LOCK):
-            yield
+        ready = _schema_ready(engine)
+        with contextlib.nullcontext() if ready else advisory_lock(engine, SCHEMA_LOCK):
+            yield ready
     finally:
         engine.dispose()
 

@@ -96,10 +96,7 @@ def test_study_lock_waiters_hold_no_server_connection_with_a_pool_smaller_than_t
     the holder needs two (the lock's transaction and its work), so waiters that kept a server
     connection while they wait (blocked in pg_advisory_lock) would take the connection it needs:
     a deadlock until the pooler's query_wait_timeout. One holder at a time, nobody errors.
-
-    The storages are opened before the race: opening one holds a connection while it asks for
-    another (Optuna's schema check), so openers that all start at the same instant on a pool this
-    small wait on each other whatever sweeper's locks do (docs/DEPLOY.md, "Connections")."""
+    """
     direct = pg_database()
     url = pgbouncer(pool_size=3, query_wait_timeout=15).url(direct)
     enqueue(write_spec(tmp_path / "race.toml", variants=("short4", "short3"), seeds=(1, 2, 3)), url)
@@ -194,3 +191,31 @@ def test_psycopg3_prepared_statements_do_not_clash_between_clients(tmp_path, pg_
         for study in (first, second):
             assert len(internals.waiting_trial_ids(study)) == 2
             assert internals.unfinished_count(study) == 2
+
+
+def test_many_storages_opened_at_one_instant_through_a_pool_of_three(tmp_path, pg_database, pgbouncer):
+    """Optuna's schema check holds a server connection in a transaction while it asks for another:
+    eight openers at one instant on a pool of three each held one and waited for a second, until
+    the pooler gave up on them (200 workers starting at once in benchmarks/fleet.py never
+    claimed a trial). A made schema is now checked one connection at a time."""
+    import threading
+
+    direct = pg_database()
+    enqueue(write_spec(tmp_path / "crowd.toml"), direct)  # the schema made, as by `sweeper launch`
+    url = pgbouncer(pool_size=3, query_wait_timeout=15).url(direct)
+    start, errors, opened = threading.Barrier(8), [], []
+
+    def open_one() -> None:
+        start.wait()
+        try:
+            opened.append(connect.open_storage(url))
+        except Exception as e:  # the test reports every failure
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(opened) == 8, errors
+    assert connect.study_names(opened[0]) == ["crowd"]
