@@ -47,7 +47,10 @@ def open_storage(
     VM, SIGSTOP) cannot hold row locks that the workers retrying its trial wait on; and this
     process notices a dead connection within a quarter of it whatever the network does (TCP
     keepalives and user timeout: a partition that drops packets costs seconds, not the kernel's
-    ~15 minutes of retransmissions), the bound a worker's lease on its trial relies on.
+    ~15 minutes of retransmissions), the bound a worker's lease on its trial relies on. Its
+    connections are not pinged before each use (a transaction of its own for PostgreSQL, as many
+    as the worker's real ones): a worker retries every storage call through a database error
+    (``dberrors.retry_db``), and the error itself makes SQLAlchemy drop the pool's dead connections.
 
     PostgreSQL URLs may go through a transaction-pooling PgBouncer (docs/DEPLOY.md,
     "Connections"): no startup parameters, no session state, no server-side prepared statements."""
@@ -57,7 +60,7 @@ def open_storage(
         check_sqlite_file(sqlite_path(url), "Optuna storage", "--storage / SWEEPER_STORAGE", create)
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
     else:
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+        engine_kwargs = {"pool_pre_ping": not stall_timeout, "connect_args": {"connect_timeout": 10}}
         if stall_timeout:
             engine_kwargs["connect_args"].update(dead_connection_args(stall_timeout / 4))
             engine_kwargs["connect_args"]["connect_timeout"] = min(10, max(2, int(stall_timeout / 4)))

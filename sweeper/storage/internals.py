@@ -8,6 +8,7 @@ API does.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -201,27 +202,60 @@ def unfinished_count(study: optuna.Study) -> int:
         return session.scalar(query)
 
 
-def set_cell_params(study: optuna.Study, trial_id: int, spec: dict[str, Any], attrs: dict[str, Any]) -> None:
+def set_cell_params(
+    study: optuna.Study,
+    trial_id: int,
+    spec: dict[str, Any],
+    attrs: dict[str, Any],
+    user_attrs: dict[str, Any] | None = None,
+) -> None:
     """The trial's cell (its ``variant``, ``dataset`` and ``seed`` user attrs) also as Optuna
     params, so optuna-dashboard's plots and importance split by them. They are written to the
     storage as they are, never asked of the sampler (the per-cell search is unchanged), as
     categorical params over the study's grid; a cell's identity stays its user attrs. A value
     Optuna refuses (the grid changed under --force-update since the first trial recorded it)
-    is left out."""
+    is left out. ``user_attrs`` are set on the trial too: all of it in one transaction (Optuna's
+    API takes one per value), through the RDB storage's own per-value steps."""
     from optuna.distributions import CategoricalDistribution
 
-    storage = study._storage
-    have = storage.get_trial(trial_id).params
     grid = spec.get("grid") or {}
+    wanted = {}
     for name in CELL_PARAMS:
         value = int(attrs[name]) if name == "seed" else attrs.get(name)
-        if name in have or value is None:
-            continue
-        try:
-            distribution = CategoricalDistribution(list(grid.get(name) or [value]))
-            storage.set_trial_param(trial_id, name, distribution.to_internal_repr(value), distribution)
-        except ValueError as e:
-            log.info("trial id %d: %s=%s not recorded as an Optuna param: %s", trial_id, name, value, e)
+        if value is not None:
+            wanted[name] = (value, CategoricalDistribution(list(grid.get(name) or [value])))
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        storage = study._storage
+        for key, value in (user_attrs or {}).items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        have = storage.get_trial(trial_id).params
+        for name, (value, distribution) in wanted.items():
+            if name not in have:
+                _set_param(trial_id, name, value, distribution, storage.set_trial_param)
+        return
+    models, scoped_session = rdb
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import select
+
+    rdb_storage = backend(study._storage)
+    params = models.TrialParamModel
+    with _create_scoped_session(scoped_session, True) as session:
+        for key, value in (user_attrs or {}).items():
+            rdb_storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+        have = set(session.scalars(select(params.param_name).where(params.trial_id == trial_id)))
+        for name, (value, distribution) in wanted.items():
+            if name not in have:
+                set_param = functools.partial(rdb_storage._set_trial_param_without_commit, session)
+                _set_param(trial_id, name, value, distribution, set_param)
+
+
+def _set_param(trial_id: int, name: str, value: Any, distribution, set_param) -> None:
+    """One cell param through ``set_param`` (Optuna's signature); a value refused is logged."""
+    try:
+        set_param(trial_id, name, distribution.to_internal_repr(value), distribution)
+    except ValueError as e:
+        log.info("trial id %d: %s=%s not recorded as an Optuna param: %s", trial_id, name, value, e)
 
 
 def renew_lease(storage, trial_id: int) -> bool:

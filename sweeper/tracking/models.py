@@ -26,13 +26,20 @@ def model_name(key: str) -> str:
 
 
 def create_model(
-    mlflow_client, run_id: str, name: str, params: dict[str, Any], tags: dict[str, str], deadline=None, should_stop=None
+    mlflow_client,
+    experiment_id: str,
+    run_id: str,
+    name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    deadline=None,
+    should_stop=None,
 ) -> str:
-    """A cell's logged model, PENDING until ``log_model`` fills it: named after the cell, with its
-    params and tags (the cell's metrics are linked as they are logged with its id)."""
+    """A cell's logged model in its run's experiment, PENDING until ``log_model`` fills it: named
+    after the cell, with its params and tags (the cell's metrics are linked as they are logged
+    with its id)."""
 
     def attempt() -> str:
-        experiment_id = mlflow_client.get_run(run_id).info.experiment_id
         params_ = {k: str(v) for k, v in params.items()}
         return mlflow_client.create_logged_model(
             experiment_id, name=name, source_run_id=run_id, params=params_, tags=tags
@@ -51,19 +58,24 @@ def log_model(
     should_stop=None,
     model_id: str | None = None,
     weights: Path | None = None,
+    metrics_linked: bool = False,
 ) -> str:
     """Log a cell's trained model (on the CPU, in eval mode) into the logged model ``model_id``
     (default: a new one named ``MODEL_NAME``), with a signature and ``example`` (a few input
     images, float32 numpy) as its input example; returns the model's id. The model is exported
     with torch.export ("pt2"): loading it needs torch and mlflow, not sweeper. ``weights`` (a file
     of ``cellmodel.save_weights``) goes with it as ``extra_files/weights.pt``: the trainable nn.Module
-    (``sweeper.api.load_model``). The run's metrics at ``step`` are linked to the model.
+    (``sweeper.api.load_model``). The model is the run's output at ``step``, and the run's metrics
+    at ``step`` are linked to it: by MLflow, which reads the whole history of each of the run's
+    metrics for it (a request per metric), unless ``metrics_linked`` says the caller logged them
+    with the model's id already.
 
     While the store is unreachable it retries until ``deadline`` (or ``should_stop()``), then
     raises TrackingUnreachable, like ``RunLogger.flush``; any other failure is raised as it is."""
     import mlflow
     import numpy
     import torch
+    from mlflow.entities import LoggedModelOutput
     from mlflow.models import infer_signature
 
     with torch.no_grad():
@@ -80,13 +92,15 @@ def log_model(
         if model_id is None:  # created once, in the run's experiment: a retry fills the same model
             experiment_id = mlflow_client.get_run(run_id).info.experiment_id
             model_id = mlflow_client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id).model_id
+        if metrics_linked:  # what MLflow's log_model does with a run_id, less its metric reads
+            mlflow_client.log_outputs(run_id, [LoggedModelOutput(model_id, step)])
         with fluent_uri(mlflow_client.tracking_uri):
             mlflow.pytorch.log_model(
                 model,
                 name=MODEL_NAME,
                 model_id=model_id,
-                run_id=run_id,
-                step=step,  # links the metrics of that epoch to the model
+                run_id=None if metrics_linked else run_id,
+                step=step,  # the run's output at that step, its metrics at that step linked
                 signature=signature,
                 input_example=example,
                 serialization_format="pt2",

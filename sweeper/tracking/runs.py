@@ -157,6 +157,18 @@ class RunLogger:
         now = int(time.time() * 1000)
         self.metrics += [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
 
+    def link_step(self, step: int, model_id: str) -> bool:
+        """The queued metrics of ``step`` also belong to the logged model ``model_id``; False when
+        none of that step is queued (sent already, or never logged)."""
+        from mlflow.entities import Metric
+
+        linked = False
+        for i, m in enumerate(self.metrics):
+            if m.step == step and m.model_id is None:
+                self.metrics[i] = Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id)
+                linked = True
+        return linked
+
     def log_artifact(self, local_path: str | Path, artifact_path: str) -> None:
         self.artifacts = [a for a in self.artifacts if a[0] != str(local_path)] + [(str(local_path), artifact_path)]
 

@@ -52,6 +52,7 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
     tracking_ok_at = time.monotonic()  # checked just now
     mlflow_ids: dict[str, tuple[str, str]] = {}  # study name -> (experiment id, parent run id)
     told: dict[str, Any] = {"held": {}, "running": 0}  # what was last said about not claiming
+    studies: dict[str, tuple[dict[str, Any], optuna.Study]] = {}  # kept between claims (claim_next)
     while not stop.is_set() and (config.max_trials is None or done < config.max_trials):
         for trial_run in _finished(pending):
             if trial_run.outcome.errored:  # perhaps MLflow is down (or its experiment deleted): look again
@@ -63,7 +64,7 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
             tracking_ok_at = time.monotonic()
         held: dict[str, dict[str, Any]] = {}
         unfinished: dict[str, int] = {}
-        claimed = _claim(storage, config, mlflow_client, held, None if config.forever else unfinished)
+        claimed = _claim(storage, config, mlflow_client, held, None if config.forever else unfinished, studies)
         if claimed is None:
             if pending:  # a model still being logged: its trial may yet be re-queued
                 _finished(pending, wait=True)
@@ -73,7 +74,8 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
                 return done
             continue
         study, trial_id = claimed
-        trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids, exporter)
+        spec = studies[study.study_name][0]  # read by this claim
+        trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids, exporter, spec)
         timed(config, "trial", trial_run.run)
         if trial_run.deferred is not None:  # trained to its end: its model is logged meanwhile
             pending.append(finishing.submit(trial_run.complete_in_background))
@@ -84,7 +86,9 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
     return done
 
 
-def _claim(storage, config: WorkerConfig, mlflow_client, held: dict[str, Any], unfinished: dict[str, int] | None):
+def _claim(
+    storage, config: WorkerConfig, mlflow_client, held: dict[str, Any], unfinished: dict[str, int] | None, studies
+):
     """The next trial claimed, (study, trial id), or None; a storage down past the grace period
     stops the worker."""
     try:
@@ -97,6 +101,7 @@ def _claim(storage, config: WorkerConfig, mlflow_client, held: dict[str, Any], u
             config.study_names,
             held=held,
             unfinished=unfinished,
+            studies=studies,
             on_stale=lambda study: settle(study, mlflow_client, config),
             within=config.grace_period,
             what="looking for a waiting trial",
@@ -175,13 +180,23 @@ def _wait_for_tracking(mlflow_client, config: WorkerConfig, stop: StopSignal) ->
     return False
 
 
-def claim_next(storage, names: tuple[str, ...], on_stale=None, held: dict[str, Any] | None = None, unfinished=None):
+def claim_next(
+    storage,
+    names: tuple[str, ...],
+    on_stale=None,
+    held: dict[str, Any] | None = None,
+    unfinished=None,
+    studies: dict[str, tuple[dict[str, Any], optuna.Study]] | None = None,
+):
     """The first trial claimed from the studies ``names`` (all when empty): (study, trial id), or
     None. ``held`` collects the studies skipped for their lifecycle while trials of theirs wait;
-    ``unfinished``, when nothing was claimed, the trials still waiting or running per study."""
+    ``unfinished``, when nothing was claimed, the trials still waiting or running per study.
+    ``studies`` (name -> the spec and the Study made for it) keeps the studies between claims:
+    a claim then reads only the study's attributes (its lifecycle, its spec) before the queue."""
+    studies = {} if studies is None else studies
     for name in names or connect.study_names(storage):
         try:
-            attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+            attrs = _study_attrs(storage, name, studies)
         except KeyError:
             if names:
                 raise SweeperError(connect.unknown_study(name, connect.study_names(storage))) from None
@@ -189,9 +204,10 @@ def claim_next(storage, names: tuple[str, ...], on_stale=None, held: dict[str, A
         spec = attrs.get(SPEC_ATTR)
         if spec is None:
             continue  # not a sweeper study
-        study = optuna.load_study(
-            study_name=name, storage=storage, sampler=cellsearch.make_sampler(spec), pruner=cellsearch.make_pruner(spec)
-        )
+        if name not in studies or studies[name][0] != spec:  # a new study, or its spec updated
+            sampler, pruner = cellsearch.make_sampler(spec), cellsearch.make_pruner(spec)
+            studies[name] = spec, optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        study = studies[name][1]
         if claims.fail_stale_trials(study) and on_stale is not None:
             on_stale(study)  # a retry may have been the last one
         life = attrs.get(LIFECYCLE_ATTR) or {"state": "running"}
@@ -205,3 +221,14 @@ def claim_next(storage, names: tuple[str, ...], on_stale=None, held: dict[str, A
         if unfinished is not None:
             unfinished[name] = internals.unfinished_count(study)
     return None
+
+
+def _study_attrs(storage, name: str, studies: dict[str, tuple[dict[str, Any], optuna.Study]]) -> dict[str, Any]:
+    """The study's user attrs now, through the id of the Study kept for it; KeyError: no such
+    study (a kept one deleted since, under the same name or none, is looked up again)."""
+    if name in studies:
+        try:
+            return storage.get_study_user_attrs(internals.study_id(studies[name][1]))
+        except KeyError:
+            del studies[name]
+    return storage.get_study_user_attrs(storage.get_study_id_from_name(name))

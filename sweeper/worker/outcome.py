@@ -249,7 +249,8 @@ def settle(study: optuna.Study, mlflow_client, config, completed: str | None = N
     from sweeper import notify
 
     try:
-        settled = outcomes.settle(study, completed)
+        within = config.grace_period if config else 0
+        settled = dberrors.retry_db(outcomes.settle, study, completed, within=within, what="settling the study")
     except Exception as e:
         log.warning("could not settle study %s: %s", study.study_name, redact(e))
         return

@@ -70,6 +70,7 @@ def prepare(run) -> Prepared:
 
     recipe, decide_on = _recipe(run)
     fresh_run = open_run(run)
+    _record_trial(run, recipe)
     if run.config.system_metrics:
         run.system_metrics = system_metrics.start(run.run_id, run.config.tracking_uri, run.engine.gpu_uuid)
     # Steps already in the run (an earlier attempt logged them): never logged again, whether
@@ -109,10 +110,19 @@ def _recipe(run) -> tuple[Recipe, str]:
         values[name] = run.db(suggest, run.trial, name, dist)
     run.recipe = recipe = Recipe.from_dict(values)
     decide_on = decision_metric(run.spec["metric"], recipe.val_fraction)
-    run.db(internals.set_cell_params, run.study, run.trial_id, run.spec, run.attrs)
-    run.db(run.trial.set_user_attr, "sweeper.host", socket.gethostname())
-    run.db(run.trial.set_user_attr, "sweeper.epochs", recipe.epochs)
     return recipe, decide_on
+
+
+def _record_trial(run, recipe: Recipe) -> None:
+    """What the trial records in Optuna before training, in one transaction: its cell as params,
+    its host, epochs and MLflow run (the run's id as soon as the run exists: a retry reopens it)."""
+    user_attrs = {
+        "sweeper.host": socket.gethostname(),
+        "sweeper.epochs": recipe.epochs,
+        "mlflow_run_id": run.run_id,
+        "mlflow_run_url": tracking.run_url(run.config.tracking_uri, run.experiment_id, run.run_id),
+    }
+    run.db(internals.set_cell_params, run.study, run.trial_id, run.spec, run.attrs, user_attrs)
 
 
 def _study_run(run) -> tuple[str, str]:
@@ -130,7 +140,7 @@ def _study_run(run) -> tuple[str, str]:
 
 def open_run(run) -> bool:
     """Open (or reopen) the cell's MLflow run; True when it was created just now."""
-    experiment_id, parent_id = _study_run(run)
+    experiment_id, parent_id = run.db(_study_run, run)
     run_id = run.attrs.get("mlflow_run_id")
     if run_id is None:
         identity = {tracking.KEY_TAG: run.key, tracking.ROLE_TAG: "cell"}
@@ -161,9 +171,7 @@ def open_run(run) -> bool:
             run.client.delete_tag(run_id, "sweeper.reason")
         for k, v in tags.items():
             run.client.set_tag(run_id, k, v)
-    run.run_id = run_id
-    run.db(run.trial.set_user_attr, "mlflow_run_id", run_id)
-    run.db(run.trial.set_user_attr, "mlflow_run_url", tracking.run_url(run.config.tracking_uri, experiment_id, run_id))
+    run.run_id, run.experiment_id = run_id, experiment_id
     run.logger = tracking.RunLogger(run.client, run_id, fence=run.heartbeat.check)
     return fresh
 

@@ -55,13 +55,14 @@ class TrialRun:
         stop: StopSignal,
         mlflow_ids: dict[str, tuple[str, str]] | None = None,
         exporter: Exporter | None = None,
+        spec: dict | None = None,
     ):
         self.study, self.trial_id, self.config = study, trial_id, config
         self.client, self.stop = mlflow_client, stop
         self.mlflow_ids = {} if mlflow_ids is None else mlflow_ids  # the worker's, kept between trials
         self.storage = internals.storage_of(study)
         self.trial = self.db(optuna.Trial, study, trial_id)
-        self.spec = self.db(connect.stored_spec, study)
+        self.spec = spec if spec is not None else self.db(connect.stored_spec, study)  # the claim's, when it read it
         self.attrs = attrs = internals.frozen_trial(self.trial).user_attrs
         self.key = attrs[KEY_ATTR]
         self.variant, self.dataset, self.seed = attrs["variant"], attrs["dataset"], int(attrs["seed"])
@@ -70,6 +71,7 @@ class TrialRun:
         self.checkpoint_path = checkpoint.cell_path(settings.home() / "checkpoints", study.study_name, cell)
         self.logger: tracking.RunLogger | None = None
         self.run_id: str | None = None
+        self.experiment_id: str | None = None  # of the study, once the run is open
         self.recipe = None  # the trial's Recipe, once prepared
         self.model = None
         self.system_metrics = None
@@ -217,17 +219,22 @@ class TrialRun:
         self.db(self.trial.set_user_attr, "sweeper.final_value", value)
         deadline = time.monotonic() + self.config.tracking_outage_limit
         model_id = None
+        metrics_linked = False
         if pruned_at is None:  # the cell's model, named after it: its params now, its metrics as logged
             model_id = self._until_deadline(
                 final.epoch,
                 tracking.create_model,
                 self.client,
+                self.experiment_id,
                 self.run_id,
                 tracking.model_name(self.key),
                 {"variant": self.variant, "dataset": self.dataset, **ready.recipe.to_dict()},
                 {tracking.KEY_TAG: self.key, "optuna.study": self.study.study_name},
                 deadline=deadline,
             )
+            # The last epoch's metrics, still queued unless an earlier attempt sent them, go
+            # linked to the model (else log_model links them, reading every metric's history).
+            metrics_linked = self.logger.link_step(final.epoch, model_id)
         self.logger.log_metrics(
             {
                 "num_params": ready.num_params,
@@ -256,6 +263,7 @@ class TrialRun:
             with tempfile.TemporaryDirectory(prefix="sweeper-model-") as tmp:
                 weights = save_weights(Path(tmp) / WEIGHTS_FILE, model, self.variant, cfg, *shape)
                 request = {"run_id": self.run_id, "example": example, "step": final.epoch, "model_id": model_id}
+                request["metrics_linked"] = metrics_linked
                 request.update(weights=str(weights), deadline=time.monotonic() + self.config.tracking_outage_limit)
                 timed(
                     self.config,
