@@ -56,6 +56,8 @@ def assert_one_finished_run_per_cell(client, study: str, keys: set[str], epochs:
             [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
         )  # named after the cell: mlflow.pytorch.load_model(f"runs:/{RUN_ID}/{name}") loads it
         assert [(m.name, m.status.name) for m in models] == [(f"{variant}-{dataset}-{seed}", "READY")]
+        linked = {m.key for m in models[0].metrics if m.step == epochs}  # linked without MLflow's history reads
+        assert set(METRICS) <= linked, f"the last epoch's metrics belong to the model: {linked}"
 
 
 def test_launch_with_four_local_workers_on_sqlite(sweeper_env, tmp_path):

@@ -218,23 +218,9 @@ class TrialRun:
         # Recorded in Optuna before MLflow is waited for: an outage past the limit cannot lose it.
         self.db(self.trial.set_user_attr, "sweeper.final_value", value)
         deadline = time.monotonic() + self.config.tracking_outage_limit
-        model_id = None
-        metrics_linked = False
+        model_id, metrics_linked = None, False
         if pruned_at is None:  # the cell's model, named after it: its params now, its metrics as logged
-            model_id = self._until_deadline(
-                final.epoch,
-                tracking.create_model,
-                self.client,
-                self.experiment_id,
-                self.run_id,
-                tracking.model_name(self.key),
-                {"variant": self.variant, "dataset": self.dataset, **ready.recipe.to_dict()},
-                {tracking.KEY_TAG: self.key, "optuna.study": self.study.study_name},
-                deadline=deadline,
-            )
-            # The last epoch's metrics, still queued unless an earlier attempt sent them, go
-            # linked to the model (else log_model links them, reading every metric's history).
-            metrics_linked = self.logger.link_step(final.epoch, model_id)
+            model_id, metrics_linked = create_model(self, ready, final.epoch, deadline)
         self.logger.log_metrics(
             {
                 "num_params": ready.num_params,
@@ -310,3 +296,21 @@ def model_to_log(model, splits):
     # At least two images: torch.export fixes a batch dimension of one, any other stays free.
     images = torch.cat([splits.test_x[:MODEL_EXAMPLE_IMAGES], splits.train_x[:MODEL_EXAMPLE_IMAGES]])
     return model.cpu().eval(), normalize(images[:MODEL_EXAMPLE_IMAGES]).numpy()
+
+
+def create_model(run: TrialRun, ready: Prepared, epoch: int, deadline: float) -> tuple[str, bool]:
+    """The cell's logged model, PENDING (its params now), and whether the last epoch's metrics go
+    linked to it: still queued unless an earlier attempt sent them (log_model then links them,
+    reading every metric's history)."""
+    model_id = run._until_deadline(
+        epoch,
+        tracking.create_model,
+        run.client,
+        run.experiment_id,
+        run.run_id,
+        tracking.model_name(run.key),
+        {"variant": run.variant, "dataset": run.dataset, **ready.recipe.to_dict()},
+        {tracking.KEY_TAG: run.key, "optuna.study": run.study.study_name},
+        deadline=deadline,
+    )
+    return model_id, run.logger.link_step(epoch, model_id)
