@@ -181,8 +181,10 @@ def matmul_rate(device, dtype, n: int = 2048, repeats: int = 3) -> float:
     return best
 
 
-def measure_share(variant: str, dataset: str, batch_size: int, steps: int, warmup: int) -> dict:
-    """One row of the share table, in a fresh process: matmul rate, fit's timed steps, matmul rate."""
+def measure_share(variant: str, dataset: str, batch_size: int, steps: int, warmup: int, prec: str = "auto") -> dict:
+    """One row of the share table, in a fresh process: matmul rate, fit's timed steps, matmul rate.
+    ``prec`` is fit's precision; its matmul reference is bf16 where fit trains in bf16, else fp32.
+    ``prec="fp32-only"``: auto as on a CPU without fast bf16 (the rule's fp32 channels_last), on this one."""
     import torch
 
     from sweeper import precision
@@ -192,6 +194,9 @@ def measure_share(variant: str, dataset: str, batch_size: int, steps: int, warmu
     from sweeper.train import Recipe, fit, resolve_device
 
     device = resolve_device("auto")
+    if prec == "fp32-only":
+        precision.cpu_has_fast_bf16 = lambda: False  # rule() and candidates() read it: fp32 modes only
+        prec = "auto"
     n = batch_size * (warmup + steps)
     splits = _images(n) if dataset == "synthetic" else load(dataset).limit(n, 64)
     macs = count_macs(VARIANTS[variant], splits.info.shape, splits.num_classes)
@@ -206,10 +211,11 @@ def measure_share(variant: str, dataset: str, batch_size: int, steps: int, warmu
             marks[step] = time.perf_counter()
 
     # A run this short trains in the rule's mode (too short to pay for a probe): bf16 where native.
-    dtype = torch.bfloat16 if precision.rule(device).precision == "bf16" else torch.float32
+    trains_in = precision.rule(device).precision if prec == "auto" else prec
+    dtype = torch.bfloat16 if trains_in == "bf16" else torch.float32
     before = matmul_rate(device, dtype)
     recipe = Recipe(epochs=1, batch_size=batch_size, eval_batch_size=64)
-    result = fit(model, splits, recipe, device=str(device), on_step=on_step)  # the warm-up steps untimed
+    result = fit(model, splits, recipe, device=str(device), precision=prec, on_step=on_step)  # warm-up untimed
     seconds = marks[warmup + steps] - marks[warmup]
     after = matmul_rate(device, dtype)
     fit_rate = 6 * macs * steps * batch_size / seconds
@@ -219,6 +225,7 @@ def measure_share(variant: str, dataset: str, batch_size: int, steps: int, warmu
         "batch_size": batch_size,
         "threads": torch.get_num_threads(),
         "mode": f"{result.precision}/{'channels_last' if result.channels_last else 'contiguous'}",
+        "matmul_dtype": str(dtype).removeprefix("torch."),
         "macs_per_image": macs,
         "images_per_s": steps * batch_size / seconds,
         "fit_gflops": fit_rate / 1e9,
@@ -235,12 +242,21 @@ def share_table(args: argparse.Namespace) -> None:
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
     rows = []
     for dataset, batch_size in SHARE_SHAPES:
+        if dataset not in args.datasets.split(","):
+            continue
         for variant in variants:
             cmd = [sys.executable, os.path.abspath(__file__), "--_share", variant, dataset, str(batch_size)]
-            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
             print(f"measuring {variant} on {dataset}, batch {batch_size} ...", file=sys.stderr, flush=True)
-            rows.append(_measure_row(cmd, variant, dataset))
-            print(f"  share of the matmul rate: {rows[-1]['share']:.2f}", file=sys.stderr, flush=True)
+            rows.append(_measure_row(cmd, variant, dataset, threads=args.threads))
+            r = rows[-1]
+            print(
+                f"  share of the matmul rate: {r['share']:.2f} ({r['mode']}, fit {r['fit_gflops']:.1f} GFLOP/s, "
+                f"{r['matmul_dtype']} matmul {r['matmul_gflops_before']:.0f} -> {r['matmul_gflops_after']:.0f}, "
+                f"{r['threads']} threads, load {r['load_average'][0]:.1f})",
+                file=sys.stderr,
+                flush=True,
+            )
     if args.json:
         print(json.dumps({"machine": _cpu_name(), "cpus": os.cpu_count(), "rows": rows}, indent=2))
         return
@@ -255,9 +271,11 @@ def share_table(args: argparse.Namespace) -> None:
         )
 
 
-def _measure_row(cmd: list[str], variant: str, dataset: str) -> dict:
-    """One table row, measured in a fresh process (``cmd``): the JSON of its last line."""
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _measure_row(cmd: list[str], variant: str, dataset: str, threads: int | None = None) -> dict:
+    """One table row, measured in a fresh process (``cmd``, on ``threads`` torch threads if given):
+    the JSON of its last line."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"the {variant}/{dataset} row failed (exit {proc.returncode})")
@@ -342,12 +360,21 @@ def main() -> None:
         help="measure each this many times, alternating; the headline ratio is the worst repeat's",
     )
     parser.add_argument("--compile", action="store_true", help="also measure fit(..., compile=True)")
-    parser.add_argument("--threads", type=int, help="torch threads of both (OMP_NUM_THREADS); default: torch's")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (OMP_NUM_THREADS) of each measurement; default: torch's"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--precision-table", action="store_true", help="every precision/layout mode, per variant")
-    parser.add_argument("--datasets", default="digits,synthetic", help="--precision-table: these shapes")
+    parser.add_argument(
+        "--datasets", default="digits,synthetic", help="--precision-table, --matmul-share: these shapes"
+    )
     parser.add_argument("--variants", help="--precision-table, --matmul-share: comma-separated (default: all seven)")
     parser.add_argument("--matmul-share", action="store_true", help="fit's FLOP rate as a share of the matmul rate")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="--matmul-share: fit's precision (auto: the rule's mode; fp32-only: auto as on a CPU without fast bf16)",
+    )
     parser.add_argument("--_measure", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--_share", nargs=3, metavar=("VARIANT", "DATASET", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--_row", nargs=2, metavar=("VARIANT", "DATASET"), help=argparse.SUPPRESS)
@@ -358,7 +385,7 @@ def main() -> None:
         return
     if args._share:
         variant, dataset, batch_size = args._share
-        print(json.dumps(measure_share(variant, dataset, int(batch_size), args.steps, args.warmup)))
+        print(json.dumps(measure_share(variant, dataset, int(batch_size), args.steps, args.warmup, args.precision)))
         return
     if args.matmul_share:
         share_table(args)

@@ -9,8 +9,11 @@ a copy of the model and keeps the fastest; the answer is cached on disk per mach
 version and thread count, so each shape is probed once per machine. The probe's warm-up also
 builds the kernels the trial then reuses. A probe costs a few steps of every mode; a trial too
 short to earn that back (under PAYBACK times the probe's steps) trains in the rule's mode
-instead, unless the cache already knows the answer. A probe taken on an overloaded CPU (load
-over OVERLOAD per core) picks the trial's mode but is not cached.
+instead, unless the cache already knows the answer. Counting steps assumes a probe's step costs
+what a trial's does; cold kernels and a contended CPU break that, so the probe also stops before
+its time would pass 1/PAYBACK of the trial's training at the fastest warm step it has seen, and
+the trial trains in the rule's mode. A probe taken on an overloaded CPU (load over OVERLOAD per core) picks
+the trial's mode but is not cached.
 
 On a CPU without fast bf16 the only choice is between two fp32 layouts, which differ by less
 than a probe costs (its cold steps are seconds for the big variants): ``rule()`` decides
@@ -29,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
@@ -42,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sweeper.storage import locks
+
+log = logging.getLogger(__name__)
 
 KINDS = ("fp32", "tf32", "bf16")
 WARMUP_STEPS = 1  # untimed: builds the kernels (oneDNN primitives, cuDNN plans) for the shapes
@@ -160,7 +166,11 @@ def choose(
     if total_steps is not None and total_steps < PAYBACK * probe_steps(modes):
         return rule(device)
     load = load_per_core(device)
-    timings = probe(model, shape, batch_size, device, modes)
+    try:
+        timings = probe(model, shape, batch_size, device, modes, total_steps)
+    except OverBudget as stopped:
+        log.info("%s; training in %s", stopped, rule(device).label)
+        return rule(device)
     best = min(timings, key=timings.get)
     load = max(load, load_per_core(device))
     if path is not None and load <= OVERLOAD:
@@ -183,24 +193,52 @@ def probe_steps(modes: list[Mode]) -> int:
     return len(modes) * (WARMUP_STEPS + TIMED_STEPS)
 
 
+class OverBudget(Exception):
+    """The probe stopped: it would cost more than 1/PAYBACK of the trial it was choosing for."""
+
+
 def probe(
-    model: nn.Module, shape: tuple[int, ...], batch_size: int, device: torch.device, modes: list[Mode]
+    model: nn.Module,
+    shape: tuple[int, ...],
+    batch_size: int,
+    device: torch.device,
+    modes: list[Mode],
+    total_steps: int | None = None,
 ) -> dict[Mode, float]:
     """Seconds per training step of each mode: the fastest of a few, after a warm-up. The modes
-    take turns step by step, so a burst of load from other jobs falls on all of them alike."""
+    take turns step by step, so a burst of load from other jobs falls on all of them alike.
+
+    With ``total_steps`` (the trial's), the rule's mode steps first, cold then warm, which sets the
+    budget: 1/PAYBACK of the trial's training at the fastest warm step seen. Before each further
+    step the probe predicts its cost (that mode's last step, or the first cold step for a mode not
+    yet run) and raises OverBudget rather than pass the budget: cold kernels and a contended CPU
+    make a probe's steps cost far more than their count says."""
+    started = time.perf_counter()
+    first = rule(device) if rule(device) in modes else modes[0]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         x = torch.randn(batch_size, *shape, device=device)
         classes = model.linear.out_features if hasattr(model, "linear") else 10
         y = torch.randint(classes, (batch_size,), device=device)
-        runs = [Stepper(copy.deepcopy(model), x, y, device, mode) for mode in modes]
-        for _ in range(WARMUP_STEPS):
-            for run in runs:
-                run.step()
-        best = {mode: float("inf") for mode in modes}
-        for _ in range(TIMED_STEPS):
-            for run in runs:
-                best[run.mode] = min(best[run.mode], run.step())
+        runs = [Stepper(copy.deepcopy(model), x, y, device, m) for m in [first, *(m for m in modes if m != first)]]
+        lead, others = runs[0], runs[1:]
+        schedule = [(lead, False)] * WARMUP_STEPS + [(lead, True)]  # the budget after these
+        schedule += [(run, False) for _ in range(WARMUP_STEPS) for run in others]
+        schedule += [(run, True) for _ in range(TIMED_STEPS) for run in runs]
+        best = {run.mode: float("inf") for run in runs}
+        last: dict[Mode, float] = {}
+        for run, timed in schedule:
+            warm = min(best.values())
+            predicted = last.get(run.mode, max(last.values(), default=0.0))
+            spent = time.perf_counter() - started
+            if total_steps is not None and (spent + predicted) * PAYBACK > total_steps * warm:
+                raise OverBudget(
+                    f"precision probe stopped after {spent:.1f} s: its next step would pass 1/{PAYBACK} "
+                    f"of the trial's {total_steps} steps at {warm:.3f} s each"
+                )
+            last[run.mode] = run.step()
+            if timed:
+                best[run.mode] = min(best[run.mode], last[run.mode])
     return best
 
 

@@ -131,14 +131,24 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    params = model.parameters()
+    """The recipe's optimizer for ``model`` (already on its device). AdamW and SGD step in torch's
+    fused kernel on a CPU or a CUDA GPU: one pass per tensor instead of the for-loop's ~10
+    elementwise ones (on the CPU AdamW 3-7x faster, SGD up to 4x; the same results to an ulp or
+    two; docs/BENCHMARKS.md). Adadelta has no fused kernel in torch."""
+    params = list(model.parameters())
+    fused = params[0].device.type in ("cpu", "cuda") if params else False
     if recipe.optimizer == "adadelta":
         return torch.optim.Adadelta(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay
+            params,
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            nesterov=recipe.nesterov,
+            weight_decay=recipe.weight_decay,
+            fused=fused or None,
         )
-    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=fused or None)
 
 
 def cpu_copy(tree: Any) -> Any:

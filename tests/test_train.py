@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from sweeper.train import (
     Recipe,
     cpu_copy,
     fit,
+    make_optimizer,
     resolve_precision,
     seed_everything,
 )
@@ -194,6 +196,39 @@ def test_checkpoint_holds_the_full_state_and_loads_without_pickled_code(syntheti
     assert state["recipe"]["seed"] == 7 and state["variant"] == "short4"
     # checkpoint.load uses weights_only=True; the same file must load that way directly too.
     torch.load(synthetic_runs["path"], weights_only=True)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_adamw_and_sgd_step_fused_on_the_cpu_and_resume_exactly(optimizer):
+    """torch's fused kernel (one pass per tensor), kept across a checkpoint: a run resumed after
+    epoch 1 ends with exactly the metrics and weights of the unbroken run."""
+    data = tiny_digits()
+    recipe = Recipe(epochs=2, batch_size=32, optimizer=optimizer, lr=0.002 if optimizer == "adamw" else 0.05, seed=4)
+    assert make_optimizer(build_model("short4", 10, 1), recipe).defaults["fused"] is True
+    states: dict[str, dict[int, dict]] = {"unbroken": {}, "resumed": {}}
+
+    def keep(run: str):
+        return lambda m, state: states[run].__setitem__(m.epoch, copy.deepcopy(state()))
+
+    seed_everything(recipe.seed)
+    unbroken = fit(
+        build_model("short4", 10, 1), data, recipe, device="cpu", precision="fp32", on_epoch=keep("unbroken")
+    )
+    seed_everything(99)  # other initial weights: everything comes from the checkpoint
+    resume = states["unbroken"][1]
+    resumed = fit(
+        build_model("short4", 10, 1),
+        data,
+        recipe,
+        device="cpu",
+        precision="fp32",
+        resume=resume,
+        on_epoch=keep("resumed"),
+    )
+    assert metrics(resumed.history) == metrics(unbroken.history)
+    for part in ("model", "optimizer"):
+        assert_same_tensors(states["unbroken"][2][part], states["resumed"][2][part])
+    assert states["resumed"][2]["optimizer"]["param_groups"][0]["fused"] is True
 
 
 # --- stopping --------------------------------------------------------------------------------
@@ -486,6 +521,54 @@ def test_auto_probes_neither_short_cells_nor_fp32_layouts(tmp_path, monkeypatch,
             mode = precision.choose(build_model("short4", 10, shape[0]), shape, 64, cpu, cache, total_steps=14 * 782)
             assert mode == precision.Mode("fp32", True)
         assert probes == [] and not cache.exists()
+
+
+def stepped_modes(monkeypatch, cold_extra_s: float = 0.0) -> list[str]:
+    """The modes of each probe step, in order (the real step runs); ``cold_extra_s`` is added to each
+    mode's first step, as cold kernels cost on a contended CPU: the one thing faked."""
+    seen: list[str] = []
+    real_step = precision.Stepper.step
+
+    def step(self) -> float:
+        cold = self.mode.label not in seen
+        seen.append(self.mode.label)
+        if cold and cold_extra_s:
+            time.sleep(cold_extra_s)
+        return real_step(self) + (cold_extra_s if cold else 0.0)
+
+    monkeypatch.setattr(precision.Stepper, "step", step)
+    return seen
+
+
+def test_a_probe_stops_before_its_next_step_would_pass_its_share_of_the_trial(monkeypatch):
+    """A trial of 12 steps allows the probe 1.2 steps' time: the rule's mode steps cold and warm (its
+    warm step sets the budget), and no other mode's cold step starts."""
+    cpu = torch.device("cpu")
+    modes = precision.candidates(cpu)  # two fp32 layouts at least, on any CPU
+    seen = stepped_modes(monkeypatch)
+    with pytest.raises(precision.OverBudget, match="precision probe stopped"):
+        precision.probe(build_model("short4", 10, 1), (1, 8, 8), 2, cpu, modes, total_steps=12)
+    assert seen == [precision.rule(cpu).label] * 2
+    # Without a trial to answer to (the benchmarks' tables), every mode is timed.
+    seen.clear()
+    timings = precision.probe(build_model("short4", 10, 1), (1, 8, 8), 2, cpu, modes)
+    assert set(timings) == set(modes) and max(timings.values()) < float("inf")
+    assert seen[:2] == [precision.rule(cpu).label] * 2
+
+
+def test_auto_trains_in_the_rule_when_cold_steps_would_cost_more_than_the_trial_repays(tmp_path, monkeypatch):
+    """Enough steps for the step-count rule (PAYBACK x the probe's steps), but every mode's first
+    step takes 2 s more, as cold kernels can on a contended CPU: the probe stops after the rule's
+    mode, the trial trains in the rule's mode, and nothing is cached."""
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (0.5,) * 3)
+    cpu = torch.device("cpu")
+    modes = precision.candidates(cpu)
+    seen = stepped_modes(monkeypatch, cold_extra_s=2.0)
+    cache = tmp_path / "cache.json"
+    total_steps = precision.PAYBACK * precision.probe_steps(modes)
+    mode = precision.choose(build_model("short4", 10, 1), (1, 8, 8), 2, cpu, cache, total_steps, modes)
+    assert mode == precision.rule(cpu)
+    assert set(seen) == {mode.label} and not cache.exists()  # no other mode's 2 s was paid
 
 
 @pytest.mark.slow
