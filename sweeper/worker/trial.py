@@ -182,6 +182,10 @@ class TrialRun:
             len(ready.splits.train_y),
             ready.recipe.epochs,
         )
+        # Counted again now: workers that claimed while this one prepared share the cores too (the
+        # precision probe runs before fit's first step would recount; 3 probes on 2 cores each
+        # taking 2 threads ran 4x slower).
+        self._set_threads()
         reporter = EpochReporter(self, ready.recipe, ready.decide_on, ready.already_logged)
         try:
             result = timed(

@@ -88,9 +88,10 @@ RESUME_EPOCHS = 10  # the kill comes after epoch 2: the rest must outlast it on 
 RESUME = ("e2e-resume", spec_text("e2e: kill -9 in the middle", ["short4"], ["digits"], RESUME_EPOCHS, 512))
 # Three cells of one variant, so that each costs the same (with three variants, short2's first
 # epoch, with its precision probe, once came after short3 and short4 had trained all 30 on a
-# loaded 2-core machine), long enough that none ends before the last has started; the test waits
-# for the three workers to be up before it launches. The survivor then finishes all three.
-HANDBACK_EPOCHS = 30
+# loaded 2-core machine); the test waits for the three workers to be up before it launches, so
+# all three start within a poll interval and are scaled down after their first epoch. The
+# survivor then finishes all three.
+HANDBACK_EPOCHS = 12
 HANDBACK = (
     "e2e-handback",
     spec_text("e2e: scale down hands back", ["short4"], ["digits"], HANDBACK_EPOCHS, 512, seeds=(1, 2, 3)),
