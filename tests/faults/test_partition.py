@@ -101,7 +101,9 @@ def test_a_cut_off_worker_taken_over_writes_nothing_when_the_network_heals(
     assert worker_b.wait(120) == 0, worker_b.text()  # on its own, once nothing waits or runs
     assert "this worker stands down" in worker_b.text(), worker_b.text()
     # Not before the grace period (less the heartbeat interval: B's last beat came up to 1 s before the cut).
-    assert GRACE - 2 <= took_over < 6 * GRACE, f"A took the trial over {took_over:.0f}s after the cut\n{worker_a.text()}"
+    assert GRACE - 2 <= took_over < 6 * GRACE, (
+        f"A took the trial over {took_over:.0f}s after the cut\n{worker_a.text()}"
+    )
 
     cut_trial, retry = trials_of(storage, "cut")
     assert (cut_trial.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
