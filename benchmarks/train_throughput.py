@@ -194,9 +194,8 @@ def measure_share(variant: str, dataset: str, batch_size: int, steps: int, warmu
     from sweeper.train import Recipe, fit, resolve_device
 
     device = resolve_device("auto")
-    if prec == "fp32-only":
-        precision.cpu_has_fast_bf16 = lambda: False  # rule() and candidates() read it: fp32 modes only
-        prec = "auto"
+    if prec == "fp32-only":  # what a CPU without fast bf16 trains in (sweeper.precision.rule)
+        prec = "fp32"
     n = batch_size * (warmup + steps)
     splits = _images(n) if dataset == "synthetic" else load(dataset).limit(n, 64)
     macs = count_macs(VARIANTS[variant], splits.info.shape, splits.num_classes)

@@ -25,6 +25,9 @@ default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
 
 [engine]
 runtime = "runc"
+# podman 4.3 rotates its events file at 1 MB and loses what it held: the compose test reads the
+# workers' exit codes from `podman events` after hours of containers.
+events_logfile_max_size = "200MB"
 cgroup_manager = "cgroupfs"
 CONF
     echo "podman-setup: wrote $CONF" >&2
