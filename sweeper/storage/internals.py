@@ -274,18 +274,14 @@ def renew_lease(storage, trial_id: int) -> bool:
         return True
     models, scoped_session = rdb
     from optuna.storages._rdb.storage import _create_scoped_session
-    from sqlalchemy import func, select
+    from sqlalchemy import select
 
     trials = models.TrialModel
     with _create_scoped_session(scoped_session, True) as session:
         state = session.scalar(select(trials.state).where(trials.trial_id == trial_id).with_for_update(read=True))
         if state != TrialState.RUNNING:
             return False
-        heartbeat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, True)
-        if heartbeat is None:
-            session.add(models.TrialHeartbeatModel(trial_id=trial_id))
-        else:
-            heartbeat.heartbeat = session.execute(func.now()).scalar_one()
+        _write_heartbeat(session, models, trial_id)
     return True
 
 
@@ -325,6 +321,18 @@ def fail_if_stale(storage, trial_id: int, grace: float, system_attrs: dict[str, 
     return True
 
 
+def _write_heartbeat(session, models, trial_id: int) -> None:
+    """The trial's heartbeat, now by the database's clock, in ``session``'s transaction (what
+    Optuna's ``record_heartbeat`` writes in a transaction of its own)."""
+    from sqlalchemy import func
+
+    heartbeat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, True)
+    if heartbeat is None:
+        session.add(models.TrialHeartbeatModel(trial_id=trial_id))
+    else:
+        heartbeat.heartbeat = session.execute(func.now()).scalar_one()
+
+
 def _rdb_of(storage):
     """``_rdb`` for a storage."""
     try:
@@ -352,7 +360,7 @@ def claim_waiting(study: optuna.Study) -> int | None:
     from datetime import datetime
 
     from optuna.storages._rdb.storage import _create_scoped_session
-    from sqlalchemy import func, select
+    from sqlalchemy import select
 
     trials = models.TrialModel
     query = (
@@ -367,12 +375,8 @@ def claim_waiting(study: optuna.Study) -> int | None:
         if trial is None:
             return None
         trial.state, trial.datetime_start = TrialState.RUNNING, datetime.now()  # as set_trial_state_values
-        heartbeat = models.TrialHeartbeatModel.where_trial_id(trial.trial_id, session, True)
-        if heartbeat is None:
-            session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
-        else:
-            heartbeat.heartbeat = session.execute(func.now()).scalar_one()
         trial_id = trial.trial_id
+        _write_heartbeat(session, models, trial_id)
     read_into_cache(study, trial_id)
     return trial_id
 
