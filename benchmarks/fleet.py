@@ -239,7 +239,7 @@ class Stack:
     def __init__(self) -> None:
         self.things: list = []
 
-    def start(self, tmp: Path, dbs: Databases, mlflow_workers: int) -> None:
+    def start(self, tmp: Path, dbs: Databases, mlflow_workers: int, direct_artifacts: bool = False) -> None:
         self.optuna_url, mlflow_url = dbs.new("postgresql", "fleet_optuna"), dbs.new("postgresql", "fleet_mlflow")
         self.databases = {"optuna": self.optuna_url.rsplit("/", 1)[1], "mlflow": mlflow_url.rsplit("/", 1)[1]}
         root = Path(tempfile.mkdtemp(prefix="fleet-pgbouncer-", dir=tmp))
@@ -249,7 +249,7 @@ class Stack:
         self.storage_url = self.bouncer.url(self.optuna_url)
         log(f"pgbouncer: {self.storage_url}; mlflow server with {mlflow_workers} uvicorn workers")
         backend = mlflow_url.replace("postgresql://", "postgresql+psycopg2://")
-        self.server = self.keep(cost.MlflowServer(backend, tmp, mlflow_workers))
+        self.server = self.keep(cost.MlflowServer(backend, tmp, mlflow_workers, direct_artifacts))
         self.server.wait_ready()
         self.meter = self.keep(cost.CpuMeter(self.server.proc.pid, self.databases))
         self.meter.start()
@@ -340,7 +340,10 @@ def measure(args, tmp: Path, stack: Stack) -> dict[str, Any]:
     args_ = (stack.server, stack.meter, stack.databases, stack.idle_rate)
     extras = {
         "heartbeat": cost.heartbeat_cost(stack.optuna_url, *args_),
-        "upload": cost.upload_cost(stack.server.uri, tmp, *args_, 64),  # as server_cost
+        # the server's CPU per MB it proxies, as server_cost; none when the workers write them
+        "upload": cost.upload_cost(stack.server.uri, tmp, *args_, 64)
+        if args.artifacts == "proxied"
+        else {"server_cpu_s_per_mb": 0.0, "artifacts": "direct"},
     }
     n = max(outcome["states"].get("COMPLETE", 0), 1)
     ideal = math.ceil(args.trials / args.workers) * args.trial_seconds
@@ -390,6 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exporters-per-process", type=int, default=1, help="model-export helpers per process")
     parser.add_argument("--start-spread", type=float, default=0.0, help="seconds over which the workers start")
     parser.add_argument("--mlflow-workers", type=int, default=2, help="uvicorn workers of the mlflow server")
+    parser.add_argument(
+        "--artifacts",
+        choices=("proxied", "direct"),
+        default="proxied",
+        help="proxied: through the mlflow server (compose's default); direct: workers write them to the "
+        "artifact store themselves (a shared folder here, as an S3 bucket would be)",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before the workers are killed")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
@@ -416,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack()
     started = time.perf_counter()
     try:
-        stack.start(tmp, dbs, args.mlflow_workers)
+        stack.start(tmp, dbs, args.mlflow_workers, direct_artifacts=args.artifacts == "direct")
         result.update(measure(args, tmp, stack))
     finally:
         stack.stop()

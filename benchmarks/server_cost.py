@@ -114,7 +114,10 @@ class MlflowServer:
     """``mlflow server`` as compose runs it (PostgreSQL backend store, proxied artifacts), with
     uvicorn's access log (MLflow's default log config sends it to stdout) in a file."""
 
-    def __init__(self, backend_uri: str, root: Path, workers: int):
+    def __init__(self, backend_uri: str, root: Path, workers: int, direct_artifacts: bool = False):
+        """``direct_artifacts``: no proxying (``--no-serve-artifacts``); new experiments store their
+        artifacts under ``root/artifacts``, which clients write themselves, as they would an S3
+        bucket or a shared volume (docs/DEPLOY.md, "Artifacts off the server's path")."""
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log_path = root / "mlflow-server.log"
@@ -143,9 +146,11 @@ class MlflowServer:
                 str(self.port),
                 "--workers",
                 str(workers),
-                "--serve-artifacts",
-                "--artifacts-destination",
-                str(root / "mlflow-artifacts"),
+                *(
+                    ["--no-serve-artifacts", "--default-artifact-root", str(root / "artifacts")]
+                    if direct_artifacts
+                    else ["--serve-artifacts", "--artifacts-destination", str(root / "mlflow-artifacts")]
+                ),
             ],
             stdout=open(self.log_path, "wb"),
             stderr=subprocess.STDOUT,

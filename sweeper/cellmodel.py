@@ -133,13 +133,16 @@ class Exporter:
         raise ExportFailed(f"logging the model failed: {value}")
 
     def close(self) -> None:
-        if self.process is None:
-            return
-        self.conn.close()  # the helper exits on end of file
-        self.process.join(timeout=30)
-        if self.process.is_alive():
+        """Stop the helper at once. Once the lock is ours no model is in flight (``log_model`` holds
+        it until the helper answers), so it holds nothing worth waiting for; one still importing
+        at the worker's end would see the pipe close only seconds later (6 s of a worker's exit)."""
+        with self.lock:
+            if self.process is None:
+                return
+            self.conn.close()
             self.process.kill()
-        self.process = None
+            self.process.join()
+            self.process = None
 
 
 def _serve(

@@ -21,6 +21,7 @@ from sweeper.trials import outcomes, summary
 from sweeper.trials.enqueue import EnqueueResult
 
 SHOW_TOTAL_ABOVE = 5_000  # trials: launch says how many before it enqueues more
+LOCAL_POLL_INTERVAL = 1.0  # seconds: a launched worker's look at the queue while other workers finish (start_workers)
 
 
 @dataclass
@@ -207,6 +208,10 @@ def start_workers(
             str(grace_period),
             "--workers-per-gpu",
             str(workers_per_gpu),
+            # Waiting for the last trials of other workers, a local worker looks every second (its
+            # store is on this host), so the launch ends a second, not up to 5, after the last trial.
+            "--poll-interval",
+            str(LOCAL_POLL_INTERVAL),
         ]
         if data_dir:
             cmd += ["--data-dir", data_dir]

@@ -47,10 +47,13 @@ def test_library_modules_leave_process_wide_settings_to_the_commands(tmp_path):
 
 
 def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path):
-    """``claim`` puts the one trial it won into Optuna's trial cache (internals: the cache would
-    otherwise read all of a grid's waiting trials per claim). An Optuna upgrade that changes the
-    cache must fail here: a suggested parameter and the final state must still reach the store."""
+    """``claim`` puts the one trial it won, read in the claim's own transaction, into Optuna's
+    trial cache (internals: the cache would otherwise read all of a grid's waiting trials per
+    claim), and ``internals.tell`` is Optuna's tell without reading the trial back. An Optuna
+    upgrade that changes either must fail here: a suggested parameter and the final state must
+    still reach the store, the claim in one transaction and the tell in two."""
     import optuna
+    from sqlalchemy import event
 
     from sweeper.storage import connect, internals
     from sweeper.trials import claims
@@ -60,12 +63,18 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
     internals.enqueue_many(owner, [{"sweeper.key": f"k{i}"} for i in range(5)])
     worker = optuna.load_study(study_name="s", storage=connect.open_storage(url))
 
+    transactions = []
+    event.listen(worker._storage._backend.engine, "begin", transactions.append)
     trial_id = claims.claim(worker)
+    claimed = len(transactions)
     cached = worker._storage._studies[worker._study_id].trials
     assert [t._trial_id for t in cached.values()] == [trial_id]  # one trial read, not five
+    assert cached[0].state == optuna.trial.TrialState.RUNNING
     trial = optuna.Trial(worker, trial_id)
     trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-    worker.tell(trial, 0.25)
+    before_tell = len(transactions)
+    internals.tell(worker, trial, 0.25)
+    assert (claimed, len(transactions) - before_tell) == (1, 2)  # the tell: the trial's read, its state
 
     for study in (worker, optuna.load_study(study_name="s", storage=connect.open_storage(url))):
         first = study.get_trials(deepcopy=False)[0]

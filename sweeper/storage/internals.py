@@ -51,6 +51,17 @@ def frozen_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
     return trial._cached_frozen_trial
 
 
+def tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
+    """``study.tell(trial, value, state)`` without its last step: Study.tell reads the trial back
+    from the database to return it, a transaction a worker would throw away at every trial's end."""
+    try:
+        from optuna.study._tell import _tell_with_warning
+    except ImportError:  # pragma: no cover - another Optuna
+        study.tell(trial, value, state)
+        return
+    _tell_with_warning(study=study, trial=trial, value_or_values=value, state=state, skip_if_finished=False)
+
+
 def stale_trial_ids(study: optuna.Study) -> list[int]:
     """The study's RUNNING trials whose heartbeat is older than the grace period."""
     return study._storage._get_stale_trial_ids(study._study_id)
@@ -140,11 +151,12 @@ def enqueue_many(study: optuna.Study, user_attrs: list[dict[str, Any]]) -> None:
             )
 
 
-def read_into_cache(study: optuna.Study, trial_id: int) -> None:
+def read_into_cache(study: optuna.Study, trial_id: int, trial: optuna.trial.FrozenTrial | None = None) -> None:
     """Read the claimed trial into Optuna's trial cache: its ``set_trial_param`` writes a suggested
     parameter only for a trial it has read. ``get_all_trials`` would read every unfinished trial
-    of the study, all 1,000 waiting ones of a big grid, on every claim; this reads one, and marks
-    it unfinished so the cache re-reads it once it ends (tests/test_layers.py holds the contract)."""
+    of the study, all 1,000 waiting ones of a big grid, on every claim; this reads one (or takes
+    ``trial``, read by the claim), and marks it unfinished so the cache re-reads it once it ends
+    (tests/test_layers.py holds the contract)."""
     storage = study._storage
     try:
         from optuna.storages._cached_storage import _StudyInfo
@@ -153,7 +165,7 @@ def read_into_cache(study: optuna.Study, trial_id: int) -> None:
     except (ImportError, AttributeError):  # pragma: no cover - not cached, or another Optuna
         storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
         return
-    trial = uncached.get_trial(trial_id)
+    trial = trial or uncached.get_trial(trial_id)
     with lock:
         info = studies.setdefault(study._study_id, _StudyInfo())
         storage._add_trials_to_cache(study._study_id, [trial])
@@ -200,6 +212,29 @@ def unfinished_count(study: optuna.Study) -> int:
     )
     with _create_scoped_session(scoped_session) as session:
         return session.scalar(query)
+
+
+def attrs_and_unfinished(study: optuna.Study) -> tuple[dict[str, Any], int]:
+    """The study's user attrs as the database has them now and how many of its trials wait or
+    run, in one transaction (what every trial's end looks at: sweeper.trials.outcomes.settle)."""
+    rdb = _rdb(study)
+    if rdb is None:  # pragma: no cover - other Optuna versions
+        return study_attrs_now(study), unfinished_count(study)
+    models, scoped_session = rdb
+    import json
+
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import func, select
+
+    trials, attrs = models.TrialModel, models.StudyUserAttributeModel
+    unfinished = (
+        select(func.count())
+        .select_from(trials)
+        .where(trials.study_id == study._study_id, trials.state.in_([TrialState.WAITING, TrialState.RUNNING]))
+    )
+    with _create_scoped_session(scoped_session) as session:
+        rows = session.execute(select(attrs.key, attrs.value_json).where(attrs.study_id == study._study_id))
+        return {key: json.loads(value) for key, value in rows}, session.scalar(unfinished)
 
 
 def set_cell_params(
@@ -377,7 +412,9 @@ def claim_waiting(study: optuna.Study) -> int | None:
         trial.state, trial.datetime_start = TrialState.RUNNING, datetime.now()  # as set_trial_state_values
         trial_id = trial.trial_id
         _write_heartbeat(session, models, trial_id)
-    read_into_cache(study, trial_id)
+        session.flush()
+        claimed = backend(study._storage)._build_frozen_trial_from_trial_model(trial)  # as get_trial reads it
+    read_into_cache(study, trial_id, claimed)
     return trial_id
 
 

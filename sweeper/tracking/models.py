@@ -34,16 +34,16 @@ def create_model(
     tags: dict[str, str],
     deadline=None,
     should_stop=None,
-) -> str:
-    """A cell's logged model in its run's experiment, PENDING until ``log_model`` fills it: named
-    after the cell, with its params and tags (the cell's metrics are linked as they are logged
-    with its id)."""
+):
+    """A cell's logged model (MLflow's LoggedModel: its ``model_id``, its ``artifact_location``) in
+    its run's experiment, PENDING until ``log_model`` fills it: named after the cell, with its
+    params and tags (the cell's metrics are linked as they are logged with its id)."""
 
-    def attempt() -> str:
+    def attempt():
         params_ = {k: str(v) for k, v in params.items()}
         return mlflow_client.create_logged_model(
             experiment_id, name=name, source_run_id=run_id, params=params_, tags=tags
-        ).model_id
+        )
 
     return retry_while_unreachable(attempt, deadline, should_stop, outage_or_raise(mlflow_client, "create the model"))
 
@@ -59,6 +59,7 @@ def log_model(
     model_id: str | None = None,
     weights: Path | None = None,
     metrics_linked: bool = False,
+    artifact_location: str | None = None,
 ) -> str:
     """Log a cell's trained model (on the CPU, in eval mode) into the logged model ``model_id``
     (default: a new one named ``MODEL_NAME``), with a signature and ``example`` (a few input
@@ -68,7 +69,9 @@ def log_model(
     (``sweeper.api.load_model``). The model is the run's output at ``step``, and the run's metrics
     at ``step`` are linked to it: by MLflow, which reads the whole history of each of the run's
     metrics for it (a request per metric), unless ``metrics_linked`` says the caller logged them
-    with the model's id already.
+    with the model's id already. Given the model's ``artifact_location`` too (a model created by
+    ``create_model``), its files go straight to it and the model is marked READY: what MLflow's
+    log_model does, less its two reads of the logged model.
 
     While the store is unreachable it retries until ``deadline`` (or ``should_stop()``), then
     raises TrackingUnreachable, like ``RunLogger.flush``; any other failure is raised as it is."""
@@ -94,25 +97,49 @@ def log_model(
             model_id = mlflow_client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id).model_id
         if metrics_linked:  # what MLflow's log_model does with a run_id, less its metric reads
             mlflow_client.log_outputs(run_id, [LoggedModelOutput(model_id, step)])
+        saved = {
+            "signature": signature,
+            "input_example": example,
+            "serialization_format": "pt2",
+            "pip_requirements": requirements,
+            "extra_files": [str(weights)] if weights is not None else None,
+        }
         with fluent_uri(mlflow_client.tracking_uri):
+            if metrics_linked and artifact_location is not None:
+                _save_and_upload(mlflow_client, model, model_id, artifact_location, saved)
+                return model_id
             mlflow.pytorch.log_model(
                 model,
                 name=MODEL_NAME,
                 model_id=model_id,
                 run_id=None if metrics_linked else run_id,
                 step=step,  # the run's output at that step, its metrics at that step linked
-                signature=signature,
-                input_example=example,
-                serialization_format="pt2",
-                pip_requirements=requirements,
-                extra_files=[str(weights)] if weights is not None else None,
                 # MLflow would load the saved model back and run the example through it: as
                 # long again as the export for a big model. Loading is tested, not re-checked.
                 validate_serving_input=False,
+                **saved,
             )
         return model_id
 
     return retry_while_unreachable(attempt, deadline, should_stop, outage_or_raise(mlflow_client, "log the model"))
+
+
+def _save_and_upload(mlflow_client, model, model_id: str, artifact_location: str, saved: dict[str, Any]) -> None:
+    """The model saved in MLflow's format (its MLmodel names the logged model, as log_model's
+    does), its files uploaded to the model's artifact location, the model marked READY."""
+    import tempfile
+
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    with tempfile.TemporaryDirectory(prefix="sweeper-mlmodel-") as tmp:
+        path = os.path.join(tmp, "model")
+        described = Model(artifact_path=artifact_location, model_uuid=model_id, model_id=model_id)
+        mlflow.pytorch.save_model(model, path, mlflow_model=described, **saved)
+        get_artifact_repository(artifact_location).log_artifacts(path)
+    mlflow_client.finalize_logged_model(model_id, LoggedModelStatus.READY)
 
 
 @contextlib.contextmanager

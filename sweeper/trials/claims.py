@@ -63,18 +63,29 @@ class Heartbeat:
     A database error is logged and retried, so a blip shorter than the grace period does not kill
     a live trial; a renewal refused because the trial is no longer RUNNING ends the lease for good."""
 
-    def __init__(self, storage: RDBStorage, trial_id: int, interval: float, grace: float, label: str | None = None):
+    def __init__(
+        self,
+        storage: RDBStorage,
+        trial_id: int,
+        interval: float,
+        grace: float,
+        label: str | None = None,
+        claimed_at: float | None = None,
+    ):
+        """``claimed_at``: time.monotonic() before the claim that wrote the trial's first heartbeat
+        was sent; the lease runs from there and the first renewal waits an interval."""
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
         self.lease = grace / 2
         self.label = label or f"trial id {trial_id}"
-        self.renewed_at: float | None = None  # time.monotonic() when the last renewal that held was sent
+        self.renewed_at: float | None = claimed_at  # time.monotonic() when the last renewal that held was sent
         self.lost = False
         self.ending = False  # the worker is recording the trial's end: a refused renewal is its own doing
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
-        self._beat()
+        if self.renewed_at is None:
+            self._beat()
         self._thread.start()
         return self
 

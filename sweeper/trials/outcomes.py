@@ -20,7 +20,7 @@ from sweeper.names import (
     RECIPE_DIGEST_ATTR,
     SPEC_ATTR,
 )
-from sweeper.storage.internals import storage_of, study_attrs_now, study_id, trials_now, unfinished_count
+from sweeper.storage.internals import attrs_and_unfinished, storage_of, study_attrs_now, study_id, trials_now
 from sweeper.storage.locks import study_lock
 from sweeper.storage.stale import policy
 
@@ -99,11 +99,11 @@ def settle(study: optuna.Study, completed: str | None = None) -> Settled:
     lock that serializes all workers' settles)."""
     storage, sid = storage_of(study), study_id(study)
     if completed is not None:  # no lock: a read that races another worker's settle sees "running"
-        attrs = study_attrs_now(study)
+        attrs, unfinished = attrs_and_unfinished(study)
         if (
             completed not in (attrs.get(FAILED_CELLS_ATTR) or [])
             and attrs.get(OUTCOME_ATTR, "running") == "running"
-            and unfinished_count(study)
+            and unfinished
         ):
             return Settled("running", False, [], None)
     with study_lock(storage, study.study_name):

@@ -80,7 +80,8 @@ class EpochReporter:
             self.decide_on,
             value,
         )
-        pruned = run.db(run.trial.should_prune)
+        # Optuna reads the trial back to ask the pruner: not worth a transaction when nothing prunes.
+        pruned = not isinstance(run.study.pruner, optuna.pruners.NopPruner) and run.db(run.trial.should_prune)
         last = pruned or m.epoch == self.recipe.epochs  # the trial ends with its model: no checkpoint needed
         # A cancelled study, or a trial past its timeout: checkpoint this epoch now and hand the
         # trial back (`sweeper resume`), or re-queue it (the next attempt goes on from here).

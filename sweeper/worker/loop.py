@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -26,6 +27,15 @@ from sweeper.worker.trial import TrialRun
 log = logging.getLogger("sweeper.worker")
 
 TRACKING_CHECK_EVERY = 30.0  # seconds between looks at MLflow before claiming, after a success
+
+
+@dataclass
+class KeptStudy:
+    """A study as a worker keeps it between claims (claim_next)."""
+
+    spec: dict[str, Any]
+    study: optuna.Study
+    stale_looked_at: float = float("-inf")  # time.monotonic() of its last look for stale trials
 
 
 def run_trials(config: WorkerConfig, stop: StopSignal, storage, mlflow_client) -> int:
@@ -52,7 +62,7 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
     tracking_ok_at = time.monotonic()  # checked just now
     mlflow_ids: dict[str, tuple[str, str]] = {}  # study name -> (experiment id, parent run id)
     told: dict[str, Any] = {"held": {}, "running": 0}  # what was last said about not claiming
-    studies: dict[str, tuple[dict[str, Any], optuna.Study]] = {}  # kept between claims (claim_next)
+    studies: dict[str, KeptStudy] = {}  # kept between claims (claim_next)
     while not stop.is_set() and (config.max_trials is None or done < config.max_trials):
         for trial_run in _finished(pending):
             if trial_run.outcome.errored:  # perhaps MLflow is down (or its experiment deleted): look again
@@ -64,6 +74,7 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
             tracking_ok_at = time.monotonic()
         held: dict[str, dict[str, Any]] = {}
         unfinished: dict[str, int] = {}
+        claim_sent = time.monotonic()
         claimed = _claim(storage, config, mlflow_client, held, None if config.forever else unfinished, studies)
         if claimed is None:
             if pending:  # a model still being logged: its trial may yet be re-queued
@@ -74,8 +85,8 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
                 return done
             continue
         study, trial_id = claimed
-        spec = studies[study.study_name][0]  # read by this claim
-        trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids, exporter, spec)
+        spec = studies[study.study_name].spec  # read by this claim
+        trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids, exporter, spec, claim_sent)
         timed(config, "trial", trial_run.run)
         if trial_run.deferred is not None:  # trained to its end: its model is logged meanwhile
             pending.append(finishing.submit(trial_run.complete_in_background))
@@ -186,13 +197,14 @@ def claim_next(
     on_stale=None,
     held: dict[str, Any] | None = None,
     unfinished=None,
-    studies: dict[str, tuple[dict[str, Any], optuna.Study]] | None = None,
+    studies: dict[str, KeptStudy] | None = None,
 ):
     """The first trial claimed from the studies ``names`` (all when empty): (study, trial id), or
     None. ``held`` collects the studies skipped for their lifecycle while trials of theirs wait;
     ``unfinished``, when nothing was claimed, the trials still waiting or running per study.
-    ``studies`` (name -> the spec and the Study made for it) keeps the studies between claims:
-    a claim then reads only the study's attributes (its lifecycle, its spec) before the queue."""
+    ``studies`` keeps the studies between claims: a claim then reads only the study's attributes
+    (its lifecycle, its spec) before the queue, and looks for stale trials at most once a
+    heartbeat interval (a dead worker's trial is retried a grace period after its last beat)."""
     studies = {} if studies is None else studies
     for name in names or connect.study_names(storage):
         try:
@@ -204,12 +216,16 @@ def claim_next(
         spec = attrs.get(SPEC_ATTR)
         if spec is None:
             continue  # not a sweeper study
-        if name not in studies or studies[name][0] != spec:  # a new study, or its spec updated
+        if name not in studies or studies[name].spec != spec:  # a new study, or its spec updated
             sampler, pruner = cellsearch.make_sampler(spec), cellsearch.make_pruner(spec)
-            studies[name] = spec, optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-        study = studies[name][1]
-        if claims.fail_stale_trials(study) and on_stale is not None:
-            on_stale(study)  # a retry may have been the last one
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+            studies[name] = KeptStudy(spec, study)
+        kept = studies[name]
+        study = kept.study
+        if time.monotonic() - kept.stale_looked_at >= (storage.get_heartbeat_interval() or 0):
+            kept.stale_looked_at = time.monotonic()
+            if claims.fail_stale_trials(study) and on_stale is not None:
+                on_stale(study)  # a retry may have been the last one
         life = attrs.get(LIFECYCLE_ATTR) or {"state": "running"}
         if life["state"] != "running":  # stopped, paused or cancelled: claim nothing (`sweeper resume` allows it again)
             if held is not None and internals.waiting_trial_ids(study, limit=1):
@@ -223,12 +239,12 @@ def claim_next(
     return None
 
 
-def _study_attrs(storage, name: str, studies: dict[str, tuple[dict[str, Any], optuna.Study]]) -> dict[str, Any]:
+def _study_attrs(storage, name: str, studies: dict[str, KeptStudy]) -> dict[str, Any]:
     """The study's user attrs now, through the id of the Study kept for it; KeyError: no such
     study (a kept one deleted since, under the same name or none, is looked up again)."""
     if name in studies:
         try:
-            return storage.get_study_user_attrs(internals.study_id(studies[name][1]))
+            return storage.get_study_user_attrs(internals.study_id(studies[name].study))
         except KeyError:
             del studies[name]
     return storage.get_study_user_attrs(storage.get_study_id_from_name(name))

@@ -17,7 +17,7 @@ from sweeper.errors import SweeperError, TrialLost, first_line, root_cause
 from sweeper.names import FAIL_CAUSE_ATTR, FAIL_REASON_ATTR, KEY_ATTR, NO_RETRY_ATTR
 from sweeper.redact import redact, redact_url
 from sweeper.spec import SpecError
-from sweeper.storage import dberrors, stale
+from sweeper.storage import dberrors, internals, stale
 from sweeper.train import Interrupted, NonFiniteLoss
 from sweeper.trials import claims, outcomes, summary
 
@@ -160,7 +160,7 @@ def _record(outcome: Outcome, run) -> str | None:
         _tell_complete(run, outcome.value)
     elif kind == PRUNED:
         _end_run(run, "KILLED", reason)
-        run.db(run.study.tell, run.trial, state=TrialState.PRUNED)
+        run.db(internals.tell, run.study, run.trial, state=TrialState.PRUNED)
     elif kind == HANDED_BACK:
         _flush_quietly(run)  # this epoch's checkpoint: `sweeper resume` goes on from it
         _end_run(run, "KILLED", reason)
@@ -182,7 +182,7 @@ def _record(outcome: Outcome, run) -> str | None:
             run.db(run.storage.set_trial_system_attr, run.trial_id, FAIL_REASON_ATTR, reason)
             run.db(run.storage.set_trial_system_attr, run.trial_id, FAIL_CAUSE_ATTR, outcome.cause)
             run.db(run.storage.set_trial_system_attr, run.trial_id, NO_RETRY_ATTR, True)
-            run.db(run.study.tell, run.trial, state=TrialState.FAIL)
+            run.db(internals.tell, run.study, run.trial, state=TrialState.FAIL)
     return None
 
 
@@ -226,7 +226,7 @@ def _log(outcome: Outcome, run, fate: str | None) -> None:
 
 def _tell_complete(run, value: float) -> None:
     try:
-        run.db(run.study.tell, run.trial, value)
+        run.db(internals.tell, run.study, run.trial, value)
     except optuna.exceptions.UpdateFinishedTrialError:
         # A tell whose commit went through but whose answer was lost in a blip, then retried.
         trial = run.storage.get_trial(run.trial_id)

@@ -14,7 +14,7 @@ import optuna
 import torch
 
 from sweeper import __version__, checkpoint, device, lineage, system_metrics, tracking
-from sweeper.names import CHECKPOINT_ARTIFACT, RECIPE_ATTR
+from sweeper.names import CHECKPOINT_ARTIFACT, FAILED_TRIAL_ATTR, RECIPE_ATTR
 from sweeper.spec import check_stored, decision_metric, variant_cfgs
 from sweeper.storage import internals, locks
 from sweeper.train import EpochMetrics, Recipe, seed_everything
@@ -142,7 +142,9 @@ def open_run(run) -> bool:
     """Open (or reopen) the cell's MLflow run; True when it was created just now."""
     experiment_id, parent_id = run.db(_study_run, run)
     run_id = run.attrs.get("mlflow_run_id")
-    if run_id is None:
+    # A retry whose first attempt died between creating the run and recording its id finds the
+    # run by its tags; a first attempt has no earlier run to find (a search request saved).
+    if run_id is None and FAILED_TRIAL_ATTR in internals.frozen_trial(run.trial).system_attrs:
         identity = {tracking.KEY_TAG: run.key, tracking.ROLE_TAG: "cell"}
         if run.recipe_digest:
             identity[tracking.RECIPE_TAG] = run.recipe_digest

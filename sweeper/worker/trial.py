@@ -56,8 +56,10 @@ class TrialRun:
         mlflow_ids: dict[str, tuple[str, str]] | None = None,
         exporter: Exporter | None = None,
         spec: dict | None = None,
+        claimed_at: float | None = None,
     ):
         self.study, self.trial_id, self.config = study, trial_id, config
+        self.claimed_at = claimed_at  # time.monotonic() before the claim (its heartbeat) was sent
         self.client, self.stop = mlflow_client, stop
         self.mlflow_ids = {} if mlflow_ids is None else mlflow_ids  # the worker's, kept between trials
         self.storage = internals.storage_of(study)
@@ -101,7 +103,12 @@ class TrialRun:
         number = self.trial.number
         log.info("trial %d: %s claimed", number, self.key)
         self.heartbeat = claims.Heartbeat(
-            self.storage, self.trial_id, self.config.heartbeat_interval, self.config.grace_period, f"trial {number}"
+            self.storage,
+            self.trial_id,
+            self.config.heartbeat_interval,
+            self.config.grace_period,
+            f"trial {number}",
+            claimed_at=self.claimed_at,
         )
         with self._heartbeat(), self._core_share():
             try:
@@ -219,12 +226,11 @@ class TrialRun:
         started = time.perf_counter()
         final = result.final
         value = getattr(final, ready.decide_on)
-        # Recorded in Optuna before MLflow is waited for: an outage past the limit cannot lose it.
-        self.db(self.trial.set_user_attr, "sweeper.final_value", value)
+        # Optuna has the value already, before MLflow is waited for: the last epoch's report.
         deadline = time.monotonic() + self.config.tracking_outage_limit
-        model_id, metrics_linked = None, False
+        model_id, artifact_location, metrics_linked = None, None, False
         if pruned_at is None:  # the cell's model, named after it: its params now, its metrics as logged
-            model_id, metrics_linked = create_model(self, ready, final.epoch, deadline)
+            model_id, artifact_location, metrics_linked = create_model(self, ready, final.epoch, deadline)
         self.logger.log_metrics(
             {
                 "num_params": ready.num_params,
@@ -253,7 +259,7 @@ class TrialRun:
             with tempfile.TemporaryDirectory(prefix="sweeper-model-") as tmp:
                 weights = save_weights(Path(tmp) / WEIGHTS_FILE, model, self.variant, cfg, *shape)
                 request = {"run_id": self.run_id, "example": example, "step": final.epoch, "model_id": model_id}
-                request["metrics_linked"] = metrics_linked
+                request.update(metrics_linked=metrics_linked, artifact_location=artifact_location)
                 request.update(weights=str(weights), deadline=time.monotonic() + self.config.tracking_outage_limit)
                 timed(
                     self.config,
@@ -302,11 +308,11 @@ def model_to_log(model, splits):
     return model.cpu().eval(), normalize(images[:MODEL_EXAMPLE_IMAGES]).numpy()
 
 
-def create_model(run: TrialRun, ready: Prepared, epoch: int, deadline: float) -> tuple[str, bool]:
-    """The cell's logged model, PENDING (its params now), and whether the last epoch's metrics go
-    linked to it: still queued unless an earlier attempt sent them (log_model then links them,
-    reading every metric's history)."""
-    model_id = run._until_deadline(
+def create_model(run: TrialRun, ready: Prepared, epoch: int, deadline: float) -> tuple[str, str, bool]:
+    """The cell's logged model, PENDING (its params now): its id, its artifact location, and
+    whether the last epoch's metrics go linked to it: still queued unless an earlier attempt sent
+    them (log_model then links them, reading every metric's history)."""
+    model = run._until_deadline(
         epoch,
         tracking.create_model,
         run.client,
@@ -317,4 +323,4 @@ def create_model(run: TrialRun, ready: Prepared, epoch: int, deadline: float) ->
         {tracking.KEY_TAG: run.key, "optuna.study": run.study.study_name},
         deadline=deadline,
     )
-    return model_id, run.logger.link_step(epoch, model_id)
+    return model.model_id, model.artifact_location, run.logger.link_step(epoch, model.model_id)
