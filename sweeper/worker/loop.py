@@ -68,6 +68,8 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
             if trial_run.outcome.errored:  # perhaps MLflow is down (or its experiment deleted): look again
                 tracking_ok_at = float("-inf")
                 mlflow_ids.pop(trial_run.study.study_name, None)
+            else:  # its model and its run's end just reached MLflow: no need to look (a request per trial)
+                tracking_ok_at = time.monotonic()
         if time.monotonic() - tracking_ok_at > TRACKING_CHECK_EVERY:
             if not _wait_for_tracking(mlflow_client, config, stop):
                 break
