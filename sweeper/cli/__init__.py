@@ -3,6 +3,6 @@ the commands print (output), and the commands: engine (models, train, data), swe
 launch, worker, stop/pause/resume/cancel, retry) and observe (status, verify, doctor, report, ui).
 """
 
-from sweeper.cli.app import cli, friendly_errors, main
+from sweeper.cli.app import cli, entry, friendly_errors, main
 
-__all__ = ["cli", "friendly_errors", "main"]
+__all__ = ["cli", "entry", "friendly_errors", "main"]

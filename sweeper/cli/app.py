@@ -91,9 +91,16 @@ def main() -> None:
     from sweeper.redact import install_redaction
 
     install_redaction()
+    with friendly_errors():
+        cli(standalone_mode=True)
+
+
+def entry() -> None:
+    """The `sweeper` program (its console script and `python -m sweeper`): ``main``, then out
+    through ``exit_now``. Callers in a process of their own making (tests) call ``main``, which
+    ends in SystemExit as click's commands do."""
     try:
-        with friendly_errors():
-            cli(standalone_mode=True)
+        main()
     except SystemExit as e:
         exit_now(e.code)
     exit_now(0)
