@@ -102,13 +102,9 @@ class TrialRun:
         to log (``deferred``: complete_in_background records it)."""
         number = self.trial.number
         log.info("trial %d: %s claimed", number, self.key)
+        interval, grace = self.config.heartbeat_interval, self.config.grace_period
         self.heartbeat = claims.Heartbeat(
-            self.storage,
-            self.trial_id,
-            self.config.heartbeat_interval,
-            self.config.grace_period,
-            f"trial {number}",
-            claimed_at=self.claimed_at,
+            self.storage, self.trial_id, interval, grace, f"trial {number}", self.claimed_at
         )
         with self._heartbeat(), self._core_share():
             try:
