@@ -35,9 +35,19 @@ fi
 
 answers() { curl --silent --fail --max-time 5 --unix-socket "$SOCKET" http://d/_ping > /dev/null 2>&1; }
 
+# A service whose working directory was deleted (started from a checkout since removed, as CI's
+# are) still answers, but every container it starts fails ("write child: broken pipe": conmon
+# cannot get its working directory): stop it and start a fresh one, from / this time.
+for pid in $(pgrep -f "podman system service .*$SOCKET" || true); do
+    if readlink "/proc/$pid/cwd" 2>/dev/null | grep -q ' (deleted)$'; then
+        echo "podman-setup: the API service $pid runs in a deleted folder; restarting it" >&2
+        kill "$pid" && sleep 1
+    fi
+done
+
 if ! answers; then
     mkdir -p "$(dirname "$SOCKET")"
-    setsid nohup podman system service --time=0 "unix://$SOCKET" >> /var/log/podman-service.log 2>&1 < /dev/null &
+    (cd / && setsid nohup podman system service --time=0 "unix://$SOCKET" >> /var/log/podman-service.log 2>&1 < /dev/null &)
     for _ in $(seq 30); do
         answers && break
         sleep 1
