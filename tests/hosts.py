@@ -21,6 +21,7 @@ Needs root and iproute2/iptables; `network_unavailable()` says why not, for a sk
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import random
 import socket
@@ -29,6 +30,7 @@ import threading
 from pathlib import Path
 
 SUBNET = ipaddress.ip_network("10.231.0.0/16")
+_NETWORKS = itertools.count()  # this process's Networks, for their interface names
 
 
 def _run(cmd: list[str], netns: str | None = None) -> str:
@@ -204,7 +206,9 @@ class Network:
 
     def __init__(self):
         self.hosts: list[Host] = []
-        self.tag = f"sw{os.getpid() % 100000}"
+        # One name per Network, not per process: the kernel takes a deleted namespace's veth pair
+        # down after `ip netns del` returns, so the next test's same name could still exist.
+        self.tag = f"sw{os.getpid() % 100000}n{next(_NETWORKS)}"
 
     def _free_link(self) -> ipaddress.IPv4Network:
         used = _ip("-o", "-4", "addr", "show")
