@@ -202,16 +202,18 @@ def unfinished_count(study: optuna.Study) -> int:
         return len(study._storage.get_all_trials(study._study_id, deepcopy=False, states=states))
     models, scoped_session = rdb
     from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(scoped_session) as session:
+        return session.scalar(_unfinished_query(models, study))
+
+
+def _unfinished_query(models, study: optuna.Study):
+    """SELECT the number of the study's WAITING or RUNNING trials (one indexed count)."""
     from sqlalchemy import func, select
 
     trials = models.TrialModel
-    query = (
-        select(func.count())
-        .select_from(trials)
-        .where(trials.study_id == study._study_id, trials.state.in_([TrialState.WAITING, TrialState.RUNNING]))
-    )
-    with _create_scoped_session(scoped_session) as session:
-        return session.scalar(query)
+    states = trials.state.in_([TrialState.WAITING, TrialState.RUNNING])
+    return select(func.count()).select_from(trials).where(trials.study_id == study._study_id, states)
 
 
 def attrs_and_unfinished(study: optuna.Study) -> tuple[dict[str, Any], int]:
@@ -224,17 +226,12 @@ def attrs_and_unfinished(study: optuna.Study) -> tuple[dict[str, Any], int]:
     import json
 
     from optuna.storages._rdb.storage import _create_scoped_session
-    from sqlalchemy import func, select
+    from sqlalchemy import select
 
-    trials, attrs = models.TrialModel, models.StudyUserAttributeModel
-    unfinished = (
-        select(func.count())
-        .select_from(trials)
-        .where(trials.study_id == study._study_id, trials.state.in_([TrialState.WAITING, TrialState.RUNNING]))
-    )
+    attrs = models.StudyUserAttributeModel
     with _create_scoped_session(scoped_session) as session:
         rows = session.execute(select(attrs.key, attrs.value_json).where(attrs.study_id == study._study_id))
-        return {key: json.loads(value) for key, value in rows}, session.scalar(unfinished)
+        return {key: json.loads(value) for key, value in rows}, session.scalar(_unfinished_query(models, study))
 
 
 def set_cell_params(
