@@ -24,6 +24,7 @@ import ipaddress
 import itertools
 import os
 import random
+import re
 import socket
 import subprocess
 import threading
@@ -61,14 +62,28 @@ def network_unavailable() -> str | None:
 
 
 class Forwarder:
-    """A TCP forwarder: accepts on (address, port) and pipes each connection to `target`."""
+    """A TCP forwarder: accepts on (address, port) and pipes each connection to `target`.
+
+    ``cut_when`` is a tripwire for a cut at one exact statement: what a client sends is matched
+    message by message, and once a connection has sent its patterns in order the forwarder stops
+    passing anything, either way, on every connection (they hang, as on a dropped link)."""
 
     def __init__(self, address: str, target: tuple[str, int]):
         self.target = target
         self.server = socket.create_server((address, 0))
         self.port = self.server.getsockname()[1]
         self.connections: list[socket.socket] = []
+        self.cut = threading.Event()
+        self._wire: tuple[list[re.Pattern[bytes]], bool] | None = None
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_when(self, *patterns: bytes, deliver_last: bool) -> threading.Event:
+        """Cut once one connection's client has sent messages matching ``patterns`` (regular
+        expressions, ``.`` matching any byte), in order; the message matching the last one reaches
+        the server first when ``deliver_last`` (its answer never comes back: the ambiguous commit)
+        or never when not. Returns the cut's Event."""
+        self._wire = ([re.compile(p, re.DOTALL) for p in patterns], deliver_last)
+        return self.cut
 
     def _accept(self) -> None:
         while True:
@@ -83,13 +98,22 @@ class Forwarder:
                 continue
             upstream.settimeout(None)
             self.connections += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        seen = 0  # of the tripwire's patterns, on this connection
         try:
             while data := src.recv(65536):
+                if self.cut.is_set():
+                    continue  # dropped: the peer waits, as on a real network
+                if from_client and self._wire and self._wire[0][seen].search(data):
+                    seen += 1
+                    if seen == len(self._wire[0]):
+                        if self._wire[1]:
+                            dst.sendall(data)
+                        self.cut.set()
+                        continue
                 dst.sendall(data)
         except OSError:
             pass
@@ -99,6 +123,15 @@ class Forwarder:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def mend(self) -> None:
+        """After a tripwire's cut: the connections it cut are closed (their clients gave up on them
+        long ago, as their TCP timeouts said), new ones pass again."""
+        if self.cut.is_set():
+            connections, self.connections, self._wire = self.connections, [], None
+            for s in connections:
+                s.close()
+            self.cut.clear()
 
     def close(self) -> None:
         self.server.close()
@@ -184,6 +217,8 @@ class Host:
     def heal(self) -> None:
         self._iptables("-F", "OUTPUT")
         self._iptables("-F", "INPUT")
+        for forwarder in self.forwarders:
+            forwarder.mend()
 
     def close(self) -> None:
         for proc in self.procs:

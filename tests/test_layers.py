@@ -49,9 +49,11 @@ def test_library_modules_leave_process_wide_settings_to_the_commands(tmp_path):
 def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path):
     """``claim`` puts the one trial it won, read in the claim's own transaction, into Optuna's
     trial cache (internals: the cache would otherwise read all of a grid's waiting trials per
-    claim), and ``internals.tell`` is Optuna's tell without reading the trial back. An Optuna
-    upgrade that changes either must fail here: a suggested parameter and the final state must
-    still reach the store, the claim in one transaction and the tell in two."""
+    claim), and ``internals.tell`` is Optuna's tell from the trial as the worker holds it, neither
+    read first nor read back. An Optuna upgrade that changes either must fail here: a suggested
+    parameter and the final state must still reach the store, the claim in one transaction and
+    the tell in one, and a second tell (the trial finished meanwhile) must be refused where it is
+    written, as UpdateFinishedTrialError."""
     import optuna
     from sqlalchemy import event
 
@@ -74,7 +76,9 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
     trial.suggest_float("lr", 1e-4, 1e-1, log=True)
     before_tell = len(transactions)
     internals.tell(worker, trial, 0.25)
-    assert (claimed, len(transactions) - before_tell) == (1, 2)  # the tell: the trial's read, its state
+    assert (claimed, len(transactions) - before_tell) == (1, 1)  # the tell: its state, checked under the row lock
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        internals.tell(worker, trial, 0.5)
 
     for study in (worker, optuna.load_study(study_name="s", storage=connect.open_storage(url))):
         first = study.get_trials(deepcopy=False)[0]

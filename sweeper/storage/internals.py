@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 import optuna
@@ -52,14 +53,30 @@ def frozen_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
-    """``study.tell(trial, value, state)`` without its last step: Study.tell reads the trial back
-    from the database to return it, a transaction a worker would throw away at every trial's end."""
+    """``study.tell(trial, value, state)`` from the trial as this worker holds it (``optuna.Trial``
+    keeps what it reported): Study.tell reads the whole trial first (a transaction of six queries)
+    and reads it back after. Whether the trial is still this worker's is checked where it is
+    written, not before: Optuna's ``set_trial_state_values`` takes the trial's row lock and raises
+    UpdateFinishedTrialError when it is finished already (taken over and failed meanwhile, or told
+    by this worker's own commit whose answer a network cut lost). Study.tell's first read turned
+    both into a bare ValueError ("Cannot tell a FAIL trial")."""
     try:
-        from optuna.study._tell import _tell_with_warning
+        from optuna import pruners
     except ImportError:  # pragma: no cover - another Optuna
         study.tell(trial, value, state)
         return
-    _tell_with_warning(study=study, trial=trial, value_or_values=value, state=state, skip_if_finished=False)
+    frozen = frozen_trial(trial)
+    state = TrialState.COMPLETE if state is None else state
+    values = None
+    if state == TrialState.COMPLETE:
+        values = [float(value)]
+    elif state == TrialState.PRUNED and frozen.last_step is not None:  # as Optuna: the last report
+        last = frozen.intermediate_values[frozen.last_step]
+        values = [float(last)] if math.isfinite(last) else None
+    try:
+        study.sampler.after_trial(pruners._filter_study(study, frozen), frozen, state, values)
+    finally:
+        study._storage.set_trial_state_values(frozen._trial_id, state, values)
 
 
 def stale_trial_ids(study: optuna.Study) -> list[int]:

@@ -124,6 +124,69 @@ def test_a_cut_off_worker_taken_over_writes_nothing_when_the_network_heals(
     cli("verify", "--study", "cut", env=env)  # exit 1 on any drift between MLflow and Optuna
 
 
+TELL_COMPLETE = rb"UPDATE trials SET state=.*COMPLETE"  # Optuna's write of the final state (its parameter)
+
+
+@pytest.mark.parametrize("commit", ["lost", "done, answer lost"])
+def test_a_cut_during_the_final_tell_leaves_one_complete_cell_either_way(
+    commit, network, pg_database, mlflow_server, sweeper_env, spawn, tmp_path
+):
+    """B's link drops at its last write: the tell of COMPLETE, after its run was ended FINISHED.
+    Either the tell never reaches PostgreSQL (A takes the trial over and finishes the retry from
+    the last checkpoint, with nothing left to train) or its COMMIT does and the answer is lost (the
+    trial is COMPLETE: A has nothing to take over, and B, back on the network, finds its own
+    COMPLETE). Both ways: one COMPLETE cell, one FINISHED run, each epoch once, verify clean."""
+    epochs = 3
+    storage, server = pg_database(), mlflow_server()
+    env = {**sweeper_env, "SWEEPER_STORAGE": storage, "MLFLOW_TRACKING_URI": server.url}
+    write_spec(tmp_path / "tell.toml", epochs=epochs, limit_train=512, limit_test=128)
+    cli("launch", "--study", str(tmp_path / "tell.toml"), env=env)
+    b = network.host()
+    env_b, pg_port, _ = on_host(b, env, 5432, server.port, tmp_path / "home-b")
+    (to_postgres,) = [f for f in b.forwarders if f.target == ("127.0.0.1", 5432)]
+    if commit == "lost":
+        cut = to_postgres.cut_when(TELL_COMPLETE, deliver_last=False)
+    else:
+        cut = to_postgres.cut_when(TELL_COMPLETE, rb"^Q....COMMIT", deliver_last=True)
+    common = [*FAST, "--grace-period", str(GRACE), "--poll-interval", "0.5", "--study", "tell"]
+    worker_b = spawn("worker", *common, env=env_b, name="b", host=b)
+    worker_b.wait_for(r"ready after", timeout=300)
+    worker_a = spawn("worker", *common, env=env, name="a")
+    worker_a.wait_for(r"waiting for 1 running trial")
+    assert cut.wait(300), worker_b.text()
+    b.partition(port=pg_port)  # and B's new connections hang too, until healed
+    cut_at = len(worker_b.text())
+    assert "complete," not in worker_b.text()[:cut_at], "B said complete before its tell was answered"
+
+    if commit == "lost":
+        worker_a.wait_for(r"resumes after epoch \d+ ", timeout=120)
+    else:  # the trial is COMPLETE: A has nothing to take over and leaves
+        assert worker_a.wait(120) == 0, worker_a.text()
+        time.sleep(2)  # B's connection gives up (a quarter of the grace period); it retries the tell
+    b.heal()
+    assert worker_a.wait(300) == 0, worker_a.text()
+    assert worker_b.wait(120) == 0, worker_b.text()
+
+    trials = trials_of(storage, "tell")
+    if commit == "lost":
+        assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], trials
+        assert "this worker stands down" in worker_b.text(), worker_b.text()
+    else:
+        assert [t.state for t in trials] == [TrialState.COMPLETE], trials
+        assert "resumes after" not in worker_a.text(), worker_a.text()
+        assert "complete," in worker_b.text()[cut_at:], worker_b.text()  # its own COMPLETE, found again
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.url)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "tell"]
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`sweeper.role` = 'cell'")
+    assert run.info.status == "FINISHED", run.info
+    for metric in ("train_loss", "test_loss", "top1_error"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert sorted(steps) == list(range(1, epochs + 1)), (metric, steps)
+    cli("verify", "--study", "tell", env=env)
+
+
 def test_a_worker_cut_off_from_mlflow_only_keeps_its_trial_and_sends_what_it_held(
     network, pg_database, mlflow_server, sweeper_env, spawn, tmp_path
 ):
