@@ -79,6 +79,10 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
     assert (claimed, len(transactions) - before_tell) == (1, 1)  # the tell: its state, checked under the row lock
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         internals.tell(worker, trial, 0.5)
+    pruned = optuna.Trial(worker, claims.claim(worker))
+    pruned.report(0.75, step=1)
+    pruned.report(0.5, step=2)
+    internals.tell(worker, pruned, state=optuna.trial.TrialState.PRUNED)  # as Optuna: its last report is its value
 
     for study in (worker, optuna.load_study(study_name="s", storage=connect.open_storage(url))):
         first = study.get_trials(deepcopy=False)[0]
@@ -88,7 +92,9 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
             0.25,
             ["lr"],
         )
-        assert [t.state for t in study.get_trials(deepcopy=False)[1:]] == [optuna.trial.TrialState.WAITING] * 4
+        second = study.get_trials(deepcopy=False)[1]
+        assert (second.state, second.value) == (optuna.trial.TrialState.PRUNED, 0.5)
+        assert [t.state for t in study.get_trials(deepcopy=False)[2:]] == [optuna.trial.TrialState.WAITING] * 3
 
 
 def test_settle_after_a_completed_trial_reads_nothing_until_the_last_one(tmp_path, monkeypatch):
