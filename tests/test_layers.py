@@ -183,8 +183,9 @@ def test_a_renewed_heartbeat_keeps_its_trial_and_a_failed_trial_renews_no_lease(
     from optuna.trial import TrialState
 
     from sweeper.errors import TrialLost
+    from sweeper.names import LIFECYCLE_ATTR
     from sweeper.storage import connect, internals
-    from sweeper.trials import claims
+    from sweeper.trials import claims, outcomes
 
     url = f"sqlite:///{tmp_path}/optuna.db" if database == "sqlite" else request.getfixturevalue("pg_database")()
     storage = connect.open_storage(url, heartbeat_interval=1, grace_period=2)
@@ -194,7 +195,12 @@ def test_a_renewed_heartbeat_keeps_its_trial_and_a_failed_trial_renews_no_lease(
     reason = {"sweeper.fail_reason": "no heartbeat"}
     time.sleep(3.5)  # SQLite keeps whole seconds
     assert internals.stale_trial_ids(study) == [trial_id]
-    assert internals.renew_lease(storage, trial_id)  # its worker, between that look and the fail
+    assert internals.renew_lease(storage, trial_id).held  # its worker, between that look and the fail
+    # a renewal reads the study's lifecycle in its own transaction: running trials need no look of their own
+    assert internals.renew_lease(storage, trial_id, LIFECYCLE_ATTR).study_attrs == {LIFECYCLE_ATTR: None}
+    outcomes.set_lifecycle(study, "cancelled", "by a test")
+    assert internals.renew_lease(storage, trial_id, LIFECYCLE_ATTR).study_attrs[LIFECYCLE_ATTR]["state"] == "cancelled"
+    outcomes.set_lifecycle(study, "running")
     assert not internals.fail_if_stale(storage, trial_id, 2, reason)
     assert internals.trial_state(storage, trial_id) == TrialState.RUNNING
 
@@ -202,7 +208,7 @@ def test_a_renewed_heartbeat_keeps_its_trial_and_a_failed_trial_renews_no_lease(
     assert claims.fail_stale_trials(study) == [trial_id]
     failed = storage.get_trial(trial_id)
     assert failed.state == TrialState.FAIL and "no heartbeat" in failed.system_attrs["sweeper.fail_reason"]
-    assert not internals.renew_lease(storage, trial_id)
+    assert not internals.renew_lease(storage, trial_id).held
     heartbeat = claims.Heartbeat(storage, trial_id, interval=1, grace=2)
     with pytest.raises(TrialLost):
         heartbeat.renew()

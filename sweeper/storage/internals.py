@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 from optuna.trial import TrialState
@@ -307,8 +307,15 @@ def _set_param(trial_id: int, name: str, value: Any, distribution, set_param) ->
         log.info("trial id %d: %s=%s not recorded as an Optuna param: %s", trial_id, name, value, e)
 
 
-def renew_lease(storage, trial_id: int) -> bool:
-    """Record the trial's heartbeat if it is still RUNNING; False (nothing written) once it is not.
+class Renewal(NamedTuple):
+    held: bool  # the trial was RUNNING and its heartbeat is written
+    study_attrs: dict[str, Any] | None = None  # the study's user attrs asked for, unset ones None; None: not read
+
+
+def renew_lease(storage, trial_id: int, study_attr: str | None = None) -> Renewal:
+    """Record the trial's heartbeat if it is still RUNNING (``held`` False, nothing written, once
+    it is not); with ``study_attr``, that user attr of the trial's study is read in the same
+    transaction (the study's lifecycle, which every running trial watches: no look of its own).
 
     One transaction holding the trial's row (FOR SHARE) while it reads the state and writes the
     heartbeat: ``fail_if_stale`` takes that row FOR UPDATE before it judges the heartbeat, so a
@@ -318,20 +325,28 @@ def renew_lease(storage, trial_id: int) -> bool:
     rdb = _rdb_of(storage)
     if rdb is None:  # pragma: no cover - other Optuna versions
         if trial_state(storage, trial_id) != TrialState.RUNNING:
-            return False
+            return Renewal(False)
         storage.record_heartbeat(trial_id)
-        return True
+        return Renewal(True)
     models, scoped_session = rdb
+    import json
+
     from optuna.storages._rdb.storage import _create_scoped_session
     from sqlalchemy import select
 
-    trials = models.TrialModel
+    trials, attrs = models.TrialModel, models.StudyUserAttributeModel
     with _create_scoped_session(scoped_session, True) as session:
         state = session.scalar(select(trials.state).where(trials.trial_id == trial_id).with_for_update(read=True))
         if state != TrialState.RUNNING:
-            return False
+            return Renewal(False)
         _write_heartbeat(session, models, trial_id)
-    return True
+        if study_attr is None:
+            return Renewal(True)
+        study_of_trial = select(trials.study_id).where(trials.trial_id == trial_id).scalar_subquery()
+        value = session.scalar(
+            select(attrs.value_json).where(attrs.study_id == study_of_trial, attrs.key == study_attr)
+        )
+    return Renewal(True, {study_attr: None if value is None else json.loads(value)})
 
 
 def fail_if_stale(storage, trial_id: int, grace: float, system_attrs: dict[str, Any]) -> bool:

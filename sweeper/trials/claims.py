@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
@@ -71,13 +72,17 @@ class Heartbeat:
         grace: float,
         label: str | None = None,
         claimed_at: float | None = None,
+        watch: str | None = None,
     ):
         """``claimed_at``: time.monotonic() before the claim that wrote the trial's first heartbeat
-        was sent; the lease runs from there and the first renewal waits an interval."""
+        was sent; the lease runs from there and the first renewal waits an interval. ``watch``: a
+        user attr of the study that each renewal reads too, kept in ``watched``."""
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
         self.lease = grace / 2
         self.label = label or f"trial id {trial_id}"
         self.renewed_at: float | None = claimed_at  # time.monotonic() when the last renewal that held was sent
+        self.watch = watch
+        self.watched: tuple[float, Any] | None = None  # (time.monotonic() when sent, the attr's value)
         self.lost = False
         self.ending = False  # the worker is recording the trial's end: a refused renewal is its own doing
         self._stop = threading.Event()
@@ -111,8 +116,11 @@ class Heartbeat:
         error when it cannot be reached (the lease then runs down)."""
         if not self.lost:
             sent = time.monotonic()
-            if renew_lease(self.storage, self.trial_id):
+            renewal = renew_lease(self.storage, self.trial_id, self.watch)
+            if renewal.held:
                 self.renewed_at = max(sent, self.renewed_at or sent)
+                if renewal.study_attrs is not None:
+                    self.watched = (sent, renewal.study_attrs[self.watch])
                 return
             self.lost = True
         raise TrialLost(f"{self.label} is no longer RUNNING: another worker has it")

@@ -104,11 +104,16 @@ class EpochReporter:
         return False
 
     def _cancelled(self) -> bool:
-        """Whether the study was cancelled, looked up at most every LIFECYCLE_CHECK_EVERY seconds
-        (sub-second epochs would otherwise read the study's attributes many times a second)."""
+        """Whether the study was cancelled: as the trial's heartbeat last read it (each renewal
+        reads the study's lifecycle in its own transaction), or, while no renewal has read it within
+        two heartbeat intervals (none yet, or the database unreachable), looked up here at most
+        every LIFECYCLE_CHECK_EVERY seconds (sub-second epochs would read it many times a second)."""
+        run = self.run
+        watched = run.heartbeat.watched
+        if watched is not None and time.monotonic() - watched[0] <= 2 * run.config.heartbeat_interval:
+            return (watched[1] or {}).get("state") == "cancelled"
         if time.monotonic() - self.lifecycle_checked < LIFECYCLE_CHECK_EVERY:
             return False
-        run = self.run
         self.lifecycle_checked = time.monotonic()
         return run.db(outcomes.lifecycle, run.study)["state"] == "cancelled"
 

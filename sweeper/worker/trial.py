@@ -19,7 +19,7 @@ import torch
 from sweeper import checkpoint, cores, settings, tracking
 from sweeper.cellmodel import WEIGHTS_FILE, Exporter, save_weights
 from sweeper.device import Engine
-from sweeper.names import KEY_ATTR, RECIPE_DIGEST_ATTR
+from sweeper.names import KEY_ATTR, LIFECYCLE_ATTR, RECIPE_DIGEST_ATTR
 from sweeper.signals import StopSignal
 from sweeper.spec import variant_cfgs
 from sweeper.storage import connect, dberrors, internals, stale
@@ -104,7 +104,7 @@ class TrialRun:
         log.info("trial %d: %s claimed", number, self.key)
         interval, grace = self.config.heartbeat_interval, self.config.grace_period
         self.heartbeat = claims.Heartbeat(
-            self.storage, self.trial_id, interval, grace, f"trial {number}", self.claimed_at
+            self.storage, self.trial_id, interval, grace, f"trial {number}", self.claimed_at, watch=LIFECYCLE_ATTR
         )
         with self._heartbeat(), self._core_share():
             try:
