@@ -102,18 +102,19 @@ class Forwarder:
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
-        seen = 0  # of the tripwire's patterns, on this connection
+        seen = 0  # of the tripwire's patterns, on this connection (one message may match several)
         try:
             while data := src.recv(65536):
                 if self.cut.is_set():
                     continue  # dropped: the peer waits, as on a real network
-                if from_client and self._wire and self._wire[0][seen].search(data):
-                    seen += 1
-                    if seen == len(self._wire[0]):
-                        if self._wire[1]:
-                            dst.sendall(data)
-                        self.cut.set()
-                        continue
+                wire, at = self._wire, 0
+                while from_client and wire and seen < len(wire[0]) and (match := wire[0][seen].search(data, at)):
+                    seen, at = seen + 1, match.end()
+                if wire and seen == len(wire[0]):
+                    if wire[1]:
+                        dst.sendall(data)
+                    self.cut.set()
+                    continue
                 dst.sendall(data)
         except OSError:
             pass

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import settings
-from sweeper.tracking.connection import outage_or_raise, retry_while_unreachable
+from sweeper.tracking.connection import is_transport_error, outage_or_raise, retry_while_unreachable
 
 log = logging.getLogger("sweeper.tracking")
 
@@ -96,7 +96,7 @@ def log_model(
             experiment_id = mlflow_client.get_run(run_id).info.experiment_id
             model_id = mlflow_client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id).model_id
         if metrics_linked:  # what MLflow's log_model does with a run_id, less its metric reads
-            mlflow_client.log_outputs(run_id, [LoggedModelOutput(model_id, step)])
+            _log_output_once(mlflow_client, run_id, LoggedModelOutput(model_id, step))
         saved = {
             "signature": signature,
             "input_example": example,
@@ -122,6 +122,22 @@ def log_model(
         return model_id
 
     return retry_while_unreachable(attempt, deadline, should_stop, outage_or_raise(mlflow_client, "log the model"))
+
+
+def _log_output_once(mlflow_client, run_id: str, output) -> None:
+    """``log_outputs`` for one model, once: a copy sent again after its answer was lost (by MLflow's
+    HTTP session, which re-sends a POST after a read timeout, or by a retry after a transport
+    error) is refused by the store's unique key; then the run's outputs say whether it is there."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.log_outputs(run_id, [output])
+    except MlflowException as e:
+        if is_transport_error(e):
+            raise
+        logged = mlflow_client.get_run(run_id).outputs.model_outputs or []
+        if not any((o.model_id, o.step) == (output.model_id, output.step) for o in logged):
+            raise
 
 
 def _save_and_upload(mlflow_client, model, model_id: str, artifact_location: str, saved: dict[str, Any]) -> None:
