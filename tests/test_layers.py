@@ -80,6 +80,11 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         internals.tell(worker, trial, 0.5)
     pruned = optuna.Trial(worker, claims.claim(worker))
+    for _ in range(3):
+        claims.claim(worker)
+    unfinished, before_look = {}, len(transactions)
+    assert claims.claim(worker, unfinished) is None  # an empty look, as the last workers of a fleet make
+    assert (len(transactions) - before_look, unfinished) == (1, {"s": 4})  # its count of running trials with it
     pruned.report(0.75, step=1)
     pruned.report(0.5, step=2)
     internals.tell(worker, pruned, state=optuna.trial.TrialState.PRUNED)  # as Optuna: its last report is its value
@@ -94,7 +99,7 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
         )
         second = study.get_trials(deepcopy=False)[1]
         assert (second.state, second.value) == (optuna.trial.TrialState.PRUNED, 0.5)
-        assert [t.state for t in study.get_trials(deepcopy=False)[2:]] == [optuna.trial.TrialState.WAITING] * 3
+        assert [t.state for t in study.get_trials(deepcopy=False)[2:]] == [optuna.trial.TrialState.RUNNING] * 3
 
 
 def test_settle_after_a_completed_trial_reads_nothing_until_the_last_one(tmp_path, monkeypatch):

@@ -407,9 +407,11 @@ def _rdb_of(storage):
         return None
 
 
-def claim_waiting(study: optuna.Study) -> int | None:
+def claim_waiting(study: optuna.Study, count_unfinished: bool = False) -> tuple[int | None, int | None]:
     """Move the study's oldest WAITING trial that no other worker is claiming right now to RUNNING,
-    with its heartbeat, in one transaction; its id, or None when none is left to take.
+    with its heartbeat, in one transaction: (its id, None), or (None, how many of the study's
+    trials still wait or run, when ``count_unfinished``) when none is left to take (a worker
+    waiting for other workers' trials looks every few seconds: one transaction a look, not two).
 
     ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: workers claiming at once take different trials instead
     of queueing on the same row and writing heartbeats on each other's (benchmarks/fleet.py: with
@@ -419,7 +421,8 @@ def claim_waiting(study: optuna.Study) -> int | None:
     (Optuna ignores RUNNING trials that have no heartbeat at all)."""
     rdb = _rdb(study)
     if rdb is None:  # pragma: no cover - other Optuna versions
-        return _claim_public(study)
+        trial_id = _claim_public(study)
+        return trial_id, unfinished_count(study) if trial_id is None and count_unfinished else None
     models, scoped_session = rdb
     from datetime import datetime
 
@@ -437,14 +440,14 @@ def claim_waiting(study: optuna.Study) -> int | None:
     with _create_scoped_session(scoped_session, True) as session:
         trial = session.scalars(query).one_or_none()
         if trial is None:
-            return None
+            return None, session.scalar(_unfinished_query(models, study)) if count_unfinished else None
         trial.state, trial.datetime_start = TrialState.RUNNING, datetime.now()  # as set_trial_state_values
         trial_id = trial.trial_id
         _write_heartbeat(session, models, trial_id)
         session.flush()
         claimed = backend(study._storage)._build_frozen_trial_from_trial_model(trial)  # as get_trial reads it
     read_into_cache(study, trial_id, claimed)
-    return trial_id
+    return trial_id, None
 
 
 def _claim_public(study: optuna.Study) -> int | None:  # pragma: no cover - other Optuna versions

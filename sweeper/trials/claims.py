@@ -45,11 +45,15 @@ from sweeper.trials.outcomes import by_key_and_recipe, latest_trials
 log = logging.getLogger("sweeper.study")
 
 
-def claim(study: optuna.Study) -> int | None:
+def claim(study: optuna.Study, unfinished: dict[str, int] | None = None) -> int | None:
     """Move one WAITING trial to RUNNING, its heartbeat written with it, and return its id; None
-    when nothing waits (or every waiting trial is being claimed by other workers right now).
+    when nothing waits (or every waiting trial is being claimed by other workers right now), and
+    then ``unfinished[study name]`` = how many of its trials still wait or run, when given.
     One transaction; workers claiming at once take different trials (storage.internals)."""
-    return claim_waiting(study)
+    trial_id, left = claim_waiting(study, count_unfinished=unfinished is not None)
+    if trial_id is None and unfinished is not None:
+        unfinished[study.study_name] = left
+    return trial_id
 
 
 class Heartbeat:

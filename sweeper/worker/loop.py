@@ -233,11 +233,9 @@ def claim_next(
             if held is not None and internals.waiting_trial_ids(study, limit=1):
                 held[name] = life
             continue
-        trial_id = claims.claim(study)
+        trial_id = claims.claim(study, unfinished)
         if trial_id is not None:
             return study, trial_id
-        if unfinished is not None:
-            unfinished[name] = internals.unfinished_count(study)
     return None
 
 
