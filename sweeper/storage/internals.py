@@ -53,13 +53,10 @@ def frozen_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
-    """``study.tell(trial, value, state)`` from the trial as this worker holds it (``optuna.Trial``
-    keeps what it reported): Study.tell reads the whole trial first (a transaction of six queries)
-    and reads it back after. Whether the trial is still this worker's is checked where it is
-    written, not before: Optuna's ``set_trial_state_values`` takes the trial's row lock and raises
-    UpdateFinishedTrialError when it is finished already (taken over and failed meanwhile, or told
-    by this worker's own commit whose answer a network cut lost). Study.tell's first read turned
-    both into a bare ValueError ("Cannot tell a FAIL trial")."""
+    """``study.tell`` from the trial as the worker holds it (Study.tell reads the whole trial first
+    and back after). Ownership is checked where it is written: ``set_trial_state_values`` raises
+    UpdateFinishedTrialError, under the row lock, for a trial finished meanwhile (taken over, or
+    told by this worker's commit whose answer was lost; Study.tell's read made that a ValueError)."""
     try:
         from optuna import pruners
     except ImportError:  # pragma: no cover - another Optuna
@@ -110,11 +107,8 @@ def trial_keys(study: optuna.Study) -> set[tuple[str | None, str | None]]:
     from sqlalchemy import select
 
     attrs, trials = models.TrialUserAttributeModel, models.TrialModel
-    query = (
-        select(attrs.trial_id, attrs.key, attrs.value_json)
-        .join(trials, attrs.trial_id == trials.trial_id)
-        .where(trials.study_id == study._study_id, attrs.key.in_((KEY_ATTR, RECIPE_DIGEST_ATTR)))
-    )
+    query = select(attrs.trial_id, attrs.key, attrs.value_json).join(trials, attrs.trial_id == trials.trial_id)
+    query = query.where(trials.study_id == study._study_id, attrs.key.in_((KEY_ATTR, RECIPE_DIGEST_ATTR)))
     by_trial: dict[int, dict[str, Any]] = {}
     with _create_scoped_session(scoped_session) as session:
         for trial_id, key, value in session.execute(query):
@@ -129,8 +123,7 @@ def enqueue_many(study: optuna.Study, user_attrs: list[dict[str, Any]]) -> None:
     (~14 statements a trial: 23 s for 1,000 cells on PostgreSQL here). This writes the same rows
     through Optuna's own table models, holding the study row lock that Optuna's trial creation
     takes, and numbers the trials as Optuna does; tests/test_layers.py checks that the trials are
-    the ones ``enqueue_trial`` makes. If a future Optuna moves those internals, it falls back to
-    the public API.
+    the ones ``enqueue_trial`` makes.
     """
     import json
 
@@ -201,14 +194,9 @@ def waiting_trial_ids(study: optuna.Study, limit: int = 16) -> list[int]:
     from sqlalchemy import select
 
     trials = models.TrialModel
-    query = (
-        select(trials.trial_id)
-        .where(trials.study_id == study._study_id, trials.state == TrialState.WAITING)
-        .order_by(trials.trial_id)
-        .limit(limit)
-    )
+    waiting = select(trials.trial_id).where(trials.study_id == study._study_id, trials.state == TrialState.WAITING)
     with _create_scoped_session(scoped_session) as session:
-        return list(session.scalars(query))
+        return list(session.scalars(waiting.order_by(trials.trial_id).limit(limit)))
 
 
 def unfinished_count(study: optuna.Study) -> int:
@@ -309,19 +297,16 @@ def _set_param(trial_id: int, name: str, value: Any, distribution, set_param) ->
 
 class Renewal(NamedTuple):
     held: bool  # the trial was RUNNING and its heartbeat is written
-    study_attrs: dict[str, Any] | None = None  # the study's user attrs asked for, unset ones None; None: not read
+    study_attrs: dict[str, Any] | None = None  # the study attr asked for (unset: None); None: not read
 
 
 def renew_lease(storage, trial_id: int, study_attr: str | None = None) -> Renewal:
-    """Record the trial's heartbeat if it is still RUNNING (``held`` False, nothing written, once
-    it is not); with ``study_attr``, that user attr of the trial's study is read in the same
-    transaction (the study's lifecycle, which every running trial watches: no look of its own).
-
-    One transaction holding the trial's row (FOR SHARE) while it reads the state and writes the
-    heartbeat: ``fail_if_stale`` takes that row FOR UPDATE before it judges the heartbeat, so a
-    renewal and a takeover never interleave. Optuna's ``record_heartbeat`` beats for any trial,
-    a failed one included, which would let a worker cut off and taken over believe it still
-    holds the trial when its network comes back."""
+    """Record the trial's heartbeat if it is still RUNNING (else ``held`` False, nothing written);
+    ``study_attr``: that user attr of its study read in the same transaction (the lifecycle).
+    One transaction holding the trial's row (FOR SHARE): ``fail_if_stale`` takes it FOR UPDATE
+    before it judges the heartbeat, so a renewal and a takeover never interleave. (Optuna's
+    ``record_heartbeat`` beats for a failed trial too: a worker cut off and taken over would
+    believe it still holds the trial when its network comes back.)"""
     rdb = _rdb_of(storage)
     if rdb is None:  # pragma: no cover - other Optuna versions
         if trial_state(storage, trial_id) != TrialState.RUNNING:
@@ -342,10 +327,8 @@ def renew_lease(storage, trial_id: int, study_attr: str | None = None) -> Renewa
         _write_heartbeat(session, models, trial_id)
         if study_attr is None:
             return Renewal(True)
-        study_of_trial = select(trials.study_id).where(trials.trial_id == trial_id).scalar_subquery()
-        value = session.scalar(
-            select(attrs.value_json).where(attrs.study_id == study_of_trial, attrs.key == study_attr)
-        )
+        study_of = select(trials.study_id).where(trials.trial_id == trial_id).scalar_subquery()
+        value = session.scalar(select(attrs.value_json).where(attrs.study_id == study_of, attrs.key == study_attr))
     return Renewal(True, {study_attr: None if value is None else json.loads(value)})
 
 
@@ -409,9 +392,8 @@ def _rdb_of(storage):
 
 def claim_waiting(study: optuna.Study, count_unfinished: bool = False) -> tuple[int | None, int | None]:
     """Move the study's oldest WAITING trial that no other worker is claiming right now to RUNNING,
-    with its heartbeat, in one transaction: (its id, None), or (None, how many of the study's
-    trials still wait or run, when ``count_unfinished``) when none is left to take (a worker
-    waiting for other workers' trials looks every few seconds: one transaction a look, not two).
+    with its heartbeat, in one transaction: (its id, None); (None, how many trials still wait or
+    run, when ``count_unfinished``, in the same transaction) when none is left to take.
 
     ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: workers claiming at once take different trials instead
     of queueing on the same row and writing heartbeats on each other's (benchmarks/fleet.py: with
