@@ -59,6 +59,21 @@ def on_host(host, env: dict[str, str], pg_port: int, mlflow_port: int, home) -> 
     return {**env, **remote}, pg, mlflow
 
 
+def the_finished_run(server, study: str, epochs: int):
+    """(An MLflow client, the study's one cell run), the run FINISHED with each epoch's metrics
+    logged exactly once."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.url)
+    (experiment,) = [e for e in client.search_experiments() if e.name == study]
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`sweeper.role` = 'cell'")
+    assert run.info.status == "FINISHED", run.info
+    for metric in ("train_loss", "test_loss", "top1_error"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert sorted(steps) == list(range(1, epochs + 1)), (metric, steps)  # each epoch once
+    return client, run
+
+
 @pytest.mark.parametrize("cut", ["postgresql only", "both servers, mid-upload"])
 def test_a_cut_off_worker_taken_over_writes_nothing_when_the_network_heals(
     cut, network, pg_database, mlflow_server, sweeper_env, spawn, tmp_path
@@ -108,16 +123,8 @@ def test_a_cut_off_worker_taken_over_writes_nothing_when_the_network_heals(
     cut_trial, retry = trials_of(storage, "cut")
     assert (cut_trial.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(server.url)
-    (experiment,) = [e for e in client.search_experiments() if e.name == "cut"]
-    (run,) = client.search_runs([experiment.experiment_id], "tags.`sweeper.role` = 'cell'")
-    assert run.info.status == "FINISHED", run.info
+    client, run = the_finished_run(server, "cut", EPOCHS)
     assert run.data.tags["sweeper.resumed_from_epoch"] == resumed[1]
-    for metric in ("train_loss", "test_loss", "top1_error"):
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
-        assert sorted(steps) == list(range(1, EPOCHS + 1)), (metric, steps)  # each epoch once
     last = client.download_artifacts(run.info.run_id, f"{CHECKPOINT_ARTIFACT}/last.pt", str(tmp_path))
     ended_with = torch.load(last, map_location="cpu", weights_only=False)
     assert (ended_with["trial"], ended_with["epoch"]) == (retry.number, EPOCHS - 1), "the run ends with A's checkpoint"
@@ -175,15 +182,7 @@ def test_a_cut_during_the_final_tell_leaves_one_complete_cell_either_way(
         assert [t.state for t in trials] == [TrialState.COMPLETE], trials
         assert "resumes after" not in worker_a.text(), worker_a.text()
         assert "complete," in worker_b.text()[cut_at:], worker_b.text()  # its own COMPLETE, found again
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(server.url)
-    (experiment,) = [e for e in client.search_experiments() if e.name == "tell"]
-    (run,) = client.search_runs([experiment.experiment_id], "tags.`sweeper.role` = 'cell'")
-    assert run.info.status == "FINISHED", run.info
-    for metric in ("train_loss", "test_loss", "top1_error"):
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
-        assert sorted(steps) == list(range(1, epochs + 1)), (metric, steps)
+    the_finished_run(server, "tell", epochs)
     cli("verify", "--study", "tell", env=env)
 
 
@@ -215,15 +214,7 @@ def test_a_worker_cut_off_from_mlflow_only_keeps_its_trial_and_sends_what_it_hel
     assert "MLflow is reachable again" in worker_b.text(), worker_b.text()
     assert "resumes after" not in worker_a.text(), worker_a.text()
     assert [t.state for t in trials_of(storage, "mlcut")] == [TrialState.COMPLETE], "one trial, never taken over"
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(server.url)
-    (experiment,) = [e for e in client.search_experiments() if e.name == "mlcut"]
-    (run,) = client.search_runs([experiment.experiment_id], "tags.`sweeper.role` = 'cell'")
-    assert run.info.status == "FINISHED", run.info
-    for metric in ("train_loss", "test_loss", "top1_error"):
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
-        assert sorted(steps) == list(range(1, EPOCHS + 1)), (metric, steps)
+    the_finished_run(server, "mlcut", EPOCHS)
     cli("verify", "--study", "mlcut", env=env)
 
 
