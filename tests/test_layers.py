@@ -72,7 +72,14 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
     cached = worker._storage._studies[worker._study_id].trials
     assert [t._trial_id for t in cached.values()] == [trial_id]  # one trial read, not five
     assert cached[0].state == optuna.trial.TrialState.RUNNING
-    trial = optuna.Trial(worker, trial_id)
+    trial = internals.trial_of_claim(worker, trial_id)  # Optuna's Trial, less its read of the trial
+    assert len(transactions) == claimed
+    read = optuna.Trial(worker, trial_id)
+    assert vars(trial).keys() == vars(read).keys()
+    assert {k: v for k, v in vars(trial).items() if k != "_cached_frozen_trial"} == {
+        k: v for k, v in vars(read).items() if k != "_cached_frozen_trial"
+    }
+    assert trial._cached_frozen_trial == read._cached_frozen_trial
     trial.suggest_float("lr", 1e-4, 1e-1, log=True)
     before_tell = len(transactions)
     internals.tell(worker, trial, 0.25)
@@ -85,8 +92,11 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
     unfinished, before_look = {}, len(transactions)
     assert claims.claim(worker, unfinished) is None  # an empty look, as the last workers of a fleet make
     assert (len(transactions) - before_look, unfinished) == (1, {"s": 4})  # its count of running trials with it
-    pruned.report(0.75, step=1)
-    pruned.report(0.5, step=2)
+    lease = claims.Heartbeat(worker._storage, pruned._trial_id, interval=10, grace=60)
+    before_reports = len(transactions)
+    lease.report(pruned, 1, 0.75)  # an epoch's report renews the lease: one transaction for both
+    lease.report(pruned, 2, 0.5)
+    assert len(transactions) - before_reports == 2 and lease.held()
     internals.tell(worker, pruned, state=optuna.trial.TrialState.PRUNED)  # as Optuna: its last report is its value
 
     for study in (worker, optuna.load_study(study_name="s", storage=connect.open_storage(url))):
@@ -99,6 +109,7 @@ def test_claim_reads_only_the_claimed_trial_and_optuna_then_records_it(tmp_path)
         )
         second = study.get_trials(deepcopy=False)[1]
         assert (second.state, second.value) == (optuna.trial.TrialState.PRUNED, 0.5)
+        assert second.intermediate_values == {1: 0.75, 2: 0.5}
         assert [t.state for t in study.get_trials(deepcopy=False)[2:]] == [optuna.trial.TrialState.RUNNING] * 3
 
 
@@ -189,7 +200,7 @@ def test_a_renewed_heartbeat_keeps_its_trial_and_a_failed_trial_renews_no_lease(
 
     from sweeper.errors import TrialLost
     from sweeper.names import LIFECYCLE_ATTR
-    from sweeper.storage import connect, internals
+    from sweeper.storage import connect, internals, leases
     from sweeper.trials import claims, outcomes
 
     url = f"sqlite:///{tmp_path}/optuna.db" if database == "sqlite" else request.getfixturevalue("pg_database")()
@@ -199,24 +210,37 @@ def test_a_renewed_heartbeat_keeps_its_trial_and_a_failed_trial_renews_no_lease(
     trial_id = claims.claim(study)
     reason = {"sweeper.fail_reason": "no heartbeat"}
     time.sleep(3.5)  # SQLite keeps whole seconds
-    assert internals.stale_trial_ids(study) == [trial_id]
-    assert internals.renew_lease(storage, trial_id).held  # its worker, between that look and the fail
+    assert (
+        leases.stale_trial_ids(study) == [trial_id] == storage._get_stale_trial_ids(study._study_id)
+    )  # as Optuna judges it
+    assert leases.renew_lease(storage, trial_id).held  # its worker, between that look and the fail
     # a renewal reads the study's lifecycle in its own transaction: running trials need no look of their own
-    assert internals.renew_lease(storage, trial_id, LIFECYCLE_ATTR).study_attrs == {LIFECYCLE_ATTR: None}
+    assert leases.renew_lease(storage, trial_id, LIFECYCLE_ATTR).study_attrs == {LIFECYCLE_ATTR: None}
     outcomes.set_lifecycle(study, "cancelled", "by a test")
-    assert internals.renew_lease(storage, trial_id, LIFECYCLE_ATTR).study_attrs[LIFECYCLE_ATTR]["state"] == "cancelled"
+    assert leases.renew_lease(storage, trial_id, LIFECYCLE_ATTR).study_attrs[LIFECYCLE_ATTR]["state"] == "cancelled"
     outcomes.set_lifecycle(study, "running")
-    assert not internals.fail_if_stale(storage, trial_id, 2, reason)
+    assert not leases.fail_if_stale(storage, trial_id, 2, reason)
     assert internals.trial_state(storage, trial_id) == TrialState.RUNNING
 
     time.sleep(3.5)  # SQLite keeps whole seconds
     assert claims.fail_stale_trials(study) == [trial_id]
     failed = storage.get_trial(trial_id)
     assert failed.state == TrialState.FAIL and "no heartbeat" in failed.system_attrs["sweeper.fail_reason"]
-    assert not internals.renew_lease(storage, trial_id).held
+    assert not leases.renew_lease(storage, trial_id).held
     heartbeat = claims.Heartbeat(storage, trial_id, interval=1, grace=2)
     with pytest.raises(TrialLost):
         heartbeat.renew()
     with pytest.raises(TrialLost):
         heartbeat.check()  # every later write of that worker is refused without asking the database
+    with pytest.raises(TrialLost):
+        heartbeat.report(optuna.Trial(study, trial_id), 3, 0.5)  # an epoch's report is refused too
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]  # one retry
+    assert storage.get_trial(trial_id).intermediate_values == {}
+
+    # The claim looks for stale trials in its own transaction and fails them (the retry is claimed next).
+    retry_id = claims.claim(study)
+    time.sleep(3.5)
+    on_stale = []
+    assert claims.claim(study, look_for_stale=True, on_stale=on_stale.append) is None
+    assert on_stale == [study] and storage.get_trial(retry_id).state == TrialState.FAIL
+    assert [t.state for t in study.get_trials()][-1] == TrialState.WAITING

@@ -1,17 +1,18 @@
 """The fast paths through Optuna's private API, and the few private attributes sweeper reads.
 
-Every use of Optuna's internals in sweeper is here (``Study._storage``, the cached storage's
-backend and cache, the RDB table models). Each fast path falls back to the public API where a
+Every use of Optuna's internals in sweeper is here or in storage.leases (``Study._storage``, the
+cached storage's backend and cache, the RDB table models). Each fast path falls back to the public API where a
 future Optuna moved what it uses; tests/test_layers.py checks that each still does what the public
 API does.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -76,11 +77,6 @@ def tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, s
         study._storage.set_trial_state_values(frozen._trial_id, state, values)
 
 
-def stale_trial_ids(study: optuna.Study) -> list[int]:
-    """The study's RUNNING trials whose heartbeat is older than the grace period."""
-    return study._storage._get_stale_trial_ids(study._study_id)
-
-
 def trial_state(storage, trial_id: int) -> TrialState:
     """The trial's state as the database has it now (a finished trial may come from the cache)."""
     return backend(storage).get_trial(trial_id).state
@@ -89,7 +85,7 @@ def trial_state(storage, trial_id: int) -> TrialState:
 def _rdb(study: optuna.Study):
     """Optuna's RDB table models and the storage's session factory, or None where a future
     Optuna moved them (callers then take the public API)."""
-    return _rdb_of(study._storage)
+    return rdb_of(study._storage)
 
 
 def trial_keys(study: optuna.Study) -> set[tuple[str | None, str | None]]:
@@ -182,6 +178,30 @@ def read_into_cache(study: optuna.Study, trial_id: int, trial: optuna.trial.Froz
         info.unfinished_trial_ids.add(trial_id)
 
 
+def trial_of_claim(study: optuna.Study, trial_id: int) -> optuna.Trial:
+    """``optuna.Trial(study, trial_id)`` from the trial as its claim read it into Optuna's cache
+    (``read_into_cache``): Optuna's constructor reads it again, a transaction per trial.
+    tests/test_layers.py checks both are the same trial."""
+    try:
+        from optuna import pruners
+
+        cache = study._storage
+        with cache._lock:
+            number = cache._trial_id_to_study_id_and_number[trial_id][1]
+            frozen = copy.deepcopy(cache._studies[study._study_id].trials[number])
+    except (ImportError, AttributeError, KeyError):  # pragma: no cover - not read by a claim, another Optuna
+        frozen = None
+    if frozen is None or frozen.state != TrialState.RUNNING:  # not as its claim left it
+        return optuna.Trial(study, trial_id)
+    trial = optuna.Trial.__new__(optuna.Trial)  # what Trial.__init__ does, less its read
+    trial.study, trial._trial_id, trial.storage = study, trial_id, study._storage
+    trial._cached_frozen_trial = frozen
+    study.sampler.before_trial(pruners._filter_study(study, frozen), frozen)
+    trial.relative_search_space, trial._relative_params = None, None
+    trial._fixed_params = frozen.system_attrs.get("fixed_params", {})
+    return trial
+
+
 def waiting_trial_ids(study: optuna.Study, limit: int = 16) -> list[int]:
     """The ids of the first ``limit`` WAITING trials, oldest first, in one indexed query
     (``get_all_trials`` builds every waiting trial with all its rows)."""
@@ -209,10 +229,10 @@ def unfinished_count(study: optuna.Study) -> int:
     from optuna.storages._rdb.storage import _create_scoped_session
 
     with _create_scoped_session(scoped_session) as session:
-        return session.scalar(_unfinished_query(models, study))
+        return session.scalar(unfinished_query(models, study))
 
 
-def _unfinished_query(models, study: optuna.Study):
+def unfinished_query(models, study: optuna.Study):
     """SELECT the number of the study's WAITING or RUNNING trials (one indexed count)."""
     from sqlalchemy import func, select
 
@@ -236,7 +256,7 @@ def attrs_and_unfinished(study: optuna.Study) -> tuple[dict[str, Any], int]:
     attrs = models.StudyUserAttributeModel
     with _create_scoped_session(scoped_session) as session:
         rows = session.execute(select(attrs.key, attrs.value_json).where(attrs.study_id == study._study_id))
-        return {key: json.loads(value) for key, value in rows}, session.scalar(_unfinished_query(models, study))
+        return {key: json.loads(value) for key, value in rows}, session.scalar(unfinished_query(models, study))
 
 
 def set_cell_params(
@@ -295,92 +315,7 @@ def _set_param(trial_id: int, name: str, value: Any, distribution, set_param) ->
         log.info("trial id %d: %s=%s not recorded as an Optuna param: %s", trial_id, name, value, e)
 
 
-class Renewal(NamedTuple):
-    held: bool  # the trial was RUNNING and its heartbeat is written
-    study_attrs: dict[str, Any] | None = None  # the study attr asked for (unset: None); None: not read
-
-
-def renew_lease(storage, trial_id: int, study_attr: str | None = None) -> Renewal:
-    """Record the trial's heartbeat if it is still RUNNING (else ``held`` False, nothing written);
-    ``study_attr``: that user attr of its study read in the same transaction (the lifecycle).
-    One transaction holding the trial's row (FOR SHARE): ``fail_if_stale`` takes it FOR UPDATE
-    before it judges the heartbeat, so a renewal and a takeover never interleave. (Optuna's
-    ``record_heartbeat`` beats for a failed trial too: a worker cut off and taken over would
-    believe it still holds the trial when its network comes back.)"""
-    rdb = _rdb_of(storage)
-    if rdb is None:  # pragma: no cover - other Optuna versions
-        if trial_state(storage, trial_id) != TrialState.RUNNING:
-            return Renewal(False)
-        storage.record_heartbeat(trial_id)
-        return Renewal(True)
-    models, scoped_session = rdb
-    import json
-
-    from optuna.storages._rdb.storage import _create_scoped_session
-    from sqlalchemy import select
-
-    trials, attrs = models.TrialModel, models.StudyUserAttributeModel
-    with _create_scoped_session(scoped_session, True) as session:
-        state = session.scalar(select(trials.state).where(trials.trial_id == trial_id).with_for_update(read=True))
-        if state != TrialState.RUNNING:
-            return Renewal(False)
-        _write_heartbeat(session, models, trial_id)
-        if study_attr is None:
-            return Renewal(True)
-        study_of = select(trials.study_id).where(trials.trial_id == trial_id).scalar_subquery()
-        value = session.scalar(select(attrs.value_json).where(attrs.study_id == study_of, attrs.key == study_attr))
-    return Renewal(True, {study_attr: None if value is None else json.loads(value)})
-
-
-def fail_if_stale(storage, trial_id: int, grace: float, system_attrs: dict[str, Any]) -> bool:
-    """FAIL the trial, with ``system_attrs``, if it is RUNNING and its heartbeat is older than
-    ``grace`` seconds, judged in the transaction that fails it while it holds the trial's row (FOR
-    UPDATE); False when it is not (finished meanwhile, or its worker renewed its heartbeat since
-    the staleness was read: ``renew_lease`` waits on that row)."""
-    rdb = _rdb_of(storage)
-    if rdb is None:  # pragma: no cover - other Optuna versions
-        for key, value in system_attrs.items():
-            storage.set_trial_system_attr(trial_id, key, value)
-        return storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
-    import json
-    from datetime import datetime, timedelta
-
-    models, scoped_session = rdb
-    from optuna.storages._rdb.storage import _create_scoped_session
-    from sqlalchemy import func
-
-    with _create_scoped_session(scoped_session, True) as session:
-        trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-        if trial.state != TrialState.RUNNING:
-            return False
-        heartbeat = models.TrialHeartbeatModel.where_trial_id(trial_id, session)
-        now = session.execute(func.now()).scalar_one().replace(tzinfo=None)
-        if heartbeat is None or now - heartbeat.heartbeat.replace(tzinfo=None) <= timedelta(seconds=grace):
-            return False
-        for key, value in system_attrs.items():
-            row = models.TrialSystemAttributeModel.find_by_trial_and_key(trial, key, session)
-            if row is None:
-                session.add(models.TrialSystemAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
-            else:
-                row.value_json = json.dumps(value)
-        trial.state = TrialState.FAIL
-        trial.datetime_complete = datetime.now()  # as Optuna's set_trial_state_values records it
-    return True
-
-
-def _write_heartbeat(session, models, trial_id: int) -> None:
-    """The trial's heartbeat, now by the database's clock, in ``session``'s transaction (what
-    Optuna's ``record_heartbeat`` writes in a transaction of its own)."""
-    from sqlalchemy import func
-
-    heartbeat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, True)
-    if heartbeat is None:
-        session.add(models.TrialHeartbeatModel(trial_id=trial_id))
-    else:
-        heartbeat.heartbeat = session.execute(func.now()).scalar_one()
-
-
-def _rdb_of(storage):
+def rdb_of(storage):
     """``_rdb`` for a storage."""
     try:
         from optuna.storages._rdb import models
@@ -388,61 +323,3 @@ def _rdb_of(storage):
         return models, backend(storage).scoped_session
     except (ImportError, AttributeError):  # pragma: no cover - other Optuna versions
         return None
-
-
-def claim_waiting(study: optuna.Study, count_unfinished: bool = False) -> tuple[int | None, int | None]:
-    """Move the study's oldest WAITING trial that no other worker is claiming right now to RUNNING,
-    with its heartbeat, in one transaction: (its id, None); (None, how many trials still wait or
-    run, when ``count_unfinished``, in the same transaction) when none is left to take.
-
-    ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: workers claiming at once take different trials instead
-    of queueing on the same row and writing heartbeats on each other's (benchmarks/fleet.py: with
-    200 workers the claim through the public API took 673 transactions per trial, p50 111 s).
-    SQLite serializes writers anyway (it has no SKIP LOCKED and needs none). The heartbeat goes in
-    with the state change: a worker killed right after leaves a trial that goes stale and is retried
-    (Optuna ignores RUNNING trials that have no heartbeat at all)."""
-    rdb = _rdb(study)
-    if rdb is None:  # pragma: no cover - other Optuna versions
-        trial_id = _claim_public(study)
-        return trial_id, unfinished_count(study) if trial_id is None and count_unfinished else None
-    models, scoped_session = rdb
-    from datetime import datetime
-
-    from optuna.storages._rdb.storage import _create_scoped_session
-    from sqlalchemy import select
-
-    trials = models.TrialModel
-    query = (
-        select(trials)
-        .where(trials.study_id == study._study_id, trials.state == TrialState.WAITING)
-        .order_by(trials.trial_id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
-    with _create_scoped_session(scoped_session, True) as session:
-        trial = session.scalars(query).one_or_none()
-        if trial is None:
-            return None, session.scalar(_unfinished_query(models, study)) if count_unfinished else None
-        trial.state, trial.datetime_start = TrialState.RUNNING, datetime.now()  # as set_trial_state_values
-        trial_id = trial.trial_id
-        _write_heartbeat(session, models, trial_id)
-        session.flush()
-        claimed = backend(study._storage)._build_frozen_trial_from_trial_model(trial)  # as get_trial reads it
-    read_into_cache(study, trial_id, claimed)
-    return trial_id, None
-
-
-def _claim_public(study: optuna.Study) -> int | None:  # pragma: no cover - other Optuna versions
-    """``claim_waiting`` through Optuna's public storage API: the heartbeat first, then a
-    compare-and-set on the state."""
-    storage = study._storage
-    while waiting := waiting_trial_ids(study):
-        for trial_id in waiting:
-            try:
-                storage.record_heartbeat(trial_id)
-                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                    read_into_cache(study, trial_id)
-                    return trial_id
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # another worker claimed and finished it meanwhile
-    return None

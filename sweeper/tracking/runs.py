@@ -57,6 +57,16 @@ def find_run(mlflow_client, experiment_id: str, tags: dict[str, str]):
     return runs[0] if runs else None
 
 
+def find_study_run(mlflow_client, study_name: str) -> tuple[str, str] | None:
+    """(experiment id, parent run id) of a study whose experiment (not deleted) and parent run
+    exist; None otherwise (``ensure_experiment`` and ``ensure_study_run`` make them)."""
+    experiment = mlflow_client.get_experiment_by_name(study_name)
+    if experiment is None or experiment.lifecycle_stage != "active":
+        return None
+    run = find_run(mlflow_client, experiment.experiment_id, {ROLE_TAG: "study"})
+    return (experiment.experiment_id, run.info.run_id) if run is not None else None
+
+
 def ensure_study_run(mlflow_client, experiment_id: str, spec: dict[str, Any]) -> str:
     """The parent run that holds the study's spec, report tables and plots."""
     run = find_run(mlflow_client, experiment_id, {ROLE_TAG: "study"})

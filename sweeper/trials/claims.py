@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -29,31 +30,43 @@ from sweeper.names import (
 )
 from sweeper.redact import redact
 from sweeper.storage.dberrors import retry_db
-from sweeper.storage.internals import (
-    backend,
-    claim_waiting,
-    fail_if_stale,
-    renew_lease,
-    stale_trial_ids,
-    storage_of,
-    study_attrs_now,
-    study_id,
-)
+from sweeper.storage.internals import backend, frozen_trial, storage_of, study_attrs_now, study_id
+from sweeper.storage.leases import Renewal, claim_waiting, fail_if_stale, renew_lease, stale_trial_ids
 from sweeper.storage.locks import study_lock
 from sweeper.trials.outcomes import by_key_and_recipe, latest_trials
 
 log = logging.getLogger("sweeper.study")
 
 
-def claim(study: optuna.Study, unfinished: dict[str, int] | None = None) -> int | None:
+def claim(
+    study: optuna.Study,
+    unfinished: dict[str, int] | None = None,
+    study_attrs: dict[str, Any] | None = None,
+    may_claim: Callable[[dict[str, Any]], bool] | None = None,
+    look_for_stale: bool = False,
+    on_stale: Callable[[optuna.Study], Any] | None = None,
+) -> int | None:
     """Move one WAITING trial to RUNNING, its heartbeat written with it, and return its id; None
     when nothing waits (or every waiting trial is being claimed by other workers right now), and
     then ``unfinished[study name]`` = how many of its trials still wait or run, when given.
-    One transaction; workers claiming at once take different trials (storage.internals)."""
-    trial_id, left = claim_waiting(study, count_unfinished=unfinished is not None)
-    if trial_id is None and unfinished is not None:
-        unfinished[study.study_name] = left
-    return trial_id
+    One transaction; workers claiming at once take different trials (storage.leases). In the same
+    transaction, when asked: the study's user attrs, first (into ``study_attrs``; ``may_claim(attrs)``
+    False claims nothing), and its stale trials, which are then failed and retried
+    (``fail_stale_trials``; ``on_stale(study)`` after)."""
+    found = claim_waiting(
+        study,
+        count_unfinished=unfinished is not None,
+        read_attrs=study_attrs is not None,
+        may_claim=may_claim,
+        look_for_stale=look_for_stale,
+    )
+    if study_attrs is not None:
+        study_attrs.update(found.study_attrs or {})
+    if found.stale and fail_stale_trials(study, found.stale) and on_stale is not None:
+        on_stale(study)  # a retry may have been the last one
+    if found.trial_id is None and unfinished is not None:
+        unfinished[study.study_name] = found.unfinished
+    return found.trial_id
 
 
 class Heartbeat:
@@ -85,6 +98,9 @@ class Heartbeat:
         self.lease = grace / 2
         self.label = label or f"trial id {trial_id}"
         self.renewed_at: float | None = claimed_at  # time.monotonic() when the last renewal that held was sent
+        self.sent_at: float | None = (
+            claimed_at  # ... when the last renewal was sent, held or not: the next is due an interval after
+        )
         self.watch = watch
         self.watched: tuple[float, Any] | None = None  # (time.monotonic() when sent, the attr's value)
         self.lost = False
@@ -103,8 +119,12 @@ class Heartbeat:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval) and not self.lost:
-            self._beat()
+        while not self._stop.wait(self._until_due()) and not self.lost:
+            if self._until_due() == 0:  # else an epoch's report renewed it meanwhile
+                self._beat()
+
+    def _until_due(self) -> float:
+        return max(0.0, (self.sent_at or 0.0) + self.interval - time.monotonic())
 
     def _beat(self) -> None:
         try:
@@ -115,12 +135,13 @@ class Heartbeat:
         except Exception as e:
             log.warning("heartbeat for %s failed (%s); retrying", self.label, redact(root_cause(e)))
 
-    def renew(self) -> None:
-        """Renew the lease now: raises TrialLost when the trial is no longer RUNNING, the database's
-        error when it cannot be reached (the lease then runs down)."""
+    def renew(self, report: tuple[int, float] | None = None) -> None:
+        """Renew the lease now (with an epoch's ``report``, (step, value), written in the same
+        transaction): raises TrialLost when the trial is no longer RUNNING, the database's error
+        when it cannot be reached (the lease then runs down)."""
         if not self.lost:
-            sent = time.monotonic()
-            renewal = renew_lease(self.storage, self.trial_id, self.watch)
+            sent = self.sent_at = time.monotonic()
+            renewal: Renewal = renew_lease(self.storage, self.trial_id, self.watch, report)
             if renewal.held:
                 self.renewed_at = max(sent, self.renewed_at or sent)
                 if renewal.study_attrs is not None:
@@ -128,6 +149,13 @@ class Heartbeat:
                 return
             self.lost = True
         raise TrialLost(f"{self.label} is no longer RUNNING: another worker has it")
+
+    def report(self, trial: optuna.Trial, step: int, value: float) -> None:
+        """``trial.report(value, step)`` as a renewal of the lease: one transaction, and the
+        ownership check (TrialLost when refused). The trial keeps the value, as Optuna's report
+        does (a PRUNED tell reads it)."""
+        self.renew(report=(step, float(value)))
+        frozen_trial(trial).intermediate_values[step] = float(value)
 
     def hold(self, within: float) -> None:
         """``check``, renewing a lapsed lease now, through database errors for up to ``within``
@@ -153,10 +181,11 @@ class Heartbeat:
             raise LeaseLapsed(f"no heartbeat of {self.label} recorded for over {self.lease:.0f}s")
 
 
-def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Fail trials whose worker stopped beating, with a reason; the retry callback re-enqueues
-    each (at most ``max_retry`` times). Two workers doing this at once fail each trial once:
-    the state change is a row-locked update that refuses to touch a finished trial."""
+def fail_stale_trials(study: optuna.Study, stale: tuple[int, ...] | None = None) -> list[int]:
+    """Fail trials whose worker stopped beating (``stale``: as a claim found them; default: looked
+    up now), with a reason; the retry callback re-enqueues each (at most ``max_retry`` times). Two
+    workers doing this at once fail each trial once: the state change is a row-locked update that
+    refuses to touch a finished trial, and judges the heartbeat again."""
     storage = storage_of(study)
     if storage.get_heartbeat_interval() is None:
         return []
@@ -167,7 +196,7 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
         FAIL_REASON_ATTR: f"no heartbeat for over {grace}s: the worker was killed or lost",
         FAIL_CAUSE_ATTR: causes.WORKER_LOST,
     }
-    for trial_id in stale_trial_ids(study):
+    for trial_id in stale_trial_ids(study) if stale is None else stale:
         # Judged again under the trial's row lock: its worker may have renewed meanwhile, and
         # another worker may have failed it first (and enqueued its retry).
         if fail_if_stale(storage, trial_id, grace, reason):

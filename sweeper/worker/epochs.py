@@ -60,11 +60,12 @@ class EpochReporter:
         if down_since is not None and time.monotonic() - down_since > run.config.tracking_outage_limit:
             raise outage(run.config, m.epoch)
         value = getattr(m, self.decide_on)
-        # The report is also the ownership check: the storage refuses it, in the same transaction
-        # that reads the trial's state, once the trial has finished (failed by another worker).
+        # The report renews the trial's lease and is the ownership check: the storage refuses it,
+        # in the transaction that holds the trial's row, once the trial has finished (failed by
+        # another worker). A heartbeat is due an interval after it.
         try:
-            run.db(run.trial.report, value, m.epoch)
-        except optuna.exceptions.UpdateFinishedTrialError:
+            run.db(run.heartbeat.report, run.trial, m.epoch, value)
+        except TrialLost:
             raise TrialLost(f"the trial is no longer RUNNING after epoch {m.epoch}") from None
         if m.epoch not in self.already_logged:
             self.held.append(m)

@@ -18,7 +18,7 @@ from sweeper.errors import SweeperError, root_cause
 from sweeper.names import LIFECYCLE_ATTR, SPEC_ATTR
 from sweeper.redact import redact, redact_url
 from sweeper.signals import StopSignal
-from sweeper.storage import connect, dberrors, internals
+from sweeper.storage import connect, dberrors, internals, leases
 from sweeper.trials import cellsearch, claims
 from sweeper.worker.config import WorkerConfig, timed
 from sweeper.worker.outcome import settle
@@ -26,7 +26,7 @@ from sweeper.worker.trial import TrialRun
 
 log = logging.getLogger("sweeper.worker")
 
-TRACKING_CHECK_EVERY = 30.0  # seconds between looks at MLflow before claiming, after a success
+TRACKING_CHECK_EVERY = 30.0  # seconds without a word from MLflow after which a claim is checked against it
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
                 mlflow_ids.pop(trial_run.study.study_name, None)
             else:  # its model and its run's end just reached MLflow: no need to look (a request per trial)
                 tracking_ok_at = time.monotonic()
-        if time.monotonic() - tracking_ok_at > TRACKING_CHECK_EVERY:
+        if tracking_ok_at == float("-inf"):  # a trial errored: perhaps MLflow is down
             if not _wait_for_tracking(mlflow_client, config, stop):
                 break
             tracking_ok_at = time.monotonic()
@@ -87,6 +87,15 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
                 return done
             continue
         study, trial_id = claimed
+        if time.monotonic() - tracking_ok_at > TRACKING_CHECK_EVERY:
+            # After an idle spell MLflow is looked at once a trial is this worker's, not before each
+            # empty look (200 idle workers asked it every 30 s: 1 to 2.5 requests per trial). Down:
+            # the claim is undone, no attempt spent, and MLflow is waited for before the next claim.
+            if not _tracking_reachable(mlflow_client):
+                dberrors.retry_db(leases.release, storage, trial_id, within=config.grace_period, what="undoing a claim")
+                tracking_ok_at = float("-inf")
+                continue
+            tracking_ok_at = time.monotonic()
         spec = studies[study.study_name].spec  # read by this claim
         trial_run = TrialRun(study, trial_id, config, mlflow_client, stop, mlflow_ids, exporter, spec, claim_sent)
         timed(config, "trial", trial_run.run)
@@ -167,6 +176,14 @@ def _finished(pending: list[Future], wait: bool = False) -> list[TrialRun]:
     return [f.result() for f in ended]
 
 
+def _tracking_reachable(mlflow_client) -> bool:
+    try:
+        tracking.check_reachable(mlflow_client)
+    except tracking.TrackingUnreachable:
+        return False
+    return True
+
+
 def _wait_for_tracking(mlflow_client, config: WorkerConfig, stop: StopSignal) -> bool:
     """Claim nothing while MLflow is down: a trial claimed now could only fail, burning a retry.
     Waits up to --tracking-outage-limit (for ever with --forever); False when told to stop."""
@@ -204,47 +221,55 @@ def claim_next(
     """The first trial claimed from the studies ``names`` (all when empty): (study, trial id), or
     None. ``held`` collects the studies skipped for their lifecycle while trials of theirs wait;
     ``unfinished``, when nothing was claimed, the trials still waiting or running per study.
-    ``studies`` keeps the studies between claims: a claim then reads only the study's attributes
-    (its lifecycle, its spec) before the queue, and looks for stale trials at most once a
-    heartbeat interval (a dead worker's trial is retried a grace period after its last beat)."""
+    ``studies`` keeps the studies between claims: a claim is then one transaction that reads the
+    study's attributes (its lifecycle, its spec), its stale trials at most once a heartbeat
+    interval (a dead worker's trial is retried a grace period after its last beat) and the queue."""
     studies = {} if studies is None else studies
     for name in names or connect.study_names(storage):
-        try:
-            attrs = _study_attrs(storage, name, studies)
-        except KeyError:
-            if names:
-                raise SweeperError(connect.unknown_study(name, connect.study_names(storage))) from None
-            continue
-        spec = attrs.get(SPEC_ATTR)
-        if spec is None:
-            continue  # not a sweeper study
-        if name not in studies or studies[name].spec != spec:  # a new study, or its spec updated
-            sampler, pruner = cellsearch.make_sampler(spec), cellsearch.make_pruner(spec)
-            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-            studies[name] = KeptStudy(spec, study)
+        if name not in studies:
+            try:
+                spec = _study_attrs(storage, name).get(SPEC_ATTR)
+            except KeyError:
+                if names:
+                    raise SweeperError(connect.unknown_study(name, connect.study_names(storage))) from None
+                continue
+            if spec is None:
+                continue  # not a sweeper study
+            studies[name] = _kept(storage, name, spec)
         kept = studies[name]
-        study = kept.study
-        if time.monotonic() - kept.stale_looked_at >= (storage.get_heartbeat_interval() or 0):
+        look_for_stale = time.monotonic() - kept.stale_looked_at >= (storage.get_heartbeat_interval() or 0)
+        if look_for_stale:
             kept.stale_looked_at = time.monotonic()
-            if claims.fail_stale_trials(study) and on_stale is not None:
-                on_stale(study)  # a retry may have been the last one
-        life = attrs.get(LIFECYCLE_ATTR) or {"state": "running"}
-        if life["state"] != "running":  # stopped, paused or cancelled: claim nothing (`sweeper resume` allows it again)
-            if held is not None and internals.waiting_trial_ids(study, limit=1):
-                held[name] = life
+        attrs: dict[str, Any] = {}  # the study's now, read by the claim's transaction
+        trial_id = claims.claim(kept.study, unfinished, attrs, _may_claim, look_for_stale, on_stale)
+        spec = attrs.get(SPEC_ATTR)
+        if spec is None:  # the study kept was deleted since (no trial of it was claimed): looked up again
+            del studies[name]
             continue
-        trial_id = claims.claim(study, unfinished)
+        if spec != kept.spec:  # its spec updated (`launch --force-update`): its sampler and pruner made again
+            studies[name] = _kept(storage, name, spec)
         if trial_id is not None:
-            return study, trial_id
+            return studies[name].study, trial_id
+        life = attrs.get(LIFECYCLE_ATTR) or {"state": "running"}
+        if life["state"] != "running":  # stopped, paused or cancelled: claims nothing until `sweeper resume`
+            if unfinished is not None:
+                unfinished.pop(name, None)  # nothing here to wait for
+            if held is not None and internals.waiting_trial_ids(kept.study, limit=1):
+                held[name] = life
     return None
 
 
-def _study_attrs(storage, name: str, studies: dict[str, KeptStudy]) -> dict[str, Any]:
-    """The study's user attrs now, through the id of the Study kept for it; KeyError: no such
-    study (a kept one deleted since, under the same name or none, is looked up again)."""
-    if name in studies:
-        try:
-            return storage.get_study_user_attrs(internals.study_id(studies[name].study))
-        except KeyError:
-            del studies[name]
+def _may_claim(study_attrs: dict[str, Any]) -> bool:
+    """A study claims while it is a sweeper study that is running (not stopped, paused or cancelled)."""
+    life = study_attrs.get(LIFECYCLE_ATTR) or {"state": "running"}
+    return study_attrs.get(SPEC_ATTR) is not None and life["state"] == "running"
+
+
+def _kept(storage, name: str, spec: dict[str, Any]) -> KeptStudy:
+    sampler, pruner = cellsearch.make_sampler(spec), cellsearch.make_pruner(spec)
+    return KeptStudy(spec, optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner))
+
+
+def _study_attrs(storage, name: str) -> dict[str, Any]:
+    """The study's user attrs now; KeyError: no such study."""
     return storage.get_study_user_attrs(storage.get_study_id_from_name(name))

@@ -129,12 +129,17 @@ def _study_run(run) -> tuple[str, str]:
     """(experiment id, parent run id) of the trial's study, created by the first worker."""
     name = run.study.study_name
     if name not in run.mlflow_ids:
-        with locks.study_lock(run.storage, name):  # one parent run, however many workers start
-            experiment_id = tracking.ensure_experiment(run.client, name)
-            run.mlflow_ids[name] = experiment_id, tracking.ensure_study_run(run.client, experiment_id, run.spec)
-            # Studies launched before metrics were named get theirs here.
-            val_fraction = Recipe.from_dict(run.spec["train"]).val_fraction
-            run.db(enqueue.name_metric, run.study, decision_metric(run.spec["metric"], val_fraction))
+        # Looked up before any lock: once they exist, workers starting together do not queue on
+        # the lock for them (200 workers did, for minutes, polling it thousands of times).
+        ids = tracking.find_study_run(run.client, name)
+        if ids is None:
+            with locks.study_lock(run.storage, name):  # one parent run, however many workers start
+                experiment_id = tracking.ensure_experiment(run.client, name)
+                ids = experiment_id, tracking.ensure_study_run(run.client, experiment_id, run.spec)
+        # Studies launched before metrics were named get theirs here.
+        val_fraction = Recipe.from_dict(run.spec["train"]).val_fraction
+        run.db(enqueue.name_metric, run.study, decision_metric(run.spec["metric"], val_fraction))
+        run.mlflow_ids[name] = ids
     return run.mlflow_ids[name]
 
 

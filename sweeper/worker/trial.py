@@ -63,7 +63,7 @@ class TrialRun:
         self.client, self.stop = mlflow_client, stop
         self.mlflow_ids = {} if mlflow_ids is None else mlflow_ids  # the worker's, kept between trials
         self.storage = internals.storage_of(study)
-        self.trial = self.db(optuna.Trial, study, trial_id)
+        self.trial = self.db(internals.trial_of_claim, study, trial_id)  # as the claim read it
         self.spec = spec if spec is not None else self.db(connect.stored_spec, study)  # the claim's, when it read it
         self.attrs = attrs = internals.frozen_trial(self.trial).user_attrs
         self.key = attrs[KEY_ATTR]

@@ -170,3 +170,62 @@ def test_a_model_output_whose_answer_was_lost_is_logged_once(tmp_path, monkeypat
         assert str(MlflowClient(server.url).get_logged_model(model_id).status) == "READY"
     finally:
         server.stop()
+
+
+def test_a_claim_made_while_mlflow_is_down_is_undone_and_spends_no_attempt(
+    tmp_path, sweeper_env, tracking, monkeypatch
+):
+    """An idle worker does not ask MLflow before each look at the queue; it asks once a trial is
+    its own, after a spell without a word from MLflow. MLflow down then: the claim is undone (the
+    trial WAITING again, never FAIL, no retry made), the worker waits for MLflow without claiming,
+    and runs the trial once MLflow is back."""
+    import optuna
+
+    from sweeper import worker
+    from sweeper.signals import StopSignal
+    from sweeper.storage import connect, leases
+    from sweeper.trials import outcomes
+    from sweeper.worker import loop
+
+    monkeypatch.setattr(loop, "TRACKING_CHECK_EVERY", 0.0)  # every claim follows a spell without MLflow
+    released = []
+    release = leases.release
+    monkeypatch.setattr(leases, "release", lambda *a: released.append(a) or release(*a))
+    url = f"sqlite:///{sweeper_env['SWEEPER_HOME']}/optuna.db"
+    enqueue(write_spec(tmp_path / "idle.toml", epochs=1), url)
+    study = optuna.load_study(study_name="idle", storage=connect.open_storage(url))
+    outcomes.set_lifecycle(study, "paused", "until MLflow goes down")  # the worker starts idle
+    seen = {}
+
+    def outage() -> None:
+        time.sleep(3)  # the worker is up, looking at a paused queue
+        tracking.stop()
+        outcomes.set_lifecycle(study, "running")
+        deadline = time.monotonic() + 60
+        while not released and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # it waits for MLflow now, claiming nothing
+        seen["trials"] = [(t.state, t.datetime_start) for t in trials_of(url, "idle")]
+        tracking.start()
+
+    helper = threading.Thread(target=outage)
+    helper.start()
+    config = worker.WorkerConfig(
+        storage_url=url,
+        tracking_uri=tracking.url,
+        study_names=("idle",),
+        device="cpu",
+        precision="fp32",
+        threads=1,
+        system_metrics=False,
+        forever=True,
+        max_trials=1,
+        poll_interval=0.2,
+    )
+    try:
+        assert worker.run(config, StopSignal()) == 1
+    finally:
+        helper.join()
+    assert len(released) == 1, "the trial was claimed once while MLflow was down, then undone"
+    assert seen["trials"] == [(TrialState.WAITING, None)]
+    assert [t.state for t in trials_of(url, "idle")] == [TrialState.COMPLETE]  # one attempt: no FAIL, no retry
