@@ -31,7 +31,7 @@ from sweeper.names import (
 from sweeper.redact import redact
 from sweeper.storage.dberrors import retry_db
 from sweeper.storage.internals import backend, frozen_trial, storage_of, study_attrs_now, study_id
-from sweeper.storage.leases import Renewal, claim_waiting, fail_if_stale, renew_lease, stale_trial_ids
+from sweeper.storage.leases import claim_waiting, fail_if_stale, renew_lease, stale_trial_ids
 from sweeper.storage.locks import study_lock
 from sweeper.trials.outcomes import by_key_and_recipe, latest_trials
 
@@ -98,9 +98,8 @@ class Heartbeat:
         self.lease = grace / 2
         self.label = label or f"trial id {trial_id}"
         self.renewed_at: float | None = claimed_at  # time.monotonic() when the last renewal that held was sent
-        self.sent_at: float | None = (
-            claimed_at  # ... when the last renewal was sent, held or not: the next is due an interval after
-        )
+        # ... when the last renewal was sent, held or not: the next is due an interval after.
+        self.sent_at: float | None = claimed_at
         self.watch = watch
         self.watched: tuple[float, Any] | None = None  # (time.monotonic() when sent, the attr's value)
         self.lost = False
@@ -141,7 +140,7 @@ class Heartbeat:
         when it cannot be reached (the lease then runs down)."""
         if not self.lost:
             sent = self.sent_at = time.monotonic()
-            renewal: Renewal = renew_lease(self.storage, self.trial_id, self.watch, report)
+            renewal = renew_lease(self.storage, self.trial_id, self.watch, report)
             if renewal.held:
                 self.renewed_at = max(sent, self.renewed_at or sent)
                 if renewal.study_attrs is not None:
