@@ -33,7 +33,7 @@ TRACKING_CHECK_EVERY = 30.0  # seconds without a word from MLflow after which a 
 class KeptStudy:
     """A study as a worker keeps it between claims (claim_next)."""
 
-    spec: dict[str, Any]
+    spec: dict[str, Any] | None  # None until a claim has read it
     study: optuna.Study
     stale_looked_at: float = float("-inf")  # time.monotonic() of its last look for stale trials
 
@@ -101,6 +101,7 @@ def _trial_loop(config: WorkerConfig, stop: StopSignal, storage, mlflow_client, 
         timed(config, "trial", trial_run.run)
         if trial_run.deferred is not None:  # trained to its end: its model is logged meanwhile
             pending.append(finishing.submit(trial_run.complete_in_background))
+            tracking_ok_at = time.monotonic()  # its run's metrics just reached MLflow: no need to look
         elif trial_run.outcome.errored:
             tracking_ok_at = float("-inf")  # perhaps MLflow is down (or its experiment deleted): look again
             mlflow_ids.pop(study.study_name, None)
@@ -227,27 +228,28 @@ def claim_next(
     studies = {} if studies is None else studies
     for name in names or connect.study_names(storage):
         if name not in studies:
-            try:
-                spec = _study_attrs(storage, name).get(SPEC_ATTR)
+            try:  # its spec, sampler and pruner come with the first claim's read
+                studies[name] = KeptStudy(None, optuna.load_study(study_name=name, storage=storage))
             except KeyError:
                 if names:
                     raise SweeperError(connect.unknown_study(name, connect.study_names(storage))) from None
                 continue
-            if spec is None:
-                continue  # not a sweeper study
-            studies[name] = _kept(storage, name, spec)
         kept = studies[name]
-        look_for_stale = time.monotonic() - kept.stale_looked_at >= (storage.get_heartbeat_interval() or 0)
+        # Not before the study is known to be sweeper's: another tool's trials are not ours to fail.
+        look_for_stale = kept.spec is not None and (
+            time.monotonic() - kept.stale_looked_at >= (storage.get_heartbeat_interval() or 0)
+        )
         if look_for_stale:
             kept.stale_looked_at = time.monotonic()
         attrs: dict[str, Any] = {}  # the study's now, read by the claim's transaction
         trial_id = claims.claim(kept.study, unfinished, attrs, _may_claim, look_for_stale, on_stale)
         spec = attrs.get(SPEC_ATTR)
-        if spec is None:  # the study kept was deleted since (no trial of it was claimed): looked up again
+        if spec is None:  # not a sweeper study, or deleted since it was kept: nothing was claimed
             del studies[name]
             continue
-        if spec != kept.spec:  # its spec updated (`launch --force-update`): its sampler and pruner made again
-            studies[name] = _kept(storage, name, spec)
+        if spec != kept.spec:  # read first, or updated since (`launch --force-update`)
+            kept.spec = spec
+            kept.study.sampler, kept.study.pruner = cellsearch.make_sampler(spec), cellsearch.make_pruner(spec)
         if trial_id is not None:
             return studies[name].study, trial_id
         life = attrs.get(LIFECYCLE_ATTR) or {"state": "running"}
@@ -263,13 +265,3 @@ def _may_claim(study_attrs: dict[str, Any]) -> bool:
     """A study claims while it is a sweeper study that is running (not stopped, paused or cancelled)."""
     life = study_attrs.get(LIFECYCLE_ATTR) or {"state": "running"}
     return study_attrs.get(SPEC_ATTR) is not None and life["state"] == "running"
-
-
-def _kept(storage, name: str, spec: dict[str, Any]) -> KeptStudy:
-    sampler, pruner = cellsearch.make_sampler(spec), cellsearch.make_pruner(spec)
-    return KeptStudy(spec, optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner))
-
-
-def _study_attrs(storage, name: str) -> dict[str, Any]:
-    """The study's user attrs now; KeyError: no such study."""
-    return storage.get_study_user_attrs(storage.get_study_id_from_name(name))
