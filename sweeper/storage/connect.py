@@ -67,16 +67,17 @@ def open_storage(
         if _driver(url) == "psycopg":  # psycopg 3 prepares a query server-side after 5 runs
             engine_kwargs["connect_args"]["prepare_threshold"] = None
     try:
-        if not create and not sqlite and not _has_schema(url, engine_kwargs):
-            raise NoStore(
-                f"the Optuna storage {redact_url(url)} holds no study yet (it has no Optuna tables); "
-                "check the URL (--storage / SWEEPER_STORAGE), or start a study with `sweeper launch --study SPEC`"
-            )
         # Experimental in Optuna (heartbeats, the retry callback), relied on knowingly: its
         # ExperimentalWarning would only reach a user (every command, every sweeper.api call).
         # A reader writes no lock file.
         lock_file = sqlite_path(url) if sqlite and create else None
         with schema_lock(url, engine_kwargs, lock_file) as ready, warnings.catch_warnings():
+            # A made schema has the tables: looked for only when it is not (a connection fewer per open).
+            if not create and not sqlite and not ready and not _has_schema(url, engine_kwargs):
+                raise NoStore(
+                    f"the Optuna storage {redact_url(url)} holds no study yet (it has no Optuna tables); check the "
+                    "URL (--storage / SWEEPER_STORAGE), or start a study with `sweeper launch --study SPEC`"
+                )
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = RDBStorage(
                 url,
