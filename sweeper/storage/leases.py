@@ -129,9 +129,9 @@ def release(storage, trial_id: int) -> bool:
     return True
 
 
-def stale_trial_ids(study: optuna.Study, grace: float | None = None) -> list[int]:
-    """The study's RUNNING trials whose heartbeat is older than ``grace`` seconds (default: the
-    storage's grace period), in one transaction; Optuna's look builds every running trial."""
+def stale_trial_ids(study: optuna.Study) -> list[int]:
+    """The study's RUNNING trials whose heartbeat is older than the grace period (``stale_grace``),
+    in one transaction; Optuna's look builds every running trial."""
     rdb = rdb_of(study._storage)
     if rdb is None:  # pragma: no cover - other Optuna versions
         return study._storage._get_stale_trial_ids(study._study_id)
@@ -139,12 +139,13 @@ def stale_trial_ids(study: optuna.Study, grace: float | None = None) -> list[int
     from optuna.storages._rdb.storage import _create_scoped_session
 
     with _create_scoped_session(scoped_session) as session:
-        return _stale_ids(session, models, study, _grace(study) if grace is None else grace)
+        return _stale_ids(session, models, study, stale_grace(study._storage))
 
 
-def _grace(study: optuna.Study) -> float:
-    rdb = backend(study._storage)
-    return rdb.grace_period or 2 * rdb.heartbeat_interval  # as Optuna's _get_stale_trial_ids
+def stale_grace(storage) -> float:
+    """Seconds without a heartbeat after which a RUNNING trial is stale (as Optuna judges it)."""
+    rdb = backend(storage)
+    return rdb.grace_period or 2 * rdb.heartbeat_interval
 
 
 def _stale_ids(session, models, study: optuna.Study, grace: float) -> list[int]:
@@ -164,12 +165,16 @@ def _stale_ids(session, models, study: optuna.Study, grace: float) -> list[int]:
     return list(session.scalars(query))
 
 
-def _write_heartbeat(session, models, trial_id: int) -> None:
+def _write_heartbeat(session, models, trial_id: int, first: bool = False) -> None:
     """The trial's heartbeat, now by the database's clock, in ``session``'s transaction (what
-    Optuna's ``record_heartbeat`` writes in a transaction of its own), in one statement."""
-    from sqlalchemy import func, update
+    Optuna's ``record_heartbeat`` writes in a transaction of its own), in one write: an UPDATE of
+    a running trial's row, or, ``first`` (a claimed trial, which has none yet), an INSERT."""
+    from sqlalchemy import func, select, update
 
     beats = models.TrialHeartbeatModel
+    if first and session.scalar(select(beats.trial_heartbeat_id).where(beats.trial_id == trial_id)) is None:
+        session.add(beats(trial_id=trial_id))
+        return
     renew = update(beats).where(beats.trial_id == trial_id).values(heartbeat=func.now())
     if session.execute(renew, execution_options={"synchronize_session": False}).rowcount == 0:
         session.add(beats(trial_id=trial_id))
@@ -217,18 +222,14 @@ def claim_waiting(
             )
             attrs = {key: json.loads(value) for key, value in rows}
         if look_for_stale:
-            stale = tuple(_stale_ids(session, models, study, _grace(study)))
+            stale = tuple(_stale_ids(session, models, study, stale_grace(study._storage)))
         trial = None if may_claim is not None and not may_claim(attrs or {}) else session.scalars(query).one_or_none()
         if trial is None:
             left = session.scalar(unfinished_query(models, study)) if count_unfinished else None
             return Claim(None, left, attrs, stale)
         trial.state, trial.datetime_start = TrialState.RUNNING, datetime.now()  # as set_trial_state_values
         trial_id = trial.trial_id
-        beats = models.TrialHeartbeatModel
-        if session.scalar(select(beats.trial_heartbeat_id).where(beats.trial_id == trial_id)) is None:
-            session.add(beats(trial_id=trial_id))  # a waiting trial's first heartbeat: one write
-        else:
-            _write_heartbeat(session, models, trial_id)
+        _write_heartbeat(session, models, trial_id, first=True)
         session.flush()
         claimed = backend(study._storage)._build_frozen_trial_from_trial_model(trial)  # as get_trial reads it
     read_into_cache(study, trial_id, claimed)

@@ -30,8 +30,8 @@ from sweeper.names import (
 )
 from sweeper.redact import redact
 from sweeper.storage.dberrors import retry_db
-from sweeper.storage.internals import backend, frozen_trial, storage_of, study_attrs_now, study_id
-from sweeper.storage.leases import claim_waiting, fail_if_stale, renew_lease, stale_trial_ids
+from sweeper.storage.internals import frozen_trial, storage_of, study_attrs_now, study_id
+from sweeper.storage.leases import claim_waiting, fail_if_stale, renew_lease, stale_grace, stale_trial_ids
 from sweeper.storage.locks import study_lock
 from sweeper.trials.outcomes import by_key_and_recipe, latest_trials
 
@@ -73,7 +73,7 @@ class Heartbeat:
     """Renews a trial's heartbeat every ``interval`` seconds, and with it this worker's lease: the
     right to write for the trial (its MLflow run, its checkpoint) for ``grace / 2`` seconds after a
     renewal was sent. Other workers take a trial over only once its heartbeat is older than
-    ``grace``, judged under the trial's row lock that a renewal also takes (storage.internals), and
+    ``grace``, judged under the trial's row lock that a renewal also takes (storage.leases), and
     a worker's connections give up on what is not acknowledged within ``grace / 4`` (TCP user
     timeout): so a write started inside the lease lands before anyone else can hold the trial, and
     a worker cut off and taken over writes nothing when its network comes back.
@@ -188,8 +188,7 @@ def fail_stale_trials(study: optuna.Study, stale: tuple[int, ...] | None = None)
     storage = storage_of(study)
     if storage.get_heartbeat_interval() is None:
         return []
-    rdb = backend(storage)
-    grace = rdb.grace_period or 2 * rdb.heartbeat_interval
+    grace = stale_grace(storage)
     failed = []
     reason = {
         FAIL_REASON_ATTR: f"no heartbeat for over {grace}s: the worker was killed or lost",
