@@ -5,7 +5,9 @@
 The stack of docker-compose.yml on this machine: fresh PostgreSQL databases for Optuna and for
 MLflow's store, a real ``pgbouncer`` in transaction mode in front of the Optuna database with
 compose's settings (tests/helpers.py's PgBouncer), a real ``mlflow server`` straight on its
-database (server_cost's, with its access log and CPU meter). One study of ``--trials`` cells.
+database with compose's pool (server_cost's, with its access log and CPU meter; one uvicorn
+worker by default: this machine's 2 cores are the workers' too), artifacts written by the
+workers straight to the artifact store unless ``--artifacts proxied``. One study of ``--trials`` cells.
 The workers are the real ``sweeper.worker.run`` (claim, heartbeat, per-epoch report and
 logging, model export, settle) with ``WorkerConfig.fit`` a sleep of ``--trial-seconds`` and a
 one-layer model (harness.light_config); ``--workers-per-process`` of them run as threads of a
@@ -390,15 +392,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trial-seconds", type=float, default=5.0, help="training (sleep) per trial")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per trial (the sleep split between them)")
     parser.add_argument("--workers-per-process", type=int, default=25, help="worker threads per forked process")
-    parser.add_argument("--exporters-per-process", type=int, default=1, help="model-export helpers per process")
+    parser.add_argument("--exporters-per-process", type=int, default=2, help="model-export helpers per process")
     parser.add_argument("--start-spread", type=float, default=0.0, help="seconds over which the workers start")
-    parser.add_argument("--mlflow-workers", type=int, default=2, help="uvicorn workers of the mlflow server")
+    parser.add_argument(
+        "--mlflow-workers",
+        type=int,
+        default=1,
+        help="uvicorn workers of the mlflow server (each pools up to 50 PostgreSQL connections, as in compose)",
+    )
     parser.add_argument(
         "--artifacts",
         choices=("proxied", "direct"),
-        default="proxied",
-        help="proxied: through the mlflow server (compose's default); direct: workers write them to the "
-        "artifact store themselves (a shared folder here, as an S3 bucket would be)",
+        default="direct",
+        help="direct: workers write the model's files to the artifact store themselves (a shared folder here, "
+        "as an S3 bucket would be: what a fleet runs, docs/DEPLOY.md); proxied: through the mlflow server "
+        "(compose's default)",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before the workers are killed")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")

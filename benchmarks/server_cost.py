@@ -110,9 +110,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# docker-compose.yml's pool for each uvicorn worker: more connections than its 40 request threads
+# (MLflow's default, 5 + 10, stalled under 200 workers: docs/DEPLOY.md, "Connections").
+COMPOSE_MLFLOW_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "10", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "40"}
+
+
 class MlflowServer:
-    """``mlflow server`` as compose runs it (PostgreSQL backend store, proxied artifacts), with
-    uvicorn's access log (MLflow's default log config sends it to stdout) in a file."""
+    """``mlflow server`` as compose runs it (PostgreSQL backend store, proxied artifacts, its
+    database pool), with uvicorn's access log (MLflow's default log config sends it to stdout)
+    in a file."""
 
     def __init__(self, backend_uri: str, root: Path, workers: int, direct_artifacts: bool = False):
         """``direct_artifacts``: no proxying (``--no-serve-artifacts``); new experiments store their
@@ -126,6 +132,7 @@ class MlflowServer:
         (root / "sitecustomize").mkdir()
         (root / "sitecustomize" / "sitecustomize.py").write_text(SITECUSTOMIZE)
         env = {
+            **COMPOSE_MLFLOW_POOL,  # unless the environment sets them
             **os.environ,
             "PYTHONPATH": os.pathsep.join(p for p in (str(root / "sitecustomize"), os.environ.get("PYTHONPATH")) if p),
             "SERVER_COST_SQL_DIR": str(self.sql_dir),

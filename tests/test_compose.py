@@ -297,6 +297,31 @@ def test_mlflow_server_flags(services):
     )
 
 
+def test_mlflow_pool_outnumbers_its_request_threads_and_postgres_has_room_for_it(services):
+    """MLflow 3.17's log-batch holds a pooled connection while it asks for a second: with fewer
+    connections than a uvicorn worker's request threads (anyio's limiter), a fleet's burst left
+    every connection held by a request waiting for another and the server stopped answering
+    (MLflow's default pool, 5 + 10, against 40 threads). So each server pools more than its
+    threads, and PostgreSQL's default max_connections covers every uvicorn worker's pool at its
+    largest plus PgBouncer's."""
+    import anyio
+    import anyio.to_thread
+
+    async def request_threads() -> int:
+        return anyio.to_thread.current_default_thread_limiter().total_tokens
+
+    threads, env = anyio.run(request_threads), env_example()
+    for name in ("mlflow", "mlflow-auth"):
+        server = environment(services[name])
+        pool = int(server["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]) + int(server["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"])
+        assert pool > threads, (name, pool, threads)
+    (workers,) = [interpolate(a, {}) for a in services["mlflow"]["command"] if a.startswith("--workers=")]
+    (max_connections,) = [interpolate(a, {}) for a in services["postgres"]["command"] if "max_connections" in a]
+    needed = int(workers.split("=")[1]) * pool + int(env["PGBOUNCER_POOL_SIZE"])
+    assert int(max_connections.split("=")[1]) >= needed
+    assert int(env["POSTGRES_MAX_CONNECTIONS"]) >= needed
+
+
 def test_databases_are_separate(services):
     env = env_example()
     storage = interpolate(environment(services["worker"])["SWEEPER_STORAGE"], env)
