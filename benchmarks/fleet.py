@@ -23,7 +23,8 @@ each claim's time (``WorkerConfig.on_phase``). Then: lost = cells without a COMP
 duplicated = cells with more than one, plus MLflow runs with an epoch's metric logged twice;
 efficiency = ideal / measured, ideal = ceil(trials / workers) x trial-seconds (every worker
 training all the time), measured = from the go signal to the last trial's COMPLETE (Optuna's
-datetime_complete); server_cost's projection fed with these per-trial costs.
+datetime_complete); efficiency_cpu_bound = the most the machine's cores allow for the CPU the
+run measured (ideal / (CPU seconds / cores)); server_cost's projection fed with these per-trial costs.
 """
 
 from __future__ import annotations
@@ -366,6 +367,10 @@ def measure(args, tmp: Path, stack: Stack) -> dict[str, Any]:
     r.update(trials_done=outcome["states"].get("COMPLETE", 0), lost=outcome["lost"])
     r.update(duplicated=outcome["duplicated_cells"] + outcome["runs_with_an_epoch_twice"])
     r.update(efficiency=ideal / last if last > 0 else 0.0, ideal_s=ideal, measured_s=last)
+    # The most this machine allows: every core busy for the run's measured CPU (workers, their
+    # export helpers, the mlflow server, PostgreSQL), nothing lost to scheduling or lockstep.
+    cpu = per_trial["worker_cpu_s"] + per_trial["mlflow_server_cpu_s"] + per_trial["postgres_cpu_s"]
+    r.update(cpu_s_per_trial=cpu, efficiency_cpu_bound=min(1.0, ideal / (cpu * n / (os.cpu_count() or 1))))
     r.update(
         pg_connections_max=connections.get(db["optuna"], 0), mlflow_pg_connections_max=connections.get(db["mlflow"], 0)
     )
@@ -452,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(r: dict[str, Any]) -> None:
     print(
         f"{r['command']}: done {r['trials_done']}, lost {r['lost']}, duplicated {r['duplicated']}, efficiency "
-        f"{r['efficiency']:.2f} ({r['ideal_s']:.0f}s ideal / {r['measured_s']:.0f}s); per trial "
+        f"{r['efficiency']:.2f} ({r['ideal_s']:.0f}s ideal / {r['measured_s']:.0f}s; at most "
+        f"{r['efficiency_cpu_bound']:.2f} on {os.cpu_count()} cores for {r['cpu_s_per_trial']:.2f} CPU-s per trial); per trial "
         f"{r['sql_transactions_per_trial']:.1f} SQL transactions, {r['http_requests_per_trial']:.1f} HTTP requests, "
         f"{r['mlflow_server_cpu_ms_per_trial']:.0f} ms mlflow CPU; PostgreSQL connections <= {r['pg_connections_max']}; "
         f"claim p50 {r['claim_p50_ms']:.0f} ms, p99 {r['claim_p99_ms']:.0f} ms; load {r['loadavg_end'][0]:.1f}"

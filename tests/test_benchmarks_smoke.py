@@ -370,6 +370,7 @@ def test_fleet_runs_every_trial_once_through_pgbouncer_and_the_mlflow_server(tmp
     assert result["trials_done"] == 4 and result["lost"] == 0 and result["duplicated"] == 0
     assert result["outcome"]["runs_checked"] == 4 and result["error_lines"] == 0 and not result["errors"]
     assert 0 < result["efficiency"] <= 1 and 0 < result["pg_connections_max"] <= 30
+    assert 0 < result["efficiency_cpu_bound"] <= 1 and result["cpu_s_per_trial"] > 0
     assert result["http_requests_per_trial"] > 0 and result["sql_transactions_per_trial"] > 0
     assert 0 < result["claim_p50_ms"] <= result["claim_p99_ms"]
     assert all(row["first_bottleneck"] for row in result["projection"])
