@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import pool
-from harness import PG_ADMIN_URL, Databases, dispose, grid_spec, log
+from harness import PG_ADMIN_URL, REPO, Databases, dispose, grid_spec, log
 
 from sweeper.contract import DEFAULT_HEARTBEAT_INTERVAL
 
@@ -110,9 +110,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# docker-compose.yml's pool for each uvicorn worker: more connections than its 40 request threads
-# (MLflow's default, 5 + 10, stalled under 200 workers: docs/DEPLOY.md, "Connections").
-COMPOSE_MLFLOW_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "10", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "40"}
+def compose_mlflow_pool() -> dict[str, str]:
+    """docker-compose.yml's pool for each uvicorn worker, read from it: more connections than its
+    40 request threads (MLflow's default, 5 + 10, stalled under 200 workers: docs/DEPLOY.md,
+    "Connections")."""
+    import yaml
+
+    environment = yaml.safe_load((REPO / "docker-compose.yml").read_text())["x-mlflow"]["environment"]
+    return {k: str(v) for k, v in environment.items() if k.startswith("MLFLOW_SQLALCHEMYSTORE_")}
 
 
 class MlflowServer:
@@ -132,7 +137,7 @@ class MlflowServer:
         (root / "sitecustomize").mkdir()
         (root / "sitecustomize" / "sitecustomize.py").write_text(SITECUSTOMIZE)
         env = {
-            **COMPOSE_MLFLOW_POOL,  # unless the environment sets them
+            **compose_mlflow_pool(),  # unless the environment sets them
             **os.environ,
             "PYTHONPATH": os.pathsep.join(p for p in (str(root / "sitecustomize"), os.environ.get("PYTHONPATH")) if p),
             "SERVER_COST_SQL_DIR": str(self.sql_dir),

@@ -311,13 +311,14 @@ def test_mlflow_pool_outnumbers_its_request_threads_and_postgres_has_room_for_it
         return anyio.to_thread.current_default_thread_limiter().total_tokens
 
     threads, env = anyio.run(request_threads), env_example()
+    pools = {}
     for name in ("mlflow", "mlflow-auth"):
-        server = environment(services[name])
-        pool = int(server["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]) + int(server["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"])
-        assert pool > threads, (name, pool, threads)
+        env_of = environment(services[name])
+        pools[name] = sum(int(env_of[f"MLFLOW_SQLALCHEMYSTORE_{key}"]) for key in ("POOL_SIZE", "MAX_OVERFLOW"))
+        assert pools[name] > threads, (name, pools[name], threads)
     (workers,) = [interpolate(a, {}) for a in services["mlflow"]["command"] if a.startswith("--workers=")]
     (max_connections,) = [interpolate(a, {}) for a in services["postgres"]["command"] if "max_connections" in a]
-    needed = int(workers.split("=")[1]) * pool + int(env["PGBOUNCER_POOL_SIZE"])
+    needed = int(workers.split("=")[1]) * pools["mlflow"] + int(env["PGBOUNCER_POOL_SIZE"])
     assert int(max_connections.split("=")[1]) >= needed
     assert int(env["POSTGRES_MAX_CONNECTIONS"]) >= needed
 
