@@ -2,7 +2,9 @@
 
 The URL comes from ``--notify`` or ``SWEEPER_NOTIFY_URL`` (a chat webhook, an alerting hook).
 A webhook's path is often its secret, so logs name only its host. A POST that fails is logged
-and never stops a worker.
+and never stops a worker. It goes through the proxy that ``HTTPS_PROXY`` or ``HTTP_PROXY`` names
+(an http:// proxy; HTTPS through a CONNECT tunnel), unless ``NO_PROXY`` covers the hook's host,
+as curl and MLflow's client do.
 
     >>> event("study_complete", "quickstart", None, outcome="finished")["event"]
     'study_complete'
@@ -21,6 +23,7 @@ import logging
 import socket
 import threading
 import urllib.parse
+import urllib.request
 from typing import Any
 
 from sweeper.errors import first_line
@@ -70,7 +73,30 @@ def check_url(url: str | None) -> str | None:
         raise ValueError(
             f"{redact(url)} must be an http:// or https:// URL with a host, like https://hooks.example/T0K3N"
         )
+    proxy_for(parts)
     return url
+
+
+def proxy_for(parts: urllib.parse.SplitResult) -> urllib.parse.SplitResult | None:
+    """The proxy the environment names for the hook's scheme (``HTTPS_PROXY``, ``HTTP_PROXY`` or
+    their lower-case forms), None where there is none or ``NO_PROXY`` covers the hook's host;
+    ValueError for one that is not an http:// URL with a host."""
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname, proxies):
+        return None
+    found = urllib.parse.urlsplit(remember(proxy if "://" in proxy else f"http://{proxy}"))  # host:port too, as curl
+    try:
+        found.port  # noqa: B018  (raises ValueError on a port out of range)
+    except ValueError:
+        found = found._replace(netloc="")
+    if found.scheme != "http" or not found.hostname:
+        variable = f"{parts.scheme.upper()}_PROXY"
+        raise ValueError(
+            f"{variable}={redact(proxy)}: notifications go through an http:// proxy with a host, like "
+            f"http://proxy.example:3128; set {variable} to one, or NO_PROXY={parts.hostname} to reach the hook directly"
+        )
+    return found
 
 
 def send(url: str | None, document: dict[str, Any]) -> bool:
@@ -82,6 +108,8 @@ def send(url: str | None, document: dict[str, Any]) -> bool:
     try:
         where = _host(url)
         check_url(url)
+        proxy = proxy_for(urllib.parse.urlsplit(url))
+        where += f" through the proxy {_host(proxy.geturl())}" if proxy else ""
         status = _post(url, json.dumps(document, default=str).encode())
         if not 200 <= status < 300:
             raise OSError(f"HTTP {status}")
@@ -94,16 +122,25 @@ def send(url: str | None, document: dict[str, Any]) -> bool:
 
 def _post(url: str, body: bytes) -> int:
     """POST ``body``; the answer's status. Credentials in the URL go as basic auth (urllib
-    would take ``user:password@`` for part of the host). A timer shuts the socket down at
-    TIMEOUT: a socket timeout bounds each read only, and a hook trickling its answer a byte at
-    a time would hold the worker for ever."""
+    would take ``user:password@`` for part of the host), a proxy's as proxy basic auth. A timer
+    shuts the socket down at TIMEOUT: a socket timeout bounds each read only, and a hook
+    trickling its answer a byte at a time would hold the worker for ever."""
     parts = urllib.parse.urlsplit(url)
-    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_class(parts.hostname, parts.port, timeout=TIMEOUT)
-    headers = {"Content-Type": "application/json", "User-Agent": "sweeper"}
-    if parts.username is not None:
-        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    proxy = proxy_for(parts)
+    https = parts.scheme == "https"
+    connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    headers = {"Content-Type": "application/json", "User-Agent": "sweeper", **_basic_auth("Authorization", parts)}
+    path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    if proxy is None:
+        connection = connection_class(parts.hostname, parts.port, timeout=TIMEOUT)
+    else:
+        connection = connection_class(proxy.hostname, proxy.port or 80, timeout=TIMEOUT)
+    if proxy is not None and https:  # a CONNECT tunnel through the proxy; TLS with the hook inside it
+        connection.set_tunnel(parts.hostname, parts.port, headers=_basic_auth("Proxy-Authorization", proxy))
+    elif proxy is not None:  # the proxy forwards the request: it gets the hook's whole URL
+        headers.update(_basic_auth("Proxy-Authorization", proxy))
+        netloc = parts.netloc.rpartition("@")[2]
+        path = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
     expired = threading.Event()
 
     def expire() -> None:
@@ -118,7 +155,6 @@ def _post(url: str, body: bytes) -> int:
         connection.connect()
         if expired.is_set():
             raise TimeoutError(f"no answer within {TIMEOUT:g}s")
-        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         connection.request("POST", path, body=body, headers=headers)
         response = connection.getresponse()
         response.read()
@@ -132,6 +168,13 @@ def _post(url: str, body: bytes) -> int:
     finally:
         timer.cancel()
         connection.close()
+
+
+def _basic_auth(header: str, parts: urllib.parse.SplitResult) -> dict[str, str]:
+    if parts.username is None:
+        return {}
+    pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    return {header: "Basic " + base64.b64encode(pair.encode()).decode()}
 
 
 def _host(url: str) -> str:
