@@ -6,7 +6,8 @@ The stack of docker-compose.yml on this machine: fresh PostgreSQL databases for 
 MLflow's store, a real ``pgbouncer`` in transaction mode in front of the Optuna database with
 compose's settings (tests/helpers.py's PgBouncer), a real ``mlflow server`` straight on its
 database with compose's pool (server_cost's, with its access log and CPU meter; one uvicorn
-worker by default: this machine's 2 cores are the workers' too), artifacts written by the
+worker by default: this machine's 2 cores are the workers' too; ``--mlflow-server gunicorn``: its
+Flask app under gunicorn's threads, without the FastAPI app around it), artifacts written by the
 workers straight to the artifact store unless ``--artifacts proxied``. One study of ``--trials`` cells.
 The workers are the real ``sweeper.worker.run`` (claim, heartbeat, per-epoch report and
 logging, model export, settle) with ``WorkerConfig.fit`` a sleep of ``--trial-seconds`` and a
@@ -242,7 +243,7 @@ class Stack:
     def __init__(self) -> None:
         self.things: list = []
 
-    def start(self, tmp: Path, dbs: Databases, mlflow_workers: int, direct_artifacts: bool = False) -> None:
+    def start(self, tmp: Path, dbs: Databases, mlflow_workers: int, direct_artifacts: bool, sgi: str) -> None:
         self.optuna_url, mlflow_url = dbs.new("postgresql", "fleet_optuna"), dbs.new("postgresql", "fleet_mlflow")
         self.databases = {"optuna": self.optuna_url.rsplit("/", 1)[1], "mlflow": mlflow_url.rsplit("/", 1)[1]}
         root = Path(tempfile.mkdtemp(prefix="fleet-pgbouncer-", dir=tmp))
@@ -250,9 +251,9 @@ class Stack:
             path.chmod(0o755)
         self.bouncer = self.keep(PgBouncer(root, **BOUNCER)).start()
         self.storage_url = self.bouncer.url(self.optuna_url)
-        log(f"pgbouncer: {self.storage_url}; mlflow server with {mlflow_workers} uvicorn workers")
+        log(f"pgbouncer: {self.storage_url}; mlflow server with {mlflow_workers} {sgi} workers")
         backend = mlflow_url.replace("postgresql://", "postgresql+psycopg2://")
-        self.server = self.keep(cost.MlflowServer(backend, tmp, mlflow_workers, direct_artifacts))
+        self.server = self.keep(cost.MlflowServer(backend, tmp, mlflow_workers, direct_artifacts, sgi))
         self.server.wait_ready()
         self.meter = self.keep(cost.CpuMeter(self.server.proc.pid, self.databases))
         self.meter.start()
@@ -406,6 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         help="uvicorn workers of the mlflow server (each pools up to 50 PostgreSQL connections, as in compose)",
     )
     parser.add_argument(
+        "--mlflow-server",
+        choices=("uvicorn", "gunicorn"),
+        default="uvicorn",
+        help="what serves MLflow: uvicorn (its default, the FastAPI app around the Flask one) or gunicorn "
+        "(the Flask app, threads per worker)",
+    )
+    parser.add_argument(
         "--artifacts",
         choices=("proxied", "direct"),
         default="direct",
@@ -435,11 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     dbs = Databases(tmp)
     command = " ".join(["python benchmarks/fleet.py", *(argv if argv is not None else sys.argv[1:])])
     result = {"date": time.strftime("%F %T %z"), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    result["command"] = command
+    result.update(command=command, mlflow_server=args.mlflow_server)
     stack = Stack()
     started = time.perf_counter()
     try:
-        stack.start(tmp, dbs, args.mlflow_workers, direct_artifacts=args.artifacts == "direct")
+        stack.start(tmp, dbs, args.mlflow_workers, args.artifacts == "direct", args.mlflow_server)
         result.update(measure(args, tmp, stack))
     finally:
         stack.stop()

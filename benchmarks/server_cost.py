@@ -64,6 +64,7 @@ SCRIPT = Path(__file__).resolve()
 
 HEARTBEAT_INTERVAL = DEFAULT_HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
 STATS_FLUSH_WAIT = 11.0  # an idle PostgreSQL 15 backend reports its counters within 10 s
+GUNICORN_THREADS = 16  # --mlflow-server gunicorn: request threads per worker (gthread)
 ACCESS_LINE = re.compile(r'"(GET|POST|PUT|PATCH|DELETE|HEAD) (\S+) HTTP/[\d.]+" (\d{3})')
 ID_IN_PATH = re.compile(r"/(m-)?[0-9a-f]{32}(?=/|$)")  # run and logged-model ids in paths
 # Put on the mlflow server's PYTHONPATH: every process of the server counts the statements and
@@ -125,10 +126,14 @@ class MlflowServer:
     database pool), with uvicorn's access log (MLflow's default log config sends it to stdout)
     in a file."""
 
-    def __init__(self, backend_uri: str, root: Path, workers: int, direct_artifacts: bool = False):
+    def __init__(
+        self, backend_uri: str, root: Path, workers: int, direct_artifacts: bool = False, sgi: str = "uvicorn"
+    ):
         """``direct_artifacts``: no proxying (``--no-serve-artifacts``); new experiments store their
         artifacts under ``root/artifacts``, which clients write themselves, as they would an S3
-        bucket or a shared volume (docs/DEPLOY.md, "Artifacts off the server's path")."""
+        bucket or a shared volume (docs/DEPLOY.md, "Artifacts off the server's path"). ``sgi``:
+        uvicorn (MLflow's default: its FastAPI app, the Flask handlers inside) or gunicorn (the
+        Flask app alone, GUNICORN_THREADS request threads per worker, its access log on stdout)."""
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log_path = root / "mlflow-server.log"
@@ -158,6 +163,7 @@ class MlflowServer:
                 str(self.port),
                 "--workers",
                 str(workers),
+                *(["--gunicorn-opts", f"--threads {GUNICORN_THREADS} --access-logfile -"] if sgi == "gunicorn" else []),
                 *(
                     ["--no-serve-artifacts", "--default-artifact-root", str(root / "artifacts")]
                     if direct_artifacts

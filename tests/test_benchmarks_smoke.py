@@ -355,7 +355,8 @@ def test_benchmarks_assign_nothing_inside_sweeper():
 def test_fleet_runs_every_trial_once_through_pgbouncer_and_the_mlflow_server(tmp_path, pgbouncer):
     proc = subprocess.run(
         [sys.executable, str(BENCH / "fleet.py"), "--workers", "3", "--trials", "4", "--trial-seconds", "1", "--json"]
-        + ["--workers-per-process", "2"],  # two processes: threads and forks both
+        + ["--workers-per-process", "2"]  # two processes: threads and forks both
+        + ["--mlflow-server", "gunicorn"],  # its access log counted too (server_cost's test runs uvicorn)
         env=_env(tmp_path),
         capture_output=True,
         text=True,
@@ -366,7 +367,7 @@ def test_fleet_runs_every_trial_once_through_pgbouncer_and_the_mlflow_server(tmp
     keys = {"workers", "trials_done", "lost", "duplicated", "efficiency", "pg_connections_max"}
     keys |= {"sql_transactions_per_trial", "http_requests_per_trial", "mlflow_server_cpu_ms_per_trial"}
     assert keys | {"claim_p50_ms", "claim_p99_ms"} <= set(result)
-    assert result["workers"] == 3 and result["processes"] == 2
+    assert result["workers"] == 3 and result["processes"] == 2 and result["mlflow_server"] == "gunicorn"
     assert result["trials_done"] == 4 and result["lost"] == 0 and result["duplicated"] == 0
     assert result["outcome"]["runs_checked"] == 4 and result["error_lines"] == 0 and not result["errors"]
     assert 0 < result["efficiency"] <= 1 and 0 < result["pg_connections_max"] <= 30
