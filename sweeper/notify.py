@@ -110,7 +110,7 @@ def send(url: str | None, document: dict[str, Any]) -> bool:
         check_url(url)
         proxy = proxy_for(urllib.parse.urlsplit(url))
         where += f" through the proxy {_host(proxy.geturl())}" if proxy else ""
-        status = _post(url, json.dumps(document, default=str).encode())
+        status = _post(url, json.dumps(document, default=str).encode(), proxy)
         if not 200 <= status < 300:
             raise OSError(f"HTTP {status}")
         log.info("notified %s: %s of study %s", where, document.get("event"), document.get("study"))
@@ -120,13 +120,12 @@ def send(url: str | None, document: dict[str, Any]) -> bool:
         return False
 
 
-def _post(url: str, body: bytes) -> int:
-    """POST ``body``; the answer's status. Credentials in the URL go as basic auth (urllib
+def _post(url: str, body: bytes, proxy: urllib.parse.SplitResult | None) -> int:
+    """POST ``body``, through ``proxy`` (``proxy_for``'s) if any; the answer's status. Credentials in the URL go as basic auth (urllib
     would take ``user:password@`` for part of the host), a proxy's as proxy basic auth. A timer
     shuts the socket down at TIMEOUT: a socket timeout bounds each read only, and a hook
     trickling its answer a byte at a time would hold the worker for ever."""
     parts = urllib.parse.urlsplit(url)
-    proxy = proxy_for(parts)
     https = parts.scheme == "https"
     connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
     headers = {"Content-Type": "application/json", "User-Agent": "sweeper", **_basic_auth("Authorization", parts)}
@@ -135,12 +134,12 @@ def _post(url: str, body: bytes) -> int:
         connection = connection_class(parts.hostname, parts.port, timeout=TIMEOUT)
     else:
         connection = connection_class(proxy.hostname, proxy.port or 80, timeout=TIMEOUT)
-    if proxy is not None and https:  # a CONNECT tunnel through the proxy; TLS with the hook inside it
-        connection.set_tunnel(parts.hostname, parts.port, headers=_basic_auth("Proxy-Authorization", proxy))
-    elif proxy is not None:  # the proxy forwards the request: it gets the hook's whole URL
-        headers.update(_basic_auth("Proxy-Authorization", proxy))
-        netloc = parts.netloc.rpartition("@")[2]
-        path = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        if https:  # a CONNECT tunnel through the proxy; TLS with the hook inside it
+            connection.set_tunnel(parts.hostname, parts.port, headers=_basic_auth("Proxy-Authorization", proxy))
+        else:  # the proxy forwards the request: it gets the hook's whole URL
+            headers.update(_basic_auth("Proxy-Authorization", proxy))
+            netloc = parts.netloc.rpartition("@")[2]
+            path = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
     expired = threading.Event()
 
     def expire() -> None:
