@@ -3,8 +3,9 @@
 The URL comes from ``--notify`` or ``SWEEPER_NOTIFY_URL`` (a chat webhook, an alerting hook).
 A webhook's path is often its secret, so logs name only its host. A POST that fails is logged
 and never stops a worker. It goes through the proxy that ``HTTPS_PROXY`` or ``HTTP_PROXY`` names
-(an http:// proxy; HTTPS through a CONNECT tunnel), unless ``NO_PROXY`` covers the hook's host,
-as curl and MLflow's client do.
+(an http:// proxy; HTTPS through a CONNECT tunnel), unless ``NO_PROXY`` covers the hook, read as
+MLflow's client (requests) reads it: names and their subdomains, ``host:port``, IPv4 networks in
+CIDR form.
 
     >>> event("study_complete", "quickstart", None, outcome="finished")["event"]
     'study_complete'
@@ -79,11 +80,12 @@ def check_url(url: str | None) -> str | None:
 
 def proxy_for(parts: urllib.parse.SplitResult) -> urllib.parse.SplitResult | None:
     """The proxy the environment names for the hook's scheme (``HTTPS_PROXY``, ``HTTP_PROXY`` or
-    their lower-case forms), None where there is none or ``NO_PROXY`` covers the hook's host;
+    their lower-case forms), None where there is none or ``NO_PROXY`` covers the hook;
     ValueError for one that is not an http:// URL with a host."""
-    proxies = urllib.request.getproxies_environment()
-    proxy = proxies.get(parts.scheme)
-    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname, proxies):
+    from requests.utils import should_bypass_proxies  # MLflow's client's NO_PROXY rules: CIDR, host:port
+
+    proxy = urllib.request.getproxies_environment().get(parts.scheme)
+    if not proxy or should_bypass_proxies(parts.geturl(), no_proxy=None):
         return None
     found = urllib.parse.urlsplit(remember(proxy if "://" in proxy else f"http://{proxy}"))  # host:port too, as curl
     try:

@@ -148,6 +148,24 @@ def test_a_notification_goes_through_the_proxy_the_environment_names_unless_no_p
     assert "Via" not in hook.received[-1][1], "NO_PROXY names the hook's host: it is reached directly"
 
 
+def test_no_proxy_networks_and_ports_are_read_as_mlflows_client_reads_them(tinyproxy, hooks, proxy_env):
+    """MLflow's client (requests) takes NO_PROXY entries in CIDR form and ``host:port``; urllib's
+    rules took neither, so a hook NO_PROXY exempted by network went through the proxy anyway."""
+    from sweeper import notify
+
+    proxy, hook = tinyproxy(), hooks()
+    proxy_env.setenv("HTTP_PROXY", proxy.url)
+    by_name = hook.url.replace("127.0.0.1", "localhost")
+    port = hook.server.server_port
+    for url, no_proxy in ((hook.url, "10.0.0.0/8,127.0.0.0/8"), (by_name, f"example.org,localhost:{port}")):
+        proxy_env.setenv("NO_PROXY", no_proxy)
+        assert notify.send(url, {"event": "study_complete", "study": no_proxy}) is True
+        assert "Via" not in hook.received[-1][1], f"NO_PROXY={no_proxy} covers {url}: it is reached directly"
+    proxy_env.setenv("NO_PROXY", f"10.0.0.0/8,localhost:{port + 1}")
+    assert notify.send(hook.url, {"event": "study_complete", "study": "proxied"}) is True
+    assert "tinyproxy" in hook.received[-1][1].get("Via", ""), "a network or port the hook is not in: proxied"
+
+
 def test_an_https_hook_is_reached_through_a_connect_tunnel_with_the_proxys_credentials(
     tinyproxy, hooks, proxy_env, tmp_path, caplog
 ):
