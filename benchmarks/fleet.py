@@ -21,7 +21,8 @@ From the go signal until every worker has exited: PostgreSQL transactions (pg_st
 HTTP requests (the access log), the mlflow server's CPU above idle (server_cost.Snapshot), the
 Optuna database's server connections (pg_stat_activity every 0.5 s: what PgBouncer opened),
 each claim's time (``WorkerConfig.on_phase``). Then: lost = cells without a COMPLETE trial;
-duplicated = cells with more than one, plus MLflow runs with an epoch's metric logged twice;
+duplicated = cells with more than one, plus MLflow runs with an epoch's metric logged twice and
+active cell runs that no trial holds (a run made twice);
 efficiency = ideal / measured, ideal = ceil(trials / workers) x trial-seconds (every worker
 training all the time), measured = from the go signal to the last trial's COMPLETE (Optuna's
 datetime_complete); efficiency_cpu_bound = the most the machine's cores allow for the CPU the
@@ -174,9 +175,14 @@ def check_outcome(storage, client, study_name: str, cells: int, go: float) -> di
 
     with ThreadPoolExecutor(8) as threads:
         twice = sum(threads.map(epochs_twice, run_ids))
+    # A cell's run made twice (a create re-sent after its answer was lost) and left active: no trial holds it.
+    experiment = client.get_experiment_by_name(study_name)
+    cell_runs = client.search_runs([experiment.experiment_id], "tags.`sweeper.role` = 'cell'", max_results=50000)
     last = max((t.datetime_complete.timestamp() for t in complete), default=go)
     out = dict(states=dict(states), lost=cells - len(per_cell), last_complete_s=last - go, runs_checked=len(run_ids))
     out.update(duplicated_cells=sum(1 for n in per_cell.values() if n > 1), runs_with_an_epoch_twice=twice)
+    held = set(run_ids)
+    out.update(runs_without_trial=sum(1 for r in cell_runs if r.info.run_id not in held))
     return out
 
 
@@ -366,7 +372,9 @@ def measure(args, tmp: Path, stack: Stack) -> dict[str, Any]:
     last = outcome["last_complete_s"]
     r = dict(workers=args.workers, processes=math.ceil(args.workers / args.workers_per_process))
     r.update(trials_done=outcome["states"].get("COMPLETE", 0), lost=outcome["lost"])
-    r.update(duplicated=outcome["duplicated_cells"] + outcome["runs_with_an_epoch_twice"])
+    r.update(
+        duplicated=outcome["duplicated_cells"] + outcome["runs_with_an_epoch_twice"] + outcome["runs_without_trial"]
+    )
     r.update(efficiency=ideal / last if last > 0 else 0.0, ideal_s=ideal, measured_s=last)
     # The most this machine allows: every core busy for the run's measured CPU (workers, their
     # export helpers, the mlflow server, PostgreSQL), nothing lost to scheduling or lockstep.

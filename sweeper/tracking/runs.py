@@ -12,7 +12,7 @@ from typing import Any
 from sweeper import settings
 from sweeper.errors import LeaseLapsed, TrialLost, first_line
 from sweeper.redact import redact
-from sweeper.tracking.connection import TrackingUnreachable, is_server, retry_while_unreachable
+from sweeper.tracking.connection import TrackingUnreachable, is_server, is_transport_error, retry_while_unreachable
 
 log = logging.getLogger("sweeper.tracking")
 
@@ -50,11 +50,54 @@ def ensure_experiment(mlflow_client, name: str) -> str:
 
 
 def find_run(mlflow_client, experiment_id: str, tags: dict[str, str]):
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = mlflow_client.search_runs(
-        [experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time ASC"]
-    )
+    runs = find_runs(mlflow_client, experiment_id, tags, limit=1)
     return runs[0] if runs else None
+
+
+def find_runs(mlflow_client, experiment_id: str, tags: dict[str, str], limit: int = 100) -> list:
+    """The experiment's active runs that carry ``tags``, the first made first."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return mlflow_client.search_runs(
+        [experiment_id], filter_string=query, max_results=limit, order_by=["attributes.start_time ASC"]
+    )
+
+
+def create_run_once(mlflow_client, experiment_id: str, run_name: str, tags: dict[str, str], identity: dict[str, str]):
+    """The id of a run created with ``tags``, made once even where the request was sent twice:
+    MLflow's HTTP session re-sends a POST whose answer did not come within its read timeout, and
+    the server then makes the run again (a fleet's overloaded server does: a copy with no
+    metrics, RUNNING for ever beside the real one). A call that took that long, or failed on the
+    way, looks up the runs with ``identity`` (tags no other run has): the one answered (else the
+    first made) is kept, copies without metrics deleted."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    started = time.monotonic()
+    try:
+        run_id = mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    except Exception as e:
+        if not is_transport_error(e):
+            raise
+        run_id, error = None, e
+    else:
+        if time.monotonic() - started < MLFLOW_HTTP_REQUEST_TIMEOUT.get():  # answered the first time
+            return run_id
+        error = None
+    made = find_runs(mlflow_client, experiment_id, identity)
+    ids = [r.info.run_id for r in made]
+    if not ids:
+        if run_id is None:
+            raise error
+        return run_id
+    keep = run_id if run_id in ids else ids[0]
+    for copy in made:
+        if copy.info.run_id != keep and not copy.data.metrics:
+            mlflow_client.delete_run(copy.info.run_id)
+            log.info(
+                "MLflow made run %s twice (an answer lost, the request sent again): copy %s deleted",
+                keep,
+                copy.info.run_id,
+            )
+    return keep
 
 
 def find_study_run(mlflow_client, study_name: str) -> tuple[str, str] | None:
@@ -72,17 +115,14 @@ def ensure_study_run(mlflow_client, experiment_id: str, spec: dict[str, Any]) ->
     run = find_run(mlflow_client, experiment_id, {ROLE_TAG: "study"})
     if run is not None:
         return run.info.run_id
-    run = mlflow_client.create_run(
-        experiment_id,
-        run_name=spec["name"],
-        tags={
-            ROLE_TAG: "study",
-            "optuna.study": spec["name"],
-            "mlflow.note.content": spec.get("description") or f"sweeper study {spec['name']}",
-        },
-    )
-    mlflow_client.log_dict(run.info.run_id, spec, "spec.json")
-    return run.info.run_id
+    tags = {
+        ROLE_TAG: "study",
+        "optuna.study": spec["name"],
+        "mlflow.note.content": spec.get("description") or f"sweeper study {spec['name']}",
+    }
+    run_id = create_run_once(mlflow_client, experiment_id, spec["name"], tags, identity={ROLE_TAG: "study"})
+    mlflow_client.log_dict(run_id, spec, "spec.json")
+    return run_id
 
 
 STUDY_RUN_STATUS = {"running": "RUNNING", "finished": "FINISHED", "failed": "FAILED"}

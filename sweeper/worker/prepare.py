@@ -158,9 +158,10 @@ def open_run(run) -> bool:
     tags = {"optuna.study": run.study.study_name, "optuna.trial_number": str(run.trial.number)}
     fresh = run_id is None
     if fresh:
-        created = run.client.create_run(
+        run_id = tracking.create_run_once(
+            run.client,
             experiment_id,
-            run_name=run.key,  # "{variant}/{dataset}/s{seed}", "#k" appended for search trials
+            run.key,  # the run's name: "{variant}/{dataset}/s{seed}", "#k" appended for search trials
             tags={
                 tracking.PARENT_TAG: parent_id,
                 tracking.ROLE_TAG: "cell",
@@ -170,8 +171,8 @@ def open_run(run) -> bool:
                 f"(study {run.study.study_name}, cell {run.key})",
                 **tags,
             },
+            identity={tracking.ROLE_TAG: "cell", tracking.KEY_TAG: run.key, **tags},  # this trial's run only
         )
-        run_id = created.info.run_id
     else:
         run.client.update_run(run_id, status="RUNNING")
         if "sweeper.reason" in run.client.get_run(run_id).data.tags:  # an earlier attempt's end, not this one's
