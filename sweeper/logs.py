@@ -44,6 +44,10 @@ class _Stderr(logging.StreamHandler):
 _handler: logging.Handler | None = None
 
 
+def _no_retry_lines(record: logging.LogRecord) -> bool:
+    return record.name != "urllib3.connectionpool" or record.levelno >= logging.ERROR
+
+
 def configure(flag: int | None = None) -> int:
     """Set up the process's logging for a command; returns the verbosity in force. Called again
     (a second option's callback, another command in one process), it adjusts the levels only."""
@@ -67,7 +71,9 @@ def configure(flag: int | None = None) -> int:
         os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
     logging.getLogger("mlflow").setLevel(logging.DEBUG if level > 0 else root_level)
     # urllib3 logs each HTTP retry during an MLflow outage; the worker logs the outage once itself.
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.DEBUG if level > 0 else logging.ERROR)
+    # Logged still (tracking.connection counts the re-sent requests), shown only with --verbose.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.DEBUG if level > 0 else logging.WARNING)
+    _handler.filters = [] if level > 0 else [_no_retry_lines]
     import optuna
 
     optuna.logging.disable_default_handler()  # its "[I 2026-...]" lines: through ours instead

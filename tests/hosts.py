@@ -20,6 +20,7 @@ Needs root and iproute2/iptables; `network_unavailable()` says why not, for a sk
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import os
@@ -125,12 +126,16 @@ class Forwarder:
                 except OSError:
                     pass
 
-    def mend(self) -> None:
+    def mend(self, reset: bool = False) -> None:
         """After a tripwire's cut: the connections it cut are closed (their clients gave up on them
-        long ago, as their TCP timeouts said), new ones pass again."""
+        long ago, as their TCP timeouts said; with ``reset`` the clients still waiting see theirs
+        closed now, as when a server restarts), new ones pass again."""
         if self.cut.is_set():
             connections, self.connections, self._wire = self.connections, [], None
             for s in connections:
+                if reset:
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
                 s.close()
             self.cut.clear()
 

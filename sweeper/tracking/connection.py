@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -178,6 +179,66 @@ def retry_while_unreachable(attempt: Callable[[], T], deadline: float | None, sh
             if deadline is None or time.monotonic() >= deadline or (should_stop is not None and should_stop()):
                 raise TrackingUnreachable(f"MLflow stayed unreachable: {redact(first_line(e))}") from None
             time.sleep(RETRY_SECONDS)
+
+
+class _Resent(logging.Handler):
+    """Counts, per thread, the requests urllib3 sent again (its "Retrying ..." warning, whatever
+    broke the first: a read timeout, a connection closed under the answer)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.counts: dict[int, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("Retrying"):
+            thread = threading.get_ident()
+            self.counts[thread] = self.counts.get(thread, 0) + 1
+
+    def count(self) -> int:
+        return self.counts.get(threading.get_ident(), 0)
+
+
+RESENT = _Resent()
+logging.getLogger("urllib3.connectionpool").addHandler(RESENT)
+
+
+def create_once(create: Callable[[], T], made: Callable[[], list[T]], ident, droppable, drop, look: bool = False) -> T:
+    """What ``create()`` made, made once even where its POST was sent twice: MLflow's HTTP session
+    re-sends a POST whose answer was lost (past its read timeout, or its connection closed), and
+    the server makes the thing again (an overloaded one does: a copy beside the real one for
+    ever). A create that was sent again (``RESENT``), took past the read timeout, failed on the
+    way, or ``look``, looks at what it ``made()`` (oldest first): the one answered, else the
+    first made, is kept, and each other copy that is ``droppable`` is ``drop``-ped by ``ident``;
+    a thing made whose answer never came is kept rather than failing. A create answered at once
+    adds no request."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    started, resent, answered, error = time.monotonic(), RESENT.count(), None, None
+    try:
+        answered = create()
+    except Exception as e:
+        if not is_transport_error(e):
+            raise
+        error = e
+    else:
+        sent_once = RESENT.count() == resent and time.monotonic() - started < MLFLOW_HTTP_REQUEST_TIMEOUT.get()
+        if sent_once and not look:
+            return answered
+    found = made()
+    if not found:
+        if answered is None:
+            raise error
+        return answered
+    keep = answered if answered is not None and ident(answered) in {ident(f) for f in found} else found[0]
+    for copy in found:
+        if ident(copy) != ident(keep) and droppable(copy):
+            drop(ident(copy))
+            log.info(
+                "MLflow made %s twice (an answer lost, the request sent again): copy %s deleted",
+                ident(keep),
+                ident(copy),
+            )
+    return keep
 
 
 def check_reachable(mlflow_client) -> None:

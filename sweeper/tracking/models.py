@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import settings
-from sweeper.tracking.connection import is_transport_error, outage_or_raise, retry_while_unreachable
+from sweeper.tracking.connection import create_once, is_transport_error, outage_or_raise, retry_while_unreachable
 
 log = logging.getLogger("sweeper.tracking")
 
@@ -39,10 +39,28 @@ def create_model(
     its run's experiment, PENDING until ``log_model`` fills it: named after the cell, with its
     params and tags (the cell's metrics are linked as they are logged with its id)."""
 
+    params_ = {k: str(v) for k, v in params.items()}
+    tries = 0
+
+    def made() -> list:
+        return mlflow_client.search_logged_models(
+            [experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+            order_by=[{"field_name": "creation_timestamp", "ascending": True}],
+        )
+
     def attempt():
-        params_ = {k: str(v) for k, v in params.items()}
-        return mlflow_client.create_logged_model(
-            experiment_id, name=name, source_run_id=run_id, params=params_, tags=tags
+        nonlocal tries
+        tries += 1
+        return create_once(  # made once, though the POST be sent again; an earlier try's copy found too
+            lambda: mlflow_client.create_logged_model(
+                experiment_id, name=name, source_run_id=run_id, params=params_, tags=tags
+            ),
+            made,
+            ident=lambda m: m.model_id,
+            droppable=lambda m: m.status.name == "PENDING",
+            drop=mlflow_client.delete_logged_model,
+            look=tries > 1,
         )
 
     return retry_while_unreachable(attempt, deadline, should_stop, outage_or_raise(mlflow_client, "create the model"))

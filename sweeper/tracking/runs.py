@@ -12,7 +12,7 @@ from typing import Any
 from sweeper import settings
 from sweeper.errors import LeaseLapsed, TrialLost, first_line
 from sweeper.redact import redact
-from sweeper.tracking.connection import TrackingUnreachable, is_server, is_transport_error, retry_while_unreachable
+from sweeper.tracking.connection import TrackingUnreachable, create_once, is_server, retry_while_unreachable
 
 log = logging.getLogger("sweeper.tracking")
 
@@ -62,42 +62,19 @@ def find_runs(mlflow_client, experiment_id: str, tags: dict[str, str], limit: in
     )
 
 
-def create_run_once(mlflow_client, experiment_id: str, run_name: str, tags: dict[str, str], identity: dict[str, str]):
-    """The id of a run created with ``tags``, made once even where the request was sent twice:
-    MLflow's HTTP session re-sends a POST whose answer did not come within its read timeout, and
-    the server then makes the run again (a fleet's overloaded server does: a copy with no
-    metrics, RUNNING for ever beside the real one). A call that took that long, or failed on the
-    way, looks up the runs with ``identity`` (tags no other run has): the one answered (else the
-    first made) is kept, copies without metrics deleted."""
-    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
-
-    started = time.monotonic()
-    try:
-        run_id = mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    except Exception as e:
-        if not is_transport_error(e):
-            raise
-        run_id, error = None, e
-    else:
-        if time.monotonic() - started < MLFLOW_HTTP_REQUEST_TIMEOUT.get():  # answered the first time
-            return run_id
-        error = None
-    made = find_runs(mlflow_client, experiment_id, identity)
-    ids = [r.info.run_id for r in made]
-    if not ids:
-        if run_id is None:
-            raise error
-        return run_id
-    keep = run_id if run_id in ids else ids[0]
-    for copy in made:
-        if copy.info.run_id != keep and not copy.data.metrics:
-            mlflow_client.delete_run(copy.info.run_id)
-            log.info(
-                "MLflow made run %s twice (an answer lost, the request sent again): copy %s deleted",
-                keep,
-                copy.info.run_id,
-            )
-    return keep
+def create_run_once(
+    mlflow_client, experiment_id: str, run_name: str, tags: dict[str, str], identity: dict[str, str]
+) -> str:
+    """The id of a run created with ``tags``, made once (``create_once``): ``identity``, tags no
+    other run has, finds the copies; those without metrics are deleted."""
+    run = create_once(
+        lambda: mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags),
+        lambda: find_runs(mlflow_client, experiment_id, identity),
+        ident=lambda r: r.info.run_id,
+        droppable=lambda r: not r.data.metrics,
+        drop=mlflow_client.delete_run,
+    )
+    return run.info.run_id
 
 
 def find_study_run(mlflow_client, study_name: str) -> tuple[str, str] | None:

@@ -291,7 +291,7 @@ def test_a_run_made_whose_answer_never_came_is_found_rather_than_failing_the_att
             if cut.wait(60):
                 fired.append(True)
                 time.sleep(1)
-                forwarder.mend()
+                forwarder.mend(reset=True)
 
         threading.Thread(target=mend_soon, daemon=True).start()
         tags = {"sweeper.role": "cell", "sweeper.key": "the-only-one"}
@@ -301,3 +301,38 @@ def test_a_run_made_whose_answer_never_came_is_found_rather_than_failing_the_att
     assert fired, "the tripwire never fired"
     runs = MlflowClient(tracking.url).search_runs([experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
+
+
+def test_a_model_whose_create_was_sent_again_after_its_connection_closed_is_one_model(tracking, monkeypatch):
+    """A `logged-models` create applied while its connection closed under the answer (a server
+    restarted, a proxy's idle cut) is re-sent by MLflow's session at once, well inside the read
+    timeout: the cell had two models, one PENDING for ever. Now one, the one the worker fills."""
+    from hosts import Forwarder
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    forwarder = Forwarder("127.0.0.1", ("127.0.0.1", tracking.port))
+    try:
+        client = tracking_module.client(f"http://127.0.0.1:{forwarder.port}")
+        experiment_id = client.create_experiment(f"model-sent-again-{time.time_ns()}")
+        run_id = client.create_run(experiment_id).info.run_id
+        cut, fired = (
+            forwarder.cut_when(rb"POST /api/2\.0/mlflow/logged-models", rb"short4-digits-s1", deliver_last=True),
+            [],
+        )
+
+        def mend_soon() -> None:
+            if cut.wait(60):
+                fired.append(time.monotonic())
+                time.sleep(1)
+                forwarder.mend(reset=True)
+
+        threading.Thread(target=mend_soon, daemon=True).start()
+        started = time.monotonic()
+        model = tracking_module.create_model(
+            client, experiment_id, run_id, "short4-digits-s1", {}, {}, deadline=started + 60
+        )
+    finally:
+        forwarder.close()
+    assert fired and time.monotonic() - started < 20, "the tripwire never fired, or the create waited for its timeout"
+    models = MlflowClient(tracking.url).search_logged_models([experiment_id])
+    assert [m.model_id for m in models] == [model.model_id], [(m.model_id, m.status) for m in models]
