@@ -71,9 +71,11 @@ def configure(flag: int | None = None) -> int:
         os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
     logging.getLogger("mlflow").setLevel(logging.DEBUG if level > 0 else root_level)
     # urllib3 logs each HTTP retry during an MLflow outage; the worker logs the outage once itself.
-    # Logged still (tracking.connection counts the re-sent requests), shown only with --verbose.
+    # Logged still (tracking.create_once counts a create's re-sends), shown only with --verbose.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.DEBUG if level > 0 else logging.WARNING)
-    _handler.filters = [] if level > 0 else [_no_retry_lines]
+    _handler.removeFilter(_no_retry_lines)
+    if level <= 0:
+        _handler.addFilter(_no_retry_lines)
     import optuna
 
     optuna.logging.disable_default_handler()  # its "[I 2026-...]" lines: through ours instead

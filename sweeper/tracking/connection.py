@@ -181,47 +181,47 @@ def retry_while_unreachable(attempt: Callable[[], T], deadline: float | None, sh
             time.sleep(RETRY_SECONDS)
 
 
-class _Resent(logging.Handler):
-    """Counts, per thread, the requests urllib3 sent again (its "Retrying ..." warning, whatever
-    broke the first: a read timeout, a connection closed under the answer)."""
+@contextlib.contextmanager
+def _resends() -> Iterator[Callable[[], int]]:
+    """While inside: how many requests urllib3 sent again from this thread (its "Retrying ..."
+    warning, whatever broke the first: a read timeout, a connection closed under the answer)."""
+    thread, seen = threading.get_ident(), []
 
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.counts: dict[int, int] = {}
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if threading.get_ident() == thread and str(record.msg).startswith("Retrying"):
+                seen.append(record.created)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if str(record.msg).startswith("Retrying"):
-            thread = threading.get_ident()
-            self.counts[thread] = self.counts.get(thread, 0) + 1
-
-    def count(self) -> int:
-        return self.counts.get(threading.get_ident(), 0)
-
-
-RESENT = _Resent()
-logging.getLogger("urllib3.connectionpool").addHandler(RESENT)
+    counter, logger = Count(logging.WARNING), logging.getLogger("urllib3.connectionpool")
+    logger.addHandler(counter)
+    try:
+        yield lambda: len(seen)
+    finally:
+        logger.removeHandler(counter)
 
 
 def create_once(create: Callable[[], T], made: Callable[[], list[T]], ident, droppable, drop, look: bool = False) -> T:
     """What ``create()`` made, made once even where its POST was sent twice: MLflow's HTTP session
     re-sends a POST whose answer was lost (past its read timeout, or its connection closed), and
     the server makes the thing again (an overloaded one does: a copy beside the real one for
-    ever). A create that was sent again (``RESENT``), took past the read timeout, failed on the
+    ever). A create that was sent again, took past the read timeout, failed on the
     way, or ``look``, looks at what it ``made()`` (oldest first): the one answered, else the
     first made, is kept, and each other copy that is ``droppable`` is ``drop``-ped by ``ident``;
     a thing made whose answer never came is kept rather than failing. A create answered at once
     adds no request."""
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 
-    started, resent, answered, error = time.monotonic(), RESENT.count(), None, None
+    started, answered, error = time.monotonic(), None, None
     try:
-        answered = create()
+        with _resends() as resent:
+            answered = create()
     except Exception as e:
         if not is_transport_error(e):
             raise
         error = e
     else:
-        sent_once = RESENT.count() == resent and time.monotonic() - started < MLFLOW_HTTP_REQUEST_TIMEOUT.get()
+        # The elapsed time too: a program that silences urllib3's warnings hides its re-sends.
+        sent_once = not resent() and time.monotonic() - started < MLFLOW_HTTP_REQUEST_TIMEOUT.get()
         if sent_once and not look:
             return answered
     found = made()
