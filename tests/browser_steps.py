@@ -145,12 +145,25 @@ def close_assistant(page) -> None:
         close.first.click()
 
 
-def open_ready(page, url: str, cells: list[str]) -> None:
-    """Open ``url`` and wait, without a click, until the run of every cell in ``cells`` shows."""
-    page.goto(url)
-    for cell in cells:
-        page.get_by_text(cell, exact=True).first.wait_for()
-    page.get_by_role("columnheader", name="top1_error").first.wait_for()
+def open_ready(page, url: str, cells: list[str], tries: int = 2) -> None:
+    """Open ``url`` and wait, without a click, until the run of every cell in ``cells`` shows.
+    A page still without them after the page's timeout is loaded once more, as a person would:
+    under a loaded CI machine MLflow's UI once sat 60 s without its runs (a fetch lost in its
+    JavaScript, not a wrong link: the same link showed them alone and in every other run)."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    for attempt in range(1, tries + 1):
+        page.goto(url)
+        try:
+            for cell in cells:
+                page.get_by_text(cell, exact=True).first.wait_for()
+            page.get_by_role("columnheader", name="top1_error").first.wait_for()
+            break
+        except PageTimeout:
+            shown = page.locator("body").inner_text()[:1500]
+            if attempt == tries:
+                raise AssertionError(f"{url} did not show the runs of {cells}; the page said:\n{shown}") from None
+            print(f"{url}: no runs of {cells} after the page's timeout; loading it again. The page said:\n{shown}")
     time.sleep(0.5)  # let the grid settle
 
 
