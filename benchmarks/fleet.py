@@ -162,6 +162,7 @@ def check_outcome(storage, client, study_name: str, cells: int, go: float) -> di
     import optuna
 
     from sweeper.names import KEY_ATTR, RUN_ID_ATTR
+    from sweeper.report.read import search_cell_runs
 
     trials = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
@@ -176,8 +177,7 @@ def check_outcome(storage, client, study_name: str, cells: int, go: float) -> di
     with ThreadPoolExecutor(8) as threads:
         twice = sum(threads.map(epochs_twice, run_ids))
     # A cell's run made twice (a create re-sent after its answer was lost) and left active: no trial holds it.
-    experiment = client.get_experiment_by_name(study_name)
-    cell_runs = client.search_runs([experiment.experiment_id], "tags.`sweeper.role` = 'cell'", max_results=50000)
+    cell_runs = search_cell_runs(client, client.get_experiment_by_name(study_name).experiment_id)
     last = max((t.datetime_complete.timestamp() for t in complete), default=go)
     out = dict(states=dict(states), lost=cells - len(per_cell), last_complete_s=last - go, runs_checked=len(run_ids))
     out.update(duplicated_cells=sum(1 for n in per_cell.values() if n > 1), runs_with_an_epoch_twice=twice)

@@ -27,6 +27,21 @@ from sweeper import tracking as tracking_module  # where a test's `tracking` is 
 pytestmark = pytest.mark.slow  # worker processes, servers or a browser: the full suite's, not the inner loop's
 
 
+def mend_after(forwarder, cut: threading.Event, seconds: float, reset: bool = False) -> list[float]:
+    """Mend ``forwarder`` ``seconds`` after its tripwire ``cut`` fires (on a thread of its own);
+    the list returned gets the moment it fired."""
+    fired: list[float] = []
+
+    def mend() -> None:
+        if cut.wait(120):
+            fired.append(time.monotonic())
+            time.sleep(seconds)
+            forwarder.mend(reset=reset)
+
+    threading.Thread(target=mend, daemon=True).start()
+    return fired
+
+
 def test_mlflow_outage_buffers_or_fails_past_the_limit_and_nothing_is_lost(
     tmp_path, sweeper_env, spawn, tracking, reference
 ):
@@ -151,21 +166,11 @@ def test_a_model_output_whose_answer_was_lost_is_logged_once(tmp_path, monkeypat
             rb"POST /api/2\.0/mlflow/runs/outputs", rb"\"models\"", deliver_last=True
         )  # headers, body
 
-        fired = []
-
-        def mend_later() -> None:
-            if cut.wait(120):
-                fired.append(time.monotonic())
-                time.sleep(3)  # past the client's read timeout: the request is sent again
-                forwarder.mend()
-
-        mender = threading.Thread(target=mend_later, daemon=True)
-        mender.start()
+        fired = mend_after(forwarder, cut, 3)  # past the client's read timeout: the request is sent again
         model = torch.nn.Linear(4, 2)
         example = numpy.zeros((2, 4), dtype=numpy.float32)
         kept = dict(model_id=created.model_id, metrics_linked=True, artifact_location=created.artifact_location)
         model_id = tracking.log_model(client, run_id, model, example, step=1, deadline=deadline, **kept)
-        mender.join()
         assert fired, "the tripwire never fired: the request was not made"
         outputs = MlflowClient(server.url).get_run(run_id).outputs.model_outputs
         assert [(o.model_id, o.step) for o in outputs] == [(model_id, 1)]
@@ -285,15 +290,8 @@ def test_a_run_made_whose_answer_never_came_is_found_rather_than_failing_the_att
     try:
         client = tracking_module.client(f"http://127.0.0.1:{forwarder.port}")
         experiment_id = client.create_experiment(f"lost-answer-{time.time_ns()}")
-        cut, fired = forwarder.cut_when(rb"POST /api/2\.0/mlflow/runs/create", rb"the-only-one", deliver_last=True), []
-
-        def mend_soon() -> None:  # the client, waiting for the answer, sees its connection closed
-            if cut.wait(60):
-                fired.append(True)
-                time.sleep(1)
-                forwarder.mend(reset=True)
-
-        threading.Thread(target=mend_soon, daemon=True).start()
+        cut = forwarder.cut_when(rb"POST /api/2\.0/mlflow/runs/create", rb"the-only-one", deliver_last=True)
+        fired = mend_after(forwarder, cut, 1, reset=True)  # the client, waiting for the answer, sees it closed
         tags = {"sweeper.role": "cell", "sweeper.key": "the-only-one"}
         run_id = tracking_module.create_run_once(client, experiment_id, "the-only-one", tags, identity=tags)
     finally:
@@ -315,18 +313,8 @@ def test_a_model_whose_create_was_sent_again_after_its_connection_closed_is_one_
         client = tracking_module.client(f"http://127.0.0.1:{forwarder.port}")
         experiment_id = client.create_experiment(f"model-sent-again-{time.time_ns()}")
         run_id = client.create_run(experiment_id).info.run_id
-        cut, fired = (
-            forwarder.cut_when(rb"POST /api/2\.0/mlflow/logged-models", rb"short4-digits-s1", deliver_last=True),
-            [],
-        )
-
-        def mend_soon() -> None:
-            if cut.wait(60):
-                fired.append(time.monotonic())
-                time.sleep(1)
-                forwarder.mend(reset=True)
-
-        threading.Thread(target=mend_soon, daemon=True).start()
+        cut = forwarder.cut_when(rb"POST /api/2\.0/mlflow/logged-models", rb"short4-digits-s1", deliver_last=True)
+        fired = mend_after(forwarder, cut, 1, reset=True)
         started = time.monotonic()
         model = tracking_module.create_model(
             client, experiment_id, run_id, "short4-digits-s1", {}, {}, deadline=started + 60
